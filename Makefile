@@ -1,0 +1,56 @@
+# Two commands set everything up on a fresh machine (python3 + make):
+#   make run    install (uv + locked environment) and run the whole pipeline
+#   make test   install and run the test suite
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+# uv from PATH, else a project-local copy installed from the package registry.
+# pip --isolated ignores this machine's pip config, whose CPU-only torch breaks torchvision.
+UV := $(shell command -v uv 2>/dev/null || echo .tools/uv/bin/uv)
+VENV_STAMP := .venv/.synced-$(shell cat uv.lock pyproject.toml 2>/dev/null | sha256sum | cut -c1-16)
+RUN := $(UV) run --frozen --no-sync
+
+export DO_NOT_TRACK := 1
+export DVC_NO_ANALYTICS := 1
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export PYTHONUNBUFFERED := 1
+
+.PHONY: help install run test test-fast bench mlflow-ui prefect-ui clean
+
+help:
+	@echo "make run        run the whole pipeline (Prefect flow over the DVC stages) on the embedded default"
+	@echo "make test       run the test suite"
+	@echo "make bench      run the benchmarks, write bench/results/*.json and bench/RESULTS.md"
+	@echo "make mlflow-ui  MLflow UI on the project's store (http://127.0.0.1:5000)"
+	@echo "make prefect-ui Prefect UI on the project's embedded database (http://127.0.0.1:4200)"
+
+.tools/uv/bin/uv:
+	python3 -m pip install --isolated --quiet --disable-pip-version-check --target .tools/uv uv
+
+$(VENV_STAMP): uv.lock pyproject.toml | $(if $(filter .tools/uv/bin/uv,$(UV)),.tools/uv/bin/uv)
+	$(UV) sync --frozen --python 3.11
+	rm -f .venv/.synced-* && touch $@
+
+install: $(VENV_STAMP)
+
+run: install
+	$(RUN) aigc run
+
+test: install
+	$(RUN) pytest
+
+test-fast: install
+	$(RUN) pytest -m "not slow"
+
+bench: install
+	$(RUN) python -m bench
+
+mlflow-ui: install
+	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
+
+prefect-ui: install
+	PREFECT_HOME=$(CURDIR)/.prefect $(RUN) prefect server start --host 127.0.0.1 --port 4200
+
+clean:
+	rm -rf .venv .tools .prefect mlflow checkpoints data models eval registry dvc.lock .dvc/cache .dvc/tmp

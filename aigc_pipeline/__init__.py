@@ -1,0 +1,1 @@
+"""aigc-pipeline."""

@@ -1,0 +1,203 @@
+"""The ``aigc`` command line: thin wrappers that parse arguments, call one stage, print a line.
+
+``dvc.yaml`` calls these commands; the Prefect flow runs the very same commands in-process
+(see :mod:`aigc_pipeline.pipeline`), so both front doors share one implementation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+from aigc_pipeline import env
+
+Handler = Callable[[argparse.Namespace], Any]
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a params.yaml key for this command, e.g. train.epochs=3 (repeatable)")
+
+
+def _path(args: argparse.Namespace, value: str) -> Path:
+    """Paths on the command line are relative to the project root, as in dvc.yaml."""
+    p = Path(value)
+    return p if p.is_absolute() else Path(args.project) / p
+
+
+def _config(args: argparse.Namespace):
+    from aigc_pipeline.config import load_config
+
+    return load_config(args.project, args.overrides)
+
+
+def _cmd_ingest(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.stages import ingest
+
+    r = ingest.run(_config(args), _path(args, args.out), dataset=args.dataset, project_dir=Path(args.project))
+    print(f"ingest: {r.accepted} images accepted, {r.rejected} rejected, {r.duplicates} duplicates dropped; "
+          f"splits {r.splits}; -> {r.out}")
+    return r
+
+
+def _cmd_augment(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.stages import augment
+
+    r = augment.run(_config(args), _path(args, args.data), _path(args, args.out))
+    print(f"augment: {r.originals} training images -> {r.count} with augmented copies; -> {r.out}")
+    return r
+
+
+def _cmd_train(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.stages import train
+
+    r = train.run(_config(args), _path(args, args.data), _path(args, args.out), _path(args, args.checkpoints))
+    resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from else ""
+    print(f"train: {r.model} {r.steps} steps{resumed}, {r.images_per_second:.0f} images/s; -> {r.out}")
+    return r
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.stages import evaluate
+
+    r = evaluate.run(_config(args), _path(args, args.model), _path(args, args.reference), _path(args, args.out))
+    isc = f"; IS unavailable: {r.isc_unavailable}" if r.isc_unavailable else ""
+    print(f"evaluate: FID {r.fid:.3f} [{r.protocol.id}]{isc}; -> {r.out}")
+    return r
+
+
+def _cmd_register(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.stages import register
+
+    r = register.run(_config(args), _path(args, args.model), _path(args, args.evaluation), _path(args, args.receipt),
+                     project_dir=Path(args.project))
+    verdict = "new champion" if r.champion else "not promoted"
+    print(f"register: {r.name} v{r.version} ({verdict}: {r.reason}); run {r.run_id}")
+    return r
+
+
+def _cmd_run(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.config import load_config, write_overrides_to_params
+
+    overrides = list(args.overrides) + ([f"dataset={args.dataset}"] if args.dataset else [])
+    load_config(args.project, overrides)  # fail fast, before Prefect starts
+    if overrides:
+        # Like `dvc exp run -S`: the override is written to params.yaml, so dvc.lock records
+        # exactly what ran and `dvc status` stays truthful afterwards.
+        write_overrides_to_params(args.project, overrides)
+        print(f"params.yaml updated: {', '.join(overrides)}", file=sys.stderr)
+    from flows.retrain import retrain
+
+    summary = retrain(project_dir=str(Path(args.project).resolve()))
+    print(summary["line"])
+    return summary
+
+
+def _cmd_status(args: argparse.Namespace) -> Any:
+    from mlflow import MlflowClient
+
+    from aigc_pipeline.tracking.registry import list_models
+    from aigc_pipeline.tracking.store import tracking_uri
+
+    uri = tracking_uri(args.project)
+    models = list_models(MlflowClient(tracking_uri=uri, registry_uri=uri))
+    status = {"tracking_uri": uri, "models": models}
+    if args.json:
+        print(json.dumps(status, indent=2))
+        return status
+    print(f"MLflow tracking URI: {uri}")
+    if not models:
+        print("no registered models yet (run `aigc run`)")
+    for m in models:
+        aliases = ", ".join(f"{a}=v{v}" for a, v in m["aliases"].items()) or "no aliases"
+        print(f"\n{m['name']}  latest v{m['latest_version']}  ({aliases})")
+        for k, v in m["metrics"].items():
+            if not k.startswith("train/"):
+                print(f"  {k:<60} {v:.4f}")
+    return status
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aigc", description="Generative-model pipeline: ingest, augment, "
+                                     "train, evaluate, register; `aigc run` runs them all as a Prefect flow.")
+    parser.add_argument("--project", default=".", help="project root holding params.yaml and dvc.yaml (default: .)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="validate and prepare a dataset")
+    p.add_argument("--dataset", help="entry of `datasets` in params.yaml (default: `dataset`)")
+    p.add_argument("--out", required=True, help="prepared dataset folder to write")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_ingest)
+
+    p = sub.add_parser("augment", help="seeded offline augmentation of the training split")
+    p.add_argument("--data", required=True, help="prepared dataset folder")
+    p.add_argument("--out", required=True, help="augmented dataset folder to write")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_augment)
+
+    p = sub.add_parser("train", help="train the model named by train.model")
+    p.add_argument("--data", required=True, help="(augmented) prepared dataset folder")
+    p.add_argument("--out", required=True, help="model folder to write")
+    p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="FID (torch-fidelity, real Inception weights) against real data")
+    p.add_argument("--model", required=True, help="model folder from `aigc train`")
+    p.add_argument("--reference", required=True, help="prepared dataset of real images")
+    p.add_argument("--out", required=True, help="folder for metrics.json and samples.png")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_evaluate)
+
+    p = sub.add_parser("register", help="log to MLflow, register, move the champion alias")
+    p.add_argument("--model", required=True, help="model folder from `aigc train`")
+    p.add_argument("--evaluation", required=True, help="folder from `aigc evaluate`")
+    p.add_argument("--receipt", required=True, help="JSON file recording what was registered")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_register)
+
+    p = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (embedded server by default)")
+    p.add_argument("--dataset", help="train on this registered dataset (written to params.yaml)")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("status", help="registered models, aliases and latest metrics")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(handler=_cmd_status)
+    return parser
+
+
+def run_command(argv: list[str]) -> Any:
+    """Parse ``argv`` (without the program name) and run the command; returns its result.
+
+    Raises :class:`aigc_pipeline.errors.AigcError` for user errors; never exits.
+    """
+    args = build_parser().parse_args(argv)
+    env.set_defaults(args.project)
+    return args.handler(args)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``aigc`` script: user errors become one line on stderr and exit code 2."""
+    from aigc_pipeline.errors import AigcError
+
+    try:
+        run_command(sys.argv[1:] if argv is None else argv)
+    except AigcError as e:
+        print(f"aigc: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("aigc: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+def as_dict(result: Any) -> Any:
+    """A JSON-able view of a stage result (dataclasses and paths become plain values)."""
+    if dataclasses.is_dataclass(result):
+        return json.loads(json.dumps(dataclasses.asdict(result), default=str))
+    return result

@@ -1,0 +1,325 @@
+"""Typed configuration loaded from params.yaml (plus ``--set key=value`` overrides).
+
+Every section is a frozen dataclass. Loading rejects unknown keys, wrong types and
+out-of-range values with a :class:`ConfigError` naming the dotted key, so a typo in
+params.yaml fails loudly instead of silently using a default.
+"""
+
+from __future__ import annotations
+
+import collections.abc
+import dataclasses
+import hashlib
+import io
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from aigc_pipeline.errors import ConfigError
+from aigc_pipeline.io import atomic_write_text
+
+PARAMS_FILE = "params.yaml"
+
+
+@dataclass(frozen=True)
+class DatasetConfig:
+    """One registered dataset: where images come from and how they are normalised."""
+
+    source: str  # a name in aigc_pipeline.data.sources.SOURCES
+    size: int = 32  # output side in pixels, a power of two
+    channels: int = 1  # 1 grayscale, 3 RGB
+    limit: int = 0  # keep at most this many images (0 = all)
+    path: str | None = None  # location of the source, for sources that read files
+
+    def __post_init__(self) -> None:
+        _check(self.size in (8, 16, 32, 64, 128, 256), "size", "must be a power of two from 8 to 256")
+        _check(self.channels in (1, 3), "channels", "must be 1 or 3")
+        _check(self.limit >= 0, "limit", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    eval_fraction: float = 0.2
+    max_rejected_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        _check(0.0 < self.eval_fraction < 1.0, "eval_fraction", "must be between 0 and 1 (exclusive)")
+        _check(0.0 <= self.max_rejected_fraction <= 1.0, "max_rejected_fraction", "must be in [0, 1]")
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    seed: int = 0
+    copies: int = 1
+    hflip: bool = False
+    max_shift: int = 2
+
+    def __post_init__(self) -> None:
+        _check(self.copies >= 0, "copies", "must be >= 0")
+        _check(self.max_shift >= 0, "max_shift", "must be >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    model: str = "dcgan"
+    epochs: int = 6
+    batch_size: int = 64
+    seed: int = 0
+    checkpoint_every: int = 200
+    lr: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    latent_dim: int = 64
+    width: int = 64
+    vae_beta: float = 1.0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    sample_grid: int = 64
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.batch_size >= 2, "batch_size", "must be >= 2 (batch norm needs two samples)")
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
+        _check(self.lr > 0, "lr", "must be > 0")
+        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "beta1/beta2", "must be in [0, 1)")
+        _check(self.latent_dim >= 1 and self.width >= 4, "latent_dim/width", "are too small")
+        _check(self.vae_beta >= 0, "vae_beta", "must be >= 0")
+        _check(1 <= self.sample_grid <= 256, "sample_grid", "must be in 1..256")
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    num_samples: int = 500
+    seed: int = 1234
+    batch_size: int = 50
+    reference_split: Literal["eval", "train", "all"] = "eval"
+    inception_weights: str | None = None
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.num_samples >= 2, "num_samples", "must be >= 2 (FID needs a covariance)")
+        _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+
+
+@dataclass(frozen=True)
+class RegisterConfig:
+    experiment: str = "aigc-pipeline"
+    champion_alias: str = "champion"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole of params.yaml."""
+
+    dataset: str
+    datasets: Mapping[str, DatasetConfig]
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    register: RegisterConfig = field(default_factory=RegisterConfig)
+
+    def __post_init__(self) -> None:
+        if self.dataset not in self.datasets:
+            known = ", ".join(sorted(self.datasets)) or "none"
+            raise ConfigError(f"dataset: '{self.dataset}' is not an entry of `datasets` (registered: {known})")
+        # Freeze the mapping too, so no stage can mutate the config it was given.
+        object.__setattr__(self, "datasets", types.MappingProxyType(dict(self.datasets)))
+
+    @property
+    def active_dataset(self) -> DatasetConfig:
+        return self.datasets[self.dataset]
+
+    @property
+    def model_name(self) -> str:
+        """Registered-model name: one per (dataset, model family)."""
+        return f"{self.dataset}-{self.train.model}"
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["datasets"] = {k: dataclasses.asdict(v) for k, v in self.datasets.items()}
+        return d
+
+
+# ---------------------------------------------------------------------------
+# Loading
+
+
+class _KeyError(ValueError):
+    """Raised by _check inside __post_init__; re-raised with the section prefix."""
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise _KeyError(f"{key}: {message}")
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            allowed = " | ".join(map(str, typing.get_args(tp)))
+            raise ConfigError(f"{key}: {value!r} is not one of {allowed}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _convert(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{key}: invalid value {value!r}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str) or not value:
+            raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported annotation {tp!r} for {key}")
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{prefix.rstrip('.') or 'params'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(fields))
+    if unknown:
+        raise ConfigError(
+            f"{prefix}{unknown[0]}: unknown key (known keys{' in ' + prefix.rstrip('.') if prefix else ''}: "
+            f"{', '.join(fields)})"
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = f"{prefix}{name}"
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{key}: missing required key")
+            continue
+        tp = hints[name]
+        value = data[name]
+        if dataclasses.is_dataclass(tp):
+            kwargs[name] = _build(tp, value if value is not None else {}, f"{key}.")
+        elif typing.get_origin(tp) in (collections.abc.Mapping, dict):
+            if not isinstance(value, Mapping) or not value:
+                raise ConfigError(f"{key}: expected a non-empty mapping of name -> entry")
+            item_tp = typing.get_args(tp)[1]
+            kwargs[name] = {str(k): _build(item_tp, v, f"{key}.{k}.") for k, v in value.items()}
+        else:
+            kwargs[name] = _convert(value, tp, key)
+    try:
+        return cls(**kwargs)
+    except _KeyError as e:
+        raise ConfigError(f"{prefix}{e}") from None
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Parse ``key.path=value``; the value is read as YAML (so 3, 0.5, true, null work)."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. train.epochs=3")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {key}: value {raw!r} is not valid YAML ({e})") from None
+    return key, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Return a deep copy of ``data`` with each ``key.path=value`` override applied."""
+    data = json.loads(json.dumps(data))
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part, {}), dict):
+                raise ConfigError(f"--set {key}: '{'.'.join(parts[: i + 1])}' is not a section")
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return data
+
+
+def config_from_dict(data: Mapping[str, Any]) -> Config:
+    """Build and validate a :class:`Config` from a plain mapping."""
+    return _build(Config, data, "")
+
+
+def read_params(path: Path) -> dict[str, Any]:
+    """Read params.yaml as a plain dict; errors name the file."""
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found (run from the project root, or pass --project)") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def load_config(project_dir: Path | str = ".", overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Load ``params.yaml`` from ``project_dir`` and apply ``--set`` overrides."""
+    path = Path(project_dir) / PARAMS_FILE
+    data = apply_overrides(read_params(path), overrides)
+    try:
+        return config_from_dict(data)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}" if not overrides else f"{path} (with --set overrides): {e}") from None
+
+
+def config_digest(obj: Any) -> str:
+    """A stable sha256 of a JSON-able object (e.g. ``dataclasses.asdict(cfg.train)``)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def write_overrides_to_params(project_dir: Path | str, overrides: list[str] | tuple[str, ...]) -> None:
+    """Persist overrides into params.yaml, keeping its comments (what ``dvc exp run -S`` does).
+
+    The whole result is validated before the file is replaced, so a bad override never
+    leaves a broken params.yaml behind.
+    """
+    if not overrides:
+        return
+    from ruamel.yaml import YAML  # ships with DVC; keeps comments and key order
+
+    path = Path(project_dir) / PARAMS_FILE
+    load_config(project_dir, overrides)  # validate first; raises ConfigError naming the key
+    rt = YAML()
+    rt.preserve_quotes = True
+    doc = rt.load(path.read_text())
+    for text in overrides:
+        key, value = parse_override(text)
+        node = doc
+        parts = key.split(".")
+        for part in parts[:-1]:
+            if part not in node:
+                node[part] = {}
+            node = node[part]
+        node[parts[-1]] = value
+    buf = io.StringIO()
+    rt.dump(doc, buf)
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,1 @@
+"""Datasets: source readers (a registry), normalisation and the prepared on-disk format."""

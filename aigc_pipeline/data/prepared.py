@@ -1,0 +1,141 @@
+"""The prepared-dataset format shared by ingest, augment, train and evaluate.
+
+A prepared dataset is a folder:
+- ``shard-NNNNN.npy``: uint8 arrays [n, C, H, W], at most ``SHARD_SIZE`` images each;
+- ``manifest.parquet``: one row per image: ``key``, ``sha256`` (of its pixels), ``label``
+  (class name or null), ``label_id`` (-1 when unlabelled), ``split`` (train | eval),
+  ``shard``, ``offset``;
+- ``meta.json``: size, channels, classes, count and ``digest``, a content hash of the whole set.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Literal
+
+import numpy as np
+import pandas as pd
+
+from aigc_pipeline.errors import DataError
+from aigc_pipeline.io import atomic_write_json
+
+SHARD_SIZE = 4096
+Split = Literal["train", "eval", "all"]
+
+
+@dataclass(frozen=True)
+class PreparedData:
+    """A prepared dataset loaded in memory (uint8, as stored)."""
+
+    images: np.ndarray  # uint8 [N, C, H, W]
+    labels: np.ndarray  # int64 [N], -1 when unlabelled
+    classes: tuple[str, ...]
+    digest: str  # content hash of the selected images, labels and split
+    root: Path
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+
+def split_for(sha256: str, eval_fraction: float) -> str:
+    """Deterministic split from the content hash: the same image always lands in the same split."""
+    return "eval" if int(sha256[:8], 16) / 0x1_0000_0000 < eval_fraction else "train"
+
+
+def content_digest(manifest: pd.DataFrame, shape: tuple[int, int, int]) -> str:
+    """sha256 over (pixel hash, label, split) rows in order, plus the image shape."""
+    h = hashlib.sha256(json.dumps(list(shape)).encode())
+    for sha, label, split in zip(manifest["sha256"], manifest["label"], manifest["split"]):
+        h.update(f"{sha}\t{label}\t{split}\n".encode())
+    return h.hexdigest()
+
+
+def _class_order(labels: Iterable[str]) -> list[str]:
+    """Sorted class names; numeric names sort as numbers (so "10" follows "9")."""
+    names = set(labels)
+    return sorted(names, key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
+
+
+def write_prepared(
+    out: Path,
+    samples: Iterable[tuple[np.ndarray, dict]],
+    *,
+    size: int,
+    channels: int,
+) -> dict:
+    """Write shards, manifest and meta into ``out`` (an empty, temporary folder).
+
+    ``samples`` yields ``(uint8 [C, H, W] image, row)`` pairs, row holding ``key``, ``sha256``,
+    ``label`` and ``split``; only one shard of images is held in memory at a time.
+    Returns the meta dict.
+    """
+    shape = (channels, size, size)
+    shard: list[np.ndarray] = []
+    rows: list[dict] = []
+    shard_idx = 0
+
+    def flush() -> None:
+        nonlocal shard, shard_idx
+        if shard:
+            np.save(out / f"shard-{shard_idx:05d}.npy", np.stack(shard))
+            shard, shard_idx = [], shard_idx + 1
+
+    for img, row in samples:
+        if img.shape != shape or img.dtype != np.uint8:
+            raise AssertionError(f"image {row['key']} has {img.dtype} {img.shape}, expected uint8 {shape}")
+        rows.append({**row, "shard": shard_idx, "offset": len(shard)})
+        shard.append(img)
+        if len(shard) == SHARD_SIZE:
+            flush()
+    flush()
+    classes = _class_order(r["label"] for r in rows if r["label"] is not None)
+    index = {c: i for i, c in enumerate(classes)}
+    for r in rows:
+        r["label_id"] = index[r["label"]] if r["label"] is not None else -1
+    manifest = pd.DataFrame(rows, columns=["key", "sha256", "label", "label_id", "split", "shard", "offset"])
+    manifest.to_parquet(out / "manifest.parquet", index=False)
+    meta = {
+        "format": 1,
+        "size": size,
+        "channels": channels,
+        "count": len(rows),
+        "classes": classes,
+        "digest": content_digest(manifest, shape),
+    }
+    atomic_write_json(out / "meta.json", meta)
+    return meta
+
+
+def read_meta(root: Path) -> dict:
+    path = Path(root) / "meta.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; is {root} a prepared dataset (run `aigc ingest` first)?") from None
+
+
+def load_prepared(root: Path | str, split: Split = "all") -> PreparedData:
+    """Load a prepared dataset, optionally one split, into memory."""
+    root = Path(root)
+    meta = read_meta(root)
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    shards = [np.load(root / f"shard-{i:05d}.npy", mmap_mode="r") for i in sorted(set(manifest["shard"]))]
+    if split != "all":
+        manifest = manifest[manifest["split"] == split]
+    if manifest.empty:
+        raise DataError(f"{root}: the '{split}' split is empty")
+    images = np.empty((len(manifest), meta["channels"], meta["size"], meta["size"]), dtype=np.uint8)
+    for i, (s, o) in enumerate(zip(manifest["shard"], manifest["offset"])):
+        images[i] = shards[s][o]
+    shape = (meta["channels"], meta["size"], meta["size"])
+    return PreparedData(
+        images=images,
+        labels=manifest["label_id"].to_numpy(dtype=np.int64),
+        classes=tuple(meta["classes"]),
+        digest=meta["digest"] if split == "all" else content_digest(manifest, shape),
+        root=root,
+    )

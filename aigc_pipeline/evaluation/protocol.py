@@ -1,0 +1,32 @@
+"""Metric protocols: everything that makes two FIDs comparable, folded into the metric's name."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+
+@dataclass(frozen=True)
+class Protocol:
+    extractor: str  # torch-fidelity feature extractor name
+    weights_sha256: str  # checksum of the extractor's weights file
+    num_samples: int  # generated images
+    reference_split: str  # eval | train | all
+    reference_digest: str  # content hash of the reference images
+    num_reference: int
+    size: int  # image side fed to the extractor (before its own resize to 299)
+
+    @property
+    def id(self) -> str:
+        """Short, stable name: ``incv3-<w8>_n500_eval-<ref8>_32px``."""
+        short = "incv3" if self.extractor == "inception-v3-compat" else self.extractor
+        return (
+            f"{short}-{self.weights_sha256[:8]}_n{self.num_samples}_"
+            f"{self.reference_split}-{self.reference_digest[:8]}_{self.size}px"
+        )
+
+    def metric_key(self, metric: str) -> str:
+        """MLflow/DVC key of ``metric`` under this protocol, e.g. ``fid_incv3-…_32px``."""
+        return f"{metric}_{self.id}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "id": self.id}

@@ -1,0 +1,1 @@
+"""Generative model families, chosen by ``train.model`` through :mod:`.registry`."""

@@ -1,0 +1,50 @@
+"""The interface every model family implements, so the trainer stays family-agnostic."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True)
+class Arch:
+    """Shape of a model; saved beside the weights so a model can be rebuilt from its folder."""
+
+    family: str
+    size: int
+    channels: int
+    latent_dim: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Hparams:
+    """Optimisation settings a family needs to build its optimizers and losses."""
+
+    lr: float
+    beta1: float
+    beta2: float
+    vae_beta: float
+
+
+class Family(Protocol):
+    """A trainable model family (one instance per training run)."""
+
+    modules: dict[str, nn.Module]  # everything saved in a checkpoint, by name
+    optimizers: dict[str, torch.optim.Optimizer]
+
+    def train_step(self, real: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch in [-1, 1]; returns detached scalar losses.
+
+        ``gen`` is the only source of randomness (noise, reparameterisation), so a step
+        is reproducible from its generator state.
+        """
+        ...
+
+    @property
+    def generator(self) -> nn.Module:
+        """The module mapping latent [B, latent_dim] to images in [-1, 1] (exported)."""
+        ...

@@ -1,0 +1,50 @@
+"""DCGAN (Radford et al. 2015) with the known-good recipe: transposed convs, batch norm,
+Adam(2e-4, betas 0.5/0.999), non-saturating BCE loss."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from aigc_pipeline.models.base import Arch, Hparams
+from aigc_pipeline.models.blocks import ConvEncoder, ConvGenerator, dcgan_init
+
+
+class DCGAN:
+    def __init__(self, arch: Arch, hp: Hparams) -> None:
+        g = ConvGenerator(arch.latent_dim, arch.size, arch.channels, arch.width)
+        d = ConvEncoder(arch.size, arch.channels, arch.width, out_dim=1)
+        g.apply(dcgan_init)
+        d.apply(dcgan_init)
+        self.latent_dim = arch.latent_dim
+        self.modules = {"generator": g, "discriminator": d}
+        betas = (hp.beta1, hp.beta2)
+        self.optimizers = {
+            "generator": torch.optim.Adam(g.parameters(), lr=hp.lr, betas=betas),
+            "discriminator": torch.optim.Adam(d.parameters(), lr=hp.lr, betas=betas),
+        }
+
+    @property
+    def generator(self) -> torch.nn.Module:
+        return self.modules["generator"]
+
+    def train_step(self, real: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        g, d = self.modules["generator"], self.modules["discriminator"]
+        opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
+        z = torch.randn(real.shape[0], self.latent_dim, generator=gen, device=real.device)
+        fake = g(z)
+
+        opt_d.zero_grad(set_to_none=True)
+        logits_real, logits_fake = d(real), d(fake.detach())
+        loss_d = F.binary_cross_entropy_with_logits(
+            logits_real, torch.ones_like(logits_real)
+        ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
+        loss_d.backward()
+        opt_d.step()
+
+        opt_g.zero_grad(set_to_none=True)
+        logits = d(fake)
+        loss_g = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
+        loss_g.backward()
+        opt_g.step()
+        return {"loss_d": loss_d.detach(), "loss_g": loss_g.detach()}

@@ -1,0 +1,72 @@
+"""The exported model: generator weights (safetensors, no pickle) plus ``model.json``.
+
+This is what evaluate, register, ``aigc sample`` and the MLflow pyfunc load; it needs only
+torch and safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save
+
+from aigc_pipeline.errors import DataError
+from aigc_pipeline.io import atomic_write_bytes, atomic_write_json
+from aigc_pipeline.models.base import Arch
+from aigc_pipeline.models.blocks import ConvGenerator
+
+WEIGHTS_FILE = "generator.safetensors"
+META_FILE = "model.json"
+
+
+def save_generator(folder: Path, generator: torch.nn.Module, arch: Arch, meta: dict[str, Any]) -> None:
+    """Write the generator's weights and ``model.json`` (arch + ``meta``) into ``folder``."""
+    state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
+    atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
+    atomic_write_json(folder / META_FILE, {"arch": arch.__dict__, **meta})
+
+
+def read_model_meta(folder: Path) -> dict[str, Any]:
+    path = Path(folder) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; is {folder} a trained model folder (run `aigc train`)?") from None
+
+
+def load_generator(folder: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Arch]:
+    """Rebuild the generator from ``folder`` in eval mode."""
+    folder = Path(folder)
+    arch = Arch(**read_model_meta(folder)["arch"])
+    g = ConvGenerator(arch.latent_dim, arch.size, arch.channels, arch.width)
+    g.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
+    return g.to(device).eval(), arch
+
+
+@torch.no_grad()
+def generate(
+    generator: torch.nn.Module,
+    arch: Arch,
+    n: int,
+    *,
+    seed: int,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> np.ndarray:
+    """``n`` uint8 images [n, C, H, W] from latents drawn with ``seed``.
+
+    Latents are drawn on the CPU in one go, so the images depend only on (weights, seed, n),
+    not on the device or batch size; the generator runs in eval mode for the same reason.
+    """
+    if n < 1:
+        raise ValueError(f"number of images must be >= 1, got {n}")
+    z = torch.randn(n, arch.latent_dim, generator=torch.Generator().manual_seed(seed))
+    out = np.empty((n, arch.channels, arch.size, arch.size), dtype=np.uint8)
+    for i in range(0, n, batch_size):
+        x = generator(z[i : i + batch_size].to(device))
+        out[i : i + batch_size] = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return out

@@ -1,0 +1,42 @@
+"""Convolutional (beta-)VAE: DCGAN-shaped encoder and decoder, Gaussian decoder (sum of squared
+errors), KL weighted by ``train.vae_beta``."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from aigc_pipeline.models.base import Arch, Hparams
+from aigc_pipeline.models.blocks import ConvEncoder, ConvGenerator, dcgan_init
+
+
+class VAE:
+    def __init__(self, arch: Arch, hp: Hparams) -> None:
+        enc = ConvEncoder(arch.size, arch.channels, arch.width, out_dim=2 * arch.latent_dim)
+        dec = ConvGenerator(arch.latent_dim, arch.size, arch.channels, arch.width)
+        enc.apply(dcgan_init)
+        dec.apply(dcgan_init)
+        self.beta = hp.vae_beta
+        self.modules: dict[str, nn.Module] = {"encoder": enc, "generator": dec}
+        params = list(enc.parameters()) + list(dec.parameters())
+        self.optimizers = {"vae": torch.optim.Adam(params, lr=hp.lr, betas=(hp.beta1, hp.beta2))}
+
+    @property
+    def generator(self) -> nn.Module:
+        return self.modules["generator"]
+
+    def train_step(self, real: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+        enc, dec = self.modules["encoder"], self.modules["generator"]
+        opt = self.optimizers["vae"]
+        mu, logvar = enc(real).chunk(2, dim=1)
+        logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite early in training
+        eps = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
+        recon = dec(mu + eps * torch.exp(0.5 * logvar))
+        n = real.shape[0]
+        rec = (recon - real).pow(2).sum() / n
+        kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum() / n
+        loss = rec + self.beta * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach()}

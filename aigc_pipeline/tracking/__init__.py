@@ -1,0 +1,1 @@
+"""MLflow: the tracking store, the pyfunc generator model, registration and aliases."""

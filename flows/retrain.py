@@ -1,0 +1,57 @@
+"""The retraining flow: one Prefect task per dvc.yaml stage, in DAG order.
+
+Tasks hold no logic: each runs its stage through :func:`aigc_pipeline.pipeline.run_stage`,
+which lets DVC skip up-to-date stages and record what ran. No Prefect result caching is
+layered on top: DVC owns caching.
+"""
+
+from __future__ import annotations
+
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+
+from aigc_pipeline.pipeline import StageOutcome, run_stage, summarize
+from aigc_pipeline.stages.register import FLOW_RUN_ENV
+
+
+def _stage(project_dir: str, name: str) -> StageOutcome:
+    return run_stage(project_dir, name, extra_env={FLOW_RUN_ENV: str(flow_run.id or "")})
+
+
+@task(name="ingest", cache_policy=NO_CACHE)
+def ingest(project_dir: str) -> StageOutcome:
+    return _stage(project_dir, "ingest")
+
+
+@task(name="augment", cache_policy=NO_CACHE)
+def augment(project_dir: str) -> StageOutcome:
+    return _stage(project_dir, "augment")
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train(project_dir: str) -> StageOutcome:
+    return _stage(project_dir, "train")
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(project_dir: str) -> StageOutcome:
+    return _stage(project_dir, "evaluate")
+
+
+# MLflow over HTTP can fail transiently; registration is idempotent per DVC (a committed
+# stage is never re-run), so a retry is safe.
+@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20])
+def register(project_dir: str) -> StageOutcome:
+    return _stage(project_dir, "register")
+
+
+@flow(name="retrain", log_prints=True)
+def retrain(project_dir: str = ".") -> dict:
+    """ingest -> augment -> train -> evaluate -> register; returns the run summary."""
+    ingest(project_dir)
+    augment(project_dir)
+    train(project_dir)
+    scored = evaluate(project_dir)
+    registered = register(project_dir)
+    return summarize(project_dir, registered, scored)
