@@ -140,9 +140,9 @@ class Config:
         return f"{self.dataset}-{self.train.model}"
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
+        d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["datasets"] = {k: dataclasses.asdict(v) for k, v in self.datasets.items()}
-        return d
+        return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
 
 
 # ---------------------------------------------------------------------------

