@@ -93,7 +93,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class EvaluateConfig:
-    num_samples: int = 500
+    num_samples: int = 300
     seed: int = 1234
     batch_size: int = 50
     reference_split: Literal["eval", "train", "all"] = "eval"

@@ -28,6 +28,5 @@ def set_defaults(project_dir: Path | str) -> None:
     os.environ.setdefault("PREFECT_HOME", str(project / ".prefect"))
     # The embedded server takes ~17 s to start on a new database here; Prefect's default wait is 20 s.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # MLflow spends ~15 s inferring requirements and warns in uv venvs; we pass them explicitly.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")

@@ -46,7 +46,7 @@ def register(project_dir: str) -> StageOutcome:
     return _stage(project_dir, "register")
 
 
-@flow(name="retrain", log_prints=True)
+@flow(name="retrain")
 def retrain(project_dir: str = ".") -> dict:
     """ingest -> augment -> train -> evaluate -> register; returns the run summary."""
     ingest(project_dir)
