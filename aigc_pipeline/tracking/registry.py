@@ -49,7 +49,7 @@ def list_models(client: Any) -> list[dict[str, Any]]:
             {
                 "name": rm.name,
                 "aliases": {a: str(v) for a, v in sorted((rm.aliases or {}).items())},
-                "latest_version": latest.version if latest is not None else None,
+                "latest_version": str(latest.version) if latest is not None else None,
                 "metrics": dict(sorted(metrics.items())),
             }
         )
