@@ -96,6 +96,25 @@ def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOu
             "stages_run": [o.stage for o in (register, evaluate) if o.ran]}
 
 
+def summary_markdown(summary: dict[str, Any]) -> str:
+    """The run summary as markdown, for a Prefect artifact (and anyone reading it later)."""
+    r, m = summary["receipt"], summary["metrics"]
+    p = m["protocol"]
+    isc = m.get("isc_unavailable") or "computed"
+    return "\n".join([
+        f"# {r['name']} v{r['version']}",
+        "",
+        f"- **decision**: {'champion' if r['champion'] else 'not promoted'} ({r['reason']})",
+        f"- **FID**: {r['fid']:.4f} under protocol `{p['id']}`",
+        f"  - extractor `{p['extractor']}`, weights sha256 `{p['weights_sha256'][:16]}…`",
+        f"  - {p['num_samples']} generated vs {p['num_reference']} real images ({p['reference_split']} split, "
+        f"digest `{p['reference_digest'][:16]}…`), {p['size']}px",
+        f"- **Inception Score**: {isc}",
+        f"- **model / dataset**: {m['model']} on {m['dataset']}",
+        f"- **MLflow**: run `{r['run_id']}` in `{r['tracking_uri']}`",
+    ])
+
+
 def _one(paths: tuple[str, ...], suffix: str) -> str:
     found = [p for p in paths if p.endswith(suffix)]
     if len(found) != 1:

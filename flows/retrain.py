@@ -8,10 +8,11 @@ layered on top: DVC owns caching.
 from __future__ import annotations
 
 from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from aigc_pipeline.pipeline import StageOutcome, run_stage, summarize
+from aigc_pipeline.pipeline import StageOutcome, run_stage, summarize, summary_markdown
 from aigc_pipeline.stages.register import FLOW_RUN_ENV
 
 
@@ -39,11 +40,19 @@ def evaluate(project_dir: str) -> StageOutcome:
     return _stage(project_dir, "evaluate")
 
 
-# MLflow over HTTP can fail transiently; registration is idempotent per DVC (a committed
-# stage is never re-run), so a retry is safe.
-@task(name="register", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=[5, 20])
+# No automatic retry yet: a failure after the version is created but before `dvc commit`
+# would register a second version on retry.
+@task(name="register", cache_policy=NO_CACHE)
 def register(project_dir: str) -> StageOutcome:
     return _stage(project_dir, "register")
+
+
+@task(name="publish-summary", cache_policy=NO_CACHE)
+def publish_summary(project_dir: str, registered: StageOutcome, scored: StageOutcome) -> dict:
+    summary = summarize(project_dir, registered, scored)
+    create_markdown_artifact(markdown=summary_markdown(summary), key="retrain-summary",
+                             description=summary["line"])
+    return summary
 
 
 @flow(name="retrain")
@@ -54,4 +63,4 @@ def retrain(project_dir: str = ".") -> dict:
     train(project_dir)
     scored = evaluate(project_dir)
     registered = register(project_dir)
-    return summarize(project_dir, registered, scored)
+    return publish_summary(project_dir, registered, scored)

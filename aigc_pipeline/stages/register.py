@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import os
+import logging
 import subprocess
 import sys
+import warnings
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -48,6 +50,9 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
     name = cfg.model_name
     alias = cfg.register.champion_alias
 
+    # The pyfunc has an explicit signature; MLflow's advice to add type hints does not apply.
+    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
+    logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
     use_store(project_dir, cfg.register.experiment)
     uri = mlflow.get_tracking_uri()
     client = MlflowClient()

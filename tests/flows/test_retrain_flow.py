@@ -47,6 +47,13 @@ def test_aigc_run_registers_a_champion_and_summarises(flow_project: tuple[Path, 
     (model,) = [m for m in status["models"] if m["name"] == MODEL]
     assert model["aliases"] == {"champion": "1"}
     assert any(k.startswith("fid_incv3-") for k in model["metrics"])
+    # The flow published its summary as a Prefect artifact (read from the embedded server's database).
+    import sqlite3
+
+    with sqlite3.connect(project / ".prefect" / "prefect.db") as db:
+        rows = db.execute("select key, type, data from artifact").fetchall()
+    (summary,) = [r for r in rows if r[0] == "retrain-summary"]
+    assert summary[1] == "markdown" and "**decision**: champion" in summary[2] and "_n24_eval-" in summary[2]
 
 
 def test_after_aigc_run_dvc_is_clean_and_repro_is_a_noop(flow_project: tuple[Path, str]) -> None:
