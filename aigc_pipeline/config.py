@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import io
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -75,8 +76,10 @@ class TrainConfig:
     beta1: float = 0.5
     beta2: float = 0.999
     latent_dim: int = 64
-    width: int = 64
+    width: int = 32
     vae_beta: float = 1.0
+    ema_decay: float = 0.999
+    diffaugment: str = "color,translation,cutout"  # comma-separated; "" = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_grid: int = 64
 
@@ -89,6 +92,11 @@ class TrainConfig:
         _check(self.latent_dim >= 1 and self.width >= 4, "latent_dim/width", "are too small")
         _check(self.vae_beta >= 0, "vae_beta", "must be >= 0")
         _check(1 <= self.sample_grid <= 256, "sample_grid", "must be in 1..256")
+        _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        from aigc_pipeline.training.diffaugment import POLICIES
+
+        unknown = [p for p in self.diffaugment.split(",") if p and p not in POLICIES]
+        _check(not unknown, "diffaugment", f"unknown policy {unknown} (known: {', '.join(POLICIES)}; '' = off)")
 
 
 @dataclass(frozen=True)
@@ -158,6 +166,9 @@ def _check(ok: bool, key: str, message: str) -> None:
         raise _KeyError(f"{key}: {message}")
 
 
+_SCI_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
+
+
 def _convert(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; ints are accepted for floats."""
     origin = typing.get_origin(tp)
@@ -188,11 +199,14 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        # PyYAML follows YAML 1.1, where `1e-3` (no dot) is a string; DVC's YAML 1.2 reads a float.
+        if isinstance(value, str) and _SCI_FLOAT.fullmatch(value.strip()):
+            return float(value)
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {value!r}")
         return float(value)
     if tp is str:
-        if not isinstance(value, str) or not value:
+        if not isinstance(value, str) or (not value and not key.endswith(".diffaugment")):
             raise ConfigError(f"{key}: expected a non-empty string, got {value!r}")
         return value
     raise AssertionError(f"unsupported annotation {tp!r} for {key}")

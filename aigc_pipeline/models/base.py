@@ -27,7 +27,9 @@ class Hparams:
     lr: float
     beta1: float
     beta2: float
-    vae_beta: float
+    vae_beta: float = 1.0
+    ema_decay: float = 0.999  # generator EMA (sngan)
+    diffaugment: str = "color,translation,cutout"  # DiffAugment policy (sngan); "" = off
 
 
 class Family(Protocol):

@@ -7,10 +7,12 @@ from typing import Callable
 from aigc_pipeline.errors import ConfigError
 from aigc_pipeline.models.base import Arch, Family, Hparams
 from aigc_pipeline.models.dcgan import DCGAN
+from aigc_pipeline.models.sngan import SNGAN
 from aigc_pipeline.models.vae import VAE
 
 MODELS: dict[str, Callable[[Arch, Hparams], Family]] = {
     "dcgan": DCGAN,
+    "sngan": SNGAN,
     "vae": VAE,
 }
 

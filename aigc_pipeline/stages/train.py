@@ -42,7 +42,8 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
     dcfg = cfg.active_dataset
     arch = Arch(family=tcfg.model, size=prepared.images.shape[-1], channels=prepared.images.shape[1],
                 latent_dim=tcfg.latent_dim, width=tcfg.width)
-    hp = Hparams(lr=tcfg.lr, beta1=tcfg.beta1, beta2=tcfg.beta2, vae_beta=tcfg.vae_beta)
+    hp = Hparams(lr=tcfg.lr, beta1=tcfg.beta1, beta2=tcfg.beta2, vae_beta=tcfg.vae_beta,
+                 ema_decay=tcfg.ema_decay, diffaugment=tcfg.diffaugment)
     run_key = config_digest({"train": dataclasses.asdict(tcfg), "arch": arch.__dict__, "data": prepared.digest})[:16]
     grids: list[tuple[int, np.ndarray]] = []
     log = _EpochPrinter(quiet)

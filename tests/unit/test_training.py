@@ -45,7 +45,7 @@ def test_same_seed_same_weights_other_seed_differs() -> None:
     assert not all(torch.equal(a[k], c[k]) for k in a)
 
 
-@pytest.mark.parametrize("family", ["dcgan", "vae"])
+@pytest.mark.parametrize("family", ["dcgan", "sngan", "vae"])
 def test_resume_after_interruption_is_bitwise_identical(family: str, tmp_path: Path) -> None:
     arch = Arch(family=family, size=16, channels=1, latent_dim=8, width=8)
     data = _images(40, 1, 16)
@@ -88,6 +88,20 @@ class _NanAtStep3(DCGAN):
         if self.step == 3:
             losses["loss_g"] = losses["loss_g"] * float("nan")
         return losses
+
+
+def test_diffaugment_is_seeded_and_shape_preserving() -> None:
+    from aigc_pipeline.training.diffaugment import diff_augment
+
+    x = torch.rand(6, 3, 16, 16) * 2 - 1
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    a = diff_augment(x, "color,translation,cutout", g1)
+    b = diff_augment(x, "color,translation,cutout", g2)
+    assert a.shape == x.shape and torch.equal(a, b)
+    assert not torch.equal(a, x)
+    cut = diff_augment(torch.ones(4, 1, 16, 16), "cutout", torch.Generator().manual_seed(0))
+    assert ((cut == 0).sum(dim=(1, 2, 3)) > 0).all()  # every image lost a patch
+    assert torch.equal(diff_augment(x, "", g1), x)
 
 
 def test_nan_loss_stops_training_naming_the_step(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
