@@ -23,6 +23,14 @@ def _add_common(p: argparse.ArgumentParser) -> None:
                    help="override a params.yaml key for this command, e.g. train.epochs=3 (repeatable)")
 
 
+def _add_source_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--labels", metavar="folders|none|COLUMN",
+                   help="folder/archive: class from the first sub-folder (folders) or none; manifest: label column "
+                   "(default: a folder holding only sub-folders is labelled by them, anything else is unlabelled)")
+    p.add_argument("--size", type=int, help="output side in pixels, a power of two (default 32)")
+    p.add_argument("--channels", type=int, help="1 (grayscale) or 3 (RGB) (default 1)")
+
+
 def _path(args: argparse.Namespace, value: str) -> Path:
     """Paths on the command line are relative to the project root, as in dvc.yaml."""
     p = Path(value)
@@ -36,12 +44,65 @@ def _config(args: argparse.Namespace):
 
 
 def _cmd_ingest(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.errors import ConfigError
     from aigc_pipeline.stages import ingest
 
-    r = ingest.run(_config(args), _path(args, args.out), dataset=args.dataset, project_dir=Path(args.project))
-    print(f"ingest: {r.accepted} images accepted, {r.rejected} rejected, {r.duplicates} duplicates dropped; "
+    if args.source is None:
+        for flag, value in (("--labels", args.labels), ("--size", args.size), ("--channels", args.channels),
+                            ("--max-rejected", args.max_rejected)):
+            if value is not None:
+                raise ConfigError(f"{flag}: only with `aigc ingest SOURCE`; for a registered dataset use "
+                                  "--set datasets.NAME.KEY=VALUE (or --set ingest.max_rejected_fraction=F)")
+        r = ingest.run(_config(args), _path(args, args.out), dataset=args.dataset, project_dir=Path(args.project),
+                       workers=args.workers)
+    else:
+        r = _ingest_source(args)
+    skipped = f", {r.skipped} non-image files skipped" if r.skipped else ""
+    print(f"ingest: {r.accepted} images accepted, {r.rejected} rejected, {r.duplicates} duplicates dropped{skipped}; "
           f"splits {r.splits}; -> {r.out}")
     return r
+
+
+def _ingest_source(args: argparse.Namespace) -> Any:
+    """``aigc ingest SOURCE --out DIR``: any folder, archive or manifest, params.yaml untouched."""
+    from aigc_pipeline.config import PARAMS_FILE, DatasetConfig, IngestConfig
+    from aigc_pipeline.data.catalog import source_entry
+    from aigc_pipeline.errors import ConfigError
+    from aigc_pipeline.stages import ingest
+
+    if args.dataset:
+        raise ConfigError("give either SOURCE or --dataset NAME, not both")
+    source = _path(args, args.source)
+    entry = source_entry(source, stored_path=str(source.resolve()), labels=args.labels, size=args.size,
+                         channels=args.channels)
+    dcfg = DatasetConfig.from_dict(entry, prefix="--")  # errors name the flag: "--size: must be a power of two"
+    # The project's ingest settings when there is one; the defaults for a folder anywhere.
+    has_params = (Path(args.project) / PARAMS_FILE).exists()
+    icfg = _config(args).ingest if has_params or args.overrides else IngestConfig()
+    max_rejected = icfg.max_rejected_fraction if args.max_rejected is None else args.max_rejected
+    if not 0.0 <= max_rejected <= 1.0:
+        raise ConfigError(f"--max-rejected: must be in [0, 1], got {max_rejected}")
+    return ingest.prepare(dcfg, _path(args, args.out), name=source.name, eval_fraction=icfg.eval_fraction,
+                          max_rejected_fraction=max_rejected, project_dir=Path(args.project), workers=args.workers,
+                          threshold_name="--max-rejected" if args.max_rejected is not None
+                          else "ingest.max_rejected_fraction")
+
+
+def _cmd_dataset_add(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.config import DatasetConfig
+    from aigc_pipeline.data.catalog import add_dataset, check_name, quick_scan, source_entry, stored_path
+
+    check_name(args.name)
+    source = _path(args, args.source)
+    entry = source_entry(source, stored_path=stored_path(source, Path(args.project)), labels=args.labels,
+                         size=args.size, channels=args.channels)
+    dcfg = DatasetConfig.from_dict(entry, prefix=f"datasets.{args.name}.")
+    scan = quick_scan(dcfg, Path(args.project))  # at least one decodable image, before params.yaml changes
+    path = add_dataset(args.project, args.name, entry, force=args.force)
+    details = ", ".join(f"{k}: {v}" for k, v in entry.items())
+    print(f"dataset {args.name!r} added to {path} ({details}); first decodable image: {scan.first_image}")
+    print(f"train on it with `aigc run --dataset {args.name}` (the active `dataset:` is unchanged)")
+    return entry
 
 
 def _cmd_augment(args: argparse.Namespace) -> Any:
@@ -127,11 +188,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--project", default=".", help="project root holding params.yaml and dvc.yaml (default: .)")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    p = sub.add_parser("ingest", help="validate and prepare a dataset")
+    p = sub.add_parser("ingest", help="validate and prepare a dataset (a registered one, or any folder/archive/manifest)")
+    p.add_argument("source", nargs="?", help="a folder of images, a .zip/.tar archive or a .csv/.parquet manifest "
+                   "(instead of --dataset; params.yaml is not changed)")
     p.add_argument("--dataset", help="entry of `datasets` in params.yaml (default: `dataset`)")
     p.add_argument("--out", required=True, help="prepared dataset folder to write")
+    _add_source_options(p)
+    p.add_argument("--max-rejected", type=float, metavar="F",
+                   help="with SOURCE: fail when more than this share is rejected (default: ingest.max_rejected_fraction)")
+    p.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
     _add_common(p)
     p.set_defaults(handler=_cmd_ingest)
+
+    p = sub.add_parser("dataset", help="manage the datasets registered in params.yaml")
+    dsub = p.add_subparsers(dest="dataset_command", required=True)
+    p = dsub.add_parser("add", help="register a folder, archive or manifest as datasets.NAME in params.yaml")
+    p.add_argument("name", help="dataset name (letters, digits, '-', '_')")
+    p.add_argument("source", help="a folder of images, a .zip/.tar archive or a .csv/.parquet manifest")
+    _add_source_options(p)
+    p.add_argument("--force", action="store_true", help="replace an existing entry of the same name")
+    p.set_defaults(handler=_cmd_dataset_add)
 
     p = sub.add_parser("augment", help="seeded offline augmentation of the training split")
     p.add_argument("--data", required=True, help="prepared dataset folder")

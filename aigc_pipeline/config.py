@@ -29,18 +29,57 @@ PARAMS_FILE = "params.yaml"
 
 @dataclass(frozen=True)
 class DatasetConfig:
-    """One registered dataset: where images come from and how they are normalised."""
+    """One registered dataset: where images come from and how they are normalised.
+
+    Source-specific fields (``path``, ``labels``, ``path_column``, ``label_column``, ``variant``,
+    ``download``) are checked against what the source declares in the registry
+    (:mod:`aigc_pipeline.data.sources`): a required one missing, or one the source does not read,
+    fails with a message naming the key. ``background``, ``min_side`` and ``max_pixels`` apply to
+    sources that decode files (see :mod:`aigc_pipeline.data.validate` for the rules).
+    """
 
     source: str  # a name in aigc_pipeline.data.sources.SOURCES
     size: int = 32  # output side in pixels, a power of two
     channels: int = 1  # 1 grayscale, 3 RGB
     limit: int = 0  # keep at most this many images (0 = all)
-    path: str | None = None  # location of the source, for sources that read files
+    path: str | None = None  # location of the source (relative to the project folder), for sources that read files
+    labels: Literal["folders", "none"] | None = None  # image-folder/archive: class from the first folder, or none
+    path_column: str | None = None  # manifest: column of file paths (default "path")
+    label_column: str | None = None  # manifest: column of labels (default: unlabelled)
+    variant: str | None = None  # torchvision: MNIST | FashionMNIST | CIFAR10
+    download: bool = False  # torchvision: download when the files are missing (never by default)
+    background: Literal["white", "black"] = "white"  # what transparent pixels are composited over
+    min_side: int = 8  # reject decoded images with a side under this many pixels
+    max_pixels: int = 50_000_000  # reject images above this many pixels, from the header (decompression bombs)
 
     def __post_init__(self) -> None:
         _check(self.size in (8, 16, 32, 64, 128, 256), "size", "must be a power of two from 8 to 256")
         _check(self.channels in (1, 3), "channels", "must be 1 or 3")
         _check(self.limit >= 0, "limit", "must be >= 0")
+        _check(self.min_side >= 1, "min_side", "must be >= 1")
+        _check(self.max_pixels >= self.min_side**2, "max_pixels", "must be >= min_side squared")
+        self._check_source()
+
+    def _check_source(self) -> None:
+        # Imported here: the registry imports this module (and the sources register themselves on import).
+        from aigc_pipeline.data.sources import SOURCE_OPTIONS, SOURCE_SPECIFIC_FIELDS, SOURCES, TORCHVISION_VARIANTS
+
+        _check(self.source in SOURCES, "source", f"unknown source {self.source!r} (known: {', '.join(sorted(SOURCES))})")
+        spec = SOURCE_OPTIONS[self.source]
+        for name in spec.requires:
+            _check(getattr(self, name) is not None, name, f"required for source {self.source}")
+        for name in SOURCE_SPECIFIC_FIELDS:
+            if name not in spec.options:
+                unset = getattr(self, name) in (None, False)
+                users = ", ".join(sorted(s for s, o in SOURCE_OPTIONS.items() if name in o.options)) or "none"
+                _check(unset, name, f"not used by source {self.source} (used by: {users})")
+        if self.source == "torchvision":
+            _check(self.variant in TORCHVISION_VARIANTS, "variant", f"must be one of {' | '.join(TORCHVISION_VARIANTS)}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any], prefix: str = "") -> "DatasetConfig":
+        """Build and validate one entry; errors name ``<prefix><key>`` (e.g. ``datasets.pets.path``)."""
+        return _build(cls, data, prefix)
 
 
 @dataclass(frozen=True)
@@ -79,6 +118,7 @@ class TrainConfig:
     width: int = 32
     vae_beta: float = 1.0
     ema_decay: float = 0.999
+    conditional: bool = False
     diffaugment: str = "color,translation,cutout"  # comma-separated; "" = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_grid: int = 64

@@ -4,6 +4,9 @@ Rules (documented in the README):
 - channels: grayscale -> RGB repeats the channel; RGB -> grayscale uses ITU-R 601 luma (PIL's "L").
 - size: the shorter side is scaled to ``size`` (bicubic with antialiasing when shrinking, bilinear
   when enlarging), then the centre is cropped to a square.
+
+Decoded files reach :func:`normalize_image` already in mode "L" or "RGB" (see
+:mod:`aigc_pipeline.data.validate` for the colour-mode, alpha and bit-depth rules).
 """
 
 from __future__ import annotations
@@ -18,7 +21,11 @@ def normalize(pixels: np.ndarray, *, size: int, channels: int) -> np.ndarray:
         raise ValueError(f"expected uint8 pixels, got {pixels.dtype}")
     if pixels.ndim == 3 and pixels.shape[2] == 1:
         pixels = pixels[:, :, 0]
-    img = Image.fromarray(pixels)
+    return normalize_image(Image.fromarray(pixels), size=size, channels=channels)
+
+
+def normalize_image(img: Image.Image, *, size: int, channels: int) -> np.ndarray:
+    """Return a uint8 array [channels, size, size] from a PIL image (mode "L" or "RGB" expected)."""
     img = img.convert("L" if channels == 1 else "RGB")
     w, h = img.size
     scale = size / min(w, h)

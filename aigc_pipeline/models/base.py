@@ -18,6 +18,7 @@ class Arch:
     channels: int
     latent_dim: int
     width: int
+    num_classes: int = 0  # > 0: class-conditional (generator and discriminator/encoder see labels)
 
 
 @dataclass(frozen=True)
@@ -38,8 +39,11 @@ class Family(Protocol):
     modules: dict[str, nn.Module]  # everything saved in a checkpoint, by name
     optimizers: dict[str, torch.optim.Optimizer]
 
-    def train_step(self, real: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        """One optimisation step on a batch in [-1, 1]; returns detached scalar losses.
+    def train_step(
+        self, real: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator
+    ) -> dict[str, torch.Tensor]:
+        """One optimisation step on a batch in [-1, 1] (with its class labels when the
+        architecture is conditional); returns detached scalar losses.
 
         ``gen`` is the only source of randomness (noise, reparameterisation), so a step
         is reproducible from its generator state.
@@ -48,5 +52,5 @@ class Family(Protocol):
 
     @property
     def generator(self) -> nn.Module:
-        """The module mapping latent [B, latent_dim] to images in [-1, 1] (exported)."""
+        """The :class:`Generator` mapping latent [B, latent_dim] (+ labels) to images in [-1, 1] (exported)."""
         ...

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+import torch.nn.functional as F
 from torch import nn
 
 MAX_CHANNELS = 512
@@ -57,6 +59,48 @@ class ConvEncoder(nn.Sequential):
             c_in = c_out
         layers += [nn.Conv2d(c_in, out_dim, 4, 1, 0), nn.Flatten()]  # 4x4 -> 1x1
         super().__init__(*layers)
+
+
+class Generator(nn.Module):
+    """latent [B, Z] (and class labels [B] when conditional) -> images [B, C, S, S] in [-1, 1].
+
+    A conditional generator reads the one-hot label concatenated to the latent vector.
+    """
+
+    def __init__(self, latent_dim: int, size: int, channels: int, width: int, num_classes: int = 0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.net = ConvGenerator(latent_dim + num_classes, size, channels, width)
+
+    def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(_with_onehot(z, labels, self.num_classes))
+
+
+class Critic(nn.Module):
+    """images [B, C, S, S] (and labels when conditional) -> [B, out_dim]; a discriminator or an
+    encoder. A conditional one reads one-hot label planes stacked onto the image channels."""
+
+    def __init__(self, size: int, channels: int, width: int, out_dim: int, *, batchnorm: bool = True,
+                 num_classes: int = 0) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.net = ConvEncoder(size, channels + num_classes, width, out_dim, batchnorm)
+
+    def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        if self.num_classes:
+            planes = _onehot(labels, self.num_classes, x.dtype)[:, :, None, None]
+            x = torch.cat([x, planes.expand(-1, -1, x.shape[2], x.shape[3])], dim=1)
+        return self.net(x)
+
+
+def _onehot(labels: torch.Tensor | None, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    if labels is None:
+        raise ValueError("this model is class-conditional: pass a class label for every image")
+    return F.one_hot(labels, num_classes).to(dtype)
+
+
+def _with_onehot(z: torch.Tensor, labels: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    return torch.cat([z, _onehot(labels, num_classes, z.dtype)], dim=1) if num_classes else z
 
 
 def dcgan_init(module: nn.Module) -> None:

@@ -7,13 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from aigc_pipeline.models.base import Arch, Hparams
-from aigc_pipeline.models.blocks import ConvEncoder, ConvGenerator, dcgan_init
+from aigc_pipeline.models.blocks import Critic, Generator, dcgan_init
 
 
 class DCGAN:
     def __init__(self, arch: Arch, hp: Hparams) -> None:
-        g = ConvGenerator(arch.latent_dim, arch.size, arch.channels, arch.width)
-        d = ConvEncoder(arch.size, arch.channels, arch.width, out_dim=1)
+        g = Generator(arch.latent_dim, arch.size, arch.channels, arch.width, arch.num_classes)
+        d = Critic(arch.size, arch.channels, arch.width, out_dim=1, num_classes=arch.num_classes)
         g.apply(dcgan_init)
         d.apply(dcgan_init)
         self.latent_dim = arch.latent_dim
@@ -28,14 +28,14 @@ class DCGAN:
     def generator(self) -> torch.nn.Module:
         return self.modules["generator"]
 
-    def train_step(self, real: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def train_step(self, real: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator) -> dict[str, torch.Tensor]:
         g, d = self.modules["generator"], self.modules["discriminator"]
         opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
         z = torch.randn(real.shape[0], self.latent_dim, generator=gen, device=real.device)
-        fake = g(z)
+        fake = g(z, labels)
 
         opt_d.zero_grad(set_to_none=True)
-        logits_real, logits_fake = d(real), d(fake.detach())
+        logits_real, logits_fake = d(real, labels), d(fake.detach(), labels)
         loss_d = F.binary_cross_entropy_with_logits(
             logits_real, torch.ones_like(logits_real)
         ) + F.binary_cross_entropy_with_logits(logits_fake, torch.zeros_like(logits_fake))
@@ -43,7 +43,7 @@ class DCGAN:
         opt_d.step()
 
         opt_g.zero_grad(set_to_none=True)
-        logits = d(fake)
+        logits = d(fake, labels)
         loss_g = F.binary_cross_entropy_with_logits(logits, torch.ones_like(logits))
         loss_g.backward()
         opt_g.step()

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save
 from aigc_pipeline.errors import DataError
 from aigc_pipeline.io import atomic_write_bytes, atomic_write_json
 from aigc_pipeline.models.base import Arch
-from aigc_pipeline.models.blocks import ConvGenerator
+from aigc_pipeline.models.blocks import Generator
 
 WEIGHTS_FILE = "generator.safetensors"
 META_FILE = "model.json"
@@ -42,7 +42,7 @@ def load_generator(folder: Path | str, device: str | torch.device = "cpu") -> tu
     """Rebuild the generator from ``folder`` in eval mode."""
     folder = Path(folder)
     arch = Arch(**read_model_meta(folder)["arch"])
-    g = ConvGenerator(arch.latent_dim, arch.size, arch.channels, arch.width)
+    g = Generator(arch.latent_dim, arch.size, arch.channels, arch.width, arch.num_classes)
     g.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return g.to(device).eval(), arch
 
@@ -54,19 +54,38 @@ def generate(
     n: int,
     *,
     seed: int,
+    label: int | None = None,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """``n`` uint8 images [n, C, H, W] from latents drawn with ``seed``.
 
-    Latents are drawn on the CPU in one go, so the images depend only on (weights, seed, n),
-    not on the device or batch size; the generator runs in eval mode for the same reason.
+    For a class-conditional model, ``label`` picks the class of every image; without it the
+    classes cycle 0, 1, 2, ... so any sample set is class-balanced. Latents are drawn on the CPU
+    in one go, so the images depend only on (weights, seed, n, label), not on the device or
+    batch size; the generator runs in eval mode for the same reason.
     """
     if n < 1:
         raise ValueError(f"number of images must be >= 1, got {n}")
+    labels = class_labels(arch, n, label)
     z = torch.randn(n, arch.latent_dim, generator=torch.Generator().manual_seed(seed))
     out = np.empty((n, arch.channels, arch.size, arch.size), dtype=np.uint8)
     for i in range(0, n, batch_size):
-        x = generator(z[i : i + batch_size].to(device))
+        y = labels[i : i + batch_size].to(device) if labels is not None else None
+        x = generator(z[i : i + batch_size].to(device), y)
         out[i : i + batch_size] = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
     return out
+
+
+def class_labels(arch: Arch, n: int, label: int | None = None) -> torch.Tensor | None:
+    """Labels for ``n`` samples: ``label`` repeated, or cycling through the classes; None when
+    the model is unconditional (asking it for a label is an error, not silently ignored)."""
+    if not arch.num_classes:
+        if label is not None:
+            raise ValueError("this model is not class-conditional: it cannot generate a given label")
+        return None
+    if label is None:
+        return torch.arange(n) % arch.num_classes
+    if not 0 <= label < arch.num_classes:
+        raise ValueError(f"label {label} is out of range: the model knows classes 0..{arch.num_classes - 1}")
+    return torch.full((n,), label, dtype=torch.long)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aigc_pipeline.models.base import Arch, Hparams
-from aigc_pipeline.models.blocks import ConvEncoder, ConvGenerator, dcgan_init
+from aigc_pipeline.models.blocks import Critic, Generator, dcgan_init
 from aigc_pipeline.training.diffaugment import diff_augment
 
 
@@ -26,10 +26,12 @@ def _spectral_norm_all(module: nn.Module) -> nn.Module:
 
 class SNGAN:
     def __init__(self, arch: Arch, hp: Hparams) -> None:
-        g = ConvGenerator(arch.latent_dim, arch.size, arch.channels, arch.width)
+        g = Generator(arch.latent_dim, arch.size, arch.channels, arch.width, arch.num_classes)
         g.apply(dcgan_init)
         # Spectral norm replaces batch norm in D: it bounds D's Lipschitz constant per layer.
-        d = _spectral_norm_all(ConvEncoder(arch.size, arch.channels, arch.width, out_dim=1, batchnorm=False))
+        d = _spectral_norm_all(
+            Critic(arch.size, arch.channels, arch.width, out_dim=1, batchnorm=False, num_classes=arch.num_classes)
+        )
         ema = copy.deepcopy(g).requires_grad_(False)
         self.latent_dim = arch.latent_dim
         self.ema_decay = hp.ema_decay
@@ -45,22 +47,22 @@ class SNGAN:
     def generator(self) -> nn.Module:
         return self.modules["generator_ema"]
 
-    def train_step(self, real: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def train_step(self, real: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator) -> dict[str, torch.Tensor]:
         g, d = self.modules["generator"], self.modules["discriminator"]
         opt_g, opt_d = self.optimizers["generator"], self.optimizers["discriminator"]
         z = torch.randn(real.shape[0], self.latent_dim, generator=gen, device=real.device)
-        fake = g(z)
+        fake = g(z, labels)
 
         opt_d.zero_grad(set_to_none=True)
         loss_d = (
-            F.relu(1.0 - d(diff_augment(real, self.policy, gen))).mean()
-            + F.relu(1.0 + d(diff_augment(fake.detach(), self.policy, gen))).mean()
+            F.relu(1.0 - d(diff_augment(real, self.policy, gen), labels)).mean()
+            + F.relu(1.0 + d(diff_augment(fake.detach(), self.policy, gen), labels)).mean()
         )
         loss_d.backward()
         opt_d.step()
 
         opt_g.zero_grad(set_to_none=True)
-        loss_g = -d(diff_augment(fake, self.policy, gen)).mean()
+        loss_g = -d(diff_augment(fake, self.policy, gen), labels).mean()
         loss_g.backward()
         opt_g.step()
         self._update_ema()

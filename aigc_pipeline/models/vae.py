@@ -1,4 +1,4 @@
-"""Convolutional (beta-)VAE: DCGAN-shaped encoder and decoder, Gaussian decoder (sum of squared
+"""Convolutional (beta-, optionally class-conditional) VAE: DCGAN-shaped encoder and decoder, Gaussian decoder (sum of squared
 errors), KL weighted by ``train.vae_beta``."""
 
 from __future__ import annotations
@@ -7,13 +7,13 @@ import torch
 from torch import nn
 
 from aigc_pipeline.models.base import Arch, Hparams
-from aigc_pipeline.models.blocks import ConvEncoder, ConvGenerator, dcgan_init
+from aigc_pipeline.models.blocks import Critic, Generator, dcgan_init
 
 
 class VAE:
     def __init__(self, arch: Arch, hp: Hparams) -> None:
-        enc = ConvEncoder(arch.size, arch.channels, arch.width, out_dim=2 * arch.latent_dim)
-        dec = ConvGenerator(arch.latent_dim, arch.size, arch.channels, arch.width)
+        enc = Critic(arch.size, arch.channels, arch.width, out_dim=2 * arch.latent_dim, num_classes=arch.num_classes)
+        dec = Generator(arch.latent_dim, arch.size, arch.channels, arch.width, arch.num_classes)
         enc.apply(dcgan_init)
         dec.apply(dcgan_init)
         self.beta = hp.vae_beta
@@ -25,13 +25,13 @@ class VAE:
     def generator(self) -> nn.Module:
         return self.modules["generator"]
 
-    def train_step(self, real: torch.Tensor, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    def train_step(self, real: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator) -> dict[str, torch.Tensor]:
         enc, dec = self.modules["encoder"], self.modules["generator"]
         opt = self.optimizers["vae"]
-        mu, logvar = enc(real).chunk(2, dim=1)
+        mu, logvar = enc(real, labels).chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite early in training
         eps = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
-        recon = dec(mu + eps * torch.exp(0.5 * logvar))
+        recon = dec(mu + eps * torch.exp(0.5 * logvar), labels)
         n = real.shape[0]
         rec = (recon - real).pow(2).sum() / n
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum() / n

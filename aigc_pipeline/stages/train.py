@@ -14,6 +14,7 @@ import numpy as np
 
 from aigc_pipeline.config import Config, config_digest
 from aigc_pipeline.data.prepared import load_prepared
+from aigc_pipeline.errors import ConfigError
 from aigc_pipeline.images import save_grid
 from aigc_pipeline.io import atomic_dir, atomic_write_text
 from aigc_pipeline.models.base import Arch, Hparams
@@ -40,8 +41,14 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
     tcfg = cfg.train
     prepared = load_prepared(data)
     dcfg = cfg.active_dataset
+    num_classes = 0
+    if tcfg.conditional:
+        if not prepared.classes or (prepared.labels < 0).any():
+            raise ConfigError(f"train.conditional: dataset '{cfg.dataset}' at {data} is not labelled "
+                              "(every image needs a class); set train.conditional=false")
+        num_classes = len(prepared.classes)
     arch = Arch(family=tcfg.model, size=prepared.images.shape[-1], channels=prepared.images.shape[1],
-                latent_dim=tcfg.latent_dim, width=tcfg.width)
+                latent_dim=tcfg.latent_dim, width=tcfg.width, num_classes=num_classes)
     hp = Hparams(lr=tcfg.lr, beta1=tcfg.beta1, beta2=tcfg.beta2, vae_beta=tcfg.vae_beta,
                  ema_decay=tcfg.ema_decay, diffaugment=tcfg.diffaugment)
     run_key = config_digest({"train": dataclasses.asdict(tcfg), "arch": arch.__dict__, "data": prepared.digest})[:16]
@@ -50,6 +57,7 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
 
     result = train(
         prepared.images,
+        labels=prepared.labels if num_classes else None,
         arch=arch,
         hparams=hp,
         epochs=tcfg.epochs,

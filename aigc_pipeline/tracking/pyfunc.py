@@ -19,14 +19,20 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         self.generator, self.arch = load_generator(context.artifacts[WEIGHTS_ARTIFACT], "cpu")
 
     def predict(self, context, model_input, params=None):
-        """One row per request: ``n`` images from ``seed``. Returns uint8 [sum(n), C, H, W]."""
+        """One row per request: ``n`` images from ``seed`` (of class ``label`` for a conditional
+        model; classes cycle when it is missing or -1). Returns uint8 [sum(n), C, H, W]."""
         from aigc_pipeline.models.export import generate
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = {"n", "seed"} - set(frame.columns)
         if missing:
             raise ValueError(f"model input needs columns n and seed; missing {sorted(missing)}")
-        out = [generate(self.generator, self.arch, int(r.n), seed=int(r.seed)) for r in frame.itertuples()]
+        has_label = "label" in frame.columns
+        out = []
+        for r in frame.itertuples():
+            label = getattr(r, "label", None) if has_label else None
+            label = None if label is None or pd.isna(label) or int(label) < 0 else int(label)
+            out.append(generate(self.generator, self.arch, int(r.n), seed=int(r.seed), label=label))
         return np.concatenate(out) if out else np.empty((0, self.arch.channels, self.arch.size, self.arch.size), np.uint8)
 
 
@@ -35,7 +41,7 @@ def signature_for(channels: int, size: int):
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([ColSpec("long", "n"), ColSpec("long", "seed")]),
+        inputs=Schema([ColSpec("long", "n"), ColSpec("long", "seed"), ColSpec("long", "label", required=False)]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, size, size))]),
     )
 

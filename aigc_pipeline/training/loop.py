@@ -69,6 +69,7 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
 def train(
     images: np.ndarray,
     *,
+    labels: np.ndarray | None = None,
     arch: Arch,
     hparams: Hparams,
     epochs: int,
@@ -83,6 +84,8 @@ def train(
     callbacks: Callbacks | None = None,
 ) -> TrainResult:
     """Train ``arch.family`` on uint8 ``images`` [N, C, H, W]; resume from ``checkpoint_dir`` if it holds one.
+
+    ``labels`` (int [N], 0..num_classes-1) are required when ``arch.num_classes`` > 0.
 
     Raises :class:`TrainingDiverged` naming the first step whose loss is not finite.
     """
@@ -100,9 +103,15 @@ def train(
         m.to(dev).train()
     # Moved once; each batch is indexed and scaled on the device, no per-step host copies.
     data = torch.from_numpy(images).to(dev)
+    targets = None
+    if arch.num_classes:
+        if labels is None or len(labels) != n or labels.min() < 0 or labels.max() >= arch.num_classes:
+            raise ValueError(f"a conditional model needs a label in 0..{arch.num_classes - 1} for every image")
+        targets = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(dev)
     fixed_z = torch.randn(
         sample_grid, arch.latent_dim, generator=seeded_generator(seed, _SAMPLE_STREAM, 0, torch.device("cpu"))
     ).to(dev)
+    fixed_y = (torch.arange(sample_grid) % arch.num_classes).to(dev) if arch.num_classes else None
 
     start, history = 0, []
     state = load_latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
@@ -151,7 +160,8 @@ def train(
                 raise KeyboardInterrupt("training aborted by the caller")
             idx = order[i * batch_size : (i + 1) * batch_size]
             real = data.index_select(0, idx).float().div_(127.5).sub_(1.0)
-            losses = family.train_step(real, seeded_generator(seed, _STEP_STREAM, step, dev))
+            y = targets.index_select(0, idx) if targets is not None else None
+            losses = family.train_step(real, y, seeded_generator(seed, _STEP_STREAM, step, dev))
             step += 1
             done_images += batch_size
             pending.append((step, losses))
@@ -177,7 +187,7 @@ def train(
         flush()
         if cb.on_epoch_end:
             stats = {k: float(np.mean([h[k] for h in history[-steps_per_epoch:]])) for k in history[-1] if k != "step"}
-            cb.on_epoch_end(epoch + 1, sample_images(family.generator, fixed_z), stats)
+            cb.on_epoch_end(epoch + 1, sample_images(family.generator, fixed_z, fixed_y), stats)
     flush()
     elapsed = time.perf_counter() - t0
     return TrainResult(
@@ -191,11 +201,11 @@ def train(
 
 
 @torch.no_grad()
-def sample_images(generator: torch.nn.Module, z: torch.Tensor) -> np.ndarray:
+def sample_images(generator: torch.nn.Module, z: torch.Tensor, labels: torch.Tensor | None = None) -> np.ndarray:
     """Images for latent ``z`` in eval mode (batch-norm running stats), restoring the mode after."""
     was_training = generator.training
     generator.eval()
     try:
-        return to_uint8(generator(z))
+        return to_uint8(generator(z, labels))
     finally:
         generator.train(was_training)

@@ -100,7 +100,7 @@ def test_flip_and_shift_do_what_they_say() -> None:
     flipped = augment_image(img, AugmentConfig(hflip=True, max_shift=0), _AlwaysRng())
     assert flipped[0, 2, 6] == 200 and flipped.sum() == 200
     shifted = augment_image(img, AugmentConfig(hflip=False, max_shift=1), _AlwaysRng(shift=(2, 0)))
-    assert shifted[0, 3, 0] == 200  # padded by 1, cropped at (2, 0): moves down 1, left 1
+    assert shifted[0, 1, 2] == 200  # padded by 1, cropped at (dy=2, dx=0): moves up 1, right 1
 
 
 class _AlwaysRng:

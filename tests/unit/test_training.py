@@ -35,6 +35,32 @@ def test_every_model_trains_at_several_shapes(family: str, size: int, channels: 
     assert out.shape == (5, channels, size, size) and out.dtype == np.uint8
 
 
+@pytest.mark.parametrize("family", sorted(registry.MODELS))
+def test_conditional_variants_train_and_sample_a_requested_class(family: str) -> None:
+    arch = Arch(family=family, size=16, channels=1, latent_dim=8, width=8, num_classes=3)
+    labels = np.arange(16) % 3
+    res = train(_images(16, 1, 16), labels=labels, arch=arch, hparams=HP, epochs=1, batch_size=8, seed=0,
+                checkpoint_dir=None, checkpoint_every=100, sample_grid=6)
+    g = res.family.generator.eval()
+    sevens = generate(g, arch, 4, seed=2, label=2)
+    assert sevens.shape == (4, 1, 16, 16)
+    # The label changes the output for the same latent vectors.
+    assert not (generate(g, arch, 4, seed=2, label=0) == sevens).all()
+    with pytest.raises(ValueError, match="out of range"):
+        generate(g, arch, 1, seed=0, label=3)
+    with pytest.raises(ValueError, match="needs a label"):
+        train(_images(16, 1, 16), arch=arch, hparams=HP, epochs=1, batch_size=8, seed=0,
+              checkpoint_dir=None, checkpoint_every=100)
+
+
+def test_unconditional_model_refuses_a_label() -> None:
+    arch = Arch(family="dcgan", size=16, channels=1, latent_dim=8, width=8)
+    res = train(_images(16, 1, 16), arch=arch, hparams=HP, epochs=1, batch_size=8, seed=0,
+                checkpoint_dir=None, checkpoint_every=100)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        generate(res.family.generator.eval(), arch, 2, seed=0, label=1)
+
+
 def test_same_seed_same_weights_other_seed_differs() -> None:
     arch = Arch(family="dcgan", size=16, channels=1, latent_dim=8, width=8)
     kw = dict(arch=arch, hparams=HP, epochs=2, batch_size=8, checkpoint_dir=None, checkpoint_every=100)
@@ -82,8 +108,8 @@ def test_checkpoints_keep_only_the_last_few(tmp_path: Path) -> None:
 class _NanAtStep3(DCGAN):
     step = 0
 
-    def train_step(self, real, gen):
-        losses = super().train_step(real, gen)
+    def train_step(self, real, labels, gen):
+        losses = super().train_step(real, labels, gen)
         self.step += 1
         if self.step == 3:
             losses["loss_g"] = losses["loss_g"] * float("nan")

@@ -1,0 +1,189 @@
+"""Decoding rules: every bad kind of file is rejected with its reason; colour modes, alpha and
+16-bit images convert by the documented rules; hidden/system files are ignored, not counted."""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from aigc_pipeline.config import DatasetConfig
+from aigc_pipeline.data.files import walk_images
+from aigc_pipeline.data.records import Accepted, EncodedSample, Rejected, Skipped
+from aigc_pipeline.data.validate import DecodeSpec, ImageRejected, decode_image, process
+from aigc_pipeline.stages import ingest
+
+
+def encode(img: Image.Image, fmt: str = "PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+
+def noise(h: int = 24, w: int = 24, seed: int = 0) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8))
+
+
+def outcome(data: bytes, spec: DecodeSpec | None = None) -> Accepted | Rejected:
+    return process(EncodedSample("x.png", None, data=data), spec or DecodeSpec(size=8, channels=3))
+
+
+# --- bad files --------------------------------------------------------------------------------
+
+def _truncated(fmt: str) -> bytes:
+    data = encode(noise(64, 64), fmt)
+    return data[: len(data) * 2 // 3]
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"", "empty file (0 bytes)"),
+        (_truncated("PNG"), "truncated"),
+        (_truncated("JPEG"), "truncated"),
+        (b"just some notes, not a picture\n" * 20, "not a recognised image"),
+        (encode(Image.new("RGB", (4, 30))), "too small: 4x30"),
+        (encode(Image.new("F", (16, 16)), "TIFF"), "mode F"),
+    ],
+    ids=["zero-byte", "truncated-png", "truncated-jpeg", "text-named-png", "too-small", "float"],
+)
+def test_bad_files_are_rejected_with_a_reason(data: bytes, reason: str) -> None:
+    result = outcome(data, DecodeSpec(size=8, channels=3) if reason != "mode F" else DecodeSpec(size=8, channels=1))
+    assert isinstance(result, Rejected), result
+    assert reason in result.reason
+
+
+def test_corrupt_png_checksum_is_rejected() -> None:
+    data = bytearray(encode(noise()))
+    idat = data.index(b"IDAT")
+    data[idat + 10] ^= 0xFF  # flip bits inside the compressed pixels: the chunk CRC no longer matches
+    assert isinstance(outcome(bytes(data)), Rejected)
+
+
+def test_decompression_bomb_is_refused_from_the_header() -> None:
+    # 4000x4000 zeros: a 16 MP image in a few kilobytes, the shape of a real decompression bomb.
+    bomb = encode(Image.new("L", (4000, 4000)))
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageRejected, match="max_pixels=1000000"):
+        decode_image(bomb, DecodeSpec(size=8, channels=1, max_pixels=1_000_000))
+    # The limit is configurable: a tiny one refuses an ordinary image; the default accepts it.
+    small = encode(noise(20, 20))
+    assert "decompression bomb" in outcome(small, DecodeSpec(size=8, channels=3, max_pixels=100)).reason
+    assert isinstance(outcome(small), Accepted)
+
+
+def test_min_side_is_configurable() -> None:
+    data = encode(noise(10, 40))
+    assert isinstance(outcome(data), Accepted)
+    assert "under min_side=16" in outcome(data, DecodeSpec(size=8, channels=3, min_side=16)).reason
+
+
+# --- colour modes ----------------------------------------------------------------------------
+
+def pixel(img: Image.Image, *, channels: int, background: str = "white", fmt: str = "PNG") -> tuple[int, ...]:
+    """Decode ``img`` (uniform colour, 8x8: no resampling) and return its one pixel value."""
+    result = outcome(encode(img, fmt), DecodeSpec(size=8, channels=channels, background=background))
+    assert isinstance(result, Accepted), result
+    values = {tuple(int(v) for v in result.image[:, y, x]) for y in range(8) for x in range(8)}
+    assert len(values) == 1, values
+    return values.pop()
+
+
+def test_alpha_is_composited_over_the_background() -> None:
+    rgba = Image.new("RGBA", (8, 8), (255, 0, 0, 128))
+    r, g, b = pixel(rgba, channels=3)
+    assert r == 255 and abs(g - 127) <= 1 and abs(b - 127) <= 1
+    r, g, b = pixel(rgba, channels=3, background="black")
+    assert abs(r - 128) <= 1 and g == 0 and b == 0
+    clear = Image.new("LA", (8, 8), (30, 0))  # fully transparent gray
+    assert pixel(clear, channels=1) == (255,)
+    assert pixel(clear, channels=1, background="black") == (0,)
+    opaque = Image.new("LA", (8, 8), (30, 255))
+    assert pixel(opaque, channels=3) == (30, 30, 30)
+
+
+def test_palette_with_and_without_transparency() -> None:
+    pal = Image.new("P", (8, 8), 1)
+    pal.putpalette([0, 0, 0, 10, 200, 30] + [0] * 762)
+    assert pixel(pal, channels=3) == (10, 200, 30)
+    pal.info["transparency"] = 1  # index 1 is transparent
+    assert pixel(pal, channels=3) == (255, 255, 255)
+    assert pixel(pal, channels=3, background="black") == (0, 0, 0)
+
+
+def test_cmyk_bilevel_rgb_and_luma() -> None:
+    assert pixel(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), channels=3, fmt="JPEG") in {
+        (254, 0, 0), (255, 0, 0), (255, 0, 1), (254, 0, 1)}  # JPEG may round by one
+    assert pixel(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), channels=3, fmt="TIFF") == (255, 255, 255)
+    assert pixel(Image.new("1", (8, 8), 1), channels=1) == (255,)
+    assert pixel(Image.new("RGB", (8, 8), (0, 255, 0)), channels=1) == (150,)  # ITU-R 601: 0.587 * 255
+    assert pixel(Image.new("L", (8, 8), 77), channels=3) == (77, 77, 77)
+
+
+def test_sixteen_bit_keeps_the_high_byte() -> None:
+    for value, expected in ((0x1234, 0x12), (65535, 255), (255, 0), (256, 1)):
+        img = Image.fromarray(np.full((8, 8), value, dtype=np.uint16))
+        assert img.mode == "I;16"
+        assert pixel(img, channels=1) == (expected,)
+    assert pixel(Image.fromarray(np.full((8, 8), 0x8000, dtype=np.uint16)), channels=3) == (128, 128, 128)
+
+
+def test_exif_orientation_is_applied() -> None:
+    img = Image.new("L", (16, 8), 0)
+    img.paste(255, (0, 0, 8, 8))  # left half white
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 CW to display"
+    decoded = decode_image(encode(img, "JPEG", exif=exif, quality=95), DecodeSpec(size=8, channels=1))
+    assert decoded.size == (8, 16)
+    arr = np.asarray(decoded)
+    assert arr[:8].mean() > 200 and arr[8:].mean() < 50  # the white half is now on top
+
+
+# --- hidden, system and non-image files ------------------------------------------------------
+
+def test_hidden_and_system_files_are_ignored_not_counted(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    (root / "__MACOSX" / "cats").mkdir(parents=True)
+    (root / ".git").mkdir()
+    (root / "cats").mkdir()
+    noise(seed=1).save(root / "cats" / "a.png")
+    noise(seed=2).save(root / "b.png")
+    (root / ".DS_Store").write_bytes(b"\x00\x00\x00\x01Bud1")
+    (root / "cats" / "._a.png").write_bytes(b"AppleDouble junk")
+    (root / "__MACOSX" / "cats" / "._a.png").write_bytes(b"junk")
+    (root / ".git" / "config.png").write_bytes(b"junk")
+    (root / "Thumbs.db").write_bytes(b"junk")
+    (root / "desktop.ini").write_text("[.ShellClassInfo]")
+    (root / ".hidden.png").write_bytes(b"junk")
+    (root / "notes.txt").write_text("not an image")
+    items = list(walk_images(root, labels="none"))
+    assert [i.key for i in items if isinstance(i, EncodedSample)] == ["b.png", "cats/a.png"]
+    assert [(i.key, type(i)) for i in items if not isinstance(i, EncodedSample)] == [("notes.txt", Skipped)]
+
+    res = ingest.prepare(DatasetConfig(source="image-folder", path=str(root), size=8), tmp_path / "out",
+                         name="data", max_rejected_fraction=0.0, workers=1)
+    assert (res.accepted, res.rejected, res.skipped) == (2, 0, 1)
+
+
+def test_every_bad_file_is_in_the_report(tmp_path: Path) -> None:
+    root = tmp_path / "data"
+    root.mkdir()
+    noise(seed=3).save(root / "good.png")
+    (root / "empty.png").write_bytes(b"")
+    (root / "text.png").write_text("hello")
+    (root / "cut.jpg").write_bytes(_truncated("JPEG"))
+    os.mkfifo(root / "pipe.png")  # must be refused without being opened (opening would block)
+    res = ingest.prepare(DatasetConfig(source="image-folder", path=str(root), size=8), tmp_path / "out",
+                         name="data", max_rejected_fraction=1.0, workers=1)
+    import json
+
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert res.accepted == 1 and report["accepted"] == 1
+    reasons = {r["path"]: r["reason"] for r in report["rejected"]}
+    assert set(reasons) == {"empty.png", "text.png", "cut.jpg", "pipe.png"}
+    assert "0 bytes" in reasons["empty.png"] and "truncated" in reasons["cut.jpg"]
+    assert "FIFO" in reasons["pipe.png"]
