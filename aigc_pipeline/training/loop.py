@@ -107,7 +107,7 @@ def train(
     if arch.num_classes:
         if labels is None or len(labels) != n or labels.min() < 0 or labels.max() >= arch.num_classes:
             raise ValueError(f"a conditional model needs a label in 0..{arch.num_classes - 1} for every image")
-        targets = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(dev)
+        targets = torch.from_numpy(np.array(labels, dtype=np.int64)).to(dev)
     fixed_z = torch.randn(
         sample_grid, arch.latent_dim, generator=seeded_generator(seed, _SAMPLE_STREAM, 0, torch.device("cpu"))
     ).to(dev)
