@@ -7,15 +7,13 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from aigc_pipeline import env
 
-Handler = Callable[[argparse.Namespace], Any]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -270,10 +268,3 @@ def main(argv: list[str] | None = None) -> int:
         print("aigc: interrupted", file=sys.stderr)
         return 130
     return 0
-
-
-def as_dict(result: Any) -> Any:
-    """A JSON-able view of a stage result (dataclasses and paths become plain values)."""
-    if dataclasses.is_dataclass(result):
-        return json.loads(json.dumps(dataclasses.asdict(result), default=str))
-    return result

@@ -70,16 +70,6 @@ def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] |
     return StageOutcome(name, ran=True, outputs=outputs)
 
 
-def stage_outputs(project_dir: str | Path, name: str) -> tuple[str, ...]:
-    """Output paths (relative) that dvc.yaml declares for stage ``name``."""
-    from dvc.repo import Repo
-
-    project = Path(project_dir).resolve()
-    with Repo(str(project)) as repo:
-        (stage,) = repo.stage.collect(name)
-        return tuple(str(Path(o.fs_path).relative_to(project)) for o in stage.outs)
-
-
 def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOutcome) -> dict[str, Any]:
     """The run's summary from the files the stages left (so it is the same whether they ran or were skipped)."""
     project = Path(project_dir)
@@ -92,8 +82,7 @@ def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOu
         f"{receipt['name']} v{receipt['version']}: FID {receipt['fid']:.3f} [{protocol}], {verdict} "
         f"({receipt['reason']}). MLflow: {where} (run {receipt['run_id']})"
     )
-    return {"line": line, "receipt": receipt, "metrics": metrics,
-            "stages_run": [o.stage for o in (register, evaluate) if o.ran]}
+    return {"line": line, "receipt": receipt, "metrics": metrics}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

@@ -24,9 +24,11 @@ class Protocol:
             f"{self.reference_split}-{self.reference_digest[:8]}_{self.size}px"
         )
 
-    def metric_key(self, metric: str) -> str:
-        """MLflow/DVC key of ``metric`` under this protocol, e.g. ``fid_incv3-…_32px``."""
-        return f"{metric}_{self.id}"
-
     def to_dict(self) -> dict:
         return {**asdict(self), "id": self.id}
+
+
+def metric_key(metric: str, protocol_id: str) -> str:
+    """The MLflow key of ``metric`` measured under a protocol, e.g. ``fid_incv3-…_32px``: values
+    under different protocols get different keys, so they are never compared or plotted together."""
+    return f"{metric}_{protocol_id}"

@@ -17,6 +17,7 @@ from pathlib import Path
 import yaml
 
 from aigc_pipeline.config import Config
+from aigc_pipeline.evaluation.protocol import metric_key
 from aigc_pipeline.io import atomic_write_json
 from aigc_pipeline.models.export import read_model_meta
 
@@ -62,10 +63,10 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
         run_id = active.info.run_id
         mlflow.log_params(_flat_params(cfg))
         _log_history(client, run_id, Path(model) / "history.csv")
-        mlflow.log_metric(f"fid_{protocol_id}", fid)
+        mlflow.log_metric(metric_key("fid", protocol_id), fid)
         for key in ("isc", "isc_std"):
             if key in metrics_doc:
-                mlflow.log_metric(f"{key}_{protocol_id}", float(metrics_doc[key][protocol_id]))
+                mlflow.log_metric(metric_key(key, protocol_id), float(metrics_doc[key][protocol_id]))
         if "isc_unavailable" in metrics_doc:
             mlflow.set_tag("aigc.isc_unavailable", metrics_doc["isc_unavailable"][:5000])
         mlflow.log_artifact(str(Path(evaluation) / "metrics.json"))
@@ -84,7 +85,7 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
             registered_model_name=name,
         )
         version = str(info.registered_model_version)
-        decision = decide_champion(client, name, alias, f"fid_{protocol_id}", fid)
+        decision = decide_champion(client, name, alias, metric_key("fid", protocol_id), fid)
         if decision.promote:
             client.set_registered_model_alias(name, alias, version)
         for target in ("run", "version"):
