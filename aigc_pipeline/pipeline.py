@@ -54,19 +54,20 @@ def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] |
 
     project = Path(project_dir).resolve()
     with Repo(str(project)) as repo:
-        stages = repo.stage.collect(name)
+        # An absolute target: DVC resolves a bare stage name against the cwd's dvc.yaml.
+        stages = repo.stage.collect(f"{project / 'dvc.yaml'}:{name}")
         if len(stages) != 1:
             raise PipelineError(f"dvc.yaml: '{name}' names {len(stages)} stages, expected one")
         stage = stages[0]
         outputs = tuple(str(Path(o.fs_path).relative_to(project)) for o in stage.outs)
-        if not repo.status(targets=[name]):
+        if not repo.status(targets=[f"{project / 'dvc.yaml'}:{name}"]):
             return StageOutcome(name, ran=False, outputs=outputs)
         argv = shlex.split(stage.cmd)
         if not argv or argv[0] != "aigc":
             raise PipelineError(f"dvc.yaml: stage '{name}' runs {stage.cmd!r}; the flow can only run `aigc` commands")
         with _env(extra_env or {}):
             cli.run_command(["--project", str(project), *argv[1:]])
-        repo.commit(name, force=True)
+        repo.commit(f"{project / 'dvc.yaml'}:{name}", force=True)
     return StageOutcome(name, ran=True, outputs=outputs)
 
 

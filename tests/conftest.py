@@ -44,6 +44,24 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
         os.environ.pop(var, None)
 
 
+@pytest.fixture(autouse=True)
+def _restore_mlflow_uris():
+    """A test that calls ``mlflow.set_tracking_uri`` (which also exports ``MLFLOW_TRACKING_URI``)
+    must not send later tests to its store."""
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    yield
+    if "mlflow" in sys.modules:
+        import mlflow
+
+        mlflow.set_tracking_uri(saved["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved["MLFLOW_REGISTRY_URI"])
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 def project_files() -> list[str]:
     """Files a clone of this repo would hold (tracked + untracked-but-not-ignored)."""
     out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,

@@ -54,47 +54,47 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
     # The pyfunc has an explicit signature; MLflow's advice to add type hints does not apply.
     warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
     logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
-    use_store(project_dir, cfg.register.experiment)
-    uri = mlflow.get_tracking_uri()
-    client = MlflowClient()
-    tags = {"aigc.dataset": cfg.dataset, "aigc.model": meta["model"], "aigc.data_digest": meta["data_digest"],
-            "aigc.protocol": protocol_id, **_lineage(project_dir)}
-    with mlflow.start_run(run_name=f"{name}-{meta['data_digest'][:8]}", tags=tags) as active:
-        run_id = active.info.run_id
-        mlflow.log_params(_flat_params(cfg))
-        _log_history(client, run_id, Path(model) / "history.csv")
-        mlflow.log_metric(metric_key("fid", protocol_id), fid)
-        for key in ("isc", "isc_std"):
-            if key in metrics_doc:
-                mlflow.log_metric(metric_key(key, protocol_id), float(metrics_doc[key][protocol_id]))
-        if "isc_unavailable" in metrics_doc:
-            mlflow.set_tag("aigc.isc_unavailable", metrics_doc["isc_unavailable"][:5000])
-        mlflow.log_artifact(str(Path(evaluation) / "metrics.json"))
-        mlflow.log_artifact(str(Path(evaluation) / "samples.png"), "evaluation")
-        mlflow.log_artifact(str(Path(model) / "samples.png"), "training")
-        if (Path(model) / "samples").is_dir():
-            mlflow.log_artifacts(str(Path(model) / "samples"), "training/epochs")
-        info = mlflow.pyfunc.log_model(
-            name="model",
-            python_model=pyfunc.GeneratorModel(),
-            artifacts={pyfunc.WEIGHTS_ARTIFACT: str(model)},
-            code_paths=[str(Path(__file__).resolve().parents[1])],
-            signature=pyfunc.signature_for(meta["arch"]["channels"], meta["arch"]["size"]),
-            input_example=pyfunc.input_example(),
-            pip_requirements=_requirements(),
-            registered_model_name=name,
-        )
-        version = str(info.registered_model_version)
-        decision = decide_champion(client, name, alias, metric_key("fid", protocol_id), fid)
-        if decision.promote:
-            client.set_registered_model_alias(name, alias, version)
-        for target in ("run", "version"):
-            for k, v in {"aigc.decision": "champion" if decision.promote else "not promoted",
-                         "aigc.decision_reason": decision.reason, **tags}.items():
-                if target == "run":
-                    mlflow.set_tag(k, v)
-                else:
-                    client.set_model_version_tag(name, version, k, v)
+    with use_store(project_dir, cfg.register.experiment):
+        uri = mlflow.get_tracking_uri()
+        client = MlflowClient()
+        tags = {"aigc.dataset": cfg.dataset, "aigc.model": meta["model"], "aigc.data_digest": meta["data_digest"],
+                "aigc.protocol": protocol_id, **_lineage(project_dir)}
+        with mlflow.start_run(run_name=f"{name}-{meta['data_digest'][:8]}", tags=tags) as active:
+            run_id = active.info.run_id
+            mlflow.log_params(_flat_params(cfg))
+            _log_history(client, run_id, Path(model) / "history.csv")
+            mlflow.log_metric(metric_key("fid", protocol_id), fid)
+            for key in ("isc", "isc_std"):
+                if key in metrics_doc:
+                    mlflow.log_metric(metric_key(key, protocol_id), float(metrics_doc[key][protocol_id]))
+            if "isc_unavailable" in metrics_doc:
+                mlflow.set_tag("aigc.isc_unavailable", metrics_doc["isc_unavailable"][:5000])
+            mlflow.log_artifact(str(Path(evaluation) / "metrics.json"))
+            mlflow.log_artifact(str(Path(evaluation) / "samples.png"), "evaluation")
+            mlflow.log_artifact(str(Path(model) / "samples.png"), "training")
+            if (Path(model) / "samples").is_dir():
+                mlflow.log_artifacts(str(Path(model) / "samples"), "training/epochs")
+            info = mlflow.pyfunc.log_model(
+                name="model",
+                python_model=pyfunc.GeneratorModel(),
+                artifacts={pyfunc.WEIGHTS_ARTIFACT: str(model)},
+                code_paths=[str(Path(__file__).resolve().parents[1])],
+                signature=pyfunc.signature_for(meta["arch"]["channels"], meta["arch"]["size"]),
+                input_example=pyfunc.input_example(),
+                pip_requirements=_requirements(),
+                registered_model_name=name,
+            )
+            version = str(info.registered_model_version)
+            decision = decide_champion(client, name, alias, metric_key("fid", protocol_id), fid)
+            if decision.promote:
+                client.set_registered_model_alias(name, alias, version)
+            for target in ("run", "version"):
+                for k, v in {"aigc.decision": "champion" if decision.promote else "not promoted",
+                             "aigc.decision_reason": decision.reason, **tags}.items():
+                    if target == "run":
+                        mlflow.set_tag(k, v)
+                    else:
+                        client.set_model_version_tag(name, version, k, v)
     result = RegisterResult(name=name, version=version, run_id=run_id, champion=decision.promote,
                             reason=decision.reason, tracking_uri=uri, fid=fid)
     atomic_write_json(receipt, result.__dict__)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
+from typing import Iterator
 
 MLFLOW_DIR = "mlflow"
+_URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
 
 
 def tracking_uri(project_dir: Path | str) -> str:
@@ -22,21 +25,37 @@ def is_embedded(uri: str) -> bool:
     return uri.startswith("sqlite:")
 
 
-def use_store(project_dir: Path | str, experiment: str) -> str:
-    """Point mlflow at the store and select ``experiment`` (created with a project-local artifact
-    folder when the store is embedded). Returns the experiment id."""
+@contextlib.contextmanager
+def use_store(project_dir: Path | str, experiment: str) -> Iterator[str]:
+    """Point MLflow's fluent API at the project's store and ``experiment`` for the ``with`` block.
+
+    The experiment is created with a project-local artifact folder when the store is embedded.
+    Yields the experiment id. On exit the previous tracking/registry URIs and environment are
+    restored: ``mlflow.set_tracking_uri`` also exports ``MLFLOW_TRACKING_URI``, which would
+    otherwise send every later call in this process (another project, another test) to this store.
+    """
     import mlflow
 
+    saved_env = {k: os.environ.get(k) for k in _URI_VARS}
     uri = tracking_uri(project_dir)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
-    exp = mlflow.get_experiment_by_name(experiment)
-    if exp is None:
-        location = None
-        if is_embedded(uri):
-            location = (Path(project_dir).resolve() / MLFLOW_DIR / "artifacts").as_uri()
-        exp_id = mlflow.create_experiment(experiment, artifact_location=location)
-    else:
-        exp_id = exp.experiment_id
-    mlflow.set_experiment(experiment_id=exp_id)
-    return exp_id
+    try:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if is_embedded(uri):
+                location = (Path(project_dir).resolve() / MLFLOW_DIR / "artifacts").as_uri()
+            exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        mlflow.set_experiment(experiment_id=exp_id)
+        yield exp_id
+    finally:
+        mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
