@@ -33,6 +33,9 @@ class Callbacks:
     on_progress: Callable[[int, int, int], None] | None = None  # (step, total_steps, epoch)
     on_metrics: Callable[[int, dict[str, float]], None] | None = None  # (step, scalars), flushed in batches
     on_epoch_end: Callable[[int, np.ndarray, dict[str, float]], None] | None = None  # (epoch, grid uint8, stats)
+    # (epoch, generator in eval mode): e.g. a small FID over training; the mode is restored after.
+    on_epoch_generator: Callable[[int, torch.nn.Module], None] | None = None
+    on_checkpoint: Callable[[int, Path], None] | None = None  # (step, file) after a checkpoint is written
     should_abort: Callable[[], bool] | None = None
 
 
@@ -171,7 +174,7 @@ def train(
                 cb.on_progress(step, total, epoch + 1)
             if checkpoint_dir and (step % checkpoint_every == 0 or step == total):
                 flush()  # never checkpoint a diverged state
-                save_checkpoint(
+                written = save_checkpoint(
                     checkpoint_dir,
                     step,
                     {
@@ -184,10 +187,20 @@ def train(
                     },
                     keep=keep_checkpoints,
                 )
+                if cb.on_checkpoint:
+                    cb.on_checkpoint(step, written)
         flush()
         if cb.on_epoch_end:
             stats = {k: float(np.mean([h[k] for h in history[-steps_per_epoch:]])) for k in history[-1] if k != "step"}
             cb.on_epoch_end(epoch + 1, sample_images(family.generator, fixed_z, fixed_y), stats)
+        if cb.on_epoch_generator:
+            was_training = family.generator.training
+            family.generator.eval()
+            try:
+                with torch.no_grad():
+                    cb.on_epoch_generator(epoch + 1, family.generator)
+            finally:
+                family.generator.train(was_training)
     flush()
     elapsed = time.perf_counter() - t0
     return TrainResult(
