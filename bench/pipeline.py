@@ -494,3 +494,11 @@ def _notes(t: dict[str, Any], load_before: list[float], load_after: list[float])
         notes.append(f"Before each phase the benchmark waited for other processes to use < {CONTENDED_CORES} "
                      f"cores: {waited}.")
     return notes
+
+
+def run(ctx: Any) -> dict[str, Any]:
+    """Entry point for ``python -m bench pipeline`` (see :mod:`bench.registry`)."""
+    overrides = (QUICK_OVERRIDES if ctx.quick else ()) + tuple(ctx.overrides)
+    opts = Options(profile=Profile(ctx.profile, overrides), work=ctx.work, dvc_repeats=ctx.dvc_repeats,
+                   cli_run=ctx.cli_run, wait_idle=ctx.wait_idle)
+    return measure(opts)
