@@ -143,7 +143,9 @@ def _cmd_run(args: argparse.Namespace) -> Any:
     from aigc_pipeline.config import load_config, write_overrides_to_params
 
     overrides = list(args.overrides) + ([f"dataset={args.dataset}"] if args.dataset else [])
-    load_config(args.project, overrides)  # fail fast, before Prefect starts
+    from aigc_pipeline.pipeline import check_dvc_inputs
+
+    check_dvc_inputs(load_config(args.project, overrides))  # fail fast, before Prefect starts
     if overrides:
         # Like `dvc exp run -S`: the override is written to params.yaml, so dvc.lock records
         # exactly what ran and `dvc status` stays truthful afterwards.

@@ -42,7 +42,7 @@ class DatasetConfig:
     size: int = 32  # output side in pixels, a power of two
     channels: int = 1  # 1 grayscale, 3 RGB
     limit: int = 0  # keep at most this many images (0 = all)
-    path: str | None = None  # location of the source (relative to the project folder), for sources that read files
+    path: str | None = None  # what the source reads (relative to the project folder); DVC's ingest@NAME depends on it
     labels: Literal["folders", "none"] | None = None  # image-folder/archive: class from the first folder, or none
     path_column: str | None = None  # manifest: column of file paths (default "path")
     label_column: str | None = None  # manifest: column of labels (default: unlabelled)
@@ -98,10 +98,17 @@ class AugmentConfig:
     copies: int = 1
     hflip: bool = False
     max_shift: int = 2
+    max_rotation: float = 0.0  # degrees each way; 0 = off
+    brightness: float = 0.0  # RGB only: factor drawn in [1 - x, 1 + x]; 0 = off
+    contrast: float = 0.0  # RGB only
+    saturation: float = 0.0  # RGB only
 
     def __post_init__(self) -> None:
         _check(self.copies >= 0, "copies", "must be >= 0")
         _check(self.max_shift >= 0, "max_shift", "must be >= 0")
+        _check(0.0 <= self.max_rotation <= 180.0, "max_rotation", "must be in [0, 180] degrees")
+        for name in ("brightness", "contrast", "saturation"):
+            _check(0.0 <= getattr(self, name) <= 1.0, name, "must be in [0, 1] (0 = off)")
 
 
 @dataclass(frozen=True)

@@ -14,11 +14,17 @@ import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from aigc_pipeline.errors import AigcError
+from aigc_pipeline.errors import AigcError, ConfigError
 
-STAGES = ("ingest", "augment", "train", "evaluate", "register")
+if TYPE_CHECKING:
+    from aigc_pipeline.config import Config
+
+# dvc.yaml's stages: ingest and augment once per registered dataset (``ingest@NAME``, a DVC
+# ``foreach`` over params.yaml's ``datasets``), the others on the active ``dataset``.
+PER_DATASET_STAGES = ("ingest", "augment")
+MODEL_STAGES = ("train", "evaluate", "register")
 
 
 class PipelineError(AigcError, RuntimeError):
@@ -69,6 +75,43 @@ def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] |
             cli.run_command(["--project", str(project), *argv[1:]])
         repo.commit(f"{project / 'dvc.yaml'}:{name}", force=True)
     return StageOutcome(name, ran=True, outputs=outputs)
+
+
+def stage_names(project_dir: str | Path) -> list[str]:
+    """Every stage of ``project_dir/dvc.yaml``, foreach items expanded (``ingest@digits``), in file order."""
+    from dvc.repo import Repo
+
+    project = Path(project_dir).resolve()
+    with Repo(str(project)) as repo:
+        return [s.name for s in repo.stage.collect(str(project / "dvc.yaml"))]
+
+
+def dataset_stages(project_dir: str | Path) -> list[str]:
+    """The per-dataset stages (``ingest@NAME``, ``augment@NAME``) of dvc.yaml, in its order.
+
+    DVC expands them over every registered dataset, so running all of them (not only the active
+    dataset's) is what leaves ``dvc status`` clean, as ``dvc repro`` would.
+    """
+    names = stage_names(project_dir)
+    found = [n for n in names if n.partition("@")[0] in PER_DATASET_STAGES and "@" in n]
+    missing = [s for s in MODEL_STAGES if s not in names]
+    if missing or not found:
+        raise PipelineError(f"{Path(project_dir) / 'dvc.yaml'}: expected per-dataset stages "
+                            f"{'/'.join(PER_DATASET_STAGES)}@NAME and stages {', '.join(MODEL_STAGES)}; found {names}")
+    return found
+
+
+def check_dvc_inputs(cfg: Config) -> None:
+    """Fail early, naming the key, when a dataset entry lacks the ``path`` that dvc.yaml's ingest stage watches.
+
+    DVC itself would stop with "Could not find 'item.path'" while parsing dvc.yaml.
+    """
+    for name, dcfg in cfg.datasets.items():
+        if dcfg.path is None:
+            hint = " (for sklearn-digits: uv.lock, which pins the scikit-learn that ships the digits)" \
+                if dcfg.source == "sklearn-digits" else ""
+            raise ConfigError(f"datasets.{name}.path: required by dvc.yaml, whose ingest@{name} stage depends "
+                              f"on it{hint}")
 
 
 def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOutcome) -> dict[str, Any]:

@@ -1,5 +1,9 @@
 """The retraining flow: one Prefect task per dvc.yaml stage, in DAG order.
 
+ingest and augment are DVC ``foreach`` stages, one per registered dataset (``ingest@digits``,
+...); the flow runs all of them, as ``dvc repro`` does, so ``dvc status`` is clean afterwards,
+then train, evaluate and register on the active ``dataset``.
+
 Tasks hold no logic: each runs its stage through :func:`aigc_pipeline.pipeline.run_stage`,
 which lets DVC skip up-to-date stages and record what ran. No Prefect result caching is
 layered on top: DVC owns caching.
@@ -12,7 +16,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from aigc_pipeline.pipeline import StageOutcome, run_stage, summarize, summary_markdown
+from aigc_pipeline.pipeline import StageOutcome, dataset_stages, run_stage, summarize, summary_markdown
 from aigc_pipeline.stages.register import FLOW_RUN_ENV
 
 
@@ -20,14 +24,17 @@ def _stage(project_dir: str, name: str) -> StageOutcome:
     return run_stage(project_dir, name, extra_env={FLOW_RUN_ENV: str(flow_run.id or "")})
 
 
-@task(name="ingest", cache_policy=NO_CACHE)
-def ingest(project_dir: str) -> StageOutcome:
-    return _stage(project_dir, "ingest")
+@task(name="ingest", task_run_name="{stage}", cache_policy=NO_CACHE)
+def ingest(project_dir: str, stage: str) -> StageOutcome:
+    return _stage(project_dir, stage)
 
 
-@task(name="augment", cache_policy=NO_CACHE)
-def augment(project_dir: str) -> StageOutcome:
-    return _stage(project_dir, "augment")
+@task(name="augment", task_run_name="{stage}", cache_policy=NO_CACHE)
+def augment(project_dir: str, stage: str) -> StageOutcome:
+    return _stage(project_dir, stage)
+
+
+PER_DATASET = {"ingest": ingest, "augment": augment}
 
 
 @task(name="train", cache_policy=NO_CACHE)
@@ -57,9 +64,10 @@ def publish_summary(project_dir: str, registered: StageOutcome, scored: StageOut
 
 @flow(name="retrain")
 def retrain(project_dir: str = ".") -> dict:
-    """ingest -> augment -> train -> evaluate -> register; returns the run summary."""
-    ingest(project_dir)
-    augment(project_dir)
+    """ingest@NAME and augment@NAME for every registered dataset (DVC skips those up to date),
+    then train -> evaluate -> register on the active dataset; returns the run summary."""
+    for stage in dataset_stages(project_dir):
+        PER_DATASET[stage.partition("@")[0]](project_dir, stage)
     train(project_dir)
     scored = evaluate(project_dir)
     registered = register(project_dir)

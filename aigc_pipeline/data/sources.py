@@ -9,7 +9,10 @@ rules of :mod:`aigc_pipeline.data.validate`.
 
 Built-in sources (``path`` is relative to the project folder unless absolute):
 
-- ``sklearn-digits``: scikit-learn's bundled 8x8 digits (no file, no download).
+- ``sklearn-digits``: scikit-learn's bundled 8x8 digits (no download). It reads no file of the
+  project; its optional ``path`` names the file DVC watches for it instead (``uv.lock``, which
+  pins the scikit-learn version that ships the digits), since dvc.yaml's ingest stage depends on
+  every dataset's ``path``.
 - ``image-folder``: ``path`` is a folder; ``labels: folders`` labels each image with its first
   sub-folder (``cats/a.png`` -> ``cats``), ``labels: none`` (default) leaves images unlabelled.
 - ``archive``: ``path`` is a .zip or .tar(.gz/.bz2/.xz) read in place, same ``labels`` option.
@@ -86,7 +89,7 @@ def source_path(cfg: DatasetConfig, project_dir: Path) -> Path:
     return p if p.is_absolute() else Path(project_dir) / p
 
 
-@register_source("sklearn-digits")
+@register_source("sklearn-digits", options=("path",))
 def sklearn_digits(cfg: DatasetConfig, project_dir: Path) -> Iterator[RawSample]:
     """scikit-learn's bundled 8x8 digits: 1797 images, values 0..16, labels 0..9 (no download)."""
     from sklearn.datasets import load_digits

@@ -14,7 +14,7 @@ from aigc_pipeline.config import load_config, write_overrides_to_params
 from tests.conftest import QUICK, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
-STAGES = ["ingest", "augment", "train", "evaluate", "register"]
+STAGES = ["ingest@digits", "augment@digits", "train", "evaluate", "register"]
 MODEL = "digits-dcgan"
 
 
