@@ -1,7 +1,10 @@
-"""Augment: add seeded augmented copies of the training split; output is a prepared dataset."""
+"""Augment: add seeded augmented copies of the training split; output is a prepared dataset.
+
+The operations and their order are described in :mod:`aigc_pipeline.data.augment`."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +50,9 @@ def run(cfg: Config, prepared: Path, out: Path) -> AugmentResult:
         atomic_write_json(
             tmp / "report.json",
             {"source_digest": meta["digest"], "originals": len(train), "count": new_meta["count"],
-             "augment": {"seed": acfg.seed, "copies": acfg.copies, "hflip": acfg.hflip, "max_shift": acfg.max_shift}},
+             "augment": dataclasses.asdict(acfg),
+             # Colour jitter applies to RGB images only (see aigc_pipeline/data/augment.py).
+             "color_jitter_applied": meta["channels"] == 3 and any((acfg.brightness, acfg.contrast, acfg.saturation))},
         )
         preview = load_prepared(tmp).images[: 8 * (1 + acfg.copies) * 2]
         save_grid(preview, tmp / "preview.png", nrow=2 * (1 + acfg.copies))

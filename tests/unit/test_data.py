@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import hashlib
+import json
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from aigc_pipeline.config import AugmentConfig
-from aigc_pipeline.data.augment import augment_image, image_rng
+from aigc_pipeline.data.augment import augment_image, color_jitter, image_rng, rotate
 from aigc_pipeline.data.normalize import normalize
 from aigc_pipeline.data.prepared import load_prepared, split_for, write_prepared
 from aigc_pipeline.errors import DataError
@@ -106,11 +108,114 @@ def test_flip_and_shift_do_what_they_say() -> None:
 class _AlwaysRng:
     """A stand-in generator with fixed draws, to check the geometry exactly."""
 
-    def __init__(self, shift: tuple[int, int] = (0, 0)) -> None:
+    def __init__(self, shift: tuple[int, int] = (0, 0), uniform: list[float] | None = None) -> None:
         self.shift = shift
+        self.draws = list(uniform or [])
 
     def random(self) -> float:
         return 0.0
 
     def integers(self, low: int, high: int, size: int) -> np.ndarray:
         return np.array(self.shift)
+
+    def uniform(self, low: float, high: float) -> float:
+        value = self.draws.pop(0)
+        assert low <= value <= high, (low, value, high)
+        return value
+
+
+def _rgb(seed: int = 0, size: int = 9) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, size=(3, size, size), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("size", [8, 9])
+def test_rotation_by_quarter_turns_is_exact_and_counter_clockwise(size: int) -> None:
+    img = _rgb(size=size)
+    assert (rotate(img, 0) == img).all()
+    assert (rotate(img, 90) == np.rot90(img, 1, axes=(1, 2))).all()  # counter-clockwise as displayed
+    assert (rotate(img, -90) == np.rot90(img, -1, axes=(1, 2))).all()
+    assert (rotate(img, 180) == img[:, ::-1, ::-1]).all()
+
+
+def test_small_rotation_repeats_edges_instead_of_black_corners() -> None:
+    flat = np.full((1, 16, 16), 180, dtype=np.uint8)
+    assert (rotate(flat, 13.0) == 180).all()  # no invented border
+    bar = np.zeros((1, 15, 15), dtype=np.uint8)
+    bar[0, 7, :] = 255  # a horizontal line through the centre
+    turned = rotate(bar, 10.0)
+    assert turned[0, 7, 7] == 255  # the centre stays
+    assert turned[0, 7, 0] < 255 and turned[0, 7 + 1, 0] > 0  # the left end moved down (counter-clockwise)
+
+
+def test_color_jitter_factors_do_what_they_say() -> None:
+    img = np.zeros((3, 4, 4), dtype=np.uint8)
+    img[:, :2] = np.array([100, 50, 20], dtype=np.uint8)[:, None, None]
+    img[:, 2:] = np.array([10, 200, 60], dtype=np.uint8)[:, None, None]
+    assert (color_jitter(img, 1.5, 1.0, 1.0)[:, 0, 0] == [150, 75, 30]).all()
+    assert color_jitter(img, 3.0, 1.0, 1.0)[1, 3, 0] == 255  # clipped, not wrapped
+    gray = color_jitter(img, 1.0, 1.0, 0.0)  # saturation 0: each pixel becomes its own luma
+    assert (gray[0] == gray[1]).all() and (gray[1] == gray[2]).all()
+    assert gray[0, 0, 0] == round(0.299 * 100 + 0.587 * 50 + 0.114 * 20)
+    flat = color_jitter(img, 1.0, 0.0, 1.0)  # contrast 0: every value becomes the mean luma
+    assert len(np.unique(flat)) == 1
+    assert (color_jitter(img, 1.0, 1.0, 1.0) == img).all()
+    with pytest.raises(ValueError, match="RGB"):
+        color_jitter(img[:1], 1.2, 1.0, 1.0)
+
+
+def test_rotation_and_jitter_draws_and_grayscale_left_alone() -> None:
+    cfg = AugmentConfig(hflip=False, max_shift=0, max_rotation=90, brightness=0.5, contrast=0.5, saturation=0.5)
+    img = _rgb(seed=2)
+    out = augment_image(img, cfg, _AlwaysRng(uniform=[90.0, 1.5, 1.0, 1.0]))
+    assert (out == color_jitter(np.rot90(img, 1, axes=(1, 2)), 1.5, 1.0, 1.0)).all()
+    # Colour jitter is for RGB only: a grayscale image is only rotated (one draw, no jitter draws).
+    gray = img[:1]
+    rng = _AlwaysRng(uniform=[-90.0])
+    assert (augment_image(gray, cfg, rng) == np.rot90(gray, -1, axes=(1, 2))).all() and rng.draws == []
+
+
+def test_new_operations_leave_the_old_draws_alone() -> None:
+    img = _rgb(seed=3, size=16)
+    old = AugmentConfig(seed=5, hflip=True, max_shift=2)
+    new = AugmentConfig(seed=5, hflip=True, max_shift=2, max_rotation=0, brightness=0.0)
+    assert all((augment_image(img, old, image_rng(5, i, 0)) == augment_image(img, new, image_rng(5, i, 0))).all()
+               for i in range(10))
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("augment.max_rotation=200", "augment.max_rotation: must be in [0, 180]"),
+    ("augment.brightness=1.5", "augment.brightness: must be in [0, 1]"),
+    ("augment.saturation=-0.1", "augment.saturation: must be in [0, 1]"),
+])
+def test_augment_options_are_validated(override: str, message: str) -> None:
+    from aigc_pipeline.config import load_config
+    from aigc_pipeline.errors import ConfigError
+    from tests.conftest import REPO
+
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(REPO, [override])
+
+
+def test_augment_stage_is_byte_identical_for_a_seed(tmp_path: Path) -> None:
+    """The whole stage, every operation on, on an RGB dataset: same seed -> the same bytes."""
+    from aigc_pipeline.config import load_config
+    from aigc_pipeline.stages import augment
+    from tests.conftest import REPO
+
+    imgs = np.random.default_rng(0).integers(0, 256, size=(40, 3, 16, 16), dtype=np.uint8)
+    with atomic_dir(tmp_path / "prepared") as tmp:
+        write_prepared(tmp, ((im, _row(im, i, None)) for i, im in enumerate(imgs)), size=16, channels=3)
+    on = ["augment.copies=2", "augment.hflip=true", "augment.max_rotation=15", "augment.brightness=0.3",
+          "augment.contrast=0.3", "augment.saturation=0.3"]
+    runs = {}
+    for name, extra in (("a", []), ("b", []), ("c", ["augment.seed=1"])):
+        augment.run(load_config(REPO, on + extra), tmp_path / "prepared", tmp_path / name)
+        runs[name] = {f.name: f.read_bytes() for f in sorted((tmp_path / name).iterdir())}
+    assert runs["a"] == runs["b"]
+    assert runs["a"]["shard-00000.npy"] != runs["c"]["shard-00000.npy"]
+    report = json.loads(runs["a"]["report.json"])
+    assert report["augment"]["max_rotation"] == 15 and report["color_jitter_applied"] is True
+    data = load_prepared(tmp_path / "a")
+    originals = data.images[::3]
+    assert (originals == load_prepared(tmp_path / "prepared", "train").images).all()  # originals kept as they were
+    assert sum(not (a == o).all() for a, o in zip(data.images[1::3], originals)) == len(originals)
