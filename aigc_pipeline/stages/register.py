@@ -41,6 +41,7 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
     from mlflow import MlflowClient
 
     from aigc_pipeline.tracking import pyfunc
+    from aigc_pipeline.tracking.datasets import log_prepared_dataset
     from aigc_pipeline.tracking.registry import decide_champion
     from aigc_pipeline.tracking.store import use_store
 
@@ -62,6 +63,7 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
         with mlflow.start_run(run_name=f"{name}-{meta['data_digest'][:8]}", tags=tags) as active:
             run_id = active.info.run_id
             mlflow.log_params(_flat_params(cfg))
+            log_prepared_dataset(project_dir, cfg.dataset)  # mlflow.log_input, digest = DVC's hash
             _log_history(client, run_id, Path(model) / "history.csv")
             mlflow.log_metric(metric_key("fid", protocol_id), fid)
             for key in ("isc", "isc_std"):
@@ -150,7 +152,8 @@ def _lineage(project_dir: Path) -> dict[str, str]:
         for stage, entry in stages.items():
             outs = [o.get("md5", "") for o in entry.get("outs", [])]
             if outs:
-                tags[f"dvc.lock.{stage}"] = ",".join(outs)
+                # MLflow tag keys may not hold "@" (foreach stages: ingest@digits -> dvc.lock.ingest.digits).
+                tags[f"dvc.lock.{stage.replace('@', '.')}"] = ",".join(outs)
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = os.environ[FLOW_RUN_ENV]
     return tags
