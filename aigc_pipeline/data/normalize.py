@@ -26,7 +26,9 @@ def normalize(pixels: np.ndarray, *, size: int, channels: int) -> np.ndarray:
 
 def normalize_image(img: Image.Image, *, size: int, channels: int) -> np.ndarray:
     """Return a uint8 array [channels, size, size] from a PIL image (mode "L" or "RGB" expected)."""
-    img = img.convert("L" if channels == 1 else "RGB")
+    target = "L" if channels == 1 else "RGB"
+    if img.mode != target:
+        img = img.convert(target)
     w, h = img.size
     scale = size / min(w, h)
     if scale != 1.0:

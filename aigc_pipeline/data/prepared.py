@@ -1,7 +1,8 @@
 """The prepared-dataset format shared by ingest, augment, train and evaluate.
 
 A prepared dataset is a folder:
-- ``shard-NNNNN.npy``: uint8 arrays [n, C, H, W], at most ``SHARD_SIZE`` images each;
+- ``shard-NNNNN.npy``: uint8 arrays [n, C, H, W], at most ``SHARD_SIZE`` images and
+  ``SHARD_BYTES`` of pixels each (so fewer images per shard at large sizes);
 - ``manifest.parquet``: one row per image: ``key``, ``sha256`` (of its pixels), ``label``
   (class name or null), ``label_id`` (-1 when unlabelled), ``split`` (train | eval),
   ``shard``, ``offset``;
@@ -23,6 +24,7 @@ from aigc_pipeline.errors import DataError
 from aigc_pipeline.io import atomic_write_json
 
 SHARD_SIZE = 4096
+SHARD_BYTES = 32 * 2**20  # the writer holds one shard in memory: this bounds it whatever the image size
 Split = Literal["train", "eval", "all"]
 
 
@@ -60,6 +62,11 @@ def _class_order(labels: Iterable[str]) -> list[str]:
     return sorted(names, key=lambda s: (0, int(s), s) if s.lstrip("-").isdigit() else (1, 0, s))
 
 
+def shard_capacity(shape: tuple[int, int, int]) -> int:
+    """Images per shard for images of ``shape`` (C, H, W)."""
+    return max(1, min(SHARD_SIZE, SHARD_BYTES // int(np.prod(shape))))
+
+
 def write_prepared(
     out: Path,
     samples: Iterable[tuple[np.ndarray, dict]],
@@ -70,39 +77,51 @@ def write_prepared(
     """Write shards, manifest and meta into ``out`` (an empty, temporary folder).
 
     ``samples`` yields ``(uint8 [C, H, W] image, row)`` pairs, row holding ``key``, ``sha256``,
-    ``label`` and ``split``; only one shard of images is held in memory at a time.
-    Returns the meta dict.
+    ``label`` and ``split``. Memory stays flat as the dataset grows: images go into one reused
+    shard buffer (at most ``SHARD_BYTES``), rows into compact columns. Returns the meta dict.
     """
     shape = (channels, size, size)
-    shard: list[np.ndarray] = []
-    rows: list[dict] = []
+    capacity = shard_capacity(shape)
+    buffer: np.ndarray | None = None  # allocated on the first image; pages become resident as it fills
+    filled = 0
     shard_idx = 0
+    columns: dict[str, list] = {"key": [], "sha256": [], "label": [], "split": [], "shard": [], "offset": []}
 
     def flush() -> None:
-        nonlocal shard, shard_idx
-        if shard:
-            np.save(out / f"shard-{shard_idx:05d}.npy", np.stack(shard))
-            shard, shard_idx = [], shard_idx + 1
+        nonlocal filled, shard_idx
+        if filled:
+            np.save(out / f"shard-{shard_idx:05d}.npy", buffer[:filled])  # a contiguous slice: no copy
+            filled, shard_idx = 0, shard_idx + 1
 
     for img, row in samples:
         if img.shape != shape or img.dtype != np.uint8:
             raise AssertionError(f"image {row['key']} has {img.dtype} {img.shape}, expected uint8 {shape}")
-        rows.append({**row, "shard": shard_idx, "offset": len(shard)})
-        shard.append(img)
-        if len(shard) == SHARD_SIZE:
+        if buffer is None:
+            buffer = np.empty((capacity, *shape), dtype=np.uint8)
+        buffer[filled] = img
+        for name in ("key", "sha256", "label", "split"):
+            columns[name].append(row[name])
+        columns["shard"].append(shard_idx)
+        columns["offset"].append(filled)
+        filled += 1
+        if filled == capacity:
             flush()
     flush()
-    classes = _class_order(r["label"] for r in rows if r["label"] is not None)
+    classes = _class_order(label for label in columns["label"] if label is not None)
     index = {c: i for i, c in enumerate(classes)}
-    for r in rows:
-        r["label_id"] = index[r["label"]] if r["label"] is not None else -1
-    manifest = pd.DataFrame(rows, columns=["key", "sha256", "label", "label_id", "split", "shard", "offset"])
+    label_ids = [index[label] if label is not None else -1 for label in columns["label"]]
+    manifest = pd.DataFrame(
+        {"key": columns["key"], "sha256": columns["sha256"], "label": columns["label"], "label_id": label_ids,
+         "split": columns["split"], "shard": columns["shard"], "offset": columns["offset"]},
+        columns=["key", "sha256", "label", "label_id", "split", "shard", "offset"],
+    )
+    del columns, label_ids
     manifest.to_parquet(out / "manifest.parquet", index=False)
     meta = {
         "format": 1,
         "size": size,
         "channels": channels,
-        "count": len(rows),
+        "count": len(manifest),
         "classes": classes,
         "digest": content_digest(manifest, shape),
     }

@@ -55,7 +55,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from aigc_pipeline.data.normalize import normalize, normalize_image
 from aigc_pipeline.data.records import Accepted, EncodedSample, Outcome, RawSample, Rejected, SourceItem, Skipped
@@ -106,12 +106,13 @@ def decode_image(data: bytes, spec: DecodeSpec) -> Image.Image:
         with warnings.catch_warnings():
             # Pillow warns above its own MAX_IMAGE_PIXELS; our explicit max_pixels check decides.
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data), formats=FORMATS) as probe:
-                _check_size(probe.size, spec)  # from the header, before any pixel is decoded
-                probe.verify()  # structure and checksums (PNG CRCs)
-            img = Image.open(io.BytesIO(data), formats=FORMATS)  # verify() leaves the image unusable
+            img = Image.open(io.BytesIO(data), formats=FORMATS)
+            _check_size(img.size, spec)  # from the header, before any pixel is decoded
+            if _has_verify(img):
+                img.verify()  # structure and checksums (PNG CRCs)
+                img = Image.open(io.BytesIO(data), formats=FORMATS)  # verify() leaves the image unusable
             img.load()  # the full decode: truncated data raises here
-            img = ImageOps.exif_transpose(img)
+            ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
             return _to_mode(img, spec)
     except ImageRejected:
         raise
@@ -125,6 +126,12 @@ def decode_image(data: bytes, spec: DecodeSpec) -> Image.Image:
         raise ImageRejected(f"cannot decode: {type(e).__name__}: {e}") from None
     except Exception as e:  # noqa: BLE001 - untrusted bytes: any decoder failure is this file's rejection
         raise ImageRejected(f"cannot decode: {type(e).__name__}: {e}") from None
+
+
+def _has_verify(img: Image.Image) -> bool:
+    """Whether the format's plugin implements ``verify()`` (PNG does); elsewhere it is a no-op that
+    would only cost a second parse of the header."""
+    return type(img).verify not in (Image.Image.verify, ImageFile.ImageFile.verify)
 
 
 def _check_size(size: tuple[int, int], spec: DecodeSpec) -> None:
@@ -152,7 +159,8 @@ def _to_mode(img: Image.Image, spec: DecodeSpec) -> Image.Image:
         img = Image.alpha_composite(background, rgba).convert("RGB")
     elif mode not in ("L", "RGB"):
         img = img.convert("RGB")  # P, CMYK, YCbCr, LAB, HSV; ValueError for anything Pillow cannot convert
-    return img.convert("L" if spec.channels == 1 else "RGB")
+    target = "L" if spec.channels == 1 else "RGB"
+    return img if img.mode == target else img.convert(target)
 
 
 def read_file(path: str) -> bytes:
