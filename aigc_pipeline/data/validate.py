@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import math
 import os
 import stat
 import warnings
@@ -61,6 +62,7 @@ from aigc_pipeline.data.normalize import normalize, normalize_image
 from aigc_pipeline.data.records import Accepted, EncodedSample, Outcome, RawSample, Rejected, SourceItem, Skipped
 
 MAX_FILE_BYTES = 512 * 2**20  # an image file over 512 MiB is refused before it is read
+DRAFT_GAP = 2  # a JPEG is decoded at no less than this many times the output size (see _draft)
 IMAGE_EXTENSIONS = frozenset({
     ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp",
     ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".jp2", ".j2k", ".qoi",
@@ -111,6 +113,7 @@ def decode_image(data: bytes, spec: DecodeSpec) -> Image.Image:
             if _has_verify(img):
                 img.verify()  # structure and checksums (PNG CRCs)
                 img = Image.open(io.BytesIO(data), formats=FORMATS)  # verify() leaves the image unusable
+            _draft(img, spec)
             img.load()  # the full decode: truncated data raises here
             ImageOps.exif_transpose(img, in_place=True)  # in place: no copy when there is nothing to turn
             return _to_mode(img, spec)
@@ -126,6 +129,18 @@ def decode_image(data: bytes, spec: DecodeSpec) -> Image.Image:
         raise ImageRejected(f"cannot decode: {type(e).__name__}: {e}") from None
     except Exception as e:  # noqa: BLE001 - untrusted bytes: any decoder failure is this file's rejection
         raise ImageRejected(f"cannot decode: {type(e).__name__}: {e}") from None
+
+
+def _draft(img: Image.Image, spec: DecodeSpec) -> None:
+    """Let a JPEG decode at a reduced DCT scale (1/2, 1/4, 1/8) that keeps its shorter side at least
+    twice the output size: Pillow's thumbnail strategy. The whole bitstream is still decoded (a
+    truncated file still fails); only the inverse DCT produces fewer pixels."""
+    if img.format not in ("JPEG", "MPO"):
+        return
+    w, h = img.size
+    k = DRAFT_GAP * spec.size / min(w, h)
+    if k < 0.5:
+        img.draft(None, (math.ceil(w * k), math.ceil(h * k)))
 
 
 def _has_verify(img: Image.Image) -> bool:

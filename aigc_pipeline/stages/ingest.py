@@ -193,7 +193,7 @@ def _accepted(
     kept = 0
     with contextlib.closing(get_source(dcfg.source)(dcfg, project_dir)) as items, contextlib.closing(
         ordered_map(functools.partial(process_chunk, spec=spec), items, workers=n_workers,
-                    describe=lambda item: getattr(item, "key", repr(item)))
+                    describe=lambda item: getattr(item, "key", repr(item)), preload=(process_chunk.__module__,))
     ) as outcomes:
         for outcome in outcomes:
             if dcfg.limit and kept >= dcfg.limit:

@@ -187,3 +187,32 @@ def test_every_bad_file_is_in_the_report(tmp_path: Path) -> None:
     assert set(reasons) == {"empty.png", "text.png", "cut.jpg", "pipe.png"}
     assert "0 bytes" in reasons["empty.png"] and "truncated" in reasons["cut.jpg"]
     assert "FIFO" in reasons["pipe.png"]
+
+
+# --- decoding at reduced scale --------------------------------------------------------------
+
+def _photo(w: int, h: int) -> Image.Image:
+    """A smooth picture with some texture, as a camera would give (not pure noise)."""
+    y, x = np.mgrid[0:h, 0:w]
+    arr = np.stack([128 + 100 * np.sin(x / 37.0), 128 + 100 * np.cos(y / 23.0), (x + y) % 256], axis=-1)
+    noise_ = np.random.default_rng(0).normal(0, 4, size=arr.shape)
+    return Image.fromarray(np.clip(arr + noise_, 0, 255).astype(np.uint8))
+
+
+def test_large_jpeg_decodes_at_reduced_scale_close_to_a_full_decode() -> None:
+    from aigc_pipeline.data.normalize import normalize_image
+
+    data = encode(_photo(800, 600), "JPEG", quality=92)
+    spec = DecodeSpec(size=32, channels=3)
+    decoded = decode_image(data, spec)
+    assert decoded.size == (100, 75)  # 1/8 scale: the shorter side (75) still >= twice the output (64)
+    ours = normalize_image(decoded, size=32, channels=3).astype(int)
+    full = Image.open(io.BytesIO(data)).convert("RGB").resize((43, 32), Image.Resampling.BICUBIC, reducing_gap=None)
+    reference = np.asarray(full.crop((5, 0, 37, 32))).transpose(2, 0, 1).astype(int)
+    assert np.abs(ours - reference).mean() < 3.0  # same picture, within JPEG/resampling noise
+
+    # The whole bitstream is still decoded: a truncated large JPEG is rejected, not padded.
+    result = outcome(data[: len(data) * 3 // 4], spec)
+    assert isinstance(result, Rejected) and "truncated" in result.reason
+    # Small files are decoded at full scale.
+    assert decode_image(encode(_photo(60, 40), "JPEG"), spec).size == (60, 40)
