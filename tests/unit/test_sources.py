@@ -223,6 +223,23 @@ def test_zip_read_in_place_refuses_unsafe_members(tmp_path: Path) -> None:
     assert not (tmp_path / "evil.png").exists() and not Path("/abs.png").exists()
 
 
+def test_zip_bomb_member_is_refused_from_its_header(tmp_path: Path) -> None:
+    from aigc_pipeline.data.validate import MAX_FILE_BYTES
+
+    arc = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(arc, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        zf.writestr("a.png", png_bytes(noise(1)))
+        with zf.open("zeros.png", "w", force_zip64=True) as member:  # ~0.5 MiB that inflates past the limit
+            block = b"\0" * (16 * 2**20)
+            for _ in range(MAX_FILE_BYTES // len(block) + 1):
+                member.write(block)
+    assert arc.stat().st_size < 4 * 2**20
+    res, report, manifest = prepare(tmp_path, source="archive", path=str(arc))
+    assert manifest["key"].tolist() == ["a.png"]
+    (rejected,) = report["rejected"]
+    assert rejected["path"] == "zeros.png" and rejected["reason"].startswith("member too large")
+
+
 @pytest.mark.parametrize("suffix", ["tar", "tar.gz", "tar.xz"])
 def test_tar_refuses_traversal_links_and_devices(tmp_path: Path, suffix: str) -> None:
     arc = tmp_path / "in" / f"pets.{suffix}"

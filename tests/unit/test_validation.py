@@ -216,3 +216,41 @@ def test_large_jpeg_decodes_at_reduced_scale_close_to_a_full_decode() -> None:
     assert isinstance(result, Rejected) and "truncated" in result.reason
     # Small files are decoded at full scale.
     assert decode_image(encode(_photo(60, 40), "JPEG"), spec).size == (60, 40)
+
+
+# --- bombs and absurd sizes, through a folder as a data team would hand it over ---------------
+
+def _png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims ``width`` x ``height`` with a few bytes of pixel data: a bomb's shape."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+
+
+def test_bombs_and_absurd_sizes_are_rejected_without_decoding(tmp_path: Path) -> None:
+    import json
+
+    from aigc_pipeline.data.validate import MAX_FILE_BYTES
+
+    root = tmp_path / "data"
+    root.mkdir()
+    noise(seed=4).save(root / "good.png")
+    (root / "bomb.png").write_bytes(_png_header_only(9000, 7000))  # 63 M pixels > max_pixels (50 M)
+    (root / "huge-bomb.png").write_bytes(_png_header_only(100_000, 100_000))  # past Pillow's own hard limit
+    with open(root / "huge-file.jpg", "wb") as f:  # sparse: 512 MiB + 1 byte on paper, nothing on disk
+        f.truncate(MAX_FILE_BYTES + 1)
+    Image.new("L", (4000, 1), 128).save(root / "sliver.png")  # absurd aspect: a side under min_side
+    res = ingest.prepare(DatasetConfig(source="image-folder", path=str(root), size=8), tmp_path / "out",
+                         name="data", max_rejected_fraction=1.0, workers=1)
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    reasons = {r["path"]: r["reason"] for r in report["rejected"]}
+    assert res.accepted == 1 and set(reasons) == {"bomb.png", "huge-bomb.png", "huge-file.jpg", "sliver.png"}
+    assert "9000x7000 = 63000000 pixels > max_pixels=50000000" in reasons["bomb.png"]
+    assert "decompression bomb" in reasons["huge-bomb.png"]
+    assert reasons["huge-file.jpg"] == f"file too large: {MAX_FILE_BYTES + 1} bytes > {MAX_FILE_BYTES}"
+    assert "too small: 4000x1" in reasons["sliver.png"]
