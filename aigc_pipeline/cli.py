@@ -88,10 +88,12 @@ def _ingest_source(args: argparse.Namespace) -> Any:
 
 def _cmd_dataset_add(args: argparse.Namespace) -> Any:
     from aigc_pipeline.config import DatasetConfig
-    from aigc_pipeline.data.catalog import add_dataset, check_name, quick_scan, source_entry, stored_path
+    from aigc_pipeline.data.catalog import (add_dataset, check_dvc_hashable, check_name, quick_scan, source_entry,
+                                            stored_path)
 
     check_name(args.name)
     source = _path(args, args.source)
+    check_dvc_hashable(source)  # dvc.yaml's ingest@NAME depends on it
     entry = source_entry(source, stored_path=stored_path(source, Path(args.project)), labels=args.labels,
                          size=args.size, channels=args.channels)
     dcfg = DatasetConfig.from_dict(entry, prefix=f"datasets.{args.name}.")

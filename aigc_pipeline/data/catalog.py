@@ -113,6 +113,28 @@ def quick_scan(dcfg: DatasetConfig, project_dir: Path) -> ScanResult:
     raise DataError(f"{dcfg.path}: no decodable image found" + (f" (rejected {len(rejected)}: {reasons})" if rejected else ""))
 
 
+def check_dvc_hashable(path: Path) -> None:
+    """Refuse a folder that DVC cannot hash as the ingest stage's dependency; DataError naming the entries.
+
+    DVC stops with "No such file or directory" on a broken symbolic link and blocks forever on a
+    FIFO (it opens every file to hash it); ``aigc ingest`` itself rejects both without reading them.
+    """
+    if not path.is_dir():
+        return
+    bad: list[str] = []
+    for root, dirs, files in os.walk(path):
+        for name in dirs + files:
+            full = Path(root) / name
+            if full.is_symlink() and not full.exists():
+                bad.append(f"{full.relative_to(path).as_posix()} (broken symbolic link)")
+            elif not full.is_symlink() and not (full.is_file() or full.is_dir()):
+                bad.append(f"{full.relative_to(path).as_posix()} (FIFO, socket or device)")
+    if bad:
+        shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
+        raise DataError(f"{path}: DVC hashes a registered folder to tell when to re-ingest it and cannot hash "
+                        f"{shown}: remove them, then add the dataset again")
+
+
 def check_name(name: str) -> None:
     """A dataset name usable as a params.yaml key and in ``--set datasets.NAME.key=...``."""
     if not _NAME.match(name):

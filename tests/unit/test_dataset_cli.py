@@ -187,3 +187,21 @@ def test_dataset_add_refuses_existing_names_and_undecodable_sources(
 
     assert aigc(project, "dataset", "add", "pets", str(tmp_path / "pets"), "--size", "64", "--force") == 0
     assert load_config(project).datasets["pets"].size == 64
+
+
+def test_dataset_add_refuses_a_folder_dvc_cannot_hash(project: Path, tmp_path: Path,
+                                                      capsys: pytest.CaptureFixture) -> None:
+    import os
+
+    src = make_folder(tmp_path / "pets", good=4)
+    os.symlink(tmp_path / "gone.png", src / "dog" / "old.png")  # DVC fails on it
+    os.mkfifo(src / "cat" / "pipe.png")  # DVC would block reading it
+    before = (project / "params.yaml").read_text()
+    assert aigc(project, "dataset", "add", "pets", str(src)) == 2
+    err = capsys.readouterr().err
+    assert "cat/pipe.png (FIFO, socket or device)" in err and "dog/old.png (broken symbolic link)" in err
+    assert (project / "params.yaml").read_text() == before
+    # `aigc ingest` reads such a folder anyway, rejecting both entries with their reasons.
+    assert aigc(project, "ingest", str(src), "--out", str(tmp_path / "out"), "--max-rejected", "0.5") == 0
+    rejected = {r["path"] for r in json.loads((tmp_path / "out" / "report.json").read_text())["rejected"]}
+    assert rejected == {"cat/pipe.png", "dog/old.png"}
