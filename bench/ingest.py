@@ -422,6 +422,12 @@ def _notes(records: dict, counts: tuple[int, int], data: dict, load_before: list
             f"{label} {r['cpu']['other_cores']:.2f}" for label, r in records.items()
             if r["cpu"].get("other_cores") is not None) + f" (of {os.cpu_count()}).",
     ]
+    busy = [label for label, r in records.items()
+            if r["cpu"].get("other_cores") is not None and r["cpu"]["other_cores"] >= CONTENDED_CORES]
+    if busy:
+        notes.append(f"Other processes kept >= {CONTENDED_CORES} cores busy during {', '.join(busy)}: the images/s "
+                     "figures and their ratios are then not trustworthy (the runs competed for the cores, "
+                     "unequally); the CPU-time rows are hardly affected. Re-run on a quiet machine.")
     if waits:
         notes.append("Waited for a quiet machine (< 0.25 cores used by others) before each measurement: " + ", ".join(
             f"{label} {w['waited_s']:.0f} s{'' if w['quiet'] else ' (gave up: still busy)'}"
