@@ -205,3 +205,13 @@ def test_dataset_add_refuses_a_folder_dvc_cannot_hash(project: Path, tmp_path: P
     assert aigc(project, "ingest", str(src), "--out", str(tmp_path / "out"), "--max-rejected", "0.5") == 0
     rejected = {r["path"] for r in json.loads((tmp_path / "out" / "report.json").read_text())["rejected"]}
     assert rejected == {"cat/pipe.png", "dog/old.png"}
+
+
+def test_aigc_run_needs_a_path_dvc_can_watch_for_every_dataset(project: Path, capsys: pytest.CaptureFixture) -> None:
+    text = (project / "params.yaml").read_text()
+    assert "    path: uv.lock" in text
+    (project / "params.yaml").write_text(text.replace("    path: uv.lock", "", 1))
+    assert aigc(project, "run") == 2  # before any flow starts
+    err = capsys.readouterr().err
+    assert "datasets.digits.path: required by dvc.yaml, whose ingest@digits stage depends on it" in err
+    assert "uv.lock" in err
