@@ -122,9 +122,20 @@ class TrainConfig:
     diffaugment: str = "color,translation,cutout"  # comma-separated; "" = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_grid: int = 64
+    devices: int = 1  # > 1: data parallel over this many processes (torchrun + DDP), global batch = batch_size
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the hardware has bf16
+    channels_last: Literal["auto"] | bool = "auto"
+    compile: bool = False  # torch.compile the networks
+    data_placement: Literal["auto", "device", "stream"] = "auto"  # stream: pinned host memory -> device per batch
+    max_grad_norm: float = 1e5  # stop when a gradient norm exceeds this; 0 = only non-finite values stop
+    keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.devices >= 1, "devices", "must be >= 1")
+        _check(self.batch_size % self.devices == 0, "batch_size", f"must be divisible by train.devices ({self.devices})")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 = off)")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.batch_size >= 2, "batch_size", "must be >= 2 (batch norm needs two samples)")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
         _check(self.lr > 0, "lr", "must be > 0")
