@@ -279,8 +279,8 @@ def _divergence(names: list[str], row: np.ndarray, max_grad_norm: float) -> str 
         over = [(k, v) for k, v in zip(names, row) if k.startswith("grad_norm") and v > max_grad_norm]
         if over:
             shown = ", ".join(f"{k}={v:.3g}" for k, v in over)
-            return (f"exploding gradient: {shown} exceeds train.max_grad_norm={max_grad_norm:g}; "
-                    "lower train.lr (or raise train.max_grad_norm if this norm is expected)")
+            return (f"exploding gradient ({shown}, over train.max_grad_norm={max_grad_norm:g}); "
+                    "lower train.lr (or raise train.max_grad_norm if such norms are expected)")
     return None
 
 
