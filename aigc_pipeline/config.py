@@ -111,9 +111,9 @@ class TrainConfig:
     batch_size: int = 64
     seed: int = 0
     checkpoint_every: int = 200
-    lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
+    lr: float | Literal["auto"] = "auto"  # auto: the model's recipe (aigc_pipeline.models.registry.recipe_for)
+    beta1: float | Literal["auto"] = "auto"
+    beta2: float | Literal["auto"] = "auto"
     latent_dim: int = 64
     width: int = 32
     vae_beta: float = 1.0
@@ -138,8 +138,10 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.batch_size >= 2, "batch_size", "must be >= 2 (batch norm needs two samples)")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
-        _check(self.lr > 0, "lr", "must be > 0")
-        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "beta1/beta2", "must be in [0, 1)")
+        _check(self.lr == "auto" or self.lr > 0, "lr", "must be > 0 (or auto)")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _check(value == "auto" or 0.0 <= value < 1.0, name, "must be in [0, 1) (or auto)")
         _check(self.latent_dim >= 1 and self.width >= 4, "latent_dim/width", "are too small")
         _check(self.vae_beta >= 0, "vae_beta", "must be >= 0")
         _check(1 <= self.sample_grid <= 256, "sample_grid", "must be in 1..256")

@@ -25,7 +25,6 @@ dataset (scikit-learn's digits):
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import sys
 import time
@@ -261,7 +260,6 @@ def run(ctx: Any) -> dict[str, Any]:
 
         project = {"git_commit": None, "note": f"aigc_pipeline from {Path(aigc_pipeline.__file__).parent}"}
 
-    import numpy as np
     import torch
 
     from aigc_pipeline.config import load_config
@@ -271,7 +269,8 @@ def run(ctx: Any) -> dict[str, Any]:
     from aigc_pipeline.training.checkpoint import list_checkpoints
     from aigc_pipeline.training.loop import Callbacks
     from aigc_pipeline.training.loop import train as train_loop
-    from aigc_pipeline.models.base import Arch, Hparams
+    from aigc_pipeline.models.base import Arch
+    from aigc_pipeline.stages.train import resolve_hparams
 
     repo_params = Path(__file__).resolve().parents[1]
     overrides = tuple(ctx.overrides)
@@ -369,6 +368,7 @@ def run(ctx: Any) -> dict[str, Any]:
             fids[family].append(phases(f"quality {family} seed {seed}", one))
     if len(steps_seen) != 1:
         raise BenchError(f"the two models trained for different numbers of steps: {sorted(steps_seen)}")
+    sngan_hp = resolve_hparams(load_config(repo_params, [*overrides, "train.model=sngan"]).train)
     metrics = json.loads((work / "quality" / f"sngan-{sizes.seeds[0]}" / "eval" / "metrics.json").read_text())
     protocol = metrics["protocol"]["id"]
     mean = {k: statistics.mean(v) for k, v in fids.items()}
@@ -379,7 +379,7 @@ def run(ctx: Any) -> dict[str, Any]:
     notes.append(f"FID protocol {protocol} (evaluate stage, torch-fidelity with the real Inception weights); "
                  f"per seed: dcgan {[round(x, 2) for x in fids['dcgan']]}, sngan {[round(x, 2) for x in fids['sngan']]}.")
     notes.append(f"Models trained with params.yaml as committed{' plus ' + ', '.join(sizes.quality_overrides) if sizes.quality_overrides else ''}; "
-                 f"sngan: lr {cfg.train.lr}, betas {cfg.train.beta1}/{cfg.train.beta2}, EMA {cfg.train.ema_decay} "
+                 f"sngan: lr {sngan_hp.lr}, betas {sngan_hp.beta1}/{sngan_hp.beta2}, EMA {cfg.train.ema_decay} "
                  f"(with warm-up), DiffAugment '{cfg.train.diffaugment}'.")
     raw["fid"] = fids
 
@@ -389,8 +389,7 @@ def run(ctx: Any) -> dict[str, Any]:
         folder = fresh_dir(work / "checkpoint-cost" / family)
         every = 4
         train_loop(aug.images, arch=Arch(**{**arch_default, "family": family}),
-                   hparams=Hparams(cfg.train.lr, cfg.train.beta1, cfg.train.beta2, ema_decay=cfg.train.ema_decay,
-                                   diffaugment=cfg.train.diffaugment),
+                   hparams=resolve_hparams(load_config(repo_params, [*overrides, f"train.model={family}"]).train),
                    epochs=max(1, -(-sizes.checkpoint_steps // (len(aug.images) // cfg.train.batch_size))),
                    batch_size=cfg.train.batch_size, seed=0, checkpoint_dir=folder, checkpoint_every=every,
                    callbacks=Callbacks(on_progress=lambda s, t, e: marks["progress"].__setitem__(s, time.perf_counter()),

@@ -24,6 +24,15 @@ class Arch:
 
 
 @dataclass(frozen=True)
+class Recipe:
+    """A family's known-good optimiser settings, used where ``train.lr``/``beta1``/``beta2`` are ``auto``."""
+
+    lr: float
+    beta1: float
+    beta2: float
+
+
+@dataclass(frozen=True)
 class Hparams:
     """Optimisation settings a family needs to build its optimizers and losses."""
 

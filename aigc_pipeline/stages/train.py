@@ -25,13 +25,14 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from aigc_pipeline.config import Config, config_digest
+from aigc_pipeline.config import Config, TrainConfig, config_digest
 from aigc_pipeline.data.prepared import load_prepared
 from aigc_pipeline.errors import ConfigError, DataError, TrainingDiverged
 from aigc_pipeline.images import make_grid, png_bytes
 from aigc_pipeline.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.export import save_generator
+from aigc_pipeline.models.registry import recipe_for
 from aigc_pipeline.training import distributed
 from aigc_pipeline.training.loop import Callbacks, train
 from aigc_pipeline.training.speed import resolve_device
@@ -74,8 +75,7 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
         num_classes = len(prepared.classes)
     arch = Arch(family=tcfg.model, size=prepared.images.shape[-1], channels=prepared.images.shape[1],
                 latent_dim=tcfg.latent_dim, width=tcfg.width, num_classes=num_classes)
-    hp = Hparams(lr=tcfg.lr, beta1=tcfg.beta1, beta2=tcfg.beta2, vae_beta=tcfg.vae_beta,
-                 ema_decay=tcfg.ema_decay, diffaugment=tcfg.diffaugment)
+    hp = resolve_hparams(tcfg)
     key_cfg = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _OPERATIONAL}
     run_key = config_digest({"train": key_cfg, "arch": arch.__dict__, "data": prepared.digest})[:16]
     ckpt_dir = Path(checkpoints) / run_key
@@ -122,13 +122,22 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
     progress.close()
     final = {k: v for k, v in result.history[-1].items() if k != "step"}
     if dist_info.is_main:
-        _write_model(out, result, arch, cfg, prepared.digest, list(prepared.classes), final, grid_dir)
+        _write_model(out, result, arch, cfg, hp, prepared.digest, list(prepared.classes), final, grid_dir)
     return TrainStageResult(out=out, model=tcfg.model, steps=result.steps, resumed_from=result.resumed_from,
                             images_per_second=result.images_per_second, final_losses=final, speed=result.speed,
                             world_size=dist_info.world)
 
 
-def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, digest: str, classes: list[str],
+def resolve_hparams(tcfg: TrainConfig) -> Hparams:
+    """The family's hyper-parameters, with ``auto`` lr/betas replaced by the model's recipe."""
+    recipe = recipe_for(tcfg.model)
+    return Hparams(lr=recipe.lr if tcfg.lr == "auto" else tcfg.lr,
+                   beta1=recipe.beta1 if tcfg.beta1 == "auto" else tcfg.beta1,
+                   beta2=recipe.beta2 if tcfg.beta2 == "auto" else tcfg.beta2,
+                   vae_beta=tcfg.vae_beta, ema_decay=tcfg.ema_decay, diffaugment=tcfg.diffaugment)
+
+
+def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, digest: str, classes: list[str],
                  final: dict[str, float], grid_dir: Path) -> None:
     tcfg = cfg.train
     with atomic_dir(out) as tmp:
@@ -143,6 +152,8 @@ def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, digest: str, c
                 "classes": classes,
                 "steps": result.steps,
                 "train": dataclasses.asdict(tcfg),
+                "hparams": dataclasses.asdict(hp),  # with the recipe's values where the config says auto
+                "speed": result.speed,
                 "source_size": cfg.active_dataset.size,
                 "final_losses": final,
             },

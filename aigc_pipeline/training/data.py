@@ -15,7 +15,7 @@ Both placements give the same batches, bit for bit.
 
 from __future__ import annotations
 
-from typing import Iterator, Literal
+from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
@@ -73,10 +73,6 @@ class Batches:
             for lo, hi in slices:
                 idx = dev_order[lo:hi]
                 yield self._finish(self.data.index_select(0, idx)), self._labels(idx)
-        elif self._stream is None:
-            for lo, hi in slices:
-                idx = order[lo:hi]
-                yield self._finish(self.data.index_select(0, idx)), self._labels(idx.to(self.device))
         else:
             yield from self._streamed(order, slices, b)
 
@@ -85,33 +81,42 @@ class Batches:
 
     def _streamed(self, order: torch.Tensor, slices: list[tuple[int, int]], b: int
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-        """CUDA streaming: gather batch i+1 into a pinned buffer and copy it on a side stream
-        while batch i is being used; the host only waits for a copy issued two batches ago."""
-        bufs = [torch.empty((b, *self.data.shape[1:]), dtype=self.data.dtype).pin_memory() for _ in range(2)]
-        done: list[torch.cuda.Event | None] = [None, None]
-        main = torch.cuda.current_stream(self.device)
+        """Gather batch k+1 into a staging buffer (pinned on CUDA) and start its copy (on a side
+        CUDA stream) before batch k is handed out; a buffer is refilled only once the copy out of
+        it has finished, so the host never waits for the model's compute. On the CPU the same
+        double buffering runs with plain buffers and no copy."""
+        cuda = self._stream is not None
+        bufs = [torch.empty((b, *self.data.shape[1:]), dtype=self.data.dtype) for _ in range(2)]
+        if cuda:
+            bufs = [buf.pin_memory() for buf in bufs]
+        done: list[Any] = [None, None]  # per buffer: the CUDA event of the copy out of it
 
-        def stage(k: int) -> tuple[torch.Tensor, torch.Tensor, torch.cuda.Event]:
+        def stage(k: int) -> tuple[torch.Tensor, torch.Tensor, Any]:
             slot = k % 2
             if done[slot] is not None:
-                done[slot].synchronize()  # the copy out of this buffer has finished
+                done[slot].synchronize()
             lo, hi = slices[k]
             idx = order[lo:hi]
             torch.index_select(self.data, 0, idx, out=bufs[slot])
+            if not cuda:
+                return bufs[slot], idx, None
             with torch.cuda.stream(self._stream):
                 dev = bufs[slot].to(self.device, non_blocking=True)
                 idx_dev = idx.to(self.device, non_blocking=True)
-                ev = torch.cuda.Event()
-                ev.record(self._stream)
-            done[slot] = ev
-            return dev, idx_dev, ev
+                event = torch.cuda.Event()
+                event.record(self._stream)
+            done[slot] = event
+            return dev, idx_dev, event
 
         pending = stage(0) if slices else None
         for k in range(len(slices)):
-            dev, idx_dev, ev = pending
+            raw, idx, event = pending
+            if event is not None:
+                main = torch.cuda.current_stream(self.device)
+                main.wait_event(event)
+                raw.record_stream(main)
+                idx.record_stream(main)
+            batch = (self._finish(raw), self._labels(idx))  # a new tensor: the buffer may be refilled
             if k + 1 < len(slices):
                 pending = stage(k + 1)
-            main.wait_event(ev)
-            dev.record_stream(main)
-            idx_dev.record_stream(main)
-            yield self._finish(dev), self._labels(idx_dev)
+            yield batch

@@ -263,11 +263,11 @@ def _wrap_nets(family: Family, dev: torch.device, speed: Speed, dist_info: distr
     """Compile and/or wrap for data parallelism what train_step calls; ``modules`` stay plain
     (checkpoints and the exported generator use their state-dict keys)."""
     for name, m in family.modules.items():
-        net = m
-        if speed.compile and any(True for _ in m.parameters()):
-            net = torch.compile(net)
-        if dist_info.world > 1:
-            net = distributed.wrap_ddp(net, dev)
+        if not any(True for _ in m.parameters()):
+            continue  # e.g. a counter module: nothing to run forward on
+        net = distributed.wrap_ddp(m, dev) if dist_info.world > 1 else m
+        if speed.compile:
+            net = torch.compile(net)  # around DDP, as torch recommends, so DDP's hooks stay outside the graph
         family.nets[name] = net
 
 

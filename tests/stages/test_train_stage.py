@@ -82,7 +82,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(family: s
 
     torch.manual_seed(cfg.train.seed)
     arch = Arch(family, 16, 1, cfg.train.latent_dim, cfg.train.width)
-    init = build_family(arch, Hparams(cfg.train.lr, cfg.train.beta1, cfg.train.beta2)).generator.state_dict()
+    init = build_family(arch, train.resolve_hparams(cfg.train)).generator.state_dict()
     a = load_file(str(tmp_path / "one" / "generator.safetensors"))
     b = load_file(str(tmp_path / "two" / "generator.safetensors"))
     # Stated tolerance: within 2% of the distance training moved the weights (measured: <= 0.4%;
@@ -118,3 +118,28 @@ def test_progress_bar_on_a_terminal_and_epoch_lines_in_a_log(tty: bool) -> None:
     assert ("\r  train [" in out and "4/4 epoch 2/2" in out) == tty
     if not tty:
         assert "\r" not in out and "[" not in out
+
+
+@pytest.mark.slow
+def test_compiled_networks_train_and_checkpoint_like_eager_ones(tmp_path: Path) -> None:
+    from aigc_pipeline.training.checkpoint import list_checkpoints, read_checkpoint
+    from aigc_pipeline.training.loop import train as train_loop
+
+    images = np.random.default_rng(0).integers(0, 256, size=(16, 1, 16, 16), dtype=np.uint8)
+    kw = dict(arch=Arch("dcgan", 16, 1, 8, 8), hparams=Hparams(2e-4, 0.5, 0.999), epochs=1, batch_size=8, seed=0,
+              checkpoint_every=2, precision="fp32", channels_last=False)
+    eager = train_loop(images, checkpoint_dir=tmp_path / "eager", **kw)
+    compiled = train_loop(images, checkpoint_dir=tmp_path / "compiled", compile=True, **kw)
+    assert type(compiled.family.nets["generator"]).__name__ == "OptimizedModule"
+    # Same parameters and state-dict keys (checkpoints and the exported generator are unchanged)...
+    (_, a), = list_checkpoints(tmp_path / "eager")
+    (_, b), = list_checkpoints(tmp_path / "compiled")
+    sa, sb = read_checkpoint(a)["modules"], read_checkpoint(b)["modules"]
+    assert {k: set(v) for k, v in sa.items()} == {k: set(v) for k, v in sb.items()}
+    # ...and the same training up to kernel-level floating-point differences.
+    for name in ("generator", "discriminator"):
+        for key, value in sa[name].items():
+            if value.is_floating_point():
+                torch.testing.assert_close(sb[name][key], value, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose([h["loss_d"] for h in compiled.history], [h["loss_d"] for h in eager.history],
+                               rtol=1e-3)
