@@ -115,14 +115,19 @@ class GlooSyncBatchNorm2d(nn.BatchNorm2d):
 
 
 def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
-    """Replace every BatchNorm2d in ``module`` with a global-batch one, keeping its state."""
+    """Replace every BatchNorm2d in ``module`` with a global-batch one sharing its parameters and
+    buffers (the same tensor objects, so optimizers built before keep updating them)."""
     if device.type == "cuda":
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
             bn = GlooSyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
                                      child.track_running_stats, device=device)
-            bn.load_state_dict(child.state_dict())
+            if child.affine:
+                bn.weight, bn.bias = child.weight, child.bias
+            if child.track_running_stats:
+                bn.running_mean, bn.running_var = child.running_mean, child.running_var
+                bn.num_batches_tracked = child.num_batches_tracked
             bn.train(child.training)
             setattr(module, name, bn)
         else:

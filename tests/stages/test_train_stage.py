@@ -85,14 +85,13 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(family: s
     init = build_family(arch, train.resolve_hparams(cfg.train)).generator.state_dict()
     a = load_file(str(tmp_path / "one" / "generator.safetensors"))
     b = load_file(str(tmp_path / "two" / "generator.safetensors"))
-    # Stated tolerance: within 2% of the distance training moved the weights (measured: <= 0.4%;
-    # without a synchronised batch norm the gap is 20-40%).
-    assert _moved_apart(a, b, init) < 0.02
+    # Stated tolerance: the weights within 0.1% of the distance training moved them, every
+    # logged value within 1e-3 relative (measured: ~1e-5 and ~1e-6; with per-process batch norm
+    # statistics instead of global ones: 0.3-40% and up to 30%).
+    assert _moved_apart(a, b, init) < 1e-3
     h1, h2 = pd.read_csv(tmp_path / "one" / "history.csv"), pd.read_csv(tmp_path / "two" / "history.csv")
     assert list(h1.columns) == list(h2.columns)
-    losses = [c for c in h1.columns if c.startswith(("loss", "recon"))]
-    np.testing.assert_allclose(h1[losses].to_numpy(), h2[losses].to_numpy(), rtol=2e-2)
-    np.testing.assert_allclose(h1.loc[0, losses].to_numpy(), h2.loc[0, losses].to_numpy(), rtol=1e-4)
+    np.testing.assert_allclose(h1.to_numpy(), h2.to_numpy(), rtol=1e-3)
 
 
 class _Terminal(io.StringIO):
