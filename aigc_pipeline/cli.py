@@ -116,9 +116,10 @@ def _cmd_augment(args: argparse.Namespace) -> Any:
 def _cmd_train(args: argparse.Namespace) -> Any:
     from aigc_pipeline.stages import train
 
-    r = train.run(_config(args), _path(args, args.data), _path(args, args.out), _path(args, args.checkpoints))
+    r = train.run(_config(args), _path(args, args.data), _path(args, args.out), _path(args, args.checkpoints),
+                  project_dir=Path(args.project))
     resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from else ""
-    print(f"train: {r.model} {r.steps} steps{resumed}, {r.images_per_second:.0f} images/s; -> {r.out}")
+    print(f"train: {r.model} {r.steps} steps{resumed}, {r.images_per_second:.0f} images/s ({r.speed}); -> {r.out}")
     return r
 
 

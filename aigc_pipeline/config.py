@@ -118,9 +118,9 @@ class TrainConfig:
     batch_size: int = 64
     seed: int = 0
     checkpoint_every: int = 200
-    lr: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
+    lr: float | Literal["auto"] = "auto"  # auto: the model's recipe (aigc_pipeline.models.registry.recipe_for)
+    beta1: float | Literal["auto"] = "auto"
+    beta2: float | Literal["auto"] = "auto"
     latent_dim: int = 64
     width: int = 32
     vae_beta: float = 1.0
@@ -129,13 +129,26 @@ class TrainConfig:
     diffaugment: str = "color,translation,cutout"  # comma-separated; "" = off
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_grid: int = 64
+    devices: int = 1  # > 1: data parallel over this many processes (torchrun + DDP), global batch = batch_size
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the hardware has bf16
+    channels_last: Literal["auto"] | bool = "auto"
+    compile: bool = False  # torch.compile the networks
+    data_placement: Literal["auto", "device", "stream"] = "auto"  # stream: pinned host memory -> device per batch
+    max_grad_norm: float = 1e5  # stop when a gradient norm exceeds this; 0 = only non-finite values stop
+    keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.devices >= 1, "devices", "must be >= 1")
+        _check(self.batch_size % self.devices == 0, "batch_size", f"must be divisible by train.devices ({self.devices})")
+        _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 = off)")
+        _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.batch_size >= 2, "batch_size", "must be >= 2 (batch norm needs two samples)")
         _check(self.checkpoint_every >= 1, "checkpoint_every", "must be >= 1")
-        _check(self.lr > 0, "lr", "must be > 0")
-        _check(0.0 <= self.beta1 < 1.0 and 0.0 <= self.beta2 < 1.0, "beta1/beta2", "must be in [0, 1)")
+        _check(self.lr == "auto" or self.lr > 0, "lr", "must be > 0 (or auto)")
+        for name in ("beta1", "beta2"):
+            value = getattr(self, name)
+            _check(value == "auto" or 0.0 <= value < 1.0, name, "must be in [0, 1) (or auto)")
         _check(self.latent_dim >= 1 and self.width >= 4, "latent_dim/width", "are too small")
         _check(self.vae_beta >= 0, "vae_beta", "must be >= 0")
         _check(1 <= self.sample_grid <= 256, "sample_grid", "must be in 1..256")

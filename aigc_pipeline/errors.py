@@ -14,4 +14,13 @@ class DataError(AigcError, ValueError):
 
 
 class TrainingDiverged(AigcError, RuntimeError):
-    """Training produced a non-finite loss; the message names the step."""
+    """Training produced a non-finite loss or an exploding gradient; the message names the step.
+
+    ``step`` is the first bad step; ``history`` the per-step records of the steps before it
+    (what a failed run's tracking logs as partial losses).
+    """
+
+    def __init__(self, message: str, *, step: int | None = None, history: list[dict[str, float]] | None = None) -> None:
+        super().__init__(message)
+        self.step = step
+        self.history = list(history or [])

@@ -13,6 +13,7 @@ from pathlib import Path
 BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline",
     "ingest": "bench.ingest",
+    "training": "bench.training",
 }
 
 

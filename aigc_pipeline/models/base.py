@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Iterable, Protocol
 
 import torch
 from torch import nn
+
+from aigc_pipeline.training.randomness import BatchRandom
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,15 @@ class Arch:
     latent_dim: int
     width: int
     num_classes: int = 0  # > 0: class-conditional (generator and discriminator/encoder see labels)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A family's known-good optimiser settings, used where ``train.lr``/``beta1``/``beta2`` are ``auto``."""
+
+    lr: float
+    beta1: float
+    beta2: float
 
 
 @dataclass(frozen=True)
@@ -38,15 +49,21 @@ class Family(Protocol):
 
     modules: dict[str, nn.Module]  # everything saved in a checkpoint, by name
     optimizers: dict[str, torch.optim.Optimizer]
+    # What train_step calls forward on: ``modules`` by default; the loop may replace entries
+    # with wrapped versions (DistributedDataParallel, compiled) that share the same parameters.
+    nets: dict[str, nn.Module]
 
     def train_step(
-        self, real: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator
+        self, real: torch.Tensor, labels: torch.Tensor | None, rnd: BatchRandom
     ) -> dict[str, torch.Tensor]:
         """One optimisation step on a batch in [-1, 1] (with its class labels when the
-        architecture is conditional); returns detached scalar losses.
+        architecture is conditional); returns detached float32 scalars: the losses, and
+        ``grad_norm*`` entries (the gradient norm before each optimizer step), which the
+        loop checks against ``train.max_grad_norm``.
 
-        ``gen`` is the only source of randomness (noise, reparameterisation), so a step
-        is reproducible from its generator state.
+        ``rnd`` is the only source of randomness (noise, reparameterisation, augmentation),
+        so a step is reproducible from its generator state. May run under autocast: compute
+        losses in float32.
         """
         ...
 
@@ -54,3 +71,11 @@ class Family(Protocol):
     def generator(self) -> nn.Module:
         """The :class:`Generator` mapping latent [B, latent_dim] (+ labels) to images in [-1, 1] (exported)."""
         ...
+
+
+def grad_norm(parameters: Iterable[nn.Parameter]) -> torch.Tensor:
+    """The total L2 norm of the parameters' gradients, as a device tensor (no host sync)."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if not grads:
+        return torch.zeros(())
+    return torch.nn.utils.get_total_norm(grads, norm_type=2.0).float().detach()

@@ -6,11 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from aigc_pipeline.models.base import Arch, Hparams
+from aigc_pipeline.models.base import Arch, Hparams, Recipe, grad_norm
 from aigc_pipeline.models.blocks import Critic, Generator, dcgan_init
+from aigc_pipeline.training.randomness import BatchRandom
 
 
 class VAE:
+    recipe = Recipe(lr=2e-4, beta1=0.5, beta2=0.999)  # the DCGAN settings; not tuned for the VAE
+
     def __init__(self, arch: Arch, hp: Hparams) -> None:
         enc = Critic(arch.size, arch.channels, arch.width, out_dim=2 * arch.latent_dim, num_classes=arch.num_classes)
         dec = Generator(arch.latent_dim, arch.size, arch.channels, arch.width, arch.num_classes)
@@ -18,6 +21,7 @@ class VAE:
         dec.apply(dcgan_init)
         self.beta = hp.vae_beta
         self.modules: dict[str, nn.Module] = {"encoder": enc, "generator": dec}
+        self.nets = dict(self.modules)
         params = list(enc.parameters()) + list(dec.parameters())
         self.optimizers = {"vae": torch.optim.Adam(params, lr=hp.lr, betas=(hp.beta1, hp.beta2))}
 
@@ -25,18 +29,19 @@ class VAE:
     def generator(self) -> nn.Module:
         return self.modules["generator"]
 
-    def train_step(self, real: torch.Tensor, labels: torch.Tensor | None, gen: torch.Generator) -> dict[str, torch.Tensor]:
-        enc, dec = self.modules["encoder"], self.modules["generator"]
+    def train_step(self, real: torch.Tensor, labels: torch.Tensor | None, rnd: BatchRandom) -> dict[str, torch.Tensor]:
+        enc, dec = self.nets["encoder"], self.nets["generator"]
         opt = self.optimizers["vae"]
-        mu, logvar = enc(real, labels).chunk(2, dim=1)
+        mu, logvar = enc(real, labels).float().chunk(2, dim=1)
         logvar = logvar.clamp(-30.0, 20.0)  # keeps exp() finite early in training
-        eps = torch.randn(mu.shape, generator=gen, device=mu.device, dtype=mu.dtype)
-        recon = dec(mu + eps * torch.exp(0.5 * logvar), labels)
+        eps = rnd.randn(tuple(mu.shape), device=mu.device, dtype=mu.dtype)
+        recon = dec(mu + eps * torch.exp(0.5 * logvar), labels).float()
         n = real.shape[0]
         rec = (recon - real).pow(2).sum() / n
         kl = -0.5 * (1 + logvar - mu.pow(2) - logvar.exp()).sum() / n
         loss = rec + self.beta * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        norm = grad_norm(p for m in self.modules.values() for p in m.parameters())
         opt.step()
-        return {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach()}
+        return {"loss": loss.detach(), "recon": rec.detach(), "kl": kl.detach(), "grad_norm": norm}

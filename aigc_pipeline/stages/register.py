@@ -20,8 +20,7 @@ from aigc_pipeline.config import Config
 from aigc_pipeline.evaluation.protocol import metric_key
 from aigc_pipeline.io import atomic_write_json
 from aigc_pipeline.models.export import read_model_meta
-
-FLOW_RUN_ENV = "AIGC_FLOW_RUN_ID"  # set by the Prefect flow; tagged for lineage
+from aigc_pipeline.tracking.runs import FLOW_RUN_ENV, flat_params  # FLOW_RUN_ENV: re-exported for flows/
 
 
 @dataclass(frozen=True)
@@ -62,9 +61,11 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                 "aigc.protocol": protocol_id, **_lineage(project_dir)}
         with mlflow.start_run(run_name=f"{name}-{meta['data_digest'][:8]}", tags=tags) as active:
             run_id = active.info.run_id
-            mlflow.log_params(_flat_params(cfg))
+            mlflow.log_params(flat_params(cfg))
             log_prepared_dataset(project_dir, cfg.dataset)  # mlflow.log_input, digest = DVC's hash
             _log_history(client, run_id, Path(model) / "history.csv")
+            # Per epoch: images/s, learning rates, mean losses (at the epoch's last step).
+            _log_history(client, run_id, Path(model) / "epochs.csv", prefix="train_epoch/")
             mlflow.log_metric(metric_key("fid", protocol_id), fid)
             for key in ("isc", "isc_std"):
                 if key in metrics_doc:
@@ -103,36 +104,14 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
     return result
 
 
-def _flat_params(cfg: Config) -> dict[str, str]:
-    d = cfg.to_dict()
-    out = {"dataset": cfg.dataset}
-    for k, v in d["datasets"][cfg.dataset].items():
-        out[f"datasets.{cfg.dataset}.{k}"] = v
-    for section in ("ingest", "augment", "train", "evaluate", "register"):
-        for k, v in d[section].items():
-            out[f"{section}.{k}"] = v
-    return {k: str(v) for k, v in out.items()}
-
-
-def _log_history(client, run_id: str, path: Path) -> None:
-    """Per-step losses from the trainer's history, in batches (MLflow caps a batch at 1000)."""
-    from mlflow.entities import Metric
+def _log_history(client, run_id: str, path: Path, prefix: str = "train/") -> None:
+    """Per-step records of a CSV written by the train stage (a ``step`` column), as metrics."""
+    from aigc_pipeline.tracking.runs import log_step_metrics
 
     if not path.exists():
         return
-    import time
-
-    now = int(time.time() * 1000)
-    batch: list[Metric] = []
     with path.open() as f:
-        for row in csv.DictReader(f):
-            step = int(row.pop("step"))
-            batch += [Metric(f"train/{k}", float(v), now, step) for k, v in row.items()]
-            if len(batch) >= 900:
-                client.log_batch(run_id, metrics=batch)
-                batch = []
-    if batch:
-        client.log_batch(run_id, metrics=batch)
+        log_step_metrics(client, run_id, csv.DictReader(f), prefix=prefix)
 
 
 def _lineage(project_dir: Path) -> dict[str, str]:

@@ -1,25 +1,45 @@
-"""Train: fit the configured model family on the augmented dataset; export the generator."""
+"""Train: fit the configured model family on the augmented dataset; export the generator.
+
+With ``train.devices: N > 1`` the stage starts ``torchrun --nproc_per_node N`` on
+:mod:`aigc_pipeline.stages.train_worker`, which runs this same function in every process
+(data parallel, DDP); rank 0 writes the outputs and this process reports them.
+
+When training diverges, the stage records a FAILED MLflow run (params, the losses up to the
+failure, the error as a tag) and re-raises, so a flow stops before anything is registered.
+"""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import io
+import json
+import os
+import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TextIO
 
 import numpy as np
 
-from aigc_pipeline.config import Config, config_digest
+from aigc_pipeline.config import Config, TrainConfig, config_digest
 from aigc_pipeline.data.prepared import load_prepared
-from aigc_pipeline.errors import ConfigError
-from aigc_pipeline.images import save_grid
-from aigc_pipeline.io import atomic_dir, atomic_write_text
+from aigc_pipeline.errors import ConfigError, DataError, TrainingDiverged
+from aigc_pipeline.images import make_grid, png_bytes
+from aigc_pipeline.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.export import save_generator
+from aigc_pipeline.models.registry import recipe_for
+from aigc_pipeline.training import distributed
 from aigc_pipeline.training.loop import Callbacks, train
+from aigc_pipeline.training.speed import resolve_device
+
+# Settings that change how fast training runs but not what it computes (beyond floating-point
+# order): left out of the checkpoint folder's key, so changing them resumes instead of restarting.
+_OPERATIONAL = ("devices", "data_placement", "keep_checkpoints", "checkpoint_every", "sample_grid")
 
 
 @dataclass(frozen=True)
@@ -30,17 +50,23 @@ class TrainStageResult:
     resumed_from: int
     images_per_second: float
     final_losses: dict[str, float]
+    speed: str = ""  # device, precision, memory format, compile
+    world_size: int = 1
 
 
-def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = False) -> TrainStageResult:
+def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = False,
+        project_dir: Path = Path(".")) -> TrainStageResult:
     """Train on the prepared dataset at ``data``; write the model folder ``out``.
 
     Checkpoints go to ``checkpoints/<config hash>/``: a rerun with the same config and data
     resumes, a changed config starts fresh instead of resuming someone else's state.
+    ``project_dir`` locates the MLflow store a diverged run is recorded in.
     """
     tcfg = cfg.train
+    if tcfg.devices > 1 and not distributed.under_torchrun():
+        return _launch_data_parallel(cfg, data, out, checkpoints, quiet=quiet, project_dir=project_dir)
+    dist_info = distributed.init_from_env(resolve_device(tcfg.device).type)
     prepared = load_prepared(data)
-    dcfg = cfg.active_dataset
     num_classes = 0
     if tcfg.conditional:
         if not prepared.classes or (prepared.labels < 0).any():
@@ -49,27 +75,71 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
         num_classes = len(prepared.classes)
     arch = Arch(family=tcfg.model, size=prepared.images.shape[-1], channels=prepared.images.shape[1],
                 latent_dim=tcfg.latent_dim, width=tcfg.width, num_classes=num_classes)
-    hp = Hparams(lr=tcfg.lr, beta1=tcfg.beta1, beta2=tcfg.beta2, vae_beta=tcfg.vae_beta,
-                 ema_decay=tcfg.ema_decay, diffaugment=tcfg.diffaugment)
-    run_key = config_digest({"train": dataclasses.asdict(tcfg), "arch": arch.__dict__, "data": prepared.digest})[:16]
-    grids: list[tuple[int, np.ndarray]] = []
-    log = _EpochPrinter(quiet)
+    hp = resolve_hparams(tcfg)
+    key_cfg = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _OPERATIONAL}
+    run_key = config_digest({"train": key_cfg, "arch": arch.__dict__, "data": prepared.digest})[:16]
+    ckpt_dir = Path(checkpoints) / run_key
+    # Epoch grids are written beside the checkpoints as they come, so a resumed run still
+    # publishes the grids of the epochs an interrupted process finished.
+    grid_dir = ckpt_dir / "samples"
+    show = not quiet and dist_info.is_main
+    progress = Progress(tcfg.epochs, enabled=show)
 
-    result = train(
-        prepared.images,
-        labels=prepared.labels if num_classes else None,
-        arch=arch,
-        hparams=hp,
-        epochs=tcfg.epochs,
-        batch_size=tcfg.batch_size,
-        seed=tcfg.seed,
-        checkpoint_dir=Path(checkpoints) / run_key,
-        checkpoint_every=tcfg.checkpoint_every,
-        device=tcfg.device,
-        sample_grid=tcfg.sample_grid,
-        callbacks=Callbacks(on_progress=log.progress, on_epoch_end=lambda e, g, s: (grids.append((e, g)), log.epoch(e, s))),
-    )
+    def on_epoch_end(epoch: int, grid: np.ndarray, stats: dict[str, float]) -> None:
+        atomic_write_bytes(grid_dir / f"epoch-{epoch:03d}.png", png_bytes(make_grid(grid)))
+        progress.epoch(epoch, stats)
+
+    try:
+        result = train(
+            prepared.images,
+            labels=prepared.labels if num_classes else None,
+            arch=arch,
+            hparams=hp,
+            epochs=tcfg.epochs,
+            batch_size=tcfg.batch_size,
+            seed=tcfg.seed,
+            checkpoint_dir=ckpt_dir,
+            checkpoint_every=tcfg.checkpoint_every,
+            keep_checkpoints=tcfg.keep_checkpoints,
+            device=tcfg.device,
+            sample_grid=tcfg.sample_grid,
+            max_grad_norm=tcfg.max_grad_norm,
+            precision=tcfg.precision,
+            channels_last=tcfg.channels_last,
+            compile=tcfg.compile,
+            data_placement=tcfg.data_placement,
+            callbacks=Callbacks(on_start=progress.start, on_progress=progress.step, on_epoch_end=on_epoch_end),
+        )
+    except TrainingDiverged as e:
+        progress.close()
+        if dist_info.is_main:
+            from aigc_pipeline.tracking.runs import record_failed_training
+
+            run_id = record_failed_training(project_dir, cfg, e, e.history, e.step)
+            print(f"  train: {e}\n  train: recorded as FAILED MLflow run {run_id}; nothing registered",
+                  file=sys.stderr, flush=True)
+        raise
+    progress.close()
     final = {k: v for k, v in result.history[-1].items() if k != "step"}
+    if dist_info.is_main:
+        _write_model(out, result, arch, cfg, hp, prepared.digest, list(prepared.classes), final, grid_dir)
+    return TrainStageResult(out=out, model=tcfg.model, steps=result.steps, resumed_from=result.resumed_from,
+                            images_per_second=result.images_per_second, final_losses=final, speed=result.speed,
+                            world_size=dist_info.world)
+
+
+def resolve_hparams(tcfg: TrainConfig) -> Hparams:
+    """The family's hyper-parameters, with ``auto`` lr/betas replaced by the model's recipe."""
+    recipe = recipe_for(tcfg.model)
+    return Hparams(lr=recipe.lr if tcfg.lr == "auto" else tcfg.lr,
+                   beta1=recipe.beta1 if tcfg.beta1 == "auto" else tcfg.beta1,
+                   beta2=recipe.beta2 if tcfg.beta2 == "auto" else tcfg.beta2,
+                   vae_beta=tcfg.vae_beta, ema_decay=tcfg.ema_decay, diffaugment=tcfg.diffaugment)
+
+
+def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, digest: str, classes: list[str],
+                 final: dict[str, float], grid_dir: Path) -> None:
+    tcfg = cfg.train
     with atomic_dir(out) as tmp:
         save_generator(
             tmp,
@@ -78,51 +148,141 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
             {
                 "model": tcfg.model,
                 "dataset": cfg.dataset,
-                "data_digest": prepared.digest,
-                "classes": list(prepared.classes),
+                "data_digest": digest,
+                "classes": classes,
                 "steps": result.steps,
                 "train": dataclasses.asdict(tcfg),
-                "source_size": dcfg.size,
+                "hparams": dataclasses.asdict(hp),  # with the recipe's values where the config says auto
+                "speed": result.speed,
+                "source_size": cfg.active_dataset.size,
                 "final_losses": final,
             },
         )
-        for epoch, grid in grids:
-            save_grid(grid, tmp / "samples" / f"epoch-{epoch:03d}.png")
-        if grids:
-            save_grid(grids[-1][1], tmp / "samples.png")
-        atomic_write_text(tmp / "history.csv", _history_csv(result.history))
-    return TrainStageResult(out=out, model=tcfg.model, steps=result.steps, resumed_from=result.resumed_from,
-                            images_per_second=result.images_per_second, final_losses=final)
+        grids = [grid_dir / f"epoch-{e:03d}.png" for e in range(1, tcfg.epochs + 1)]
+        for grid in grids:
+            if grid.exists():
+                atomic_write_bytes(tmp / "samples" / grid.name, grid.read_bytes())
+        if grids[-1].exists():
+            atomic_write_bytes(tmp / "samples.png", grids[-1].read_bytes())
+        atomic_write_text(tmp / "history.csv", _csv(result.history))
+        atomic_write_text(tmp / "epochs.csv", _csv(result.epoch_log))
 
 
-def _history_csv(history: list[dict[str, float]]) -> str:
+def _csv(rows: list[dict[str, float]]) -> str:
     buf = io.StringIO()
-    if history:
-        w = csv.DictWriter(buf, fieldnames=list(history[0]))
+    if rows:
+        w = csv.DictWriter(buf, fieldnames=list(rows[0]))
         w.writeheader()
-        for row in history:
-            w.writerow({**row, "step": int(row["step"])})
+        for row in rows:
+            w.writerow({k: int(v) if k in ("step", "epoch") else v for k, v in row.items()})
     return buf.getvalue()
 
 
-class _EpochPrinter:
-    """One line per epoch (and a carriage-return counter on a terminal)."""
+# ---------------------------------------------------------------------------
+# Data parallel: this process starts torchrun and reports what rank 0 wrote.
 
-    def __init__(self, quiet: bool) -> None:
-        self.quiet = quiet
+
+def _launch_data_parallel(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool,
+                          project_dir: Path) -> TrainStageResult:
+    import aigc_pipeline
+
+    n = cfg.train.devices
+    with tempfile.TemporaryDirectory(prefix="aigc-train-") as tmp:
+        config_file, result_file = Path(tmp) / "config.json", Path(tmp) / "result.json"
+        atomic_write_json(config_file, cfg.to_dict())
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
+               "-m", "aigc_pipeline.stages.train_worker", str(config_file), str(Path(data).resolve()),
+               str(Path(out).resolve()), str(Path(checkpoints).resolve()), str(Path(project_dir).resolve()),
+               str(result_file)] + (["--quiet"] if quiet else [])
+        # The workers import the same package as this process, wherever the command runs.
+        package_root = str(Path(aigc_pipeline.__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
+        if not quiet:
+            print(f"  train: data parallel on {n} processes: {' '.join(cmd[:6])} ...", file=sys.stderr, flush=True)
+        proc = subprocess.run(cmd, env=env, stdout=sys.stderr if not quiet else subprocess.DEVNULL,
+                              stderr=None if not quiet else subprocess.PIPE, text=True)
+        doc = json.loads(result_file.read_text()) if result_file.exists() else {}
+    if proc.returncode != 0 or "error" in doc or not doc:
+        raise _worker_error(doc, proc.returncode, getattr(proc, "stderr", None))
+    return TrainStageResult(out=Path(doc["out"]), model=doc["model"], steps=doc["steps"],
+                            resumed_from=doc["resumed_from"], images_per_second=doc["images_per_second"],
+                            final_losses=doc["final_losses"], speed=doc["speed"], world_size=doc["world_size"])
+
+
+def _worker_error(doc: dict[str, Any], returncode: int, stderr: str | None) -> Exception:
+    """Re-create the error rank 0 reported (same type for user errors), else a RuntimeError."""
+    kinds = {"TrainingDiverged": TrainingDiverged, "ConfigError": ConfigError, "DataError": DataError}
+    if doc.get("error") in kinds:
+        return kinds[doc["error"]](doc["message"])
+    tail = (stderr or "")[-3000:]
+    detail = doc.get("message") or f"see the output above{': ' + tail if tail else ''}"
+    return RuntimeError(f"data-parallel training failed (torchrun exited with {returncode}): {detail}")
+
+
+def report_for_parent(result_file: Path, result: TrainStageResult | None, error: BaseException | None) -> None:
+    """Rank 0 of a data-parallel run: tell the launching process what happened (a JSON file)."""
+    if error is not None:
+        doc: dict[str, Any] = {"error": type(error).__name__, "message": str(error)}
+    else:
+        doc = {**dataclasses.asdict(result), "out": str(result.out)}
+    atomic_write_json(result_file, doc)
+
+
+# ---------------------------------------------------------------------------
+# Terminal output
+
+
+class Progress:
+    """A progress bar on a terminal (redrawn at most 10 times a second) and one line per epoch
+    (on a terminal or not): losses, images/s, learning rate."""
+
+    WIDTH = 24
+
+    def __init__(self, epochs: int, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled
+        self.tty = enabled and self.stream.isatty()
+        self.epochs = epochs
         self.t0 = time.perf_counter()
-        self.tty = sys.stderr.isatty()
-        self.step = self.total = 0
+        self.last_draw = 0.0
+        self.first_step = None
+        self.step_no = self.total = 0
+        self.drawn = False
 
-    def progress(self, step: int, total: int, epoch: int) -> None:
-        self.step, self.total = step, total
-        if self.tty and not self.quiet and step % 10 == 0:
-            print(f"\r  train epoch {epoch} step {step}/{total}", end="", file=sys.stderr, flush=True)
+    def start(self, info: dict[str, Any]) -> None:
+        self.first_step, self.total = info["resumed_from"], info["total_steps"]
+        self.t0 = time.perf_counter()
+        if self.enabled:
+            resumed = f", resumed from step {info['resumed_from']}" if info["resumed_from"] else ""
+            world = f", {info['world_size']} processes" if info["world_size"] > 1 else ""
+            print(f"  train: {info['speed']}, data on {info['data_placement']}{world}{resumed}",
+                  file=self.stream, flush=True)
+
+    def step(self, step: int, total: int, epoch: int) -> None:
+        self.step_no, self.total = step, total
+        now = time.perf_counter()
+        if self.tty and (now - self.last_draw >= 0.1 or step == total):
+            self.last_draw = now
+            done = step / total if total else 1.0
+            bar = "#" * int(done * self.WIDTH) + "-" * (self.WIDTH - int(done * self.WIDTH))
+            rate = (step - (self.first_step or 0)) / max(now - self.t0, 1e-9)
+            eta = (total - step) / rate if rate > 0 else 0.0
+            print(f"\r  train [{bar}] {step}/{total} epoch {epoch}/{self.epochs}  {rate:.1f} it/s  "
+                  f"eta {int(eta) // 60}:{int(eta) % 60:02d} ", end="", file=self.stream, flush=True)
+            self.drawn = True
 
     def epoch(self, epoch: int, stats: dict[str, float]) -> None:
-        if self.quiet:
+        if not self.enabled:
             return
-        rate = self.step / max(time.perf_counter() - self.t0, 1e-9)
-        losses = "  ".join(f"{k} {v:.4f}" for k, v in stats.items())
-        print(f"\r  train epoch {epoch}  step {self.step}/{self.total}  {losses}  ({rate:.1f} steps/s)",
-              file=sys.stderr, flush=True)
+        rate = stats.get("images_per_s", float("nan"))
+        lrs = " ".join(f"{k} {v:.2g}" for k, v in stats.items() if k.startswith("lr_"))
+        losses = "  ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.startswith(("loss", "recon", "kl")))
+        prefix = "\r\033[K" if self.drawn else ""
+        self.drawn = False
+        print(f"{prefix}  train epoch {epoch}/{self.epochs}  step {self.step_no}/{self.total}  {losses}  "
+              f"{rate:.0f} img/s  {lrs}", file=self.stream, flush=True)
+
+    def close(self) -> None:
+        if self.drawn:
+            print(file=self.stream, flush=True)
+            self.drawn = False

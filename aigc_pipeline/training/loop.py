@@ -1,19 +1,26 @@
 """The family-agnostic training loop.
 
 It knows nothing of Prefect, MLflow or DVC: callers pass callbacks for progress, metrics,
-sample grids and abort. All randomness comes from ``seed``: weights are initialised under
-``torch.manual_seed(seed)``, each epoch's data order and each step's noise come from
-generators seeded by (seed, epoch) and (seed, step). Nothing random carries state from step
-to step, so resuming from a checkpoint continues exactly as an uninterrupted run would.
+sample grids, checkpoints and abort. All randomness comes from ``seed``: weights are
+initialised under ``torch.manual_seed(seed)``; each epoch's data order and each step's noise
+and augmentation come from generators seeded by (seed, epoch) and (seed, step)
+(:mod:`.randomness`). Checkpoints also hold the global random states, the epoch's data order
+and the position in it, so a resumed run continues exactly as an uninterrupted one would
+(bitwise on the CPU).
+
+No per-step host synchronisation: losses and gradient norms stay on the device and are
+fetched in one transfer every ``log_every`` steps (and before each checkpoint), where they are
+checked for divergence.
 """
 
 from __future__ import annotations
 
 import math
+import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -21,21 +28,35 @@ import torch
 from aigc_pipeline.errors import TrainingDiverged
 from aigc_pipeline.models.base import Arch, Family, Hparams
 from aigc_pipeline.models.registry import build_family
-from aigc_pipeline.training.checkpoint import load_latest_checkpoint, save_checkpoint
+from aigc_pipeline.training import distributed
+from aigc_pipeline.training.checkpoint import (capture_rng_state, load_latest_checkpoint, restore_rng_state,
+                                               save_checkpoint)
+from aigc_pipeline.training.data import Batches, Placement
+from aigc_pipeline.training.randomness import (EPOCH_STREAM, SAMPLE_STREAM, STEP_STREAM, BatchRandom,
+                                               seeded_generator)
+from aigc_pipeline.training.speed import Precision, Speed, Toggle, resolve_device, resolve_speed
 
-_EPOCH_STREAM, _STEP_STREAM, _SAMPLE_STREAM = 1, 2, 3
+__all__ = ["Callbacks", "TrainResult", "train", "sample_images", "resolve_device", "seeded_generator"]
+
+# Default gradient-norm limit: far above what healthy training shows (on 32px digits: DCGAN
+# under ~300, SNGAN under ~10, the VAE, whose loss sums over pixels, under ~1500), far below a
+# diverging run's (DCGAN at lr=1e6: over 1e6 at the first step).
+DEFAULT_MAX_GRAD_NORM = 1e5
 
 
 @dataclass
 class Callbacks:
-    """Hooks the loop calls; every one is optional."""
+    """Hooks the loop calls; every one is optional. Under data parallelism only rank 0 calls
+    them (except ``should_abort``, which every rank must answer alike)."""
 
     on_progress: Callable[[int, int, int], None] | None = None  # (step, total_steps, epoch)
     on_metrics: Callable[[int, dict[str, float]], None] | None = None  # (step, scalars), flushed in batches
-    on_epoch_end: Callable[[int, np.ndarray, dict[str, float]], None] | None = None  # (epoch, grid uint8, stats)
+    # (epoch, fixed-noise grid uint8, stats: mean losses, images_per_s, lr_<optimizer>)
+    on_epoch_end: Callable[[int, np.ndarray, dict[str, float]], None] | None = None
     # (epoch, generator in eval mode): e.g. a small FID over training; the mode is restored after.
     on_epoch_generator: Callable[[int, torch.nn.Module], None] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None  # (step, file) after a checkpoint is written
+    on_start: Callable[[dict[str, Any]], None] | None = None  # run facts: speed settings, placement, world, resumed_from
     should_abort: Callable[[], bool] | None = None
 
 
@@ -45,28 +66,15 @@ class TrainResult:
     steps: int
     epochs: int
     resumed_from: int  # step of the checkpoint resumed from, 0 for a fresh start
-    images_per_second: float
-    history: list[dict[str, float]] = field(default_factory=list)
-
-
-def seeded_generator(seed: int, stream: int, index: int, device: torch.device) -> torch.Generator:
-    """A generator for one (stream, index) pair, independent of every other pair."""
-    g = torch.Generator(device=device)
-    g.manual_seed((seed * 1_000_003 + stream) * 1_000_000_007 + index & 0x7FFF_FFFF_FFFF_FFFF)
-    return g
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("train.device=cuda but no CUDA device is available (use auto or cpu)")
-    return torch.device(name)
+    images_per_second: float  # over the steps this call ran (global images under data parallelism)
+    history: list[dict[str, float]] = field(default_factory=list)  # one record per step
+    epoch_log: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
+    speed: str = ""
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """[-1, 1] float images -> uint8 numpy [B, C, H, W]."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
 
 
 def train(
@@ -84,89 +92,116 @@ def train(
     sample_grid: int = 64,
     log_every: int = 25,
     keep_checkpoints: int = 3,
+    max_grad_norm: float = DEFAULT_MAX_GRAD_NORM,  # 0 = no gradient check (non-finite values always stop)
+    precision: Precision = "auto",
+    channels_last: Toggle = "auto",
+    compile: bool = False,
+    data_placement: Placement = "auto",
     callbacks: Callbacks | None = None,
 ) -> TrainResult:
     """Train ``arch.family`` on uint8 ``images`` [N, C, H, W]; resume from ``checkpoint_dir`` if it holds one.
 
     ``labels`` (int [N], 0..num_classes-1) are required when ``arch.num_classes`` > 0.
+    ``batch_size`` is the global batch: under torchrun (an initialised process group) each of
+    the N ranks trains on ``batch_size / N`` images of it.
 
-    Raises :class:`TrainingDiverged` naming the first step whose loss is not finite.
+    Raises :class:`TrainingDiverged` naming the first step whose loss or gradient norm is not
+    finite, or whose gradient norm exceeds ``max_grad_norm``.
     """
     cb = callbacks or Callbacks()
-    dev = resolve_device(device)
+    dist_info = distributed.current()
+    dev = resolve_device(device, dist_info.local_rank)
+    speed = resolve_speed(dev, precision, channels_last, compile)
+    if not dist_info.is_main:
+        cb = Callbacks(should_abort=cb.should_abort)
     n = images.shape[0]
+    if batch_size % dist_info.world:
+        raise ValueError(f"train.batch_size={batch_size} must be divisible by train.devices={dist_info.world}")
     if n < batch_size:
         raise ValueError(f"train.batch_size={batch_size} is larger than the training set ({n} images)")
     steps_per_epoch = n // batch_size  # the last partial batch is dropped: batch norm wants full batches
     total = epochs * steps_per_epoch
+    if arch.num_classes and (labels is None or len(labels) != n or labels.min() < 0
+                             or labels.max() >= arch.num_classes):
+        raise ValueError(f"a conditional model needs a label in 0..{arch.num_classes - 1} for every image")
 
+    # Every global random state starts from the seed; checkpoints carry them on from there.
     torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
     family = build_family(arch, hparams)
-    for m in family.modules.values():
-        m.to(dev).train()
-    # Moved once; each batch is indexed and scaled on the device, no per-step host copies.
-    data = torch.from_numpy(images).to(dev)
-    targets = None
-    if arch.num_classes:
-        if labels is None or len(labels) != n or labels.min() < 0 or labels.max() >= arch.num_classes:
-            raise ValueError(f"a conditional model needs a label in 0..{arch.num_classes - 1} for every image")
-        targets = torch.from_numpy(np.array(labels, dtype=np.int64)).to(dev)
-    fixed_z = torch.randn(
-        sample_grid, arch.latent_dim, generator=seeded_generator(seed, _SAMPLE_STREAM, 0, torch.device("cpu"))
-    ).to(dev)
+    _prepare_modules(family, dev, speed, dist_info)
+    batches = Batches(images, labels if arch.num_classes else None, dev, placement=data_placement,
+                      channels_last=speed.channels_last)
+    fixed_z = torch.randn(sample_grid, arch.latent_dim,
+                          generator=seeded_generator(seed, SAMPLE_STREAM, 0, "cpu")).to(dev)
     fixed_y = (torch.arange(sample_grid) % arch.num_classes).to(dev) if arch.num_classes else None
+    fingerprint = {"arch": dict(arch.__dict__), "hparams": dict(hparams.__dict__), "total_steps": total,
+                   "batch_size": batch_size, "seed": seed, "images": n}
 
-    start, history = 0, []
+    start, history, epoch_log, saved_order = 0, [], [], None
     state = load_latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if state is not None:
-        if state["arch"] != arch.__dict__ or state["total_steps"] != total:
+        if state["fingerprint"] != fingerprint:
             raise ValueError(
-                f"checkpoint in {checkpoint_dir} was made with a different configuration; "
-                "delete that folder to start over"
+                f"checkpoint in {checkpoint_dir} was made with a different configuration "
+                f"({_differences(state['fingerprint'], fingerprint)}); delete that folder to start over"
             )
         for name, m in family.modules.items():
             m.load_state_dict(state["modules"][name])
         for name, opt in family.optimizers.items():
             opt.load_state_dict(state["optimizers"][name])
-        start, history = state["step"], list(state["history"])
+        start = state["step"]
+        names = state["history"]["columns"]
+        history = [{"step": float(row[0]), **dict(zip(names, row[1:].tolist()))}
+                   for row in state["history"]["values"]]
+        epoch_log = list(state["epochs"])
+        saved_order = state["data"]
     resumed_from = start
+    _wrap_nets(family, dev, speed, dist_info)
+    if state is not None:
+        restore_rng_state(state["rng"])  # last: building the model above drew from the global state
+    if cb.on_start:
+        cb.on_start({"speed": speed.describe(), "data_placement": batches.placement, "world_size": dist_info.world,
+                     "resumed_from": resumed_from, "total_steps": total})
 
     pending: list[tuple[int, dict[str, torch.Tensor]]] = []
 
     def flush() -> None:
-        """Move pending losses to the host in one transfer and check they are finite."""
+        """Fetch pending losses in one transfer, average them over ranks, check for divergence."""
         if not pending:
             return
         names = list(pending[0][1])
-        values = torch.stack([torch.stack([p[1][k] for k in names]) for p in pending]).float().cpu().numpy()
+        stacked = torch.stack([torch.stack([p[1][k].float() for k in names]) for p in pending])
+        values = distributed.all_reduce_mean(stacked).cpu().numpy()
         for (step, _), row in zip(pending, values):
-            if not np.isfinite(row).all():
-                bad = [k for k, v in zip(names, row) if not math.isfinite(v)]
-                raise TrainingDiverged(
-                    f"training diverged at step {step}: non-finite {', '.join(bad)}; "
-                    "lower train.lr or check the data"
-                )
-            history.append({"step": step, **{k: float(v) for k, v in zip(names, row)}})
+            problem = _divergence(names, row, max_grad_norm)
+            if problem:
+                raise TrainingDiverged(f"training diverged at step {step}: {problem}", step=step, history=history)
+            history.append({"step": float(step), **{k: float(v) for k, v in zip(names, row)}})
         if cb.on_metrics:
             for rec in history[-len(pending):]:
                 cb.on_metrics(int(rec["step"]), {k: v for k, v in rec.items() if k != "step"})
         pending.clear()
 
-    t0, done_images = time.perf_counter(), 0
+    t_run = time.perf_counter()
     step = start
     while step < total:
         epoch, in_epoch = divmod(step, steps_per_epoch)
-        order = torch.randperm(n, generator=seeded_generator(seed, _EPOCH_STREAM, epoch, torch.device("cpu")))
-        order = order.to(dev)
-        for i in range(in_epoch, steps_per_epoch):
+        if saved_order is not None and saved_order["epoch"] == epoch and in_epoch:
+            order = saved_order["order"]
+        else:
+            order = torch.randperm(n, generator=seeded_generator(seed, EPOCH_STREAM, epoch, "cpu"))
+        saved_order = None
+        t_epoch, epoch_first = time.perf_counter(), step
+        batch_iter = batches.epoch(order, in_epoch, steps_per_epoch, batch_size, dist_info.rank, dist_info.world)
+        for real, y in batch_iter:
             if cb.should_abort and cb.should_abort():
                 raise KeyboardInterrupt("training aborted by the caller")
-            idx = order[i * batch_size : (i + 1) * batch_size]
-            real = data.index_select(0, idx).float().div_(127.5).sub_(1.0)
-            y = targets.index_select(0, idx) if targets is not None else None
-            losses = family.train_step(real, y, seeded_generator(seed, _STEP_STREAM, step, dev))
+            rnd = BatchRandom(seeded_generator(seed, STEP_STREAM, step, dev), dist_info.rank, dist_info.world)
+            with speed.autocast():
+                losses = family.train_step(real, y, rnd)
             step += 1
-            done_images += batch_size
             pending.append((step, losses))
             if len(pending) >= log_every:
                 flush()
@@ -174,43 +209,112 @@ def train(
                 cb.on_progress(step, total, epoch + 1)
             if checkpoint_dir and (step % checkpoint_every == 0 or step == total):
                 flush()  # never checkpoint a diverged state
-                written = save_checkpoint(
-                    checkpoint_dir,
-                    step,
-                    {
-                        "arch": arch.__dict__,
-                        "total_steps": total,
+                if dist_info.is_main:
+                    state = {
+                        "fingerprint": fingerprint,
                         "step": step,
                         "modules": {k: m.state_dict() for k, m in family.modules.items()},
                         "optimizers": {k: o.state_dict() for k, o in family.optimizers.items()},
-                        "history": history,
-                    },
-                    keep=keep_checkpoints,
-                )
-                if cb.on_checkpoint:
-                    cb.on_checkpoint(step, written)
+                        "rng": capture_rng_state(),
+                        # The data order: this epoch's permutation and where in it we are.
+                        "data": {"epoch": epoch, "order": order, "position": step - epoch * steps_per_epoch},
+                        # Augmentation draws come from the (seed, step) generators; recorded for inspection.
+                        "augmentation": {"policy": hparams.diffaugment, "seed": seed, "next_step": step},
+                        "history": _history_table(history),
+                        "epochs": epoch_log,
+                        "world_size": dist_info.world,
+                    }
+                    written = save_checkpoint(checkpoint_dir, step, state, keep=keep_checkpoints)
+                    if cb.on_checkpoint:
+                        cb.on_checkpoint(step, written)
         flush()
-        if cb.on_epoch_end:
-            stats = {k: float(np.mean([h[k] for h in history[-steps_per_epoch:]])) for k in history[-1] if k != "step"}
-            cb.on_epoch_end(epoch + 1, sample_images(family.generator, fixed_z, fixed_y), stats)
-        if cb.on_epoch_generator:
-            was_training = family.generator.training
-            family.generator.eval()
-            try:
-                with torch.no_grad():
-                    cb.on_epoch_generator(epoch + 1, family.generator)
-            finally:
-                family.generator.train(was_training)
+        seconds = time.perf_counter() - t_epoch  # after flush: the device has finished the epoch
+        in_this_epoch = step - epoch * steps_per_epoch  # history holds every step from 1, resumed or not
+        recent = history[-in_this_epoch:] if in_this_epoch else []
+        record = {"epoch": float(epoch + 1), "step": float(step),
+                  "images_per_s": (step - epoch_first) * batch_size / seconds if seconds > 0 else float("nan"),
+                  **{f"lr_{k}": float(o.param_groups[0]["lr"]) for k, o in family.optimizers.items()},
+                  **_mean_losses(recent)}
+        epoch_log.append(record)
+        _epoch_callbacks(cb, family, epoch + 1, fixed_z, fixed_y, record)
     flush()
-    elapsed = time.perf_counter() - t0
-    return TrainResult(
-        family=family,
-        steps=total,
-        epochs=epochs,
-        resumed_from=resumed_from,
-        images_per_second=done_images / elapsed if elapsed > 0 and done_images else float("nan"),
-        history=history,
-    )
+    if start == total:
+        # Resumed from the final checkpoint: nothing to train, but the caller still gets the
+        # last epoch's grid (same weights, same fixed noise: the same image).
+        _epoch_callbacks(cb, family, epochs, fixed_z, fixed_y, epoch_log[-1] if epoch_log else {})
+    elapsed = time.perf_counter() - t_run
+    done = (total - start) * batch_size
+    return TrainResult(family=family, steps=total, epochs=epochs, resumed_from=resumed_from,
+                       images_per_second=done / elapsed if elapsed > 0 and done else float("nan"),
+                       history=history, epoch_log=epoch_log, speed=speed.describe())
+
+
+def _prepare_modules(family: Family, dev: torch.device, speed: Speed, dist_info: distributed.DistInfo) -> None:
+    for name, m in family.modules.items():
+        m.to(dev).train()
+        if speed.channels_last:
+            m.to(memory_format=torch.channels_last)
+        if dist_info.world > 1:
+            family.modules[name] = distributed.sync_batchnorm(m, dev)
+    family.nets.update(family.modules)
+
+
+def _wrap_nets(family: Family, dev: torch.device, speed: Speed, dist_info: distributed.DistInfo) -> None:
+    """Compile and/or wrap for data parallelism what train_step calls; ``modules`` stay plain
+    (checkpoints and the exported generator use their state-dict keys)."""
+    for name, m in family.modules.items():
+        if not any(True for _ in m.parameters()):
+            continue  # e.g. a counter module: nothing to run forward on
+        net = distributed.wrap_ddp(m, dev) if dist_info.world > 1 else m
+        if speed.compile:
+            net = torch.compile(net)  # around DDP, as torch recommends, so DDP's hooks stay outside the graph
+        family.nets[name] = net
+
+
+def _divergence(names: list[str], row: np.ndarray, max_grad_norm: float) -> str | None:
+    bad = [k for k, v in zip(names, row) if not math.isfinite(v)]
+    if bad:
+        return f"non-finite {', '.join(bad)}; lower train.lr or check the data"
+    if max_grad_norm > 0:
+        over = [(k, v) for k, v in zip(names, row) if k.startswith("grad_norm") and v > max_grad_norm]
+        if over:
+            shown = ", ".join(f"{k}={v:.3g}" for k, v in over)
+            return (f"exploding gradient ({shown}, over train.max_grad_norm={max_grad_norm:g}); "
+                    "lower train.lr (or raise train.max_grad_norm if such norms are expected)")
+    return None
+
+
+def _history_table(history: list[dict[str, float]]) -> dict[str, Any]:
+    """Per-step records as one float64 tensor (compact in a checkpoint; floats round-trip exactly)."""
+    columns = [k for k in history[0] if k != "step"] if history else []
+    values = torch.tensor([[h["step"], *(h[k] for k in columns)] for h in history], dtype=torch.float64)
+    return {"columns": columns, "values": values.reshape(len(history), len(columns) + 1)}
+
+
+def _mean_losses(rows: list[dict[str, float]]) -> dict[str, float]:
+    if not rows:
+        return {}
+    return {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "step"}
+
+
+def _epoch_callbacks(cb: Callbacks, family: Family, epoch: int, fixed_z: torch.Tensor,
+                     fixed_y: torch.Tensor | None, stats: dict[str, float]) -> None:
+    if cb.on_epoch_end:
+        cb.on_epoch_end(epoch, sample_images(family.generator, fixed_z, fixed_y),
+                        {k: v for k, v in stats.items() if k not in ("epoch", "step")})
+    if cb.on_epoch_generator:
+        was_training = family.generator.training
+        family.generator.eval()
+        try:
+            with torch.no_grad():
+                cb.on_epoch_generator(epoch, family.generator)
+        finally:
+            family.generator.train(was_training)
+
+
+def _differences(saved: dict[str, Any], now: dict[str, Any]) -> str:
+    keys = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    return ", ".join(f"{k}: {saved.get(k)} -> {now.get(k)}" for k in keys)
 
 
 @torch.no_grad()

@@ -1,5 +1,6 @@
 """Exact resume across a hard kill: SIGKILL a training process at a random moment (mid-step or
-mid-checkpoint-write), re-run it, and compare the final weights bitwise with an uninterrupted run."""
+mid-checkpoint-write), re-run it, and compare the final weights bitwise with an uninterrupted run,
+for every model family."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _worker(ckpt: Path, out: Path, family: str) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
-@pytest.mark.parametrize("family", ["dcgan", "sngan"])
+@pytest.mark.parametrize("family", ["dcgan", "sngan", "vae"])
 def test_sigkill_then_rerun_gives_bitwise_identical_weights(tmp_path: Path, family: str) -> None:
     reference = _worker(tmp_path / "ref-ckpt", tmp_path / "ref.safetensors", family)
 

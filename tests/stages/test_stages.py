@@ -84,7 +84,10 @@ def test_train_writes_model_folder(model: Path) -> None:
     assert (model / "generator.safetensors").exists() and (model / "samples.png").exists()
     assert (model / "samples" / "epoch-001.png").exists()
     header = (model / "history.csv").read_text().splitlines()[0]
-    assert header == "step,loss_d,loss_g"
+    assert header == "step,loss_d,loss_g,grad_norm_d,grad_norm_g"
+    epochs = (model / "epochs.csv").read_text().splitlines()
+    assert epochs[0] == "epoch,step,images_per_s,lr_generator,lr_discriminator,loss_d,loss_g,grad_norm_d,grad_norm_g"
+    assert len(epochs) == 2 and epochs[1].startswith("1,10,")
 
 
 def test_evaluate_writes_protocol_named_fid(evaluation: Path, cfg: Config) -> None:
@@ -131,6 +134,10 @@ def test_register_champion_logic_and_pyfunc(cfg: Config, model: Path, evaluation
     assert any(k.startswith("fid_incv3-") for k in run.data.metrics)
     assert run.data.tags["aigc.data_digest"]
     assert len(client.get_metric_history(first.run_id, "train/loss_g")) >= 1
+    assert len(client.get_metric_history(first.run_id, "train/grad_norm_d")) >= 1
+    (rate,) = client.get_metric_history(first.run_id, "train_epoch/images_per_s")  # one epoch
+    assert rate.step == 10 and rate.value > 0
+    assert client.get_metric_history(first.run_id, "train_epoch/lr_generator")[0].value == 2e-4  # lr: auto = the dcgan recipe
 
     mlflow.set_tracking_uri(first.tracking_uri)
     loaded = mlflow.pyfunc.load_model("models:/digits-dcgan@champion")

@@ -84,3 +84,16 @@ def test_write_overrides_keeps_comments_and_rejects_bad_values(tmp_path: Path) -
     with pytest.raises(ConfigError, match="train.epochs"):
         write_overrides_to_params(tmp_path, ["train.epochs=-1"])
     assert (tmp_path / "params.yaml").read_text() == before  # nothing stored is lost
+
+
+def test_optimiser_settings_default_to_the_models_recipe() -> None:
+    from aigc_pipeline.stages.train import resolve_hparams
+
+    dcgan = resolve_hparams(load_config(REPO).train)
+    sngan = resolve_hparams(load_config(REPO, ["train.model=sngan"]).train)
+    assert (dcgan.lr, dcgan.beta1, dcgan.beta2) == (2e-4, 0.5, 0.999)
+    assert (sngan.lr, sngan.beta1, sngan.beta2) == (4e-4, 0.0, 0.9)
+    mine = resolve_hparams(load_config(REPO, ["train.model=sngan", "train.lr=1e-4"]).train)
+    assert (mine.lr, mine.beta1) == (1e-4, 0.0)  # an explicit value wins, the rest stays auto
+    with pytest.raises(ConfigError, match="train.beta1: must be in"):
+        load_config(REPO, ["train.beta1=1.5"])
