@@ -19,7 +19,7 @@ from aigc_pipeline.images import save_grid
 from aigc_pipeline.io import atomic_dir, atomic_write_text
 from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.export import save_generator
-from aigc_pipeline.training.loop import Callbacks, train
+from aigc_pipeline.training.loop import Callbacks, resolve_device, train
 
 
 @dataclass(frozen=True)
@@ -32,8 +32,12 @@ class TrainStageResult:
     final_losses: dict[str, float]
 
 
-def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = False) -> TrainStageResult:
+def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Path | None = None,
+        quiet: bool = False) -> TrainStageResult:
     """Train on the prepared dataset at ``data``; write the model folder ``out``.
+
+    With ``reference`` (a prepared dataset), FID over training is measured every
+    ``evaluate.progress_every`` epochs and written to ``fid_progress.csv``.
 
     Checkpoints go to ``checkpoints/<config hash>/``: a rerun with the same config and data
     resumes, a changed config starts fresh instead of resuming someone else's state.
@@ -54,6 +58,11 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
     run_key = config_digest({"train": dataclasses.asdict(tcfg), "arch": arch.__dict__, "data": prepared.digest})[:16]
     grids: list[tuple[int, np.ndarray]] = []
     log = _EpochPrinter(quiet)
+    progress = None
+    if reference is not None:
+        from aigc_pipeline.evaluation.progress import progress_hook  # torch-fidelity only when asked for
+
+        progress = progress_hook(cfg, reference, arch, device=resolve_device(tcfg.device))
 
     result = train(
         prepared.images,
@@ -67,7 +76,8 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
         checkpoint_every=tcfg.checkpoint_every,
         device=tcfg.device,
         sample_grid=tcfg.sample_grid,
-        callbacks=Callbacks(on_progress=log.progress, on_epoch_end=lambda e, g, s: (grids.append((e, g)), log.epoch(e, s))),
+        callbacks=Callbacks(on_progress=log.progress, on_epoch_end=lambda e, g, s: (grids.append((e, g)), log.epoch(e, s)),
+                            on_epoch_generator=progress),
     )
     final = {k: v for k, v in result.history[-1].items() if k != "step"}
     with atomic_dir(out) as tmp:
@@ -91,6 +101,8 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
         if grids:
             save_grid(grids[-1][1], tmp / "samples.png")
         atomic_write_text(tmp / "history.csv", _history_csv(result.history))
+        if progress is not None and progress.rows:
+            atomic_write_text(tmp / "fid_progress.csv", progress.csv_text())
     return TrainStageResult(out=out, model=tcfg.model, steps=result.steps, resumed_from=result.resumed_from,
                             images_per_second=result.images_per_second, final_losses=final)
 
