@@ -87,13 +87,12 @@ class FidProgress:
         self.rows.append({"epoch": epoch, self.metric: fid, "seconds": time.perf_counter() - t0})
 
     def csv_text(self) -> str:
-        """The rows as CSV: ``epoch,<metric>,seconds``."""
+        """The rows as CSV: ``epoch,<metric>`` (one y column, so a DVC plot needs no column name)."""
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=["epoch", self.metric, "seconds"], lineterminator="\n")
+        w = csv.DictWriter(buf, fieldnames=["epoch", self.metric], lineterminator="\n")
         w.writeheader()
         for row in self.rows:
-            w.writerow({"epoch": int(row["epoch"]), self.metric: f"{row[self.metric]:.6f}",
-                        "seconds": f"{row['seconds']:.3f}"})
+            w.writerow({"epoch": int(row["epoch"]), self.metric: f"{row[self.metric]:.6f}"})
         return buf.getvalue()
 
 
