@@ -127,7 +127,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> Any:
 
     r = evaluate.run(_config(args), _path(args, args.model), _path(args, args.reference), _path(args, args.out))
     isc = f"; IS unavailable: {r.isc_unavailable}" if r.isc_unavailable else ""
-    print(f"evaluate: FID {r.fid:.3f} [{r.protocol.id}]{isc}; -> {r.out}")
+    print(f"evaluate: {evaluate.summary_line(r)}{isc}; {r.seconds:.1f} s -> {r.out}")
     return r
 
 
@@ -136,8 +136,8 @@ def _cmd_register(args: argparse.Namespace) -> Any:
 
     r = register.run(_config(args), _path(args, args.model), _path(args, args.evaluation), _path(args, args.receipt),
                      project_dir=Path(args.project))
-    verdict = "new champion" if r.champion else "not promoted"
-    print(f"register: {r.name} v{r.version} ({verdict}: {r.reason}); run {r.run_id}")
+    again = " (already registered by an earlier attempt)" if r.reused else ""
+    print(f"register: {r.name} v{r.version}{again}: {r.decision} ({r.reason}); run {r.run_id}")
     return r
 
 

@@ -297,3 +297,23 @@ def test_bootstrap_reported_with_the_metrics(weights: InceptionWeights, tmp_path
     assert boot["replicas"] == 10 and boot["seed"] == 5 and boot["std"] > 0 and np.isfinite(boot["mean"])
     with pytest.raises(EvaluationError, match="bootstrap"):
         compute_fidelity_metrics(images, ref, reference_key="boot", weights=weights, cache_dir=tmp_path, bootstrap=1)
+
+
+def test_a_failed_cache_write_leaves_no_entry_and_no_temp_file(
+    weights: InceptionWeights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aigc_pipeline.evaluation import reference as reference_module
+
+    images = _noise(N_IMAGES, seed=20)
+
+    def broken_savez(f: Any, **arrays: Any) -> None:
+        f.write(b"PK\x03\x04 half an entry")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(reference_module.np, "savez", broken_savez)
+        with pytest.raises(OSError, match="disk full"):
+            compute_fidelity_metrics(images, images, reference_key="atomic", weights=weights, cache_dir=tmp_path)
+    assert list((tmp_path / "fidelity").iterdir()) == []  # neither a partial entry nor a temp file
+    result = compute_fidelity_metrics(images, images, reference_key="atomic", weights=weights, cache_dir=tmp_path)
+    assert not result["reference_cached"] and len(_cache_files(tmp_path)) == 1
