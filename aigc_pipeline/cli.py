@@ -116,8 +116,9 @@ def _cmd_augment(args: argparse.Namespace) -> Any:
 def _cmd_train(args: argparse.Namespace) -> Any:
     from aigc_pipeline.stages import train
 
+    reference = _path(args, args.reference) if args.reference else None
     r = train.run(_config(args), _path(args, args.data), _path(args, args.out), _path(args, args.checkpoints),
-                  project_dir=Path(args.project))
+                  reference=reference, project_dir=Path(args.project))
     resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from else ""
     print(f"train: {r.model} {r.steps} steps{resumed}, {r.images_per_second:.0f} images/s ({r.speed}); -> {r.out}")
     return r
@@ -128,7 +129,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> Any:
 
     r = evaluate.run(_config(args), _path(args, args.model), _path(args, args.reference), _path(args, args.out))
     isc = f"; IS unavailable: {r.isc_unavailable}" if r.isc_unavailable else ""
-    print(f"evaluate: FID {r.fid:.3f} [{r.protocol.id}]{isc}; -> {r.out}")
+    print(f"evaluate: {evaluate.summary_line(r)}{isc}; {r.seconds:.1f} s -> {r.out}")
     return r
 
 
@@ -137,8 +138,8 @@ def _cmd_register(args: argparse.Namespace) -> Any:
 
     r = register.run(_config(args), _path(args, args.model), _path(args, args.evaluation), _path(args, args.receipt),
                      project_dir=Path(args.project))
-    verdict = "new champion" if r.champion else "not promoted"
-    print(f"register: {r.name} v{r.version} ({verdict}: {r.reason}); run {r.run_id}")
+    again = " (already registered by an earlier attempt)" if r.reused else ""
+    print(f"register: {r.name} v{r.version}{again}: {r.decision} ({r.reason}); run {r.run_id}")
     return r
 
 
@@ -178,11 +179,82 @@ def _cmd_status(args: argparse.Namespace) -> Any:
         print("no registered models yet (run `aigc run`)")
     for m in models:
         aliases = ", ".join(f"{a}=v{v}" for a, v in m["aliases"].items()) or "no aliases"
-        print(f"\n{m['name']}  latest v{m['latest_version']}  ({aliases})")
+        print(f"\n{m['name']}  latest v{m['latest_version']} ({m['latest_decision'] or 'no decision'})  ({aliases})")
+        if m["champion_history"]:
+            print(f"  champion history (oldest first): {', '.join('v' + v for v in m['champion_history'])}")
         for k, v in m["metrics"].items():
             if not k.startswith("train/"):
                 print(f"  {k:<60} {v:.4f}")
     return status
+
+
+def _cmd_fid(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.config import PARAMS_FILE
+    from aigc_pipeline.evaluation.folders import compare_folders
+    from aigc_pipeline.evaluation.inception import resolve_inception_weights
+
+    has_params = (Path(args.project) / PARAMS_FILE).exists()
+    configured = args.weights or (_config(args).evaluate.inception_weights if has_params else None)
+    result = compare_folders(_path(args, args.dir_a), _path(args, args.dir_b),
+                             weights=resolve_inception_weights(configured), size=args.size,
+                             batch_size=args.batch_size, device=args.device, bootstrap=args.bootstrap, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return result
+    std = f" ± {result['fid_std']:.3f} (bootstrap sd)" if result["fid_std"] is not None else ""
+    print(f"FID {result['fid']:.4f}{std}  KID {result['kid']:.5f} ± {result['kid_std']:.5f}  "
+          f"precision {result['precision']:.4f}  recall {result['recall']:.4f}")
+    print(f"protocol {result['protocol']['id']}: {result['protocol']['num_samples']} images of {args.dir_a} vs "
+          f"{result['protocol']['num_reference']} of {args.dir_b}")
+    if "isc_unavailable" in result:
+        print(f"Inception Score unavailable: {result['isc_unavailable']}")
+    return result
+
+
+def _client(args: argparse.Namespace):
+    from mlflow import MlflowClient
+
+    from aigc_pipeline.tracking.store import tracking_uri
+
+    uri = tracking_uri(args.project)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _aliases(args: argparse.Namespace) -> tuple[str, str]:
+    from aigc_pipeline.config import PARAMS_FILE, RegisterConfig
+
+    rcfg = _config(args).register if (Path(args.project) / PARAMS_FILE).exists() else RegisterConfig()
+    return rcfg.champion_alias, rcfg.challenger_alias
+
+
+def _cmd_promote(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.tracking.registry import promote
+
+    champion, challenger = _aliases(args)
+    change = promote(_client(args), args.name, args.version, reason=args.reason, alias=champion,
+                     challenger_alias=challenger, force=args.force)
+    before = f"v{change.previous}" if change.previous else "none"
+    print(f"{change.name}: '{change.alias}' {before} -> v{change.version} ({change.reason})")
+    return change
+
+
+def _cmd_rollback(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.tracking.registry import rollback
+
+    champion, _ = _aliases(args)
+    change = rollback(_client(args), args.name, reason=args.reason, alias=champion)
+    print(f"{change.name}: '{change.alias}' v{change.previous} -> v{change.version} ({change.reason})")
+    return change
+
+
+def _cmd_sample(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.tracking.sample import sample_grid
+
+    path, images = sample_grid(args.project, args.model_uri, args.n, _path(args, args.out), seed=args.seed,
+                               label=args.label)
+    print(f"sample: {len(images)} images from {args.model_uri} (seed {args.seed}"
+          + (f", label {args.label}" if args.label is not None else "") + f") -> {path}")
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="(augmented) prepared dataset folder")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints")
+    p.add_argument("--reference", help="prepared dataset of real images: measure FID over training against it "
+                   "(evaluate.progress_every)")
     _add_common(p)
     p.set_defaults(handler=_cmd_train)
 
@@ -243,6 +317,40 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", help="train on this registered dataset (written to params.yaml)")
     _add_common(p)
     p.set_defaults(handler=_cmd_run)
+
+    p = sub.add_parser("fid", help="FID, KID, precision/recall between two image folders (the pipeline's protocol)")
+    p.add_argument("dir_a", help="folder of images, e.g. your samples (the 'generated' side)")
+    p.add_argument("dir_b", help="folder of reference images (its statistics are cached by content)")
+    p.add_argument("--json", action="store_true", help="print a JSON object (fid, fid_std, kid, precision, recall, protocol)")
+    p.add_argument("--size", type=int, help="resize every image to SIZE x SIZE first (shorter side + centre crop)")
+    p.add_argument("--weights", help="torch-fidelity Inception state dict (default: evaluate.inception_weights, "
+                   "torch-fidelity's cached file, or the offline conversion)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception pass (default 50)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamplings for the FID's spread (0 = off)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
+    _add_common(p)
+    p.set_defaults(handler=_cmd_fid)
+
+    p = sub.add_parser("promote", help="make a registered version the champion by hand (who and why are recorded)")
+    p.add_argument("name", help="registered model name, e.g. digits-dcgan")
+    p.add_argument("version", help="model version number")
+    p.add_argument("--reason", required=True, help="why; recorded on the version and its run with your user name")
+    p.add_argument("--force", action="store_true", help="promote even a version the gate rejected")
+    p.set_defaults(handler=_cmd_promote, overrides=[])
+
+    p = sub.add_parser("rollback", help="put the previous champion back")
+    p.add_argument("name", help="registered model name")
+    p.add_argument("--reason", help="why; recorded on both versions")
+    p.set_defaults(handler=_cmd_rollback, overrides=[])
+
+    p = sub.add_parser("sample", help="write a grid of images from a registered model")
+    p.add_argument("model_uri", help="e.g. models:/digits-dcgan@champion, models:/digits-dcgan/3, runs:/RUN/model")
+    p.add_argument("-n", type=int, default=64, help="number of images (default 64)")
+    p.add_argument("--out", required=True, help="PNG file to write")
+    p.add_argument("--seed", type=int, default=0, help="latent seed (default 0)")
+    p.add_argument("--label", type=int, help="class to generate (class-conditional models)")
+    p.set_defaults(handler=_cmd_sample)
 
     p = sub.add_parser("status", help="registered models, aliases and latest metrics")
     p.add_argument("--json", action="store_true", help="print JSON")

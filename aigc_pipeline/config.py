@@ -167,16 +167,31 @@ class EvaluateConfig:
     reference_split: Literal["eval", "train", "all"] = "eval"
     inception_weights: str | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    bootstrap: int = 100  # FID noise: resamplings of the generated features (0 = off: the gate cannot promote)
+    classifier_score: bool = True  # labelled datasets: score with a classifier trained on the real train split
+    progress_every: int = 3  # FID over training every this many epochs (and at the last); 0 = off
+    progress_samples: int = 64  # generated images per FID-over-training point (part of its metric name)
 
     def __post_init__(self) -> None:
-        _check(self.num_samples >= 2, "num_samples", "must be >= 2 (FID needs a covariance)")
+        _check(self.num_samples >= 4, "num_samples", "must be >= 4 (precision/recall uses 3 nearest neighbours)")
         _check(self.batch_size >= 1, "batch_size", "must be >= 1")
+        _check(self.bootstrap == 0 or self.bootstrap >= 10, "bootstrap", "must be 0 (off) or >= 10 replicas")
+        _check(self.progress_every >= 0, "progress_every", "must be >= 0 (0 = off)")
+        _check(self.progress_samples >= 4, "progress_samples", "must be >= 4")
 
 
 @dataclass(frozen=True)
 class RegisterConfig:
     experiment: str = "aigc-pipeline"
     champion_alias: str = "champion"
+    challenger_alias: str = "challenger"  # a complete candidate the gate did not promote
+    gate_margin: float = 0.5  # FID points a candidate must win by (besides beating the noise)
+    gate_noise_sigmas: float = 2.0  # ... and by this many standard deviations of the combined bootstrap noise
+
+    def __post_init__(self) -> None:
+        _check(self.gate_margin >= 0, "gate_margin", "must be >= 0")
+        _check(self.gate_noise_sigmas >= 0, "gate_noise_sigmas", "must be >= 0")
+        _check(self.champion_alias != self.challenger_alias, "challenger_alias", "must differ from champion_alias")
 
 
 @dataclass(frozen=True)

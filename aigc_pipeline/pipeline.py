@@ -119,11 +119,13 @@ def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOu
     project = Path(project_dir)
     receipt = json.loads((project / _one(register.outputs, ".json")).read_text())
     metrics = json.loads((project / _one(evaluate.outputs, "metrics.json")).read_text())
-    protocol = metrics["protocol"]["id"]
-    verdict = "champion" if receipt["champion"] else "not promoted"
+    protocol = (metrics.get("protocol") or {}).get("id", "no protocol")
+    verdict = receipt.get("decision") or ("champion" if receipt["champion"] else "not promoted")
+    std = receipt.get("fid_std")
+    noise = f" ± {std:.3f}" if isinstance(std, (int, float)) else ""
     where = receipt["tracking_uri"]
     line = (
-        f"{receipt['name']} v{receipt['version']}: FID {receipt['fid']:.3f} [{protocol}], {verdict} "
+        f"{receipt['name']} v{receipt['version']}: FID {receipt['fid']:.3f}{noise} [{protocol}], {verdict} "
         f"({receipt['reason']}). MLflow: {where} (run {receipt['run_id']})"
     )
     return {"line": line, "receipt": receipt, "metrics": metrics}
@@ -132,20 +134,35 @@ def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOu
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The run summary as markdown, for a Prefect artifact (and anyone reading it later)."""
     r, m = summary["receipt"], summary["metrics"]
-    p = m["protocol"]
+    p = m.get("protocol") or {}
+    pid = p.get("id", "")
     isc = m.get("isc_unavailable") or "computed"
-    return "\n".join([
+    decision = r.get("decision") or ("champion" if r["champion"] else "not promoted")
+    std = r.get("fid_std")
+    lines = [
         f"# {r['name']} v{r['version']}",
         "",
-        f"- **decision**: {'champion' if r['champion'] else 'not promoted'} ({r['reason']})",
-        f"- **FID**: {r['fid']:.4f} under protocol `{p['id']}`",
-        f"  - extractor `{p['extractor']}`, weights sha256 `{p['weights_sha256'][:16]}…`",
-        f"  - {p['num_samples']} generated vs {p['num_reference']} real images ({p['reference_split']} split, "
-        f"digest `{p['reference_digest'][:16]}…`), {p['size']}px",
+        f"- **decision**: {decision} ({r['reason']})",
+        f"- **FID**: {r['fid']:.4f}" + (f" ± {std:.4f} (bootstrap sd)" if isinstance(std, (int, float)) else "")
+        + f" under protocol `{pid}`",
+        f"  - extractor `{p.get('extractor')}`, weights sha256 `{str(p.get('weights_sha256'))[:16]}…`",
+        f"  - {p.get('num_samples')} generated vs {p.get('num_reference')} real images ({p.get('reference_split')} "
+        f"split, digest `{str(p.get('reference_digest'))[:16]}…`), {p.get('size')}px",
+    ]
+    for key, label in (("kid", "KID"), ("precision", "precision"), ("recall", "recall")):
+        value = (m.get(key) or {}).get(pid)
+        if isinstance(value, (int, float)):
+            lines.append(f"- **{label}**: {value:.4f}")
+    for cid, value in (m.get("classifier_score") or {}).items():
+        acc = (m.get("classifier") or {}).get("accuracy")
+        lines.append(f"- **classifier score** (not IS): {value:.3f} under `{cid}` (classifier accuracy on real eval "
+                     f"{acc:.3f})" if isinstance(acc, (int, float)) else f"- **classifier score**: {value:.3f}")
+    lines += [
         f"- **Inception Score**: {isc}",
-        f"- **model / dataset**: {m['model']} on {m['dataset']}",
+        f"- **model / dataset**: {m.get('model')} on {m.get('dataset')}",
         f"- **MLflow**: run `{r['run_id']}` in `{r['tracking_uri']}`",
-    ])
+    ]
+    return "\n".join(lines)
 
 
 def _one(paths: tuple[str, ...], suffix: str) -> str:

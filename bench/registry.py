@@ -14,6 +14,7 @@ BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline",
     "ingest": "bench.ingest",
     "training": "bench.training",
+    "evaluation": "bench.evaluation",
 }
 
 

@@ -23,6 +23,7 @@ QUICK = [
     "train.latent_dim=16",
     "train.sample_grid=16",
     "evaluate.num_samples=24",
+    "evaluate.progress_samples=16",
 ]
 
 

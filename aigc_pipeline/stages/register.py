@@ -1,26 +1,44 @@
-"""Register: log the run to MLflow (params, losses, metrics, grids, the pyfunc model), register
-the model version and move the champion alias when it wins on the same protocol."""
+"""Register: log the run to MLflow (params, losses, every metric under its protocol, plots, grids,
+the model card and the pyfunc model), register the version and apply the promotion gate.
+
+A registration goes through states tagged on the version (``aigc.registration``: pending ->
+decided -> done) under a key hashing the model, its evaluation and the register settings. If
+anything fails after the version exists, the version is discarded (aliases and champion history
+restored) and the run ends FAILED; a process killed midway leaves a pending/decided version that
+the next attempt with the same key cleans up or finishes. So a retry is always safe, and a retry
+after success returns the version already registered instead of registering a duplicate.
+"""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import hashlib
 import json
-import os
 import logging
+import math
+import os
+import shutil
 import subprocess
 import sys
-import warnings
+import tempfile
+import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from aigc_pipeline.config import Config
+from aigc_pipeline.errors import DataError
+from aigc_pipeline.evaluation.gate import CHALLENGER, CHAMPION, Score, Verdict, check_evaluation, decide
 from aigc_pipeline.evaluation.protocol import metric_key
-from aigc_pipeline.io import atomic_write_json
-from aigc_pipeline.models.export import read_model_meta
+from aigc_pipeline.io import atomic_write_json, sha256_file
+from aigc_pipeline.models.export import META_FILE, WEIGHTS_FILE, read_model_meta
 from aigc_pipeline.tracking.runs import FLOW_RUN_ENV, flat_params  # FLOW_RUN_ENV: re-exported for flows/
+_PROTOCOL_METRICS = ("fid", "fid_std", "kid", "kid_std", "precision", "recall", "isc", "isc_std")
+_CLASSIFIER_METRICS = ("classifier_score", "classifier_label_accuracy")
 
 
 @dataclass(frozen=True)
@@ -28,10 +46,14 @@ class RegisterResult:
     name: str
     version: str
     run_id: str
-    champion: bool
+    champion: bool  # became champion at registration
+    decision: str  # champion | challenger | rejected
     reason: str
     tracking_uri: str
     fid: float
+    fid_std: float | None
+    protocol: str
+    reused: bool  # an earlier attempt had already registered exactly this; nothing new was created
 
 
 def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_dir: Path = Path(".")) -> RegisterResult:
@@ -39,69 +61,239 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
     import mlflow
     from mlflow import MlflowClient
 
-    from aigc_pipeline.tracking import pyfunc
+    from aigc_pipeline.tracking import registry
     from aigc_pipeline.tracking.datasets import log_prepared_dataset
-    from aigc_pipeline.tracking.registry import decide_champion
     from aigc_pipeline.tracking.store import use_store
 
-    metrics_doc = json.loads((Path(evaluation) / "metrics.json").read_text())
+    metrics_doc = _read_metrics(Path(evaluation) / "metrics.json")
     meta = read_model_meta(model)
-    protocol_id = metrics_doc["protocol"]["id"]
-    fid = float(metrics_doc["fid"][protocol_id])
     name = cfg.model_name
-    alias = cfg.register.champion_alias
+    rcfg = cfg.register
+    problems = check_evaluation(metrics_doc, meta)
+    pid = str((metrics_doc.get("protocol") or {}).get("id") or "none")
+    candidate = None if problems else Score(float(metrics_doc["fid"][pid]), _value(metrics_doc, "fid_std", pid))
+    key = _registration_key(name, Path(model), Path(evaluation), dataclasses.asdict(rcfg))
 
-    # The pyfunc has an explicit signature; MLflow's advice to add type hints does not apply.
-    warnings.filterwarnings("ignore", message=".*Add type hints to the `predict` method.*")
     logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
-    with use_store(project_dir, cfg.register.experiment):
+    with use_store(project_dir, rcfg.experiment):
         uri = mlflow.get_tracking_uri()
         client = MlflowClient()
+        earlier = registry.find_registration(client, name, key)
+        if earlier is not None:
+            state = (earlier.tags or {}).get(registry.STATE_TAG)
+            if state == registry.DONE:
+                return _finish(receipt, _result_from_version(earlier, uri, pid, reused=True))
+            if state == registry.DECIDED:  # killed between the decision and the aliases
+                _apply(client, name, str(earlier.version), earlier.tags.get("aigc.decision", ""), rcfg)
+                client.set_model_version_tag(name, str(earlier.version), registry.STATE_TAG, registry.DONE)
+                return _finish(receipt, _result_from_version(client.get_model_version(name, str(earlier.version)),
+                                                             uri, pid, reused=True))
+            registry.discard_version(client, name, str(earlier.version), alias=rcfg.champion_alias)
+
+        lineage = _lineage(project_dir)
         tags = {"aigc.dataset": cfg.dataset, "aigc.model": meta["model"], "aigc.data_digest": meta["data_digest"],
-                "aigc.protocol": protocol_id, **_lineage(project_dir)}
+                "aigc.protocol": pid, **_protocol_tags(metrics_doc), **lineage}
+        params = flat_params(cfg)
         with mlflow.start_run(run_name=f"{name}-{meta['data_digest'][:8]}", tags=tags) as active:
             run_id = active.info.run_id
-            mlflow.log_params(flat_params(cfg))
+            mlflow.log_params(params)
             log_prepared_dataset(project_dir, cfg.dataset)  # mlflow.log_input, digest = DVC's hash
             _log_history(client, run_id, Path(model) / "history.csv")
             # Per epoch: images/s, learning rates, mean losses (at the epoch's last step).
             _log_history(client, run_id, Path(model) / "epochs.csv", prefix="train_epoch/")
-            mlflow.log_metric(metric_key("fid", protocol_id), fid)
-            for key in ("isc", "isc_std"):
-                if key in metrics_doc:
-                    mlflow.log_metric(metric_key(key, protocol_id), float(metrics_doc[key][protocol_id]))
+            _log_metrics(client, run_id, metrics_doc)
+            _log_plots(client, run_id, Path(model))
+            if problems:
+                mlflow.set_tag("aigc.problems", "; ".join(problems)[:5000])
             if "isc_unavailable" in metrics_doc:
-                mlflow.set_tag("aigc.isc_unavailable", metrics_doc["isc_unavailable"][:5000])
+                mlflow.set_tag("aigc.isc_unavailable", str(metrics_doc["isc_unavailable"])[:5000])
             mlflow.log_artifact(str(Path(evaluation) / "metrics.json"))
             mlflow.log_artifact(str(Path(evaluation) / "samples.png"), "evaluation")
             mlflow.log_artifact(str(Path(model) / "samples.png"), "training")
             if (Path(model) / "samples").is_dir():
                 mlflow.log_artifacts(str(Path(model) / "samples"), "training/epochs")
-            info = mlflow.pyfunc.log_model(
-                name="model",
-                python_model=pyfunc.GeneratorModel(),
-                artifacts={pyfunc.WEIGHTS_ARTIFACT: str(model)},
-                code_paths=[str(Path(__file__).resolve().parents[1])],
-                signature=pyfunc.signature_for(meta["arch"]["channels"], meta["arch"]["size"]),
-                input_example=pyfunc.input_example(),
-                pip_requirements=_requirements(),
-                registered_model_name=name,
-            )
-            version = str(info.registered_model_version)
-            decision = decide_champion(client, name, alias, metric_key("fid", protocol_id), fid)
-            if decision.promote:
-                client.set_registered_model_alias(name, alias, version)
-            for target in ("run", "version"):
-                for k, v in {"aigc.decision": "champion" if decision.promote else "not promoted",
-                             "aigc.decision_reason": decision.reason, **tags}.items():
-                    if target == "run":
-                        mlflow.set_tag(k, v)
-                    else:
-                        client.set_model_version_tag(name, version, k, v)
-    result = RegisterResult(name=name, version=version, run_id=run_id, champion=decision.promote,
-                            reason=decision.reason, tracking_uri=uri, fid=fid)
-    atomic_write_json(receipt, result.__dict__)
+            with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
+                info = _log_model(Path(tmp), Path(model), meta, name=name, metrics_doc=metrics_doc, params=params,
+                                  lineage=lineage, problems=problems, run_id=run_id)
+            version = None
+            try:
+                mv = mlflow.register_model(info.model_uri, name,
+                                           tags={**tags, registry.KEY_TAG: key, registry.STATE_TAG: registry.PENDING})
+                version = str(mv.version)
+                champion_version, champion = registry.champion_score(client, name, rcfg.champion_alias, pid)
+                if champion_version == version:  # cannot happen for a new version; guards the comparison
+                    champion_version, champion = None, None
+                verdict = decide(candidate, problems, champion=champion, champion_version=champion_version,
+                                 margin=rcfg.gate_margin, noise_sigmas=rcfg.gate_noise_sigmas, protocol_id=pid)
+                for k, v in _decision_tags(verdict).items():
+                    mlflow.set_tag(k, v)
+                    client.set_model_version_tag(name, version, k, v)
+                client.set_model_version_tag(name, version, registry.STATE_TAG, registry.DECIDED)
+                _apply(client, name, version, verdict.decision, rcfg)
+                client.set_model_version_tag(name, version, registry.STATE_TAG, registry.DONE)
+            except BaseException:
+                if version is not None:
+                    registry.discard_version(client, name, version, alias=rcfg.champion_alias)
+                mlflow.set_tag("aigc.registration", "failed: version discarded" if version else "failed")
+                raise
+    result = RegisterResult(name=name, version=version, run_id=run_id, champion=verdict.promote,
+                            decision=verdict.decision, reason=verdict.reason, tracking_uri=uri,
+                            fid=candidate.fid if candidate else _fid_or_nan(metrics_doc, pid),
+                            fid_std=candidate.fid_std if candidate else None, protocol=pid, reused=False)
+    return _finish(receipt, result)
+
+
+def _apply(client: Any, name: str, version: str, decision: str, rcfg: Any) -> None:
+    """Move the alias the decision calls for (idempotent: safe to repeat on a retry)."""
+    from aigc_pipeline.tracking import registry
+
+    if decision == CHAMPION:
+        if registry.alias_version(client, name, rcfg.champion_alias) != version:
+            registry.move_alias(client, name, rcfg.champion_alias, version, record_history=True)
+    elif decision == CHALLENGER:
+        if registry.alias_version(client, name, rcfg.challenger_alias) != version:
+            registry.move_alias(client, name, rcfg.challenger_alias, version, record_history=False)
+
+
+def _decision_tags(verdict: Verdict) -> dict[str, str]:
+    tags = {"aigc.decision": verdict.decision, "aigc.decision_reason": verdict.reason[:5000]}
+    for k, v in verdict.details.items():
+        tags[f"aigc.gate.{k}"] = f"{v:.6g}" if isinstance(v, float) else str(v)
+    return tags
+
+
+def _finish(receipt: Path, result: RegisterResult) -> RegisterResult:
+    atomic_write_json(receipt, dataclasses.asdict(result))
     return result
+
+
+def _result_from_version(mv: Any, uri: str, pid: str, *, reused: bool) -> RegisterResult:
+    import mlflow
+
+    tags = mv.tags or {}
+    metrics = mlflow.MlflowClient().get_run(mv.run_id).data.metrics
+    fid = metrics.get(metric_key("fid", pid), float("nan"))
+    return RegisterResult(name=mv.name, version=str(mv.version), run_id=mv.run_id,
+                          champion=tags.get("aigc.decision") == CHAMPION, decision=tags.get("aigc.decision", "unknown"),
+                          reason=tags.get("aigc.decision_reason", ""), tracking_uri=uri, fid=fid,
+                          fid_std=metrics.get(metric_key("fid_std", pid)), protocol=pid, reused=reused)
+
+
+def _read_metrics(path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise DataError(f"{path}: not found; run `aigc evaluate` first") from None
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not valid JSON ({exc}); re-run `aigc evaluate`") from None
+    if not isinstance(doc, dict):
+        raise DataError(f"{path}: expected a JSON object; re-run `aigc evaluate`")
+    return doc
+
+
+def _value(doc: dict[str, Any], metric: str, pid: str) -> float | None:
+    values = doc.get(metric)
+    value = values.get(pid) if isinstance(values, dict) else None
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _fid_or_nan(doc: dict[str, Any], pid: str) -> float:
+    value = _value(doc, "fid", pid)
+    return float("nan") if value is None else value
+
+
+def _registration_key(name: str, model: Path, evaluation: Path, settings: dict[str, Any]) -> str:
+    """Same model, same evaluation, same register settings -> same key."""
+    h = hashlib.sha256(json.dumps({"name": name, "settings": settings}, sort_keys=True).encode())
+    for path in (model / WEIGHTS_FILE, model / META_FILE, evaluation / "metrics.json"):
+        h.update(sha256_file(path).encode())
+    return h.hexdigest()
+
+
+def _protocol_tags(doc: dict[str, Any]) -> dict[str, str]:
+    tags = {}
+    for k, v in (doc.get("protocol") or {}).items():
+        tags[f"aigc.protocol.{k}"] = str(v)
+    if doc.get("classifier"):
+        tags["aigc.classifier_protocol"] = str(doc["classifier"].get("id"))
+        tags["aigc.classifier_accuracy"] = str(doc["classifier"].get("accuracy"))
+    return tags
+
+
+def _log_metrics(client: Any, run_id: str, doc: dict[str, Any]) -> None:
+    """Every finite metric of metrics.json under its protocol-named key."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    batch = []
+    for metric in _PROTOCOL_METRICS + _CLASSIFIER_METRICS:
+        values = doc.get(metric)
+        if not isinstance(values, dict):
+            continue
+        for pid, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                batch.append(Metric(metric_key(metric, pid), float(v), now, 0))
+    if batch:
+        client.log_batch(run_id, metrics=batch)
+
+
+def _log_plots(client: Any, run_id: str, model: Path) -> None:
+    """Loss curves and FID over training: charts, their CSVs, and FID over training as a metric by epoch."""
+    from mlflow.entities import Metric
+
+    from aigc_pipeline.evaluation.plots import line_chart, loss_chart
+    from aigc_pipeline.evaluation.progress import PROGRESS_FILE, read_progress
+
+    with tempfile.TemporaryDirectory(prefix="aigc-plots-") as tmp:
+        out = Path(tmp)
+        history = model / "history.csv"
+        if history.is_file():
+            shutil.copy2(history, out / "history.csv")
+            png = loss_chart(history)
+            if png is not None:
+                (out / "losses.png").write_bytes(png)
+        name, rows = read_progress(model / PROGRESS_FILE)
+        if rows:
+            shutil.copy2(model / PROGRESS_FILE, out / PROGRESS_FILE)
+            (out / "fid_progress.png").write_bytes(line_chart(
+                {name: ([e for e, _ in rows], [v for _, v in rows])},
+                title=f"FID over training (small sample; not comparable with the evaluation's FID)\n{name}",
+                xlabel="epoch", ylabel="FID"))
+            now = int(time.time() * 1000)
+            client.log_batch(run_id, metrics=[Metric(name, v, now, e) for e, v in rows if math.isfinite(v)])
+        if any(out.iterdir()):
+            client.log_artifacts(run_id, str(out), "plots")
+
+
+def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, metrics_doc: dict[str, Any],
+               params: dict[str, str], lineage: dict[str, str], problems: list[str], run_id: str):
+    """The pyfunc, from code (nothing pickled): safetensors weights + model.json, the model card,
+    and a copy of this package for the model's code."""
+    import mlflow
+
+    from aigc_pipeline.tracking import pyfunc
+    from aigc_pipeline.tracking.card import CARD_FILE, model_card
+
+    weights = tmp / "generator"
+    weights.mkdir()
+    for f in (WEIGHTS_FILE, META_FILE):
+        shutil.copy2(model / f, weights / f)
+    card = tmp / CARD_FILE
+    card.write_text(model_card(name=name, meta=meta, metrics=metrics_doc, params=params,
+                               lineage={**lineage, "mlflow.run_id": run_id}, problems=problems))
+    mlflow.log_artifact(str(card))
+    package = Path(__file__).resolve().parents[1]
+    code = tmp / "code" / package.name
+    shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return mlflow.pyfunc.log_model(
+        name="model",
+        python_model=str(Path(pyfunc.__file__).with_name("pyfunc_model.py")),
+        artifacts={pyfunc.WEIGHTS_ARTIFACT: str(weights), pyfunc.CARD_ARTIFACT: str(card)},
+        code_paths=[str(code)],
+        signature=pyfunc.signature_for(meta["arch"]["channels"], meta["arch"]["size"]),
+        input_example=pyfunc.input_example(),
+        pip_requirements=_requirements(),
+    )
 
 
 def _log_history(client, run_id: str, path: Path, prefix: str = "train/") -> None:
@@ -129,6 +321,8 @@ def _lineage(project_dir: Path) -> dict[str, str]:
     if lock.exists():
         stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
         for stage, entry in stages.items():
+            if stage == "register":  # its own entry is the previous registration's
+                continue
             outs = [o.get("md5", "") for o in entry.get("outs", [])]
             if outs:
                 # MLflow tag keys may not hold "@" (foreach stages: ingest@digits -> dvc.lock.ingest.digits).

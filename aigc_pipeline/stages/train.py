@@ -54,9 +54,12 @@ class TrainStageResult:
     world_size: int = 1
 
 
-def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = False,
-        project_dir: Path = Path(".")) -> TrainStageResult:
+def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Path | None = None,
+        quiet: bool = False, project_dir: Path = Path(".")) -> TrainStageResult:
     """Train on the prepared dataset at ``data``; write the model folder ``out``.
+
+    With ``reference`` (a prepared dataset), FID over training is measured every
+    ``evaluate.progress_every`` epochs and written to ``fid_progress.csv``.
 
     Checkpoints go to ``checkpoints/<config hash>/``: a rerun with the same config and data
     resumes, a changed config starts fresh instead of resuming someone else's state.
@@ -64,7 +67,8 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
     """
     tcfg = cfg.train
     if tcfg.devices > 1 and not distributed.under_torchrun():
-        return _launch_data_parallel(cfg, data, out, checkpoints, quiet=quiet, project_dir=project_dir)
+        return _launch_data_parallel(cfg, data, out, checkpoints, reference=reference, quiet=quiet,
+                                     project_dir=project_dir)
     dist_info = distributed.init_from_env(resolve_device(tcfg.device).type)
     prepared = load_prepared(data)
     num_classes = 0
@@ -84,6 +88,11 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
     grid_dir = ckpt_dir / "samples"
     show = not quiet and dist_info.is_main
     progress = Progress(tcfg.epochs, enabled=show)
+    fid_progress = None
+    if reference is not None and dist_info.is_main:
+        from aigc_pipeline.evaluation.progress import progress_hook  # torch-fidelity only when asked for
+
+        fid_progress = progress_hook(cfg, reference, arch, device=resolve_device(tcfg.device))
 
     def on_epoch_end(epoch: int, grid: np.ndarray, stats: dict[str, float]) -> None:
         atomic_write_bytes(grid_dir / f"epoch-{epoch:03d}.png", png_bytes(make_grid(grid)))
@@ -108,7 +117,8 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
             channels_last=tcfg.channels_last,
             compile=tcfg.compile,
             data_placement=tcfg.data_placement,
-            callbacks=Callbacks(on_start=progress.start, on_progress=progress.step, on_epoch_end=on_epoch_end),
+            callbacks=Callbacks(on_start=progress.start, on_progress=progress.step, on_epoch_end=on_epoch_end,
+                                on_epoch_generator=fid_progress),
         )
     except TrainingDiverged as e:
         progress.close()
@@ -122,7 +132,8 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool = 
     progress.close()
     final = {k: v for k, v in result.history[-1].items() if k != "step"}
     if dist_info.is_main:
-        _write_model(out, result, arch, cfg, hp, prepared.digest, list(prepared.classes), final, grid_dir)
+        fid_csv = fid_progress.csv_text() if fid_progress is not None and fid_progress.rows else None
+        _write_model(out, result, arch, cfg, hp, prepared.digest, list(prepared.classes), final, grid_dir, fid_csv)
     return TrainStageResult(out=out, model=tcfg.model, steps=result.steps, resumed_from=result.resumed_from,
                             images_per_second=result.images_per_second, final_losses=final, speed=result.speed,
                             world_size=dist_info.world)
@@ -138,7 +149,7 @@ def resolve_hparams(tcfg: TrainConfig) -> Hparams:
 
 
 def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, digest: str, classes: list[str],
-                 final: dict[str, float], grid_dir: Path) -> None:
+                 final: dict[str, float], grid_dir: Path, fid_csv: str | None) -> None:
     tcfg = cfg.train
     with atomic_dir(out) as tmp:
         save_generator(
@@ -166,6 +177,8 @@ def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, d
             atomic_write_bytes(tmp / "samples.png", grids[-1].read_bytes())
         atomic_write_text(tmp / "history.csv", _csv(result.history))
         atomic_write_text(tmp / "epochs.csv", _csv(result.epoch_log))
+        if fid_csv is not None:  # FID over training (rows only for the epochs this process ran)
+            atomic_write_text(tmp / "fid_progress.csv", fid_csv)
 
 
 def _csv(rows: list[dict[str, float]]) -> str:
@@ -182,8 +195,8 @@ def _csv(rows: list[dict[str, float]]) -> str:
 # Data parallel: this process starts torchrun and reports what rank 0 wrote.
 
 
-def _launch_data_parallel(cfg: Config, data: Path, out: Path, checkpoints: Path, *, quiet: bool,
-                          project_dir: Path) -> TrainStageResult:
+def _launch_data_parallel(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Path | None,
+                          quiet: bool, project_dir: Path) -> TrainStageResult:
     import aigc_pipeline
 
     n = cfg.train.devices
@@ -193,7 +206,8 @@ def _launch_data_parallel(cfg: Config, data: Path, out: Path, checkpoints: Path,
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                "-m", "aigc_pipeline.stages.train_worker", str(config_file), str(Path(data).resolve()),
                str(Path(out).resolve()), str(Path(checkpoints).resolve()), str(Path(project_dir).resolve()),
-               str(result_file)] + (["--quiet"] if quiet else [])
+               str(result_file)] + (["--quiet"] if quiet else []) + \
+            (["--reference", str(Path(reference).resolve())] if reference is not None else [])
         # The workers import the same package as this process, wherever the command runs.
         package_root = str(Path(aigc_pipeline.__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}

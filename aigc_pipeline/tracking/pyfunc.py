@@ -7,18 +7,20 @@ import pandas as pd
 import mlflow.pyfunc
 
 WEIGHTS_ARTIFACT = "generator"  # folder holding generator.safetensors + model.json
+CARD_ARTIFACT = "model_card"  # model_card.md
 
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
-    """Generates images from the exported generator weights (safetensors; nothing pickled but
-    this class reference)."""
+    """Generates images from the exported generator weights (safetensors). Logged from code
+    (``pyfunc_model.py``), so the model holds no pickle at all."""
 
     def load_context(self, context):
         from aigc_pipeline.models.export import load_generator
 
         self.generator, self.arch = load_generator(context.artifacts[WEIGHTS_ARTIFACT], "cpu")
 
-    def predict(self, context, model_input, params=None):
+    # The pandas hint tells MLflow there is nothing to infer from it (the signature is explicit).
+    def predict(self, context, model_input: pd.DataFrame, params=None):
         """One row per request: ``n`` images from ``seed`` (of class ``label`` for a conditional
         model; classes cycle when it is missing or -1). Returns uint8 [sum(n), C, H, W]."""
         from aigc_pipeline.models.export import generate

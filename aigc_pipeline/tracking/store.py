@@ -59,3 +59,25 @@ def use_store(project_dir: Path | str, experiment: str) -> Iterator[str]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+@contextlib.contextmanager
+def use_tracking(project_dir: Path | str) -> Iterator[str]:
+    """Like :func:`use_store` for reading (loading ``models:/`` URIs): the URIs are set and restored,
+    no experiment is created. Yields the tracking URI."""
+    import mlflow
+
+    saved_env = {k: os.environ.get(k) for k in _URI_VARS}
+    uri = tracking_uri(project_dir)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    try:
+        yield uri
+    finally:
+        mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
+        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v

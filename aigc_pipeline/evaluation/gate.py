@@ -1,0 +1,126 @@
+"""The noise-aware promotion gate: numbers in, a decision and its reasons out (no MLflow here).
+
+A candidate becomes ``champion`` only if its evaluation is complete and finite, and its FID beats
+the champion's under the *same protocol* by more than a configured margin *and* by more than the
+measured noise: ``noise_sigmas * sqrt(std_candidate^2 + std_champion^2)``, the stds being each
+evaluation's bootstrap spread. Otherwise it is a ``challenger`` (kept, aliased, not serving), or
+``rejected`` when its run is diverged or partially evaluated (never aliased).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+__all__ = ["CHALLENGER", "CHAMPION", "REJECTED", "REQUIRED_METRICS", "Score", "Verdict", "check_evaluation", "decide"]
+
+CHAMPION, CHALLENGER, REJECTED = "champion", "challenger", "rejected"
+# Every complete evaluation has these, under its protocol id, finite.
+REQUIRED_METRICS = ("fid", "kid", "precision", "recall")
+
+
+@dataclass(frozen=True)
+class Score:
+    """An FID and its measured noise (bootstrap std; None when not measured)."""
+
+    fid: float
+    fid_std: float | None
+
+
+@dataclass(frozen=True)
+class Verdict:
+    decision: str  # champion | challenger | rejected
+    reason: str
+    details: dict[str, Any] = field(default_factory=dict)  # the numbers behind it, for tags
+
+    @property
+    def promote(self) -> bool:
+        return self.decision == CHAMPION
+
+
+def check_evaluation(metrics: Mapping[str, Any], model_meta: Mapping[str, Any] | None = None) -> list[str]:
+    """Why this evaluation (``metrics.json``) and model (``model.json``) may not be promoted; [] if fine.
+
+    Partial evaluations (a required metric missing), non-finite values and diverged training
+    (a non-finite final loss) are each a reason.
+    """
+    problems: list[str] = []
+    protocol = metrics.get("protocol")
+    pid = protocol.get("id") if isinstance(protocol, Mapping) else None
+    if not pid:
+        return ["metrics.json has no protocol id: not an evaluation this pipeline wrote"]
+    required = list(REQUIRED_METRICS)
+    if int((metrics.get("bootstrap") or {}).get("replicas", 0) or 0) > 0:
+        required.append("fid_std")
+    for name in required:
+        values = metrics.get(name)
+        value = values.get(pid) if isinstance(values, Mapping) else None
+        if value is None:
+            problems.append(f"{name} under protocol {pid} is missing (partial evaluation)")
+        elif not _finite(value):
+            problems.append(f"{name} is {value} (not a finite number)")
+    losses = (model_meta or {}).get("final_losses") or {}
+    bad = sorted(k for k, v in losses.items() if not _finite(v))
+    if bad:
+        problems.append(f"training diverged: final {', '.join(bad)} not finite")
+    return problems
+
+
+def decide(
+    candidate: Score | None,
+    problems: list[str],
+    *,
+    champion: Score | None,
+    champion_version: str | None,
+    margin: float,
+    noise_sigmas: float,
+    protocol_id: str,
+) -> Verdict:
+    """The gate's decision for ``candidate`` against the current champion's score on ``protocol_id``.
+
+    ``champion_version`` None means there is no champion. ``champion`` None with a version means
+    the champion has no FID under this protocol (not comparable).
+    """
+    if problems or candidate is None:
+        return Verdict(REJECTED, "not promotable: " + "; ".join(problems or ["no score"]))
+    if champion_version is None:
+        return Verdict(CHAMPION, "first model: no champion yet", {"candidate_fid": candidate.fid})
+    base: dict[str, Any] = {"candidate_fid": candidate.fid, "champion_version": champion_version}
+    if candidate.fid_std is not None:
+        base["candidate_fid_std"] = candidate.fid_std
+    if champion is None:
+        return Verdict(CHALLENGER, f"champion v{champion_version} has no FID under protocol {protocol_id} "
+                       "(measured under another protocol): not comparable; promote by hand with `aigc promote`", base)
+    base["champion_fid"] = champion.fid
+    if not _finite(champion.fid):
+        return Verdict(CHAMPION, f"champion v{champion_version}'s FID is {champion.fid}: any finite score beats it",
+                       base)
+    if candidate.fid_std is None:
+        return Verdict(CHALLENGER, "no noise estimate for this evaluation (evaluate.bootstrap is 0): "
+                       "an improvement cannot be told from noise", base)
+    champion_std = champion.fid_std
+    assumed = ""
+    if champion_std is None or not _finite(champion_std):
+        champion_std, assumed = candidate.fid_std, " (champion's spread not measured: assumed equal)"
+    else:
+        base["champion_fid_std"] = champion_std
+    noise = noise_sigmas * math.hypot(candidate.fid_std, champion_std)
+    delta = champion.fid - candidate.fid
+    details = {**base, "delta": delta, "noise": noise, "margin": margin, "noise_sigmas": noise_sigmas}
+    head = (f"FID {candidate.fid:.3f}±{candidate.fid_std:.3f} vs champion v{champion_version}'s "
+            f"{champion.fid:.3f}±{champion_std:.3f} on {protocol_id}")
+    if delta > margin and delta > noise:
+        return Verdict(CHAMPION, f"{head}: better by {delta:.3f}, more than the margin {margin:g} and the noise "
+                       f"{noise:.3f} ({noise_sigmas:g} sigma){assumed}", details)
+    if delta <= 0:
+        why = f"not better (worse by {-delta:.3f})"
+    elif delta <= noise:
+        why = f"better by {delta:.3f}, within the noise {noise:.3f} ({noise_sigmas:g} sigma){assumed}"
+    else:
+        why = f"better by {delta:.3f}, not more than the margin {margin:g}"
+    return Verdict(CHALLENGER, f"{head}: {why}; the champion stays", details)
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

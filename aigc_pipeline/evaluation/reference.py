@@ -1,0 +1,163 @@
+"""Reference statistics: Inception features, mean and covariance of a set of real images, cached
+on disk by content.
+
+An entry's name carries everything its numbers depend on: a sha256 of the reference pixels
+(dtype, shape and bytes), the weights file's sha256, the extractor and layer, the image shape and
+the torch-fidelity version; ``reference_key`` (e.g. the dataset's digest) is a readable label in
+it. So the statistics are computed once per (dataset content, extractor, weights, size), and a
+changed dataset, however small the change, gets a new entry instead of stale numbers.
+
+Entries are ``.npz`` files read with ``allow_pickle=False`` (torch-fidelity's own cache is a
+pickle), written to a temp file in the same folder, fsynced and renamed into place: a reader sees
+a whole entry or none. The metadata stored inside each entry is checked on load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch_fidelity
+from torch_fidelity.metric_fid import fid_features_to_statistics
+
+from aigc_pipeline.evaluation.cache import default_cache_dir
+from aigc_pipeline.evaluation.errors import EvaluationError
+from aigc_pipeline.evaluation.features import FEATURE_EXTRACTOR, FEATURE_LAYER, extract_features
+from aigc_pipeline.evaluation.inception import InceptionWeights
+
+__all__ = ["ReferenceStats", "pixel_digest", "reference_cache_name", "reference_statistics"]
+
+_HASH_CHUNK_BYTES = 64 << 20
+_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class ReferenceStats:
+    """Features and FID statistics of a reference set, as torch-fidelity computes them."""
+
+    features: torch.Tensor  # float32 [M, 2048]
+    mu: np.ndarray  # torch-fidelity's dtype (float32)
+    sigma: np.ndarray  # float64 [2048, 2048]
+    name: str  # cache entry name
+    pixel_digest: str  # sha256 of the reference pixels
+    from_cache: bool  # True when read from disk, False when computed by this call
+
+    @property
+    def statistics(self) -> dict[str, np.ndarray]:
+        """``{"mu", "sigma"}`` as torch-fidelity's ``fid_statistics_to_metric`` takes them."""
+        return {"mu": self.mu, "sigma": self.sigma}
+
+
+def reference_cache_name(
+    reference: np.ndarray, *, reference_key: str, weights: InceptionWeights, digest: str | None = None
+) -> str:
+    """Cache name for ``reference``: ``ref-<key>-px<pixels>-w<weights>-<H>x<W>x<C>-tf<version>``.
+
+    ``<pixels>`` is the first 16 hex digits of :func:`pixel_digest`, ``<weights>`` the first 16 of
+    the weights file's sha256. The extractor and layer are appended to form the file name.
+    ``digest`` saves hashing the pixels again when the caller already has it.
+    """
+    _, channels, height, width = reference.shape
+    label = re.sub(r"[^A-Za-z0-9._-]+", "_", reference_key.strip())[:64]
+    return (
+        f"ref-{label}-px{(digest or pixel_digest(reference))[:16]}-w{weights.sha256[:16]}"
+        f"-{height}x{width}x{channels}-tf{torch_fidelity.__version__}"
+    )
+
+
+def pixel_digest(images: np.ndarray) -> str:
+    """sha256 of dtype, shape and pixels, hashed in chunks so a memmap is never loaded whole."""
+    digest = hashlib.sha256(f"{images.dtype.str}|{tuple(images.shape)}|".encode())
+    per_image = max(1, int(np.prod(images.shape[1:])) * images.dtype.itemsize)
+    step = max(1, _HASH_CHUNK_BYTES // per_image)
+    for start in range(0, images.shape[0], step):
+        digest.update(memoryview(np.ascontiguousarray(images[start : start + step])).cast("B"))
+    return digest.hexdigest()
+
+
+def reference_statistics(
+    reference: np.ndarray,
+    *,
+    reference_key: str,
+    weights: InceptionWeights,
+    batch_size: int = 64,
+    device: str = "cpu",
+    cache: bool = True,
+    cache_dir: Path | None = None,
+    verbose: bool = False,
+) -> ReferenceStats:
+    """Features and statistics of ``reference`` (uint8 [M, C, H, W]); from the cache when present.
+
+    With ``cache=False`` nothing is read or written (the numbers are the same: see the tests).
+    """
+    digest = pixel_digest(reference)
+    name = reference_cache_name(reference, reference_key=reference_key, weights=weights, digest=digest)
+    meta = {
+        "format": _FORMAT,
+        "pixel_digest": digest,
+        "shape": list(reference.shape),
+        "weights_sha256": weights.sha256,
+        "extractor": FEATURE_EXTRACTOR,
+        "layer": FEATURE_LAYER,
+        "torch_fidelity": torch_fidelity.__version__,
+    }
+    path = cache_path(name, cache_dir) if cache else None
+    if path is not None and path.is_file():
+        return _load(path, meta, name)
+    features = extract_features(reference, weights, batch_size=batch_size, device=device, verbose=verbose)[FEATURE_LAYER]
+    stats = fid_features_to_statistics(features)
+    if path is not None:
+        _save(path, features=features.numpy(), mu=stats["mu"], sigma=stats["sigma"], meta=np.array(json.dumps(meta)))
+    return ReferenceStats(features, stats["mu"], stats["sigma"], name, digest, from_cache=False)
+
+
+def cache_path(name: str, cache_dir: Path | None = None) -> Path:
+    """Where the entry ``name`` lives: ``<cache_dir>/fidelity/<name>-<extractor>-<layer>.npz``."""
+    root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "fidelity"
+    return root / f"{name}-{FEATURE_EXTRACTOR}-{FEATURE_LAYER}.npz"
+
+
+def _load(path: Path, expected: dict, name: str) -> ReferenceStats:
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            stored = json.loads(str(data["meta"]))
+            features, mu, sigma = data["features"], data["mu"], data["sigma"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise EvaluationError(
+            f"cached reference statistics {path} cannot be read ({exc}); delete the file to recompute it"
+        ) from exc
+    if stored != expected:
+        raise EvaluationError(
+            f"cached reference statistics {path} were made for other inputs (stored {stored}, expected {expected}); "
+            "delete the file to recompute it"
+        )
+    return ReferenceStats(torch.from_numpy(features), mu, sigma, name, expected["pixel_digest"], from_cache=True)
+
+
+def _save(path: Path, **arrays: np.ndarray) -> None:
+    """Write the entry through a temp file in the same folder, fsync, rename; fsync the folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
