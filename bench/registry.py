@@ -12,6 +12,7 @@ from pathlib import Path
 
 BENCHMARKS: dict[str, str] = {
     "pipeline": "bench.pipeline",
+    "scale": "bench.scale",
 }
 
 

@@ -42,12 +42,14 @@ from aigc_pipeline.stages.register import FLOW_RUN_ENV
 
 COMMIT_ENV = "AIGC_COMMIT"  # job variable: the commit the `train` deployment's git_clone checks out
 BACKOFF_ENV = "AIGC_RETRY_BACKOFF_SECONDS"  # first retry delay of I/O steps (doubles each retry)
+RETRIES_ENV = "AIGC_IO_RETRIES"  # retries of an I/O step after its first attempt
 
 
 def _io(**extra: Any) -> dict[str, Any]:
     """Task options for an I/O step: retries with exponential backoff and jitter, no caching."""
     first = float(os.environ.get(BACKOFF_ENV, "2"))
-    return {"retries": 3, "retry_delay_seconds": exponential_backoff(backoff_factor=first),
+    return {"retries": int(os.environ.get(RETRIES_ENV, "3")),
+            "retry_delay_seconds": exponential_backoff(backoff_factor=first),
             "retry_jitter_factor": 0.5, "cache_policy": NO_CACHE, **extra}
 
 
@@ -178,12 +180,17 @@ def register_stage(project: Path, stage: str, before: Any, extra_tags: dict[str,
     undone = roll_back(client, before, experiment, str(flow_run.id))
     if undone.changed:
         logger.warning("undid an earlier attempt's partial registration: %s", undone.describe())
+    # An earlier attempt may have written the receipt (and dvc.lock) before failing: without it DVC
+    # sees the stage as stale again, so this attempt registers afresh instead of trusting it.
+    for out in workspace.stage_outputs(project, stage):
+        if (project / out).is_file():
+            (project / out).unlink()
     try:
         outcome = run_stage(project, stage, extra_env=_lineage_env())
-        summary_receipt = _receipt(project, outcome)
+        receipt = _receipt(project, outcome)
         for k, v in extra_tags.items():
-            client.set_tag(summary_receipt["run_id"], k, v)
-            client.set_model_version_tag(summary_receipt["name"], summary_receipt["version"], k, v)
+            client.set_tag(receipt["run_id"], k, v)
+            client.set_model_version_tag(receipt["name"], receipt["version"], k, v)
         return outcome
     except BaseException:
         report = roll_back(client, before, experiment, str(flow_run.id))
