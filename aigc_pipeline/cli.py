@@ -102,6 +102,11 @@ def _cmd_dataset_add(args: argparse.Namespace) -> Any:
     details = ", ".join(f"{k}: {v}" for k, v in entry.items())
     print(f"dataset {args.name!r} added to {path} ({details}); first decodable image: {scan.first_image}")
     print(f"train on it with `aigc run --dataset {args.name}` (the active `dataset:` is unchanged)")
+    from flows.events import DATASET_EVENT, emit_dataset_updated
+
+    event = emit_dataset_updated(args.name, entry)  # only with PREFECT_API_URL set (scale-out set-up)
+    if event:
+        print(f"Prefect event {DATASET_EVENT} emitted for aigc.dataset.{args.name} (id {event})")
     return entry
 
 
@@ -160,6 +165,17 @@ def _cmd_run(args: argparse.Namespace) -> Any:
     summary = retrain(project_dir=str(Path(args.project).resolve()))
     print(summary["line"])
     return summary
+
+
+def _cmd_deploy(args: argparse.Namespace) -> Any:
+    from flows.deploy import deploy
+
+    r = deploy(args.project, repository=args.repository, branch=args.branch, pool_type=args.pool_type,
+               crash_after=args.crash_after)
+    pools = ", ".join(f"{k} ({v})" for k, v in r.pools.items())
+    print(f"deployed {', '.join(r.deployments)} to {r.api_url}; work pools {pools}; runs clone {r.repository} "
+          f"({r.branch}); flow runs silent for {args.crash_after:g} s are marked Crashed")
+    return r
 
 
 def _cmd_status(args: argparse.Namespace) -> Any:
@@ -351,6 +367,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="latent seed (default 0)")
     p.add_argument("--label", type=int, help="class to generate (class-conditional models)")
     p.set_defaults(handler=_cmd_sample)
+
+    p = sub.add_parser("deploy", help="create the work pools and prefect.yaml's deployments on $PREFECT_API_URL")
+    p.add_argument("--repository", help="git URL the workers clone (default: this checkout's origin)")
+    p.add_argument("--branch", help="branch the retrain deployment runs (default: the current branch)")
+    p.add_argument("--pool-type", default="process", help="type of work pools created when missing (default: process)")
+    p.add_argument("--crash-after", type=float, default=90.0, metavar="SECONDS",
+                   help="mark a flow run Crashed after this long without a heartbeat (default 90; > 30)")
+    p.set_defaults(handler=_cmd_deploy)
 
     p = sub.add_parser("status", help="registered models, aliases and latest metrics")
     p.add_argument("--json", action="store_true", help="print JSON")

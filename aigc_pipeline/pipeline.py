@@ -12,7 +12,7 @@ import contextlib
 import json
 import os
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
@@ -36,6 +36,7 @@ class StageOutcome:
     stage: str
     ran: bool  # False: DVC held it as up to date, nothing was run
     outputs: tuple[str, ...]  # out and metric paths, relative to the project
+    result: Any = field(default=None, compare=False)  # what the stage's command returned, when it ran
 
 
 @contextlib.contextmanager
@@ -72,9 +73,9 @@ def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] |
         if not argv or argv[0] != "aigc":
             raise PipelineError(f"dvc.yaml: stage '{name}' runs {stage.cmd!r}; the flow can only run `aigc` commands")
         with _env(extra_env or {}):
-            cli.run_command(["--project", str(project), *argv[1:]])
+            result = cli.run_command(["--project", str(project), *argv[1:]])
         repo.commit(f"{project / 'dvc.yaml'}:{name}", force=True)
-    return StageOutcome(name, ran=True, outputs=outputs)
+    return StageOutcome(name, ran=True, outputs=outputs, result=result)
 
 
 def stage_names(project_dir: str | Path) -> list[str]:

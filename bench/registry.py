@@ -15,6 +15,7 @@ BENCHMARKS: dict[str, str] = {
     "ingest": "bench.ingest",
     "training": "bench.training",
     "evaluation": "bench.evaluation",
+    "scale": "bench.scale",
 }
 
 

@@ -12,11 +12,10 @@ layered on top: DVC owns caching.
 from __future__ import annotations
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from aigc_pipeline.pipeline import StageOutcome, dataset_stages, run_stage, summarize, summary_markdown
+from aigc_pipeline.pipeline import StageOutcome, dataset_stages, run_stage, summarize
 from aigc_pipeline.stages.register import FLOW_RUN_ENV
 
 
@@ -56,9 +55,10 @@ def register(project_dir: str) -> StageOutcome:
 
 @task(name="publish-summary", cache_policy=NO_CACHE)
 def publish_summary(project_dir: str, registered: StageOutcome, scored: StageOutcome) -> dict:
+    from flows import artifacts
+
     summary = summarize(project_dir, registered, scored)
-    create_markdown_artifact(markdown=summary_markdown(summary), key="retrain-summary",
-                             description=summary["line"])
+    summary["links"] = artifacts.publish(summary)  # summary markdown, MLflow run link, sample grid
     return summary
 
 

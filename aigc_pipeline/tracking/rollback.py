@@ -1,0 +1,113 @@
+"""Undo a registration that did not finish, so a failed run leaves nothing half-registered.
+
+Before a flow run registers, :func:`snapshot` records the registered model's aliases. If the
+register step then fails (an MLflow call fails after the run or the version exists, say),
+:func:`roll_back` deletes the model versions and MLflow runs tagged with that flow run's id and
+puts every alias back where it was, so the champion is untouched. The flow run id tag is set
+when the MLflow run starts (``stages/register.py``), so even a run that died early is found.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+FLOW_RUN_TAG = "prefect.flow_run_id"
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A registered model's state before a registration: whether it existed, and its aliases."""
+
+    name: str
+    exists: bool
+    aliases: dict[str, str]
+
+
+@dataclass
+class RollbackReport:
+    deleted_versions: list[str] = field(default_factory=list)
+    deleted_runs: list[str] = field(default_factory=list)
+    restored_aliases: dict[str, str] = field(default_factory=dict)
+    removed_aliases: list[str] = field(default_factory=list)
+    deleted_model: bool = False
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.deleted_versions or self.deleted_runs or self.restored_aliases or self.removed_aliases
+                    or self.deleted_model)
+
+    def describe(self) -> str:
+        if not self.changed:
+            return "nothing to undo"
+        parts = []
+        if self.deleted_versions:
+            parts.append(f"deleted model version(s) {', '.join(self.deleted_versions)}")
+        if self.deleted_runs:
+            parts.append(f"deleted MLflow run(s) {', '.join(self.deleted_runs)}")
+        if self.restored_aliases:
+            parts.append("restored " + ", ".join(f"{a}=v{v}" for a, v in self.restored_aliases.items()))
+        if self.removed_aliases:
+            parts.append(f"removed alias(es) {', '.join(self.removed_aliases)}")
+        if self.deleted_model:
+            parts.append("deleted the registered model it had created")
+        return "; ".join(parts)
+
+
+def _get_model(client: Any, name: str):
+    from mlflow.exceptions import MlflowException
+    from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
+
+    try:
+        return client.get_registered_model(name)
+    except MlflowException as e:
+        if e.error_code == ErrorCode.Name(RESOURCE_DOES_NOT_EXIST):
+            return None
+        raise
+
+
+def snapshot(client: Any, name: str) -> Snapshot:
+    """The registered model ``name``'s aliases now (``exists=False`` when there is no such model)."""
+    model = _get_model(client, name)
+    if model is None:
+        return Snapshot(name, False, {})
+    return Snapshot(name, True, {a: str(v) for a, v in (model.aliases or {}).items()})
+
+
+def flow_run_mlflow_runs(client: Any, experiment: str, flow_run_id: str) -> list[str]:
+    """Ids of the MLflow runs in ``experiment`` tagged with ``flow_run_id`` (deleted ones excluded)."""
+    exp = client.get_experiment_by_name(experiment)
+    if exp is None:
+        return []
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
+                              max_results=1000)
+    return [r.info.run_id for r in runs]
+
+
+def roll_back(client: Any, before: Snapshot, experiment: str, flow_run_id: str) -> RollbackReport:
+    """Remove what flow run ``flow_run_id`` registered and restore ``before``'s aliases."""
+    report = RollbackReport()
+    run_ids = set(flow_run_mlflow_runs(client, experiment, flow_run_id))
+    model = _get_model(client, before.name)
+    if model is not None:
+        versions = client.search_model_versions(f"name='{before.name}'")
+        for v in sorted(versions, key=lambda v: int(v.version)):
+            if v.run_id in run_ids:
+                client.delete_model_version(before.name, v.version)
+                report.deleted_versions.append(str(v.version))
+        current = snapshot(client, before.name).aliases
+        for alias, version in before.aliases.items():
+            if current.get(alias) != version:
+                client.set_registered_model_alias(before.name, alias, version)
+                report.restored_aliases[alias] = version
+        for alias in sorted(current.keys() - before.aliases.keys()):
+            client.delete_registered_model_alias(before.name, alias)
+            report.removed_aliases.append(alias)
+        if not before.exists and not client.search_model_versions(f"name='{before.name}'"):
+            client.delete_registered_model(before.name)
+            report.deleted_model = True
+    for run_id in sorted(run_ids):
+        client.set_terminated(run_id, status="FAILED")
+        client.delete_run(run_id)
+        report.deleted_runs.append(run_id)
+    return report
