@@ -7,7 +7,7 @@ wherever the remote is, local folder or object store, with the same credentials)
 
 - ``runs/<flow run id>.json``: what a stage run on another worker produced (its ``dvc.lock``
   entry and its result), read back by the flow that asked for it;
-- ``checkpoints/<key>/<folder>/step-N.pt`` + ``LATEST``: training checkpoints, mirrored while
+- ``checkpoints/<key>/<folder>/step-N.safetensors`` + ``LATEST``: training checkpoints, mirrored while
   training runs, so that a retry on a fresh worker resumes where the lost one stopped.
 
 Every function here is plain I/O (no Prefect): the flows wrap them in tasks with retries.
@@ -17,19 +17,18 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import tempfile
 import threading
 from pathlib import Path
 from typing import Any
 
 from aigc_pipeline.errors import AigcError
+from aigc_pipeline.training.checkpoint import CHECKPOINT_GLOB, checkpoint_step, list_checkpoints
 from aigc_pipeline.workspace import _repo, _target, lock_entry, stage_inputs
 
 AREA = "aigc"
 CHECKPOINTS = "checkpoints"  # the project folder the trainer writes checkpoints under (see dvc.yaml)
 _LATEST = "LATEST"
-_CHECKPOINT_NAME = re.compile(r"^step-(\d+)\.pt$")  # aigc_pipeline.training.checkpoint.checkpoint_path
 
 log = logging.getLogger(__name__)
 
@@ -148,7 +147,7 @@ class CheckpointMirror:
     """Mirror the newest checkpoint of every folder under ``project/checkpoints`` to the remote.
 
     Used as a context manager around a training: a background thread looks for new
-    ``step-*.pt`` files every ``interval`` seconds (the trainer writes them atomically, so a file
+    checkpoint files every ``interval`` seconds (the trainer writes them atomically, so a file
     that exists is complete) and uploads each, then a ``LATEST`` marker naming it, so a reader never
     sees a half-uploaded checkpoint as the newest. Watching the folder, rather than a callback in
     the trainer, also covers trainings run in other processes (torchrun ranks).
@@ -179,8 +178,8 @@ class CheckpointMirror:
                 marker = Path(tmp) / _LATEST
                 self.area.fs.get_file(self.area.path(rel), str(marker))
                 name = marker.read_text().strip()
-            match = _CHECKPOINT_NAME.match(name)
-            if not match:
+            step = checkpoint_step(name)
+            if step is None:
                 raise RemoteError(f"{self.area.url}/{AREA}/{rel}: names {name!r}, not a checkpoint file")
             dest = self.local / folder / name
             dest.parent.mkdir(parents=True, exist_ok=True)
@@ -188,17 +187,15 @@ class CheckpointMirror:
             self.area.fs.get_file(self.area.path(f"{folder_remote}/{name}"), str(tmp_dest))
             tmp_dest.replace(dest)  # the trainer only ever sees complete files
             self.uploaded[folder] = name
-            restored[folder] = int(match.group(1))
+            restored[folder] = step
         return restored
 
     def sync(self) -> int:
         """Upload what is new since the last pass; returns how many checkpoints were uploaded."""
-        from aigc_pipeline.training.checkpoint import list_checkpoints
-
         if not self.local.is_dir():
             return 0
         sent = 0
-        for folder in sorted({p.parent for p in self.local.rglob("step-*.pt")}):
+        for folder in sorted({p.parent for p in self.local.rglob(CHECKPOINT_GLOB)}):
             found = list_checkpoints(folder)
             if not found:
                 continue

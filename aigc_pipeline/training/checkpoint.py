@@ -29,11 +29,18 @@ from aigc_pipeline.io import atomic_write_bytes
 
 FORMAT = "aigc-checkpoint/2"
 _NAME = re.compile(r"^step-(\d{9})\.safetensors$")
+CHECKPOINT_GLOB = "step-*.safetensors"  # what a watcher of a checkpoint folder looks for
 _META_KEY = "aigc"
 
 
 def checkpoint_path(folder: Path, step: int) -> Path:
     return Path(folder) / f"step-{step:09d}.safetensors"
+
+
+def checkpoint_step(name: str) -> int | None:
+    """The step of a checkpoint file named ``name``, or None when it is not a checkpoint's name."""
+    m = _NAME.match(name)
+    return int(m.group(1)) if m else None
 
 
 def list_checkpoints(folder: Path | None) -> list[tuple[int, Path]]:

@@ -59,7 +59,7 @@ def test_dataset_add_then_aigc_run_registers_its_own_model(added: tuple[Path, st
     assert params["dataset"] == NAME
     assert params["datasets"][NAME] == {"source": "image-folder", "path": f"data/raw/{NAME}", "labels": "folders",
                                         "size": 16, "channels": 3}
-    assert re.search(rf"{NAME}-dcgan v1: FID [\d.]+ \[incv3-\w+_n24_eval-\w+_16px\], champion", out), out[-3000:]
+    assert re.search(rf"{NAME}-dcgan v1: FID [\d.]+ ± [\d.]+ \[incv3-\w+_n24_eval-\w+_16px\], champion", out), out[-3000:]
     status = json.loads(_ok(run_cli(project, "aigc", "status", "--json")))
     (model,) = [m for m in status["models"] if m["name"] == f"{NAME}-dcgan"]
     assert model["aliases"] == {"champion": "1"}

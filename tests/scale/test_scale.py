@@ -34,6 +34,7 @@ from typing import Any, Iterator
 
 import pytest
 
+from aigc_pipeline.training.checkpoint import CHECKPOINT_GLOB
 from tests.conftest import QUICK, REPO
 from tests.scale import servers
 from tests.scale.servers import Cluster
@@ -262,7 +263,11 @@ def test_a_training_that_fails_fails_the_flow_cleanly(cluster: Cluster, two_runs
     assert versions_of(cluster, bad_id) == []
     from aigc_pipeline.tracking.rollback import flow_run_mlflow_runs
 
-    assert flow_run_mlflow_runs(mlflow_client(cluster), "aigc-pipeline", bad_id) == []
+    # Its only MLflow run is the diverged training's, marked FAILED (the trainer's record of it).
+    client = mlflow_client(cluster)
+    runs = [client.get_run(r) for r in flow_run_mlflow_runs(client, "aigc-pipeline", bad_id)]
+    assert [(r.info.status, r.data.tags.get("aigc.stage")) for r in runs] == [("FAILED", "train")]
+    assert "diverged" in runs[0].data.tags["aigc.error"]
     if two_runs["first_done"] == two_runs["good"]:  # the failing run started after the good one
         assert _registry(cluster) == two_runs["registry_between"]
     else:  # it ran first: the registry was still empty when the good run started
@@ -312,11 +317,11 @@ def killed_run(cluster: Cluster, two_runs: dict[str, Any]) -> dict[str, Any]:  #
     run_id = start_run(cluster, *KILL_RUN)
     mirror = cluster.dvc_remote / "aigc" / "checkpoints"
     deadline = time.monotonic() + RUN_TIMEOUT
-    while not list(mirror.rglob("step-*.pt")):
+    while not list(mirror.rglob(CHECKPOINT_GLOB)):
         if time.monotonic() > deadline or wait_done(cluster, run_id):
             pytest.fail(f"no checkpoint was mirrored to {mirror} while training\n{logs(cluster)}")
         time.sleep(0.2)
-    mirrored = sorted(p.name for p in mirror.rglob("step-*.pt"))
+    mirrored = sorted(p.name for p in mirror.rglob(CHECKPOINT_GLOB))
     victim = children(cluster, run_id)
     cluster.procs["gpu-1"].kill()  # the worker and the flow run it executes, as a lost machine
     killed_at = time.monotonic()
@@ -346,7 +351,7 @@ def test_killed_gpu_worker_training_resumes_from_its_checkpoint(cluster: Cluster
     assert record["resumed_from"] >= max(steps_at_kill) > 0, (record, killed_run["mirrored_at_kill"])
     assert record["result"]["steps"] == 120
     # Its checkpoints were removed from the remote once the outputs were pushed.
-    assert not list((cluster.dvc_remote / "aigc" / "checkpoints").rglob("step-*.pt"))
+    assert not list((cluster.dvc_remote / "aigc" / "checkpoints").rglob(CHECKPOINT_GLOB))
     (version,) = versions_of(cluster, killed_run["id"])
     assert version.tags["aigc.run_ref"] == f"refs/aigc/runs/{killed_run['id']}"
 
@@ -363,7 +368,7 @@ def test_fresh_clone_at_the_tagged_commit_rebuilds_the_same_weights(cluster: Clu
     servers.git(clone, "fetch", "--quiet", "origin", f"{ref}:{ref}")
     servers.git(clone, "merge-base", "--is-ancestor", commit, ref)
     final_lock = servers.git(clone, "show", f"{ref}:dvc.lock")
-    assert all(f"\n  {s}:" in final_lock for s in ("ingest", "augment", "train", "evaluate", "register"))
+    assert all(f"\n  {s}:" in final_lock for s in ("ingest@digits", "augment@digits", "train", "evaluate", "register"))
     env = servers.clean_env(AIGC_CACHE_DIR=os.environ.get("AIGC_CACHE_DIR", str(tmp_path / "cache")))
     dvc(clone, env, "pull")
     lock = dvc_lock(clone)

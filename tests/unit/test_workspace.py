@@ -33,13 +33,14 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_plan_inputs_and_outputs_come_from_dvc_yaml(project: Path) -> None:
-    assert workspace.stage_plan(project, "register") == ["ingest", "augment", "train", "evaluate", "register"]
-    assert workspace.stage_plan(project, "train") == ["ingest", "augment", "train"]
-    assert workspace.stage_inputs(project, "train") == ["data/augmented/digits"]
+    assert workspace.stage_plan(project, "register") == \
+        ["ingest@digits", "augment@digits", "train", "evaluate", "register"]
+    assert workspace.stage_plan(project, "train") == ["ingest@digits", "augment@digits", "train"]
+    assert workspace.stage_inputs(project, "train") == ["data/augmented/digits", "data/prepared/digits"]
     assert workspace.stage_inputs(project, "evaluate") == ["data/prepared/digits", "models/digits-dcgan"]
     assert workspace.stage_outputs(project, "evaluate") == ["eval/digits-dcgan/samples.png",
                                                             "eval/digits-dcgan/metrics.json"]
-    with pytest.raises(workspace.WorkspaceError, match="no stage 'nope' \\(stages: ingest, augment, train, evaluate, register\\)"):
+    with pytest.raises(workspace.WorkspaceError, match="no stage 'nope' \\(stages: ingest@digits, augment@digits, train, evaluate, register\\)"):
         workspace.stage_plan(project, "nope")
 
 
@@ -50,29 +51,29 @@ def test_outputs_travel_between_clones_only_through_the_remote(project: Path, tm
 
     monkeypatch.chdir(project)  # `dvc commit` in run_stage wants the cwd in the repo, as a worker's clone is
     write_overrides_to_params(project, QUICK)
-    assert run_stage(project, "ingest").ran
-    remote.push_stage_outputs(project, "ingest")
+    assert run_stage(project, "ingest@digits").ran
+    remote.push_stage_outputs(project, "ingest@digits")
     commit = workspace.commit_run(project, "ingest ran")
     # A second clone at that commit: ingest's outputs come from the remote, then DVC holds it as done.
     other = tmp_path / "other"
     workspace.git(tmp_path, "clone", "-q", str(project), str(other))
     workspace.checkout(other, commit)
     monkeypatch.chdir(other)
-    assert workspace.stale_stages(other, "ingest")  # outputs missing in the fresh clone
-    assert remote.restore_recorded_outputs(other, "ingest")
-    assert workspace.stale_stages(other, "ingest") == {}
-    assert not run_stage(other, "ingest").ran
+    assert workspace.stale_stages(other, "ingest@digits")  # outputs missing in the fresh clone
+    assert remote.restore_recorded_outputs(other, "ingest@digits")
+    assert workspace.stale_stages(other, "ingest@digits") == {}
+    assert not run_stage(other, "ingest@digits").ran
     # augment runs there; its dvc.lock entry, recorded back in the first clone, lets it pull the outputs.
-    assert run_stage(other, "augment").ran
-    remote.push_stage_outputs(other, "augment")
-    entry = workspace.lock_entry(other, "augment")
+    assert run_stage(other, "augment@digits").ran
+    remote.push_stage_outputs(other, "augment@digits")
+    entry = workspace.lock_entry(other, "augment@digits")
     remote.write_record(other, "run-1", {"lock": entry})
     monkeypatch.chdir(project)
-    workspace.record_lock_entry(project, "augment", remote.read_record(project, "run-1")["lock"])
-    assert list(workspace.read_lock(project)["stages"]) == ["ingest", "augment"]
-    remote.pull_stage_outputs(project, "augment")
-    assert workspace.stale_stages(project, "augment") == {}
-    assert json.loads(_dvc(project, "status", "--json", "--with-deps", "augment")) == {}
+    workspace.record_lock_entry(project, "augment@digits", remote.read_record(project, "run-1")["lock"])
+    assert list(workspace.read_lock(project)["stages"]) == ["ingest@digits", "augment@digits"]
+    remote.pull_stage_outputs(project, "augment@digits")
+    assert workspace.stale_stages(project, "augment@digits") == {}
+    assert json.loads(_dvc(project, "status", "--json", "--with-deps", "augment@digits")) == {}
 
 
 def test_missing_remote_and_record_are_clear_errors(tmp_path: Path) -> None:
@@ -93,7 +94,7 @@ def test_checkpoint_mirror_round_trip(project: Path, tmp_path: Path) -> None:
     area = remote.RemoteArea(project)
     names = area.find("checkpoints/key-1")
     assert names == ["checkpoints/key-1/digits-dcgan/abc123/LATEST",
-                     "checkpoints/key-1/digits-dcgan/abc123/step-000000015.pt"]
+                     "checkpoints/key-1/digits-dcgan/abc123/step-000000015.safetensors"]
     with pytest.raises(remote.RemoteError, match="not found on the DVC remote"):
         remote.read_record(project, "never-written")
     # A fresh clone restores it where the trainer looks for it.
@@ -101,8 +102,8 @@ def test_checkpoint_mirror_round_trip(project: Path, tmp_path: Path) -> None:
     workspace.git(tmp_path, "clone", "-q", str(project), str(other))
     restored = remote.CheckpointMirror(other, "key-1").restore()
     assert restored == {"digits-dcgan/abc123": 15}
-    got = other / "checkpoints" / "digits-dcgan" / "abc123" / "step-000000015.pt"
-    assert got.read_bytes() == (folder / "step-000000015.pt").read_bytes()
+    got = other / "checkpoints" / "digits-dcgan" / "abc123" / "step-000000015.safetensors"
+    assert got.read_bytes() == (folder / "step-000000015.safetensors").read_bytes()
     assert remote.CheckpointMirror(other, "another-key").restore() == {}
     remote.CheckpointMirror(other, "key-1").discard()
     assert area.find("checkpoints/key-1") == []
