@@ -295,6 +295,14 @@ def run_measurement(kind: str, images: Path, out: Path, *, env: dict[str, str], 
         tail = "\n".join(output.splitlines()[-20:])
         raise BenchError(f"{' '.join(argv)} exited with {proc.returncode}:\n{tail}")
     record = json.loads(output.strip().splitlines()[-1])
+    if span["other_cpu_s"] is not None:
+        # The decoding workers are children of a forkserver nobody waits for, so their CPU time
+        # never reaches this process's children times; the measured program counted them itself
+        # (live descendants) in cpu_seconds. Without this the workers would show up as "others".
+        machine = span["other_cpu_s"] + span["own_cpu_s"]
+        own = max(span["own_cpu_s"], record["cpu_seconds"])
+        span.update(own_cpu_s=own, other_cpu_s=max(0.0, machine - own),
+                    other_cores=max(0.0, machine - own) / span["wall_s"])
     record.update(peak_rss_mib=peak["rss"] / 2**20, peak_processes=peak["processes"], cpu=span,
                   images_per_second=record["images"] / record["seconds"])
     return record
