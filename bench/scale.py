@@ -150,6 +150,9 @@ def measure(ctx: Any) -> dict[str, Any]:
     isolated = isolate_environment(work)  # shared, warm evaluation cache for both sides (below)
     source = work / "source"
     revision = snapshot_source(source)
+    # Its own git repository, so the cluster publishes exactly the snapshot's files (the snapshot
+    # lies inside this checkout, whose git would see them as ignored).
+    subprocess.run(["git", "init", "-q"], cwd=source, check=True)
     use_source(source)
     sys.path.insert(0, str(source))  # tests.scale.servers from the snapshot too
     from tests.scale.servers import Cluster
