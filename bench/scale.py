@@ -126,9 +126,10 @@ def run_distributed(cluster: Any, overrides: tuple[str, ...], label: str) -> dic
 def _fid(cluster: Any, version: Any) -> float:
     from mlflow import MlflowClient
 
+    from aigc_pipeline.evaluation.protocol import metric_key
+
     metrics = MlflowClient(tracking_uri=cluster.mlflow_url).get_run(version.run_id).data.metrics
-    (fid,) = [v for k, v in metrics.items() if k.startswith("fid_")]
-    return fid
+    return metrics[metric_key("fid", version.tags["aigc.protocol"])]  # the evaluation's, not fid_std_/fid_progress_
 
 
 def run_direct(source: Path, work: Path, overrides: tuple[str, ...], label: str) -> dict[str, Any]:
