@@ -173,8 +173,11 @@ def measure(ctx: Any) -> dict[str, Any]:
         _log(f"servers up in {servers_s:.0f} s, aigc deploy {deploy_s:.0f} s; logs in {cluster.logs}")
         distributed, direct = [], []
         for i in range(REPEATS):
-            distributed.append(run_distributed(cluster, overrides, f"distributed-{i + 1}"))
-            direct.append(run_direct(source, work, overrides, f"direct-{i + 1}"))
+            # A new training seed per repeat: the same model and evaluation again would be found
+            # already registered (registration is idempotent) and make no new version to time.
+            seeded = (*overrides, f"train.seed={100 + i}")
+            distributed.append(run_distributed(cluster, seeded, f"distributed-{i + 1}"))
+            direct.append(run_direct(source, work, seeded, f"direct-{i + 1}"))
     finally:
         cluster.stop()
     load_after = load_average()
