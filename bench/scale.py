@@ -194,7 +194,7 @@ def measure(ctx: Any) -> dict[str, Any]:
         "project": revision,
         "profile": {"name": profile, "overrides": list(overrides)},
         "environment": {"load_average_before": load_before, "load_average_after": load_after},
-        "rows": _rows(timings),
+        "rows": _rows(timings, profile),
         "notes": _notes(timings, load_before, load_after),
         "timings": timings,
     }
@@ -204,11 +204,11 @@ def _median(rows: list[dict[str, Any]], key: str) -> float:
     return statistics.median(r[key] for r in rows)
 
 
-def _rows(t: dict[str, Any]) -> list[dict[str, Any]]:
+def _rows(t: dict[str, Any], profile: str) -> list[dict[str, Any]]:
     dist, direct = t["distributed"], t["direct"]
     base = _median(direct, "seconds")
     reg = _median(dist, "to_registered_s")
-    g1 = f"Quick profile, warm caches, median of {len(dist)} interleaved pairs"
+    g1 = f"{profile.capitalize()} profile, warm caches, median of {len(dist)} interleaved pairs"
     rows = [
         row(g1, "`prefect deployment run` → registered model version", reg, "s",
             baseline=base, baseline_label="`aigc run` (same stages, embedded)"),
