@@ -209,7 +209,13 @@ class Postgres:
 
     def _as_owner(self, argv: list[str]) -> list[str]:
         if os.geteuid() == 0:
-            return ["runuser", "-u", "postgres", "--", *argv]
+            # runuser lives in /usr/sbin, which a minimal PATH (a CI job's, say) may leave out.
+            search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
+            runuser = shutil.which("runuser", path=search)
+            if runuser is None:
+                raise ServerError("running as root, PostgreSQL must run as the `postgres` user, and `runuser` "
+                                  "(util-linux) was not found on PATH, /usr/sbin or /sbin")
+            return [runuser, "-u", "postgres", "--", *argv]
         return argv
 
     def _run(self, argv: list[str], timeout: float = 120) -> None:
