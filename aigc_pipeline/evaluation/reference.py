@@ -14,12 +14,11 @@ a whole entry or none. The metadata stored inside each entry is checked on load.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
+import io
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from aigc_pipeline.evaluation.cache import default_cache_dir
 from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.features import FEATURE_EXTRACTOR, FEATURE_LAYER, extract_features
 from aigc_pipeline.evaluation.inception import InceptionWeights
+from aigc_pipeline.io import atomic_write_bytes
 
 __all__ = ["ReferenceStats", "pixel_digest", "reference_cache_name", "reference_statistics"]
 
@@ -143,19 +143,12 @@ def _load(path: Path, expected: dict, name: str) -> ReferenceStats:
 
 
 def _save(path: Path, **arrays: np.ndarray) -> None:
-    """Write the entry through a temp file in the same folder, fsync, rename; fsync the folder."""
+    """Write the entry atomically (temp file, fsync, rename), then fsync the folder so the rename
+    itself survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:
         os.fsync(dir_fd)

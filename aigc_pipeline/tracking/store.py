@@ -52,13 +52,7 @@ def use_store(project_dir: Path | str, experiment: str) -> Iterator[str]:
         mlflow.set_experiment(experiment_id=exp_id)
         yield exp_id
     finally:
-        mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_uris(saved_env)
 
 
 @contextlib.contextmanager
@@ -74,10 +68,18 @@ def use_tracking(project_dir: Path | str) -> Iterator[str]:
     try:
         yield uri
     finally:
-        mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
-        mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        _restore_uris(saved_env)
+
+
+def _restore_uris(saved_env: dict[str, str | None]) -> None:
+    """Put back the MLflow URIs and their environment variables as they were before a ``use_*`` block
+    (mlflow.set_tracking_uri exports the variable, so both must be restored)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
+    mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
