@@ -127,8 +127,10 @@ class TrainConfig:
     ema_decay: float = 0.999
     conditional: bool = False
     diffaugment: str = "color,translation,cutout"  # comma-separated; "" = off
+    sampling_steps: int = 50  # ddpm: DDIM steps of the exported sampler (the pyfunc's `steps` overrides it)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     sample_grid: int = 64
+    sample_every: int = 1  # epochs between fixed-noise grids (and at the last epoch)
     devices: int = 1  # > 1: data parallel over this many processes (torchrun + DDP), global batch = batch_size
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the hardware has bf16
     channels_last: Literal["auto"] | bool = "auto"
@@ -152,8 +154,10 @@ class TrainConfig:
         _check(self.latent_dim >= 1 and self.width >= 4, "latent_dim/width", "are too small")
         _check(self.vae_beta >= 0, "vae_beta", "must be >= 0")
         _check(1 <= self.sample_grid <= 256, "sample_grid", "must be in 1..256")
+        _check(self.sample_every >= 1, "sample_every", "must be >= 1 (epochs between sample grids)")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
-        from aigc_pipeline.training.diffaugment import POLICIES
+        _check(1 <= self.sampling_steps <= 1000, "sampling_steps", "must be in 1..1000 (the training schedule's timesteps)")
+        from aigc_pipeline.models.diffaugment import POLICIES
 
         unknown = [p for p in self.diffaugment.split(",") if p and p not in POLICIES]
         _check(not unknown, "diffaugment", f"unknown policy {unknown} (known: {', '.join(POLICIES)}; '' = off)")
@@ -183,14 +187,25 @@ class EvaluateConfig:
 @dataclass(frozen=True)
 class RegisterConfig:
     experiment: str = "aigc-pipeline"
+    model_name: str | None = None  # registered model; None = the dataset's name (every family competes in it)
     champion_alias: str = "champion"
     challenger_alias: str = "challenger"  # a complete candidate the gate did not promote
     gate_margin: float = 0.5  # FID points a candidate must win by (besides beating the noise)
     gate_noise_sigmas: float = 2.0  # ... and by this many standard deviations of the combined bootstrap noise
+    max_fid_ratio: float | None = 3.0  # quality bar: FID <= this x the data's floor FID; None = no bar
+    min_precision: float | None = None  # quality bar: precision >= this; None = no minimum
+    min_recall: float | None = None  # quality bar: recall >= this; None = no minimum
 
     def __post_init__(self) -> None:
         _check(self.gate_margin >= 0, "gate_margin", "must be >= 0")
         _check(self.gate_noise_sigmas >= 0, "gate_noise_sigmas", "must be >= 0")
+        _check(self.max_fid_ratio is None or self.max_fid_ratio >= 1.0, "max_fid_ratio",
+               "must be >= 1 (the floor is what real data scores) or null (no bar)")
+        for name in ("min_precision", "min_recall"):
+            value = getattr(self, name)
+            _check(value is None or 0.0 <= value <= 1.0, name, "must be in [0, 1] or null (no minimum)")
+        _check(self.model_name is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_name) is not None,
+               "model_name", "must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
         _check(self.champion_alias != self.challenger_alias, "challenger_alias", "must differ from champion_alias")
 
 
@@ -219,8 +234,15 @@ class Config:
 
     @property
     def model_name(self) -> str:
-        """Registered-model name: one per (dataset, model family)."""
+        """The trained model's name, one per (dataset, model family): its folder (``models/NAME``),
+        evaluation and receipt in dvc.yaml, and its MLflow run names."""
         return f"{self.dataset}-{self.train.model}"
+
+    @property
+    def registered_model(self) -> str:
+        """The MLflow registered model its versions go to: one per dataset (``register.model_name``
+        overrides), so versions of every family compete for the same champion alias."""
+        return self.register.model_name or self.dataset
 
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}

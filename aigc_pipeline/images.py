@@ -12,10 +12,19 @@ from PIL import Image
 from aigc_pipeline.io import atomic_write_bytes
 
 
-def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """Tile uint8 images [N, C, H, W] into one uint8 image [H', W', C] (C=1 squeezed)."""
+# Grids are for people: images smaller than this are enlarged (nearest neighbour, an integer
+# factor, so every pixel stays a visible square) before tiling; 8x8 digits become 32x32 cells.
+MIN_CELL = 32
+
+
+def make_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2, min_cell: int = MIN_CELL) -> np.ndarray:
+    """Tile uint8 images [N, C, H, W] into one uint8 image [H', W', C] (C=1 squeezed); images
+    smaller than ``min_cell`` pixels are enlarged by the smallest integer factor that reaches it."""
     if images.ndim != 4 or images.dtype != np.uint8:
         raise ValueError(f"expected uint8 [N, C, H, W], got {images.dtype} {images.shape}")
+    factor = max(1, -(-min_cell // max(1, min(images.shape[2:]))))
+    if factor > 1:
+        images = images.repeat(factor, axis=2).repeat(factor, axis=3)
     n, c, h, w = images.shape
     nrow = nrow or max(1, math.ceil(math.sqrt(n)))
     rows = math.ceil(n / nrow)

@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 from bench import BenchError
 from bench.report import SCHEMA_VERSION, row
-from bench.workspace import (cpu_snapshot, cpu_span, fresh_dir, isolate_environment, load_average, machine_info,
-                             snapshot_source, use_source, utc_now, wait_for_quiet)
+from bench.workspace import (Phases, fresh_dir, isolate_environment, load_average, machine_info, snapshot_source,
+                             use_source, utc_now)
 
 NAME = "training"
 TITLE = "Training: our trainer vs. the classic DCGAN example; sngan vs. dcgan FID; checkpoint cost"
@@ -225,28 +225,6 @@ def write_image_folder(images, labels, root: Path) -> None:
 # ---------------------------------------------------------------------------
 
 
-class Phases:
-    """Runs phases after waiting for a quiet machine, recording wall time and CPU contention."""
-
-    def __init__(self, wait_idle: float) -> None:
-        self.wait_idle = wait_idle
-        self.record: dict[str, Any] = {}
-
-    def __call__(self, name: str, fn: Callable[[], Any]) -> Any:
-        quiet = wait_for_quiet(self.wait_idle, CONTENDED_CORES, log=log) if self.wait_idle > 0 else None
-        log(f"{name} ...")
-        start = cpu_snapshot()
-        result = fn()
-        span = cpu_span(start, cpu_snapshot())
-        self.record[name] = {"cpu": span, "waited": quiet}
-        log(f"{name}: {span['wall_s']:.1f} s")
-        return result
-
-    def contended(self) -> list[str]:
-        return [f"{k} (others used {v['cpu']['other_cores']:.2f} cores)" for k, v in self.record.items()
-                if (v["cpu"].get("other_cores") or 0) > CONTENDED_CORES]
-
-
 def run(ctx: Any) -> dict[str, Any]:
     """Entry point for ``python -m bench training`` (see :mod:`bench.registry`)."""
     sizes = QUICK if ctx.quick else FULL
@@ -270,11 +248,11 @@ def run(ctx: Any) -> dict[str, Any]:
     from aigc_pipeline.training.loop import Callbacks
     from aigc_pipeline.training.loop import train as train_loop
     from aigc_pipeline.models.base import Arch
-    from aigc_pipeline.stages.train import resolve_hparams
+    from aigc_pipeline.models.registry import resolve_hparams
 
     repo_params = Path(__file__).resolve().parents[1]
     overrides = tuple(ctx.overrides)
-    phases = Phases(ctx.wait_idle)
+    phases = Phases(ctx.wait_idle, CONTENDED_CORES, log)
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     raw: dict[str, Any] = {}

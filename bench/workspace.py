@@ -319,3 +319,27 @@ def wait_for_quiet(max_wait: float, threshold: float, *, window: float = 3.0,
         if log is not None:
             log(f"other processes keep {other:.2f} cores busy; waiting for a quiet moment "
                 f"({waited:.0f}/{max_wait:.0f} s)")
+
+
+class Phases:
+    """Runs named phases of a benchmark, each after waiting (up to ``wait_idle`` s) for a quiet
+    machine, recording its wall time and how many cores other processes kept busy meanwhile."""
+
+    def __init__(self, wait_idle: float, threshold: float, log: Callable[[str], None]) -> None:
+        self.wait_idle, self.threshold, self.log = wait_idle, threshold, log
+        self.record: dict[str, dict] = {}
+
+    def __call__(self, name: str, fn: Callable[[], object]) -> object:
+        quiet = wait_for_quiet(self.wait_idle, self.threshold, log=self.log) if self.wait_idle > 0 else None
+        self.log(f"{name} ...")
+        start = cpu_snapshot()
+        result = fn()
+        span = cpu_span(start, cpu_snapshot())
+        self.record[name] = {"cpu": span, "waited": quiet}
+        self.log(f"{name}: {span['wall_s']:.1f} s")
+        return result
+
+    def contended(self) -> list[str]:
+        """The phases during which others used more than ``threshold`` cores, with the figure."""
+        return [f"{k} (others used {v['cpu']['other_cores']:.2f} cores)" for k, v in self.record.items()
+                if (v["cpu"].get("other_cores") or 0) > self.threshold]

@@ -6,8 +6,9 @@ reference split's cached statistics. The metric's name carries its protocol, inc
 sample count (``fid_progress_incv3-…_n64_eval-…_32px``), so it is never mistaken for, or plotted
 with, the evaluation's FID.
 
-The rows live in memory and are written at the end of training (``fid_progress.csv``): a resumed
-training has rows only for the epochs it ran itself.
+The rows are written at the end of training (``fid_progress.csv``) and travel in every checkpoint
+(:meth:`FidProgress.state` / :meth:`FidProgress.restore`, the trainer's ``save_state`` /
+``restore_state`` hooks), so a resumed training writes the same file as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -85,6 +86,14 @@ class FidProgress:
                                  device=_fidelity_device(self.device))[FEATURE_LAYER]
         fid = frechet_distance(feats, self._stats.mu, self._stats.sigma)
         self.rows.append({"epoch": epoch, self.metric: fid, "seconds": time.perf_counter() - t0})
+
+    def state(self) -> dict[str, list[dict[str, float]]]:
+        """The points so far, for a checkpoint."""
+        return {"rows": [dict(r) for r in self.rows]}
+
+    def restore(self, state: dict[str, list[dict[str, float]]]) -> None:
+        """Continue from a checkpoint's points (a resumed training)."""
+        self.rows = [dict(r) for r in state.get("rows", [])]
 
     def csv_text(self) -> str:
         """The rows as CSV: ``epoch,<metric>`` (one y column, so a DVC plot needs no column name)."""

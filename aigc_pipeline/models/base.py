@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Any, Iterable, Protocol
 
 import torch
 from torch import nn
 
-from aigc_pipeline.training.randomness import BatchRandom
+from aigc_pipeline.randomness import BatchRandom
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,8 @@ class Hparams:
     beta2: float
     vae_beta: float = 1.0
     ema_decay: float = 0.999  # generator EMA (sngan)
-    diffaugment: str = "color,translation,cutout"  # DiffAugment policy (sngan); "" = off
+    diffaugment: str = "color,translation,cutout"  # DiffAugment policy (sngan, resgan); "" = off
+    sampling_steps: int = 50  # ddpm: DDIM steps of the exported sampler (and the epoch grids)
 
 
 class Family(Protocol):
@@ -69,7 +70,16 @@ class Family(Protocol):
 
     @property
     def generator(self) -> nn.Module:
-        """The :class:`Generator` mapping latent [B, latent_dim] (+ labels) to images in [-1, 1] (exported)."""
+        """The exported generator: latent [B, *latent_shape] (+ labels) -> images in [-1, 1]. It has a
+        ``latent_shape`` attribute (``(latent_dim,)`` for a GAN, the image shape for a diffusion
+        sampler, whose latent is the initial noise)."""
+        ...
+
+    @staticmethod
+    def build_generator(arch: Arch, spec: dict[str, Any]) -> nn.Module:
+        """A fresh (untrained) exported generator for ``arch``; ``spec`` is what
+        ``generator_spec()`` returned at training time (saved in model.json), ``{}`` if the family
+        has no such method. Loading the saved weights into it restores the trained generator."""
         ...
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -70,10 +71,11 @@ class Generator(nn.Module):
     def __init__(self, latent_dim: int, size: int, channels: int, width: int, num_classes: int = 0) -> None:
         super().__init__()
         self.num_classes = num_classes
+        self.latent_shape = (latent_dim,)  # what generate() draws per image
         self.net = ConvGenerator(latent_dim + num_classes, size, channels, width)
 
     def forward(self, z: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        return self.net(_with_onehot(z, labels, self.num_classes))
+        return self.net(with_onehot(z, labels, self.num_classes))
 
 
 class Critic(nn.Module):
@@ -88,19 +90,26 @@ class Critic(nn.Module):
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
         if self.num_classes:
-            planes = _onehot(labels, self.num_classes, x.dtype)[:, :, None, None]
+            planes = onehot(labels, self.num_classes, x.dtype)[:, :, None, None]
             x = torch.cat([x, planes.expand(-1, -1, x.shape[2], x.shape[3])], dim=1)
         return self.net(x)
 
 
-def _onehot(labels: torch.Tensor | None, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+def onehot(labels: torch.Tensor | None, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """One-hot rows of ``labels``; a clear error when a conditional model is called without them."""
     if labels is None:
         raise ValueError("this model is class-conditional: pass a class label for every image")
     return F.one_hot(labels, num_classes).to(dtype)
 
 
-def _with_onehot(z: torch.Tensor, labels: torch.Tensor | None, num_classes: int) -> torch.Tensor:
-    return torch.cat([z, _onehot(labels, num_classes, z.dtype)], dim=1) if num_classes else z
+def with_onehot(z: torch.Tensor, labels: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    """``z`` with the one-hot label appended (``z`` itself when unconditional)."""
+    return torch.cat([z, onehot(labels, num_classes, z.dtype)], dim=1) if num_classes else z
+
+
+def conv_generator(arch: Any, spec: Mapping[str, Any] | None = None) -> Generator:
+    """The exported generator of the DCGAN-shaped families, rebuilt from their :class:`Arch`."""
+    return Generator(arch.latent_dim, arch.size, arch.channels, arch.width, arch.num_classes)
 
 
 def dcgan_init(module: nn.Module) -> None:

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 
 from aigc_pipeline.models.base import Arch, Hparams, Recipe, grad_norm
-from aigc_pipeline.models.blocks import Critic, Generator, dcgan_init
-from aigc_pipeline.training.randomness import BatchRandom
+from aigc_pipeline.models.blocks import Critic, Generator, conv_generator, dcgan_init
+from aigc_pipeline.randomness import BatchRandom
 
 
 class DCGAN:
     recipe = Recipe(lr=2e-4, beta1=0.5, beta2=0.999)  # Radford et al.
+    build_generator = staticmethod(conv_generator)
 
     def __init__(self, arch: Arch, hp: Hparams) -> None:
         g = Generator(arch.latent_dim, arch.size, arch.channels, arch.width, arch.num_classes)

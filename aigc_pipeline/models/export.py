@@ -17,17 +17,19 @@ from safetensors.torch import load_file, save
 from aigc_pipeline.errors import DataError
 from aigc_pipeline.io import atomic_write_bytes, atomic_write_json
 from aigc_pipeline.models.base import Arch
-from aigc_pipeline.models.blocks import Generator
+from aigc_pipeline.models.registry import build_generator
 
 WEIGHTS_FILE = "generator.safetensors"
 META_FILE = "model.json"
 
 
-def save_generator(folder: Path, generator: torch.nn.Module, arch: Arch, meta: dict[str, Any]) -> None:
-    """Write the generator's weights and ``model.json`` (arch + ``meta``) into ``folder``."""
+def save_generator(folder: Path, generator: torch.nn.Module, arch: Arch, meta: dict[str, Any],
+                   spec: dict[str, Any] | None = None) -> None:
+    """Write the generator's weights and ``model.json`` (arch, the family's generator ``spec`` and
+    ``meta``) into ``folder``."""
     state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}
     atomic_write_bytes(folder / WEIGHTS_FILE, save(state))
-    atomic_write_json(folder / META_FILE, {"arch": arch.__dict__, **meta})
+    atomic_write_json(folder / META_FILE, {"arch": arch.__dict__, "generator": spec or {}, **meta})
 
 
 def read_model_meta(folder: Path) -> dict[str, Any]:
@@ -41,8 +43,9 @@ def read_model_meta(folder: Path) -> dict[str, Any]:
 def load_generator(folder: Path | str, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, Arch]:
     """Rebuild the generator from ``folder`` in eval mode."""
     folder = Path(folder)
-    arch = Arch(**read_model_meta(folder)["arch"])
-    g = Generator(arch.latent_dim, arch.size, arch.channels, arch.width, arch.num_classes)
+    meta = read_model_meta(folder)
+    arch = Arch(**meta["arch"])
+    g = build_generator(arch, meta.get("generator") or {})
     g.load_state_dict(load_file(str(folder / WEIGHTS_FILE)))
     return g.to(device).eval(), arch
 
@@ -55,20 +58,26 @@ def generate(
     *,
     seed: int,
     label: int | None = None,
+    steps: int | None = None,
     batch_size: int = 256,
     device: str | torch.device = "cpu",
 ) -> np.ndarray:
     """``n`` uint8 images [n, C, H, W] from latents drawn with ``seed``.
 
     For a class-conditional model, ``label`` picks the class of every image; without it the
-    classes cycle 0, 1, 2, ... so any sample set is class-balanced. Latents are drawn on the CPU
-    in one go, so the images depend only on (weights, seed, n, label), not on the device or
-    batch size; the generator runs in eval mode for the same reason.
+    classes cycle 0, 1, 2, ... so any sample set is class-balanced. ``steps`` sets a diffusion
+    sampler's number of steps (default: the one it was exported with; an error for a GAN or VAE).
+    Latents are drawn on the CPU in one go, so the images depend only on (weights, seed, n, label,
+    steps), not on the device or batch size; the generator runs in eval mode for the same reason.
     """
     if n < 1:
         raise ValueError(f"number of images must be >= 1, got {n}")
+    if steps is not None:
+        if not hasattr(generator, "with_steps"):
+            raise ValueError(f"steps={steps}: a {arch.family} model has no sampling steps (only diffusion models do)")
+        generator = generator.with_steps(steps)
     labels = class_labels(arch, n, label)
-    z = torch.randn(n, arch.latent_dim, generator=torch.Generator().manual_seed(seed))
+    z = torch.randn(n, *generator.latent_shape, generator=torch.Generator().manual_seed(seed))
     out = np.empty((n, arch.channels, arch.size, arch.size), dtype=np.uint8)
     for i in range(0, n, batch_size):
         y = labels[i : i + batch_size].to(device) if labels is not None else None

@@ -7,12 +7,13 @@ import torch
 from torch import nn
 
 from aigc_pipeline.models.base import Arch, Hparams, Recipe, grad_norm
-from aigc_pipeline.models.blocks import Critic, Generator, dcgan_init
-from aigc_pipeline.training.randomness import BatchRandom
+from aigc_pipeline.models.blocks import Critic, Generator, conv_generator, dcgan_init
+from aigc_pipeline.randomness import BatchRandom
 
 
 class VAE:
     recipe = Recipe(lr=2e-4, beta1=0.5, beta2=0.999)  # the DCGAN settings; not tuned for the VAE
+    build_generator = staticmethod(conv_generator)
 
     def __init__(self, arch: Arch, hp: Hparams) -> None:
         enc = Critic(arch.size, arch.channels, arch.width, out_dim=2 * arch.latent_dim, num_classes=arch.num_classes)

@@ -21,25 +21,25 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 import numpy as np
 
-from aigc_pipeline.config import Config, TrainConfig, config_digest
+from aigc_pipeline.config import Config, config_digest
 from aigc_pipeline.data.prepared import load_prepared
 from aigc_pipeline.errors import ConfigError, DataError, TrainingDiverged
 from aigc_pipeline.images import make_grid, png_bytes
 from aigc_pipeline.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.export import save_generator
-from aigc_pipeline.models.registry import recipe_for
+from aigc_pipeline.models.registry import generator_spec, resolve_hparams
 from aigc_pipeline.training import distributed
 from aigc_pipeline.training.loop import Callbacks, train
 from aigc_pipeline.training.speed import resolve_device
 
 # Settings that change how fast training runs but not what it computes (beyond floating-point
 # order): left out of the checkpoint folder's key, so changing them resumes instead of restarting.
-_OPERATIONAL = ("devices", "data_placement", "keep_checkpoints", "checkpoint_every", "sample_grid")
+_OPERATIONAL = ("devices", "data_placement", "keep_checkpoints", "checkpoint_every", "sample_grid", "sample_every")
 
 
 @dataclass(frozen=True)
@@ -52,10 +52,12 @@ class TrainStageResult:
     final_losses: dict[str, float]
     speed: str = ""  # device, precision, memory format, compile
     world_size: int = 1
+    stopped: bool = False  # should_stop ended training at ``steps``, before the configured epochs
 
 
 def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Path | None = None,
-        quiet: bool = False, project_dir: Path = Path(".")) -> TrainStageResult:
+        quiet: bool = False, project_dir: Path = Path("."),
+        should_stop: Callable[[int], bool] | None = None) -> TrainStageResult:
     """Train on the prepared dataset at ``data``; write the model folder ``out``.
 
     With ``reference`` (a prepared dataset), FID over training is measured every
@@ -63,9 +65,14 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
 
     Checkpoints go to ``checkpoints/<config hash>/``: a rerun with the same config and data
     resumes, a changed config starts fresh instead of resuming someone else's state.
-    ``project_dir`` locates the MLflow store a diverged run is recorded in.
+    ``project_dir`` locates the MLflow store a diverged run is recorded in. ``should_stop(step)``
+    (single process only) ends training early but cleanly: the model folder holds the generator
+    as it is at that step (``steps`` in model.json says how far it got), and a later run with
+    the same config resumes from there (``bench/quality.py`` measures training budgets this way).
     """
     tcfg = cfg.train
+    if tcfg.devices > 1 and should_stop is not None:
+        raise ConfigError("train.devices > 1: stopping at a budget (should_stop) works with one process only")
     if tcfg.devices > 1 and not distributed.under_torchrun():
         return _launch_data_parallel(cfg, data, out, checkpoints, reference=reference, quiet=quiet,
                                      project_dir=project_dir)
@@ -94,8 +101,9 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
 
         fid_progress = progress_hook(cfg, reference, arch, device=resolve_device(tcfg.device))
 
-    def on_epoch_end(epoch: int, grid: np.ndarray, stats: dict[str, float]) -> None:
-        atomic_write_bytes(grid_dir / f"epoch-{epoch:03d}.png", png_bytes(make_grid(grid)))
+    def on_epoch_end(epoch: int, grid: np.ndarray | None, stats: dict[str, float]) -> None:
+        if grid is not None:
+            atomic_write_bytes(grid_dir / f"epoch-{epoch:03d}.png", png_bytes(make_grid(grid)))
         progress.epoch(epoch, stats)
 
     try:
@@ -112,13 +120,16 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
             keep_checkpoints=tcfg.keep_checkpoints,
             device=tcfg.device,
             sample_grid=tcfg.sample_grid,
+            sample_every=tcfg.sample_every,
             max_grad_norm=tcfg.max_grad_norm,
             precision=tcfg.precision,
             channels_last=tcfg.channels_last,
             compile=tcfg.compile,
             data_placement=tcfg.data_placement,
             callbacks=Callbacks(on_start=progress.start, on_progress=progress.step, on_epoch_end=on_epoch_end,
-                                on_epoch_generator=fid_progress),
+                                on_epoch_generator=fid_progress, should_stop=should_stop,
+                                save_state=fid_progress.state if fid_progress is not None else None,
+                                restore_state=fid_progress.restore if fid_progress is not None else None),
         )
     except TrainingDiverged as e:
         progress.close()
@@ -136,16 +147,7 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
         _write_model(out, result, arch, cfg, hp, prepared.digest, list(prepared.classes), final, grid_dir, fid_csv)
     return TrainStageResult(out=out, model=tcfg.model, steps=result.steps, resumed_from=result.resumed_from,
                             images_per_second=result.images_per_second, final_losses=final, speed=result.speed,
-                            world_size=dist_info.world)
-
-
-def resolve_hparams(tcfg: TrainConfig) -> Hparams:
-    """The family's hyper-parameters, with ``auto`` lr/betas replaced by the model's recipe."""
-    recipe = recipe_for(tcfg.model)
-    return Hparams(lr=recipe.lr if tcfg.lr == "auto" else tcfg.lr,
-                   beta1=recipe.beta1 if tcfg.beta1 == "auto" else tcfg.beta1,
-                   beta2=recipe.beta2 if tcfg.beta2 == "auto" else tcfg.beta2,
-                   vae_beta=tcfg.vae_beta, ema_decay=tcfg.ema_decay, diffaugment=tcfg.diffaugment)
+                            world_size=dist_info.world, stopped=result.stopped)
 
 
 def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, digest: str, classes: list[str],
@@ -168,16 +170,19 @@ def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, d
                 "source_size": cfg.active_dataset.size,
                 "final_losses": final,
             },
+            generator_spec(result.family),
         )
-        grids = [grid_dir / f"epoch-{e:03d}.png" for e in range(1, tcfg.epochs + 1)]
+        # The grids of the epochs completed (all of them, unless should_stop ended training early).
+        grids = [g for e in range(1, len(result.epoch_log) + 1) if (g := grid_dir / f"epoch-{e:03d}.png").exists()]
         for grid in grids:
-            if grid.exists():
-                atomic_write_bytes(tmp / "samples" / grid.name, grid.read_bytes())
-        if grids[-1].exists():
+            atomic_write_bytes(tmp / "samples" / grid.name, grid.read_bytes())
+        if grids:
             atomic_write_bytes(tmp / "samples.png", grids[-1].read_bytes())
         atomic_write_text(tmp / "history.csv", _csv(result.history))
         atomic_write_text(tmp / "epochs.csv", _csv(result.epoch_log))
-        if fid_csv is not None:  # FID over training (rows only for the epochs this process ran)
+        # Wall-clock figures of the epochs this process ran: the one output that is not reproducible.
+        atomic_write_text(tmp / TIMING_FILE, _csv(result.timing))
+        if fid_csv is not None:  # FID over training (every point: they travel in the checkpoints)
             atomic_write_text(tmp / "fid_progress.csv", fid_csv)
 
 
@@ -189,6 +194,9 @@ def _csv(rows: list[dict[str, float]]) -> str:
         for row in rows:
             w.writerow({k: int(v) if k in ("step", "epoch") else v for k, v in row.items()})
     return buf.getvalue()
+
+
+TIMING_FILE = "timing.csv"
 
 
 # ---------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The MLflow pyfunc that serves a generator: rows of (n, seed[, label]) in, uint8 images out."""
+"""The MLflow pyfunc that serves a generator: rows of (n, seed[, label][, steps]) in, uint8 images out."""
 
 from __future__ import annotations
 
@@ -22,20 +22,25 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     # The pandas hint tells MLflow there is nothing to infer from it (the signature is explicit).
     def predict(self, context, model_input: pd.DataFrame, params=None):
         """One row per request: ``n`` images from ``seed`` (of class ``label`` for a conditional
-        model; classes cycle when it is missing or -1). Returns uint8 [sum(n), C, H, W]."""
+        model; classes cycle when it is missing or -1; ``steps`` sampling steps for a diffusion
+        model, its exported default when missing or -1). Returns uint8 [sum(n), C, H, W]."""
         from aigc_pipeline.models.export import generate
 
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         missing = {"n", "seed"} - set(frame.columns)
         if missing:
             raise ValueError(f"model input needs columns n and seed; missing {sorted(missing)}")
-        has_label = "label" in frame.columns
         out = []
         for r in frame.itertuples():
-            label = getattr(r, "label", None) if has_label else None
-            label = None if label is None or pd.isna(label) or int(label) < 0 else int(label)
-            out.append(generate(self.generator, self.arch, int(r.n), seed=int(r.seed), label=label))
+            label, steps = _optional(r, "label"), _optional(r, "steps")
+            out.append(generate(self.generator, self.arch, int(r.n), seed=int(r.seed), label=label, steps=steps))
         return np.concatenate(out) if out else np.empty((0, self.arch.channels, self.arch.size, self.arch.size), np.uint8)
+
+
+def _optional(row, column: str) -> int | None:
+    """An optional integer column of a request row: None when absent, empty or negative."""
+    value = getattr(row, column, None)
+    return None if value is None or pd.isna(value) or int(value) < 0 else int(value)
 
 
 def signature_for(channels: int, size: int):
@@ -43,7 +48,8 @@ def signature_for(channels: int, size: int):
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([ColSpec("long", "n"), ColSpec("long", "seed"), ColSpec("long", "label", required=False)]),
+        inputs=Schema([ColSpec("long", "n"), ColSpec("long", "seed"), ColSpec("long", "label", required=False),
+                       ColSpec("long", "steps", required=False)]),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, size, size))]),
     )
 

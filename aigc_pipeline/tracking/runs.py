@@ -7,6 +7,7 @@ it here and re-raises, so the flow stops before ``register``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any, Iterable
@@ -19,8 +20,18 @@ _PARAMS_PER_BATCH = 100  # MLflow's log_batch limit for params
 _METRICS_PER_BATCH = 900  # under MLflow's 1000
 
 
-def flat_params(cfg: Config) -> dict[str, str]:
-    """The active dataset's entry and every stage section, as dotted keys -> strings."""
+# train.* settings that may say "auto": the model's recipe decides (aigc_pipeline.models.registry.recipe_for).
+RESOLVED_KEYS = ("lr", "beta1", "beta2")
+
+
+def flat_params(cfg: Config, resolved: dict[str, Any] | None = None) -> dict[str, str]:
+    """The active dataset's entry and every stage section, as dotted keys -> strings.
+
+    With ``resolved`` (the hyperparameters training used, model.json's ``hparams``), ``train.lr``,
+    ``train.beta1`` and ``train.beta2`` hold the values used, so a params diff shows the real
+    difference between two families' recipes; the setting itself (``auto`` or a number) stays
+    beside them as ``train.lr_setting`` etc.
+    """
     d = cfg.to_dict()
     out: dict[str, Any] = {"dataset": cfg.dataset}
     for k, v in d["datasets"][cfg.dataset].items():
@@ -28,6 +39,14 @@ def flat_params(cfg: Config) -> dict[str, str]:
     for section in ("ingest", "augment", "train", "evaluate", "register"):
         for k, v in d[section].items():
             out[f"{section}.{k}"] = v
+    if resolved is None:
+        from aigc_pipeline.models.registry import resolve_hparams
+
+        resolved = dataclasses.asdict(resolve_hparams(cfg.train))
+    for k in RESOLVED_KEYS:
+        if k in resolved:
+            out[f"train.{k}_setting"] = out[f"train.{k}"]
+            out[f"train.{k}"] = resolved[k]
     return {k: str(v) for k, v in out.items()}
 
 

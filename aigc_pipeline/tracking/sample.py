@@ -14,7 +14,7 @@ class SampleError(AigcError, ValueError):
 
 
 def sample_grid(project_dir: Path | str, model_uri: str, n: int, out: Path, *, seed: int = 0,
-                label: int | None = None) -> tuple[Path, np.ndarray]:
+                label: int | None = None, steps: int | None = None) -> tuple[Path, np.ndarray]:
     """Load ``model_uri`` from the project's MLflow store, generate ``n`` images, write a PNG grid."""
     import mlflow
     import pandas as pd
@@ -34,8 +34,10 @@ def sample_grid(project_dir: Path | str, model_uri: str, n: int, out: Path, *, s
     request = {"n": [n], "seed": [seed]}
     if label is not None:
         request["label"] = [label]
+    if steps is not None:
+        request["steps"] = [steps]
     try:
         images = model.predict(pd.DataFrame(request))
-    except ValueError as exc:  # e.g. a label for an unconditional model, or out of range
+    except ValueError as exc:  # e.g. a label for an unconditional model, steps for a GAN, out of range
         raise SampleError(f"{model_uri}: {exc}") from exc
     return save_grid(np.asarray(images, dtype=np.uint8), out), images

@@ -27,7 +27,7 @@ from safetensors.torch import save
 
 from aigc_pipeline.io import atomic_write_bytes
 
-FORMAT = "aigc-checkpoint/2"
+FORMAT = "aigc-checkpoint/3"  # 3: epoch records without timing, the caller's own state
 _NAME = re.compile(r"^step-(\d{9})\.safetensors$")
 CHECKPOINT_GLOB = "step-*.safetensors"  # what a watcher of a checkpoint folder looks for
 _META_KEY = "aigc"

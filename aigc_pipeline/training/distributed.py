@@ -6,7 +6,7 @@ Each rank trains on its share of every global batch (``train.batch_size`` / N im
 - batch norm over the *global* batch: ``torch.nn.SyncBatchNorm`` on CUDA; on the CPU (gloo),
   where torch's SyncBatchNorm refuses to run ("expected input tensor to be on GPU"),
   :class:`GlooSyncBatchNorm2d`, which all-reduces the per-channel sums with autograd support;
-- the global batch's random draws on every rank (see :mod:`.randomness`).
+- the global batch's random draws on every rank (see :mod:`aigc_pipeline.randomness`).
 
 So N processes compute what one device computes on the same global batch, up to
 floating-point order. Only rank 0 writes checkpoints and calls the caller's callbacks.

@@ -4,7 +4,7 @@ It knows nothing of Prefect, MLflow or DVC: callers pass callbacks for progress,
 sample grids, checkpoints and abort. All randomness comes from ``seed``: weights are
 initialised under ``torch.manual_seed(seed)``; each epoch's data order and each step's noise
 and augmentation come from generators seeded by (seed, epoch) and (seed, step)
-(:mod:`.randomness`). Checkpoints also hold the global random states, the epoch's data order
+(:mod:`aigc_pipeline.randomness`). Checkpoints also hold the global random states, the epoch's data order
 and the position in it, so a resumed run continues exactly as an uninterrupted one would
 (bitwise on the CPU).
 
@@ -32,7 +32,7 @@ from aigc_pipeline.training import distributed
 from aigc_pipeline.training.checkpoint import (capture_rng_state, load_latest_checkpoint, restore_rng_state,
                                                save_checkpoint)
 from aigc_pipeline.training.data import Batches, Placement
-from aigc_pipeline.training.randomness import (EPOCH_STREAM, SAMPLE_STREAM, STEP_STREAM, BatchRandom,
+from aigc_pipeline.randomness import (EPOCH_STREAM, SAMPLE_STREAM, STEP_STREAM, BatchRandom,
                                                seeded_generator)
 from aigc_pipeline.training.speed import Precision, Speed, Toggle, resolve_device, resolve_speed
 
@@ -47,17 +47,26 @@ DEFAULT_MAX_GRAD_NORM = 1e5
 @dataclass
 class Callbacks:
     """Hooks the loop calls; every one is optional. Under data parallelism only rank 0 calls
-    them (except ``should_abort``, which every rank must answer alike)."""
+    them (except ``should_abort`` and ``should_stop``, which every rank must answer alike)."""
 
     on_progress: Callable[[int, int, int], None] | None = None  # (step, total_steps, epoch)
     on_metrics: Callable[[int, dict[str, float]], None] | None = None  # (step, scalars), flushed in batches
-    # (epoch, fixed-noise grid uint8, stats: mean losses, images_per_s, lr_<optimizer>)
-    on_epoch_end: Callable[[int, np.ndarray, dict[str, float]], None] | None = None
+    # (epoch, fixed-noise grid uint8 [every ``sample_every`` epochs and at the last; else None],
+    #  stats: mean losses, images_per_s, lr_<optimizer>)
+    on_epoch_end: Callable[[int, np.ndarray | None, dict[str, float]], None] | None = None
     # (epoch, generator in eval mode): e.g. a small FID over training; the mode is restored after.
     on_epoch_generator: Callable[[int, torch.nn.Module], None] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None  # (step, file) after a checkpoint is written
     on_start: Callable[[dict[str, Any]], None] | None = None  # run facts: speed settings, placement, world, resumed_from
     should_abort: Callable[[], bool] | None = None
+    # (step) -> True: stop cleanly after this step: a checkpoint is written, the result returned;
+    # training the same configuration again resumes there (e.g. a time budget, a cancellation).
+    should_stop: Callable[[int], bool] | None = None
+    # The caller's own state (JSON-able or tensors), saved in every checkpoint and handed back to
+    # ``restore_state`` on resume: e.g. the FID-over-training points, so a resumed run's outputs
+    # are those of an uninterrupted one.
+    save_state: Callable[[], Any] | None = None
+    restore_state: Callable[[Any], None] | None = None
 
 
 @dataclass
@@ -68,8 +77,10 @@ class TrainResult:
     resumed_from: int  # step of the checkpoint resumed from, 0 for a fresh start
     images_per_second: float  # over the steps this call ran (global images under data parallelism)
     history: list[dict[str, float]] = field(default_factory=list)  # one record per step
-    epoch_log: list[dict[str, float]] = field(default_factory=list)  # one record per epoch
+    epoch_log: list[dict[str, float]] = field(default_factory=list)  # one record per epoch (reproducible)
     speed: str = ""
+    timing: list[dict[str, float]] = field(default_factory=list)  # per epoch this call ran: wall-clock seconds, images/s
+    stopped: bool = False  # should_stop ended it before the last step (``steps`` is where)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -90,6 +101,7 @@ def train(
     checkpoint_every: int,
     device: str = "auto",
     sample_grid: int = 64,
+    sample_every: int = 1,
     log_every: int = 25,
     keep_checkpoints: int = 3,
     max_grad_norm: float = DEFAULT_MAX_GRAD_NORM,  # 0 = no gradient check (non-finite values always stop)
@@ -113,7 +125,7 @@ def train(
     dev = resolve_device(device, dist_info.local_rank)
     speed = resolve_speed(dev, precision, channels_last, compile)
     if not dist_info.is_main:
-        cb = Callbacks(should_abort=cb.should_abort)
+        cb = Callbacks(should_abort=cb.should_abort, should_stop=cb.should_stop)
     n = images.shape[0]
     if batch_size % dist_info.world:
         raise ValueError(f"train.batch_size={batch_size} must be divisible by train.devices={dist_info.world}")
@@ -133,7 +145,7 @@ def train(
     _prepare_modules(family, dev, speed, dist_info)
     batches = Batches(images, labels if arch.num_classes else None, dev, placement=data_placement,
                       channels_last=speed.channels_last)
-    fixed_z = torch.randn(sample_grid, arch.latent_dim,
+    fixed_z = torch.randn(sample_grid, *family.generator.latent_shape,
                           generator=seeded_generator(seed, SAMPLE_STREAM, 0, "cpu")).to(dev)
     fixed_y = (torch.arange(sample_grid) % arch.num_classes).to(dev) if arch.num_classes else None
     fingerprint = {"arch": dict(arch.__dict__), "hparams": dict(hparams.__dict__), "total_steps": total,
@@ -157,6 +169,8 @@ def train(
                    for row in state["history"]["values"]]
         epoch_log = list(state["epochs"])
         saved_order = state["data"]
+        if cb.restore_state and state.get("caller") is not None:
+            cb.restore_state(state["caller"])
     resumed_from = start
     _wrap_nets(family, dev, speed, dist_info)
     if state is not None:
@@ -184,9 +198,32 @@ def train(
                 cb.on_metrics(int(rec["step"]), {k: v for k, v in rec.items() if k != "step"})
         pending.clear()
 
+    def save(step: int, epoch: int, order: torch.Tensor) -> None:
+        flush()  # never checkpoint a diverged state
+        if not dist_info.is_main:
+            return
+        state = {
+            "fingerprint": fingerprint,
+            "step": step,
+            "modules": {k: m.state_dict() for k, m in family.modules.items()},
+            "optimizers": {k: o.state_dict() for k, o in family.optimizers.items()},
+            "rng": capture_rng_state(),
+            # The data order: this epoch's permutation and where in it we are.
+            "data": {"epoch": epoch, "order": order, "position": step - epoch * steps_per_epoch},
+            # Augmentation draws come from the (seed, step) generators; recorded for inspection.
+            "augmentation": {"policy": hparams.diffaugment, "seed": seed, "next_step": step},
+            "history": _history_table(history),
+            "epochs": epoch_log,
+            "caller": cb.save_state() if cb.save_state else None,
+            "world_size": dist_info.world,
+        }
+        written = save_checkpoint(checkpoint_dir, step, state, keep=keep_checkpoints)
+        if cb.on_checkpoint:
+            cb.on_checkpoint(step, written)
+
     t_run = time.perf_counter()
-    step = start
-    while step < total:
+    step, stopped, timing = start, False, []
+    while step < total and not stopped:
         epoch, in_epoch = divmod(step, steps_per_epoch)
         if saved_order is not None and saved_order["epoch"] == epoch and in_epoch:
             order = saved_order["order"]
@@ -207,46 +244,32 @@ def train(
                 flush()
             if cb.on_progress:
                 cb.on_progress(step, total, epoch + 1)
-            if checkpoint_dir and (step % checkpoint_every == 0 or step == total):
-                flush()  # never checkpoint a diverged state
-                if dist_info.is_main:
-                    state = {
-                        "fingerprint": fingerprint,
-                        "step": step,
-                        "modules": {k: m.state_dict() for k, m in family.modules.items()},
-                        "optimizers": {k: o.state_dict() for k, o in family.optimizers.items()},
-                        "rng": capture_rng_state(),
-                        # The data order: this epoch's permutation and where in it we are.
-                        "data": {"epoch": epoch, "order": order, "position": step - epoch * steps_per_epoch},
-                        # Augmentation draws come from the (seed, step) generators; recorded for inspection.
-                        "augmentation": {"policy": hparams.diffaugment, "seed": seed, "next_step": step},
-                        "history": _history_table(history),
-                        "epochs": epoch_log,
-                        "world_size": dist_info.world,
-                    }
-                    written = save_checkpoint(checkpoint_dir, step, state, keep=keep_checkpoints)
-                    if cb.on_checkpoint:
-                        cb.on_checkpoint(step, written)
-        flush()
-        seconds = time.perf_counter() - t_epoch  # after flush: the device has finished the epoch
-        in_this_epoch = step - epoch * steps_per_epoch  # history holds every step from 1, resumed or not
-        recent = history[-in_this_epoch:] if in_this_epoch else []
-        record = {"epoch": float(epoch + 1), "step": float(step),
-                  "images_per_s": (step - epoch_first) * batch_size / seconds if seconds > 0 else float("nan"),
-                  **{f"lr_{k}": float(o.param_groups[0]["lr"]) for k, o in family.optimizers.items()},
-                  **_mean_losses(recent)}
-        epoch_log.append(record)
-        _epoch_callbacks(cb, family, epoch + 1, fixed_z, fixed_y, record)
+            if step % steps_per_epoch == 0:
+                # The epoch's record and callbacks come before this step's checkpoint, which then
+                # holds them: a run resumed from it starts the next epoch with nothing missing.
+                flush()
+                seconds = time.perf_counter() - t_epoch  # after flush: the device has finished the epoch
+                rate = (step - epoch_first) * batch_size / seconds if seconds > 0 else float("nan")
+                record = {"epoch": float(epoch + 1), "step": float(step),
+                          **{f"lr_{k}": float(o.param_groups[0]["lr"]) for k, o in family.optimizers.items()},
+                          **_mean_losses(history[-steps_per_epoch:])}
+                epoch_log.append(record)
+                timing.append({"epoch": float(epoch + 1), "seconds": seconds, "images_per_s": rate})
+                _epoch_callbacks(cb, family, epoch + 1, fixed_z, fixed_y, {**record, "images_per_s": rate},
+                                 grid=(epoch + 1) % sample_every == 0 or epoch + 1 == epochs)
+            stop = step < total and cb.should_stop is not None and cb.should_stop(step)
+            if checkpoint_dir and (step % checkpoint_every == 0 or step == total or stop):
+                save(step, epoch, order)
+            if stop:
+                stopped = True
+                break
     flush()
-    if start == total:
-        # Resumed from the final checkpoint: nothing to train, but the caller still gets the
-        # last epoch's grid (same weights, same fixed noise: the same image).
-        _epoch_callbacks(cb, family, epochs, fixed_z, fixed_y, epoch_log[-1] if epoch_log else {})
     elapsed = time.perf_counter() - t_run
-    done = (total - start) * batch_size
-    return TrainResult(family=family, steps=total, epochs=epochs, resumed_from=resumed_from,
+    done = (step - start) * batch_size
+    return TrainResult(family=family, steps=step, epochs=epochs, resumed_from=resumed_from,
                        images_per_second=done / elapsed if elapsed > 0 and done else float("nan"),
-                       history=history, epoch_log=epoch_log, speed=speed.describe())
+                       history=history, epoch_log=epoch_log, speed=speed.describe(), timing=timing,
+                       stopped=stopped)
 
 
 def _prepare_modules(family: Family, dev: torch.device, speed: Speed, dist_info: distributed.DistInfo) -> None:
@@ -298,9 +321,9 @@ def _mean_losses(rows: list[dict[str, float]]) -> dict[str, float]:
 
 
 def _epoch_callbacks(cb: Callbacks, family: Family, epoch: int, fixed_z: torch.Tensor,
-                     fixed_y: torch.Tensor | None, stats: dict[str, float]) -> None:
+                     fixed_y: torch.Tensor | None, stats: dict[str, float], grid: bool) -> None:
     if cb.on_epoch_end:
-        cb.on_epoch_end(epoch, sample_images(family.generator, fixed_z, fixed_y),
+        cb.on_epoch_end(epoch, sample_images(family.generator, fixed_z, fixed_y) if grid else None,
                         {k: v for k, v in stats.items() if k not in ("epoch", "step")})
     if cb.on_epoch_generator:
         was_training = family.generator.training

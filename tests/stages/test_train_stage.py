@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from aigc_pipeline.config import load_config
 from aigc_pipeline.errors import TrainingDiverged
 from aigc_pipeline.models.base import Arch, Hparams
-from aigc_pipeline.models.registry import build_family
+from aigc_pipeline.models.registry import MODELS, build_family, resolve_hparams
 from aigc_pipeline.stages import augment, ingest, train
 from aigc_pipeline.stages.train import Progress
 from tests.conftest import QUICK, REPO
@@ -68,7 +68,7 @@ def _moved_apart(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], init: d
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["dcgan", "sngan", "vae"])
+@pytest.mark.parametrize("family", sorted(MODELS))
 def test_two_gloo_processes_match_one_process_at_the_same_global_batch(family: str, augmented: Path,
                                                                        tmp_path: Path) -> None:
     # fp32 so that the comparison measures data parallelism, not bf16 rounding.
@@ -82,7 +82,7 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(family: s
 
     torch.manual_seed(cfg.train.seed)
     arch = Arch(family, 16, 1, cfg.train.latent_dim, cfg.train.width)
-    init = build_family(arch, train.resolve_hparams(cfg.train)).generator.state_dict()
+    init = build_family(arch, resolve_hparams(cfg.train)).generator.state_dict()
     a = load_file(str(tmp_path / "one" / "generator.safetensors"))
     b = load_file(str(tmp_path / "two" / "generator.safetensors"))
     # Stated tolerance: the weights within 0.1% of the distance training moved them, every

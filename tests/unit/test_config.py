@@ -20,6 +20,8 @@ def test_repo_params_load_with_stable_names() -> None:
     assert cfg.evaluate.num_samples >= 2
     assert cfg.active_dataset.source == "sklearn-digits"
     assert cfg.model_name == f"{cfg.dataset}-{cfg.train.model}"
+    assert cfg.registered_model == cfg.dataset  # one registered model per dataset, every family in it
+    assert load_config(REPO, ["register.model_name=digits-prod"]).registered_model == "digits-prod"
 
 
 def test_config_is_frozen() -> None:
@@ -87,7 +89,7 @@ def test_write_overrides_keeps_comments_and_rejects_bad_values(tmp_path: Path) -
 
 
 def test_optimiser_settings_default_to_the_models_recipe() -> None:
-    from aigc_pipeline.stages.train import resolve_hparams
+    from aigc_pipeline.models.registry import resolve_hparams
 
     dcgan = resolve_hparams(load_config(REPO).train)
     sngan = resolve_hparams(load_config(REPO, ["train.model=sngan"]).train)

@@ -19,9 +19,9 @@ from aigc_pipeline.models.export import generate, load_generator, save_generator
 from aigc_pipeline.training.checkpoint import encode_state, list_checkpoints, read_checkpoint
 from aigc_pipeline.training.data import Batches
 from aigc_pipeline.training.loop import Callbacks, train
-from aigc_pipeline.training.randomness import BatchRandom
+from aigc_pipeline.randomness import BatchRandom
 
-HP = Hparams(lr=2e-4, beta1=0.5, beta2=0.999, vae_beta=1.0)
+HP = Hparams(lr=2e-4, beta1=0.5, beta2=0.999, vae_beta=1.0, sampling_steps=3)  # few DDIM steps: plumbing tests
 
 
 def _images(n: int, channels: int, size: int, seed: int = 0) -> np.ndarray:
@@ -236,7 +236,7 @@ class _NanAtStep3(DCGAN):
 
 
 def test_diffaugment_is_seeded_and_shape_preserving() -> None:
-    from aigc_pipeline.training.diffaugment import diff_augment
+    from aigc_pipeline.models.diffaugment import diff_augment
 
     x = torch.rand(6, 3, 16, 16) * 2 - 1
     g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)

@@ -3,7 +3,7 @@ images before the discriminator, so a GAN can be trained on little data without 
 augmentations leaking into the generator.
 
 Every random draw comes from the generator passed in (the training step's, wrapped in a
-:class:`~aigc_pipeline.training.randomness.BatchRandom`), so a step's augmentation is
+:class:`~aigc_pipeline.randomness.BatchRandom`), so a step's augmentation is
 reproducible, a resumed run augments exactly as an uninterrupted one, and under data
 parallelism each rank augments its rows of the global batch as a single device would.
 """
@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from aigc_pipeline.training.randomness import BatchRandom, as_batch_random
+from aigc_pipeline.randomness import BatchRandom, as_batch_random
 
 AugmentFn = Callable[[torch.Tensor, BatchRandom], torch.Tensor]
 
