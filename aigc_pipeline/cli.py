@@ -196,12 +196,27 @@ def _cmd_status(args: argparse.Namespace) -> Any:
     for m in models:
         aliases = ", ".join(f"{a}=v{v}" for a, v in m["aliases"].items()) or "no aliases"
         print(f"\n{m['name']}  latest v{m['latest_version']} ({m['latest_decision'] or 'no decision'})  ({aliases})")
+        if "champion" not in m["aliases"]:
+            print("  no champion: no version has passed the gate yet")
         if m["champion_history"]:
             print(f"  champion history (oldest first): {', '.join('v' + v for v in m['champion_history'])}")
-        for k, v in m["metrics"].items():
-            if not k.startswith("train/"):
-                print(f"  {k:<60} {v:.4f}")
+        for version, info in m["versions"].items():
+            print(f"  v{version} {info['family'] or '?'} [{', '.join(info['aliases']) or info['decision'] or '-'}]: "
+                  f"{_scores(info['metrics'])}" + (f"  [{info['protocol']}]" if info["protocol"] else ""))
     return status
+
+
+def _scores(metrics: dict[str, float]) -> str:
+    """``FID 25.4 ± 0.6 (floor 19.1 = 1.33x), precision 0.667, recall 0.730``; what is there of it."""
+    if "fid" not in metrics:
+        return "no evaluation metrics"
+    text = f"FID {metrics['fid']:.2f}" + (f" ± {metrics['fid_std']:.2f}" if "fid_std" in metrics else "")
+    if "floor_fid" in metrics and "fid_ratio" in metrics:
+        text += f" (floor {metrics['floor_fid']:.2f} = {metrics['fid_ratio']:.2f}x)"
+    for k in ("precision", "recall"):
+        if k in metrics:
+            text += f", {k} {metrics[k]:.3f}" + (f" (real {metrics['floor_' + k]:.3f})" if f"floor_{k}" in metrics else "")
+    return text
 
 
 def _cmd_fid(args: argparse.Namespace) -> Any:
@@ -267,9 +282,10 @@ def _cmd_sample(args: argparse.Namespace) -> Any:
     from aigc_pipeline.tracking.sample import sample_grid
 
     path, images = sample_grid(args.project, args.model_uri, args.n, _path(args, args.out), seed=args.seed,
-                               label=args.label)
+                               label=args.label, steps=args.steps)
     print(f"sample: {len(images)} images from {args.model_uri} (seed {args.seed}"
-          + (f", label {args.label}" if args.label is not None else "") + f") -> {path}")
+          + (f", label {args.label}" if args.label is not None else "")
+          + (f", {args.steps} sampling steps" if args.steps is not None else "") + f") -> {path}")
     return path
 
 
@@ -361,11 +377,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=_cmd_rollback, overrides=[])
 
     p = sub.add_parser("sample", help="write a grid of images from a registered model")
-    p.add_argument("model_uri", help="e.g. models:/digits-dcgan@champion, models:/digits-dcgan/3, runs:/RUN/model")
+    p.add_argument("model_uri", help="e.g. models:/digits@champion, models:/digits/3, runs:/RUN/model")
     p.add_argument("-n", type=int, default=64, help="number of images (default 64)")
     p.add_argument("--out", required=True, help="PNG file to write")
     p.add_argument("--seed", type=int, default=0, help="latent seed (default 0)")
     p.add_argument("--label", type=int, help="class to generate (class-conditional models)")
+    p.add_argument("--steps", type=int, help="sampling steps (diffusion models; default: the model's own)")
     p.set_defaults(handler=_cmd_sample)
 
     p = sub.add_parser("deploy", help="create the work pools and prefect.yaml's deployments on $PREFECT_API_URL")

@@ -117,53 +117,84 @@ def check_dvc_inputs(cfg: Config) -> None:
 
 def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOutcome) -> dict[str, Any]:
     """The run's summary from the files the stages left (so it is the same whether they ran or were skipped)."""
+    from aigc_pipeline.evaluation.results import read_evaluation
+
     project = Path(project_dir)
     receipt = json.loads((project / _one(register.outputs, ".json")).read_text())
-    metrics = json.loads((project / _one(evaluate.outputs, "metrics.json")).read_text())
-    protocol = (metrics.get("protocol") or {}).get("id", "no protocol")
+    scored = read_evaluation((project / _one(evaluate.outputs, "metrics.json")).parent)
+    protocol = scored.protocol_id or "no protocol"
     verdict = receipt.get("decision") or ("champion" if receipt["champion"] else "not promoted")
     std = receipt.get("fid_std")
     noise = f" ± {std:.3f}" if isinstance(std, (int, float)) else ""
-    where = receipt["tracking_uri"]
+    floor = scored.value("floor_fid")
+    against = f", floor {floor:.1f} = {receipt['fid'] / floor:.2f}x" if floor else ""
+    family = receipt.get("family") or scored.details.get("model", "")
+    champion = receipt.get("champion_version")
+    serving = f"champion: v{champion}" if champion else "NO CHAMPION: no version has passed the gate yet"
     line = (
-        f"{receipt['name']} v{receipt['version']}: FID {receipt['fid']:.3f}{noise} [{protocol}], {verdict} "
-        f"({receipt['reason']}). MLflow: {where} (run {receipt['run_id']})"
+        f"{receipt['name']} v{receipt['version']} ({family}): FID {receipt['fid']:.3f}{noise}{against} [{protocol}], "
+        f"{verdict} ({receipt['reason']}); {serving}. MLflow: {receipt['tracking_uri']} (run {receipt['run_id']})"
     )
-    return {"line": line, "receipt": receipt, "metrics": metrics}
+    return {"line": line, "receipt": receipt, "metrics": scored.metrics, "details": scored.details,
+            "champion_version": champion}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:
     """The run summary as markdown, for a Prefect artifact (and anyone reading it later)."""
-    r, m = summary["receipt"], summary["metrics"]
-    p = m.get("protocol") or {}
+    r, m, d = summary["receipt"], summary["metrics"], summary["details"]
+    p = d.get("protocol") or {}
     pid = p.get("id", "")
-    isc = m.get("isc_unavailable") or "computed"
+    isc = d.get("isc_unavailable") or "computed"
     decision = r.get("decision") or ("champion" if r["champion"] else "not promoted")
     std = r.get("fid_std")
+    champion = summary.get("champion_version")
     lines = [
-        f"# {r['name']} v{r['version']}",
+        f"# {r['name']} v{r['version']} ({r.get('family') or d.get('model')})",
         "",
         f"- **decision**: {decision} ({r['reason']})",
+        f"- **serving**: " + (f"`models:/{r['name']}@champion` = v{champion}" if champion
+                              else "no champion: no version has passed the gate yet"),
         f"- **FID**: {r['fid']:.4f}" + (f" ± {std:.4f} (bootstrap sd)" if isinstance(std, (int, float)) else "")
         + f" under protocol `{pid}`",
         f"  - extractor `{p.get('extractor')}`, weights sha256 `{str(p.get('weights_sha256'))[:16]}…`",
         f"  - {p.get('num_samples')} generated vs {p.get('num_reference')} real images ({p.get('reference_split')} "
         f"split, digest `{str(p.get('reference_digest'))[:16]}…`), {p.get('size')}px",
+        "",
+        "| metric | this model | real data (the floor) |",
+        "| --- | ---: | ---: |",
     ]
-    for key, label in (("kid", "KID"), ("precision", "precision"), ("recall", "recall")):
-        value = (m.get(key) or {}).get(pid)
+    for key, label in (("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall")):
+        value, floor = m.get(key), m.get(f"floor_{key}")
         if isinstance(value, (int, float)):
-            lines.append(f"- **{label}**: {value:.4f}")
-    for cid, value in (m.get("classifier_score") or {}).items():
-        acc = (m.get("classifier") or {}).get("accuracy")
-        lines.append(f"- **classifier score** (not IS): {value:.3f} under `{cid}` (classifier accuracy on real eval "
-                     f"{acc:.3f})" if isinstance(acc, (int, float)) else f"- **classifier score**: {value:.3f}")
+            lines.append(f"| {label} | {value:.4f} | " + (f"{floor:.4f}" if isinstance(floor, (int, float)) else "")
+                         + " |")
+    if isinstance(m.get("fid_ratio"), (int, float)):
+        lines += ["", f"FID is **{m['fid_ratio']:.2f}x** the data's floor."]
+    lines.append("")
+    if isinstance(m.get("classifier_score"), (int, float)):
+        clf = d.get("classifier") or {}
+        lines.append(f"- **classifier score** (not IS): {m['classifier_score']:.3f} under `{clf.get('id')}` "
+                     f"(classifier accuracy on real eval {m.get('classifier_accuracy', float('nan')):.3f})")
     lines += [
         f"- **Inception Score**: {isc}",
-        f"- **model / dataset**: {m.get('model')} on {m.get('dataset')}",
+        f"- **model / dataset**: {d.get('model')} on {d.get('dataset')}",
         f"- **MLflow**: run `{r['run_id']}` in `{r['tracking_uri']}`",
     ]
     return "\n".join(lines)
+
+
+class NoChampion(AigcError, RuntimeError):
+    """The run finished but its registered model has no champion: nothing serves."""
+
+
+def require_champion(summary: dict[str, Any]) -> None:
+    """Raise :class:`NoChampion` (naming the candidate's verdict) when nothing holds the champion alias."""
+    if not summary.get("champion_version"):
+        r = summary["receipt"]
+        raise NoChampion(f"{r['name']} has no champion: v{r['version']} ({r.get('family')}) was {r['decision']} "
+                         f"({r['reason']}); no version has passed the gate yet, so `models:/{r['name']}@champion` "
+                         "does not resolve. Train longer or another model (train.epochs, train.model), or relax "
+                         "register.max_fid_ratio")
 
 
 def _one(paths: tuple[str, ...], suffix: str) -> str:

@@ -16,6 +16,7 @@ BENCHMARKS: dict[str, str] = {
     "training": "bench.training",
     "evaluation": "bench.evaluation",
     "scale": "bench.scale",
+    "quality": "bench.quality",
 }
 
 

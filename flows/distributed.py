@@ -39,6 +39,7 @@ from aigc_pipeline import remote, workspace
 from aigc_pipeline.errors import AigcError
 from aigc_pipeline.pipeline import StageOutcome, run_stage, summarize
 from aigc_pipeline.stages.register import FLOW_RUN_ENV
+from flows.retrain import check_champion
 
 COMMIT_ENV = "AIGC_COMMIT"  # job variable: the commit the `train` deployment's git_clone checks out
 BACKOFF_ENV = "AIGC_RETRY_BACKOFF_SECONDS"  # first retry delay of I/O steps (doubles each retry)
@@ -157,7 +158,7 @@ def registry_snapshot(project: Path):
     from aigc_pipeline.tracking.store import tracking_uri
 
     uri = tracking_uri(project)
-    return snapshot(MlflowClient(tracking_uri=uri, registry_uri=uri), load_config(project).model_name)
+    return snapshot(MlflowClient(tracking_uri=uri, registry_uri=uri), load_config(project).registered_model)
 
 
 @task(name="register", **_io(task_run_name="{stage}"))
@@ -273,6 +274,7 @@ def retrain_at_scale(dataset: str | None = None, model: str | None = None, overr
     summary["remote_stages"] = records
     summary["commit"] = commit
     print(summary["line"])
+    check_champion(summary)
     return summary
 
 

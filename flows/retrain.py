@@ -15,7 +15,7 @@ from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from aigc_pipeline.pipeline import StageOutcome, dataset_stages, run_stage, summarize
+from aigc_pipeline.pipeline import StageOutcome, dataset_stages, require_champion, run_stage, summarize
 from aigc_pipeline.stages.register import FLOW_RUN_ENV
 
 
@@ -62,13 +62,21 @@ def publish_summary(project_dir: str, registered: StageOutcome, scored: StageOut
     return summary
 
 
+@task(name="require-champion", cache_policy=NO_CACHE)
+def check_champion(summary: dict) -> None:
+    require_champion(summary)
+
+
 @flow(name="retrain")
 def retrain(project_dir: str = ".") -> dict:
     """ingest@NAME and augment@NAME for every registered dataset (DVC skips those up to date),
-    then train -> evaluate -> register on the active dataset; returns the run summary."""
+    then train -> evaluate -> register on the active dataset; returns the run summary. Fails (after
+    publishing the summary) when the registered model has no champion: nothing would serve."""
     for stage in dataset_stages(project_dir):
         PER_DATASET[stage.partition("@")[0]](project_dir, stage)
     train(project_dir)
     scored = evaluate(project_dir)
     registered = register(project_dir)
-    return publish_summary(project_dir, registered, scored)
+    summary = publish_summary(project_dir, registered, scored)
+    check_champion(summary)
+    return summary

@@ -24,7 +24,24 @@ QUICK = [
     "train.sample_grid=16",
     "evaluate.num_samples=24",
     "evaluate.progress_samples=16",
+    # One epoch at 16 px draws no digits: tests of the plumbing register it anyway (the quality bar
+    # itself is tested with it on, tests/stages/test_stages.py).
+    "register.max_fid_ratio=null",
 ]
+
+
+
+
+def _quick_names() -> tuple[str, str]:
+    from aigc_pipeline.config import load_config
+
+    cfg = load_config(REPO, QUICK)
+    return cfg.model_name, cfg.registered_model
+
+
+# What a QUICK run of the default family writes: its model folder name (models/, eval/, registry/)
+# and the registered model it registers into (one per dataset).
+MODEL_DIR, REGISTERED = _quick_names()
 
 
 @pytest.fixture(scope="session", autouse=True)

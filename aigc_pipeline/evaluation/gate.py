@@ -1,10 +1,12 @@
 """The noise-aware promotion gate: numbers in, a decision and its reasons out (no MLflow here).
 
-A candidate becomes ``champion`` only if its evaluation is complete and finite, and its FID beats
-the champion's under the *same protocol* by more than a configured margin *and* by more than the
-measured noise: ``noise_sigmas * sqrt(std_candidate^2 + std_champion^2)``, the stds being each
-evaluation's bootstrap spread. Otherwise it is a ``challenger`` (kept, aliased, not serving), or
-``rejected`` when its run is diverged or partially evaluated (never aliased).
+A candidate becomes ``champion`` only if its evaluation is complete and finite, it passes the
+absolute quality bar (its FID at most ``max_fid_ratio`` times the data's own floor under the same
+protocol, optional precision/recall minimums), and its FID beats the champion's under the *same
+protocol* by more than a configured margin *and* by more than the measured noise:
+``noise_sigmas * sqrt(std_candidate^2 + std_champion^2)``, the stds being each evaluation's
+bootstrap spread. Otherwise it is a ``challenger`` (kept, aliased, not serving), or ``rejected``
+when its run is diverged, partially evaluated or below the quality bar (never aliased).
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-__all__ = ["CHALLENGER", "CHAMPION", "REJECTED", "REQUIRED_METRICS", "Score", "Verdict", "check_evaluation", "decide"]
+from aigc_pipeline.evaluation.results import Evaluation
+
+__all__ = ["CHALLENGER", "CHAMPION", "REJECTED", "REQUIRED_METRICS", "Score", "Verdict", "check_evaluation", "decide",
+           "quality_bar"]
 
 CHAMPION, CHALLENGER, REJECTED = "champion", "challenger", "rejected"
 # Every complete evaluation has these, under its protocol id, finite.
@@ -39,23 +44,22 @@ class Verdict:
         return self.decision == CHAMPION
 
 
-def check_evaluation(metrics: Mapping[str, Any], model_meta: Mapping[str, Any] | None = None) -> list[str]:
-    """Why this evaluation (``metrics.json``) and model (``model.json``) may not be promoted; [] if fine.
+def check_evaluation(evaluation: Evaluation, model_meta: Mapping[str, Any] | None = None) -> list[str]:
+    """Why this evaluation (``metrics.json`` + ``evaluation.json``) and model (``model.json``) may not
+    be promoted; [] if fine.
 
     Partial evaluations (a required metric missing), non-finite values and diverged training
     (a non-finite final loss) are each a reason.
     """
     problems: list[str] = []
-    protocol = metrics.get("protocol")
-    pid = protocol.get("id") if isinstance(protocol, Mapping) else None
+    pid = evaluation.protocol_id
     if not pid:
-        return ["metrics.json has no protocol id: not an evaluation this pipeline wrote"]
+        return ["evaluation.json has no protocol id: not an evaluation this pipeline wrote"]
     required = list(REQUIRED_METRICS)
-    if int((metrics.get("bootstrap") or {}).get("replicas", 0) or 0) > 0:
+    if int((evaluation.details.get("bootstrap") or {}).get("replicas", 0) or 0) > 0:
         required.append("fid_std")
     for name in required:
-        values = metrics.get(name)
-        value = values.get(pid) if isinstance(values, Mapping) else None
+        value = evaluation.metrics.get(name)
         if value is None:
             problems.append(f"{name} under protocol {pid} is missing (partial evaluation)")
         elif not _finite(value):
@@ -67,6 +71,29 @@ def check_evaluation(metrics: Mapping[str, Any], model_meta: Mapping[str, Any] |
     return problems
 
 
+def quality_bar(evaluation: Evaluation, *, max_fid_ratio: float | None, min_precision: float | None = None,
+                min_recall: float | None = None) -> list[str]:
+    """Why the candidate is below the absolute quality bar (``register.max_fid_ratio``,
+    ``min_precision``, ``min_recall``), each reason with its numbers; [] if it passes or no bar is set."""
+    m = evaluation.metrics
+    failures = []
+    if max_fid_ratio is not None:
+        fid, floor = m.get("fid"), m.get("floor_fid")
+        if not (_finite(fid) and _finite(floor) and floor > 0):
+            why = (evaluation.details.get("floor") or {}).get("unavailable", "not measured")
+            failures.append(f"the data's floor is unavailable ({why}): register.max_fid_ratio cannot be checked")
+        elif fid > max_fid_ratio * floor:
+            failures.append(f"FID {fid:.2f} is {fid / floor:.2f}x the data's floor {floor:.2f} "
+                            f"(register.max_fid_ratio {max_fid_ratio:g})")
+    for name, minimum in (("precision", min_precision), ("recall", min_recall)):
+        value = m.get(name)
+        if minimum is not None and _finite(value) and value < minimum:
+            floor = m.get(f"floor_{name}")
+            seen = f"; real data: {floor:.3f}" if _finite(floor) else ""
+            failures.append(f"{name} {value:.3f} < register.min_{name} {minimum:g}{seen}")
+    return failures
+
+
 def decide(
     candidate: Score | None,
     problems: list[str],
@@ -76,14 +103,18 @@ def decide(
     margin: float,
     noise_sigmas: float,
     protocol_id: str,
+    below_bar: list[str] | tuple[str, ...] = (),
 ) -> Verdict:
     """The gate's decision for ``candidate`` against the current champion's score on ``protocol_id``.
 
     ``champion_version`` None means there is no champion. ``champion`` None with a version means
-    the champion has no FID under this protocol (not comparable).
+    the champion has no FID under this protocol (not comparable). ``below_bar``: what
+    :func:`quality_bar` found; any entry rejects the candidate.
     """
     if problems or candidate is None:
         return Verdict(REJECTED, "not promotable: " + "; ".join(problems or ["no score"]))
+    if below_bar:
+        return Verdict(REJECTED, "below the quality bar: " + "; ".join(below_bar), {"candidate_fid": candidate.fid})
     if champion_version is None:
         return Verdict(CHAMPION, "first model: no champion yet", {"candidate_fid": candidate.fid})
     base: dict[str, Any] = {"candidate_fid": candidate.fid, "champion_version": champion_version}

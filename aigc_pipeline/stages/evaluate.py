@@ -1,4 +1,5 @@
-"""Evaluate: generate samples and score them against the real reference split with torch-fidelity."""
+"""Evaluate: generate samples and score them against the real reference split with torch-fidelity,
+next to the data's own floor (real images scored the same way: :mod:`aigc_pipeline.evaluation.floor`)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from aigc_pipeline.config import Config
 from aigc_pipeline.data.prepared import load_prepared
 from aigc_pipeline.errors import DataError
 from aigc_pipeline.evaluation.classifier import classifier_score, label_accuracy, load_or_train_classifier
+from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics
-from aigc_pipeline.evaluation.inception import resolve_inception_weights
+from aigc_pipeline.evaluation.floor import FLOOR_SPLIT, Floor, data_floor
+from aigc_pipeline.evaluation.inception import InceptionWeights, resolve_inception_weights
 from aigc_pipeline.evaluation.protocol import ClassifierProtocol, Protocol
+from aigc_pipeline.evaluation.results import Evaluation, write_evaluation
 from aigc_pipeline.images import save_grid
-from aigc_pipeline.io import atomic_write_json
 from aigc_pipeline.models.export import class_labels, generate, load_generator, read_model_meta
 from aigc_pipeline.training.loop import resolve_device
 
@@ -34,14 +37,19 @@ class EvaluateResult:
     classifier_score: float | None  # None when the dataset has no labels or the score is off
     classifier_protocol: ClassifierProtocol | None
     seconds: float
+    floor: Floor | None = None
+
+    @property
+    def fid_ratio(self) -> float | None:
+        return self.fid / self.floor.fid if self.floor is not None and self.floor.fid > 0 else None
 
 
 def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = False) -> EvaluateResult:
-    """Score the model in ``model`` against ``reference`` (a prepared dataset); write ``out/metrics.json``.
-
-    metrics.json holds each metric as ``{protocol id: value}`` (FID, its bootstrap spread ``fid_std``,
-    KID, precision, recall; IS or the reason it is unavailable; the classifier score on labelled
-    data under its own protocol id), and the protocols themselves.
+    """Score the model in ``model`` against ``reference`` (a prepared dataset); write ``out/metrics.json``
+    (numbers only: FID, its bootstrap spread ``fid_std``, KID, precision, recall, the floor's
+    ``floor_*`` and ``fid_ratio``, IS when computable, the classifier scores on labelled data) and
+    ``out/evaluation.json`` (the protocols, why a metric is unavailable, the floor's sample); see
+    :mod:`aigc_pipeline.evaluation.results`.
     """
     ecfg = cfg.evaluate
     t0 = time.perf_counter()
@@ -80,17 +88,21 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
         num_reference=len(real.images),
         size=arch.size,
     )
-    pid = protocol.id
+    floor, floor_details = _floor(cfg, reference, real, weights=weights, device=str(device))
+    metrics: dict[str, float | None] = {
+        "fid": scores["fid"], "kid": scores["kid_mean"], "kid_std": scores["kid_std"],
+        "precision": scores["precision"], "recall": scores["recall"],
+    }
+    if floor is not None:
+        metrics.update(floor_fid=floor.fid, floor_fid_std=floor.fid_std, floor_kid=floor.kid,
+                       floor_precision=floor.precision, floor_recall=floor.recall,
+                       fid_ratio=scores["fid"] / floor.fid if floor.fid > 0 else None)
     meta = read_model_meta(model)
-    metrics: dict[str, Any] = {
-        "fid": {pid: scores["fid"]},
-        "kid": {pid: scores["kid_mean"]},
-        "kid_std": {pid: scores["kid_std"]},
-        "precision": {pid: scores["precision"]},
-        "recall": {pid: scores["recall"]},
+    details: dict[str, Any] = {
         "protocol": protocol.to_dict(),
         "extractor": scores["extractor"],
         "kid_subset_size": scores["kid_subset_size"],
+        "floor": floor_details,
         "model": meta["model"],
         "dataset": meta["dataset"],
     }
@@ -98,15 +110,14 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
     if "fid_bootstrap" in scores:
         boot = scores["fid_bootstrap"]
         fid_std = boot["std"]
-        metrics["fid_std"] = {pid: fid_std}
-        metrics["bootstrap"] = {"replicas": boot["replicas"], "seed": boot["seed"], "fid_mean": boot["mean"]}
+        metrics["fid_std"] = fid_std
+        details["bootstrap"] = {"replicas": boot["replicas"], "seed": boot["seed"], "fid_mean": boot["mean"]}
     else:
-        metrics["bootstrap"] = {"replicas": 0}
+        details["bootstrap"] = {"replicas": 0}
     if "isc_mean" in scores:
-        metrics["isc"] = {pid: scores["isc_mean"]}
-        metrics["isc_std"] = {pid: scores["isc_std"]}
+        metrics["isc"], metrics["isc_std"] = scores["isc_mean"], scores["isc_std"]
     else:
-        metrics["isc_unavailable"] = scores.get("isc_unavailable", "not computed")
+        details["isc_unavailable"] = scores.get("isc_unavailable", "not computed")
 
     cscore, cprotocol = None, None
     clf = load_or_train_classifier(reference) if ecfg.classifier_score else None
@@ -115,35 +126,59 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
                                        size=arch.size)
         probs = clf.predict_proba(fake)
         cscore = classifier_score(probs)
-        metrics["classifier_score"] = {cprotocol.id: cscore}
-        metrics["classifier"] = {
+        metrics["classifier_score"] = cscore
+        metrics["classifier_accuracy"] = clf.accuracy
+        details["classifier"] = {
             **cprotocol.to_dict(),
             "what": "exp(E KL(p(y|x) || p(y))) under a logistic-regression classifier trained on the real train "
-                    "split's pixels; 1 to the number of classes; not an Inception Score",
+                    "split's pixels; 1 to the number of classes; not an Inception Score. classifier_accuracy: its "
+                    "accuracy on the real eval split; classifier_label_accuracy (conditional models): the share of "
+                    "samples it assigns to the class they were generated for",
         }
         labels = class_labels(arch, ecfg.num_samples)
         if labels is not None:
-            metrics["classifier_label_accuracy"] = {cprotocol.id: label_accuracy(probs, labels.numpy())}
+            metrics["classifier_label_accuracy"] = label_accuracy(probs, labels.numpy())
     elif ecfg.classifier_score:
-        metrics["classifier_score_unavailable"] = "the dataset has no class labels to train a classifier on"
+        details["classifier_score_unavailable"] = "the dataset has no class labels to train a classifier on"
+    details["metric_names"] = Evaluation({k: v for k, v in metrics.items() if v is not None}, details).protocol_names()
 
-    # Two separate DVC outputs (metrics are not cached), each written atomically; metrics last.
+    # Separate DVC outputs (metrics are not cached), each written atomically; metrics last.
     save_grid(fake[:64], Path(out) / "samples.png")
-    atomic_write_json(Path(out) / "metrics.json", metrics)
+    write_evaluation(Path(out), metrics, details)
     seconds = time.perf_counter() - t0
     result = EvaluateResult(out=out, fid=scores["fid"], fid_std=fid_std, kid=scores["kid_mean"],
                             precision=scores["precision"], recall=scores["recall"], protocol=protocol,
                             isc_unavailable=metrics.get("isc_unavailable"), classifier_score=cscore,
-                            classifier_protocol=cprotocol, seconds=seconds)
+                            classifier_protocol=cprotocol, seconds=seconds, floor=floor)
     if not quiet:
         print(f"  evaluate: {summary_line(result)} in {seconds:.1f}s", file=sys.stderr, flush=True)
     return result
 
 
+def _floor(cfg: Config, reference: Path, real_reference: Any, *, weights: InceptionWeights,
+           device: str) -> tuple[Floor | None, dict[str, Any]]:
+    """The data's floor under this evaluation's protocol (cached by content) and its description;
+    (None, {"unavailable": why}) when the split it is drawn from is too small."""
+    ecfg = cfg.evaluate
+    split = FLOOR_SPLIT[ecfg.reference_split]
+    try:
+        pool = load_prepared(reference, split)
+        floor = data_floor(pool.images, real_reference.images, split=split, reference_split=ecfg.reference_split,
+                           reference_key=real_reference.digest, num_samples=ecfg.num_samples, seed=ecfg.seed,
+                           weights=weights, bootstrap=ecfg.bootstrap, batch_size=ecfg.batch_size, device=device)
+    except (DataError, EvaluationError) as exc:
+        return None, {"unavailable": str(exc)}
+    return floor, {**floor.to_dict(), "what": "real images not in the reference split, scored like the model's "
+                   "samples: what a perfect model would get under this protocol"}
+
+
 def summary_line(r: EvaluateResult) -> str:
-    """One line with every score and its protocol."""
+    """One line with every score, the floor and the protocol."""
     noise = f" ± {r.fid_std:.3f} (bootstrap sd)" if r.fid_std is not None else ""
-    line = (f"FID {r.fid:.3f}{noise}, KID {r.kid:.4f}, precision {r.precision:.3f}, recall {r.recall:.3f} "
+    floor = ""
+    if r.floor is not None and r.fid_ratio is not None:
+        floor = f" (floor {r.floor.fid:.1f} = {r.fid_ratio:.2f}x)"
+    line = (f"FID {r.fid:.3f}{noise}{floor}, KID {r.kid:.4f}, precision {r.precision:.3f}, recall {r.recall:.3f} "
             f"[{r.protocol.id}]")
     if r.classifier_score is not None and r.classifier_protocol is not None:
         line += (f"; classifier score {r.classifier_score:.3f} [{r.classifier_protocol.id}, "

@@ -1,5 +1,7 @@
-"""Register: log the run to MLflow (params, losses, every metric under its protocol, plots, grids,
-the model card and the pyfunc model), register the version and apply the promotion gate.
+"""Register: log the run to MLflow (params, losses, every metric under its short name and its
+protocol-named key, plots, grids, the model card and the pyfunc model), register the version in
+the dataset's registered model (every family competes for the same ``champion``) and apply the
+promotion gate, quality bar included.
 
 A registration goes through states tagged on the version (``aigc.registration``: pending ->
 decided -> done) under a key hashing the model, its evaluation and the register settings. If
@@ -32,13 +34,12 @@ import yaml
 
 from aigc_pipeline.config import Config
 from aigc_pipeline.errors import DataError
-from aigc_pipeline.evaluation.gate import CHALLENGER, CHAMPION, Score, Verdict, check_evaluation, decide
+from aigc_pipeline.evaluation.gate import CHALLENGER, CHAMPION, Score, Verdict, check_evaluation, decide, quality_bar
 from aigc_pipeline.evaluation.protocol import metric_key
+from aigc_pipeline.evaluation.results import DETAILS_FILE, METRICS_FILE, Evaluation, read_evaluation
 from aigc_pipeline.io import atomic_write_json, sha256_file
 from aigc_pipeline.models.export import META_FILE, WEIGHTS_FILE, read_model_meta
 from aigc_pipeline.tracking.runs import FLOW_RUN_ENV, flat_params  # FLOW_RUN_ENV: re-exported for flows/
-_PROTOCOL_METRICS = ("fid", "fid_std", "kid", "kid_std", "precision", "recall", "isc", "isc_std")
-_CLASSIFIER_METRICS = ("classifier_score", "classifier_label_accuracy")
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,10 @@ class RegisterResult:
     fid_std: float | None
     protocol: str
     reused: bool  # an earlier attempt had already registered exactly this; nothing new was created
+    family: str = ""  # train.model of this version
+    floor_fid: float | None = None  # the data's own FID under the same protocol
+    fid_ratio: float | None = None  # fid / floor_fid
+    champion_version: str | None = None  # who holds the champion alias after this registration (None: nobody)
 
 
 def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_dir: Path = Path(".")) -> RegisterResult:
@@ -65,13 +70,15 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
     from aigc_pipeline.tracking.datasets import log_prepared_dataset
     from aigc_pipeline.tracking.store import use_store
 
-    metrics_doc = _read_metrics(Path(evaluation) / "metrics.json")
+    scored = read_evaluation(Path(evaluation))
     meta = read_model_meta(model)
-    name = cfg.model_name
+    name = cfg.registered_model
     rcfg = cfg.register
-    problems = check_evaluation(metrics_doc, meta)
-    pid = str((metrics_doc.get("protocol") or {}).get("id") or "none")
-    candidate = None if problems else Score(float(metrics_doc["fid"][pid]), _value(metrics_doc, "fid_std", pid))
+    problems = check_evaluation(scored, meta)
+    below_bar = [] if problems else quality_bar(scored, max_fid_ratio=rcfg.max_fid_ratio,
+                                                 min_precision=rcfg.min_precision, min_recall=rcfg.min_recall)
+    pid = scored.protocol_id or "none"
+    candidate = None if problems else Score(float(scored.metrics["fid"]), scored.value("fid_std"))
     key = _registration_key(name, Path(model), Path(evaluation), dataclasses.asdict(rcfg))
 
     logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
@@ -82,38 +89,40 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
         if earlier is not None:
             state = (earlier.tags or {}).get(registry.STATE_TAG)
             if state == registry.DONE:
-                return _finish(receipt, _result_from_version(earlier, uri, pid, reused=True))
+                return _finish(receipt, _result_from_version(client, earlier, uri, scored, rcfg, reused=True))
             if state == registry.DECIDED:  # killed between the decision and the aliases
                 _apply(client, name, str(earlier.version), earlier.tags.get("aigc.decision", ""), rcfg)
                 client.set_model_version_tag(name, str(earlier.version), registry.STATE_TAG, registry.DONE)
-                return _finish(receipt, _result_from_version(client.get_model_version(name, str(earlier.version)),
-                                                             uri, pid, reused=True))
+                return _finish(receipt, _result_from_version(client, client.get_model_version(name, str(earlier.version)),
+                                                             uri, scored, rcfg, reused=True))
             registry.discard_version(client, name, str(earlier.version), alias=rcfg.champion_alias)
 
         lineage = _lineage(project_dir)
-        tags = {"aigc.dataset": cfg.dataset, "aigc.model": meta["model"], "aigc.data_digest": meta["data_digest"],
-                "aigc.protocol": pid, **_protocol_tags(metrics_doc), **lineage}
-        params = flat_params(cfg)
-        with mlflow.start_run(run_name=f"{name}-{meta['data_digest'][:8]}", tags=tags) as active:
+        tags = {"aigc.dataset": cfg.dataset, "aigc.model": meta["model"], "aigc.family": meta["model"],
+                "aigc.data_digest": meta["data_digest"], "aigc.protocol": pid, **_protocol_tags(scored),
+                **_config_tags(meta), **lineage}
+        params = flat_params(cfg, resolved=meta.get("hparams"))
+        with mlflow.start_run(run_name=f"{cfg.model_name}-{meta['data_digest'][:8]}", tags=tags) as active:
             run_id = active.info.run_id
             mlflow.log_params(params)
             log_prepared_dataset(project_dir, cfg.dataset)  # mlflow.log_input, digest = DVC's hash
             _log_history(client, run_id, Path(model) / "history.csv")
             # Per epoch: images/s, learning rates, mean losses (at the epoch's last step).
             _log_history(client, run_id, Path(model) / "epochs.csv", prefix="train_epoch/")
-            _log_metrics(client, run_id, metrics_doc)
+            _log_metrics(client, run_id, scored)
             _log_plots(client, run_id, Path(model))
             if problems:
                 mlflow.set_tag("aigc.problems", "; ".join(problems)[:5000])
-            if "isc_unavailable" in metrics_doc:
-                mlflow.set_tag("aigc.isc_unavailable", str(metrics_doc["isc_unavailable"])[:5000])
-            mlflow.log_artifact(str(Path(evaluation) / "metrics.json"))
+            if "isc_unavailable" in scored.details:
+                mlflow.set_tag("aigc.isc_unavailable", str(scored.details["isc_unavailable"])[:5000])
+            mlflow.log_artifact(str(Path(evaluation) / METRICS_FILE))
+            mlflow.log_artifact(str(Path(evaluation) / DETAILS_FILE))
             mlflow.log_artifact(str(Path(evaluation) / "samples.png"), "evaluation")
             mlflow.log_artifact(str(Path(model) / "samples.png"), "training")
             if (Path(model) / "samples").is_dir():
                 mlflow.log_artifacts(str(Path(model) / "samples"), "training/epochs")
             with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
-                info = _log_model(Path(tmp), Path(model), meta, name=name, metrics_doc=metrics_doc, params=params,
+                info = _log_model(Path(tmp), Path(model), meta, name=name, evaluation=scored, params=params,
                                   lineage=lineage, problems=problems, run_id=run_id)
             version = None
             try:
@@ -124,7 +133,8 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                 if champion_version == version:  # cannot happen for a new version; guards the comparison
                     champion_version, champion = None, None
                 verdict = decide(candidate, problems, champion=champion, champion_version=champion_version,
-                                 margin=rcfg.gate_margin, noise_sigmas=rcfg.gate_noise_sigmas, protocol_id=pid)
+                                 margin=rcfg.gate_margin, noise_sigmas=rcfg.gate_noise_sigmas, protocol_id=pid,
+                                 below_bar=below_bar)
                 for k, v in _decision_tags(verdict).items():
                     mlflow.set_tag(k, v)
                     client.set_model_version_tag(name, version, k, v)
@@ -136,10 +146,14 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                     registry.discard_version(client, name, version, alias=rcfg.champion_alias)
                 mlflow.set_tag("aigc.registration", "failed: version discarded" if version else "failed")
                 raise
+        champion_now = registry.alias_version(client, name, rcfg.champion_alias)
+    fid = scored.value("fid")
     result = RegisterResult(name=name, version=version, run_id=run_id, champion=verdict.promote,
                             decision=verdict.decision, reason=verdict.reason, tracking_uri=uri,
-                            fid=candidate.fid if candidate else _fid_or_nan(metrics_doc, pid),
-                            fid_std=candidate.fid_std if candidate else None, protocol=pid, reused=False)
+                            fid=float("nan") if fid is None else fid,
+                            fid_std=candidate.fid_std if candidate else None, protocol=pid, reused=False,
+                            family=meta["model"], floor_fid=scored.value("floor_fid"),
+                            fid_ratio=scored.value("fid_ratio"), champion_version=champion_now)
     return _finish(receipt, result)
 
 
@@ -167,72 +181,59 @@ def _finish(receipt: Path, result: RegisterResult) -> RegisterResult:
     return result
 
 
-def _result_from_version(mv: Any, uri: str, pid: str, *, reused: bool) -> RegisterResult:
-    import mlflow
+def _result_from_version(client: Any, mv: Any, uri: str, scored: Evaluation, rcfg: Any, *,
+                         reused: bool) -> RegisterResult:
+    from aigc_pipeline.tracking import registry
 
     tags = mv.tags or {}
-    metrics = mlflow.MlflowClient().get_run(mv.run_id).data.metrics
-    fid = metrics.get(metric_key("fid", pid), float("nan"))
+    pid = scored.protocol_id or "none"
+    metrics = client.get_run(mv.run_id).data.metrics
     return RegisterResult(name=mv.name, version=str(mv.version), run_id=mv.run_id,
                           champion=tags.get("aigc.decision") == CHAMPION, decision=tags.get("aigc.decision", "unknown"),
-                          reason=tags.get("aigc.decision_reason", ""), tracking_uri=uri, fid=fid,
-                          fid_std=metrics.get(metric_key("fid_std", pid)), protocol=pid, reused=reused)
-
-
-def _read_metrics(path: Path) -> dict[str, Any]:
-    try:
-        doc = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise DataError(f"{path}: not found; run `aigc evaluate` first") from None
-    except json.JSONDecodeError as exc:
-        raise DataError(f"{path}: not valid JSON ({exc}); re-run `aigc evaluate`") from None
-    if not isinstance(doc, dict):
-        raise DataError(f"{path}: expected a JSON object; re-run `aigc evaluate`")
-    return doc
-
-
-def _value(doc: dict[str, Any], metric: str, pid: str) -> float | None:
-    values = doc.get(metric)
-    value = values.get(pid) if isinstance(values, dict) else None
-    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
-def _fid_or_nan(doc: dict[str, Any], pid: str) -> float:
-    value = _value(doc, "fid", pid)
-    return float("nan") if value is None else value
+                          reason=tags.get("aigc.decision_reason", ""), tracking_uri=uri,
+                          fid=metrics.get(metric_key("fid", pid), float("nan")),
+                          fid_std=metrics.get(metric_key("fid_std", pid)), protocol=pid, reused=reused,
+                          family=tags.get("aigc.family", tags.get("aigc.model", "")),
+                          floor_fid=scored.value("floor_fid"), fid_ratio=scored.value("fid_ratio"),
+                          champion_version=registry.alias_version(client, mv.name, rcfg.champion_alias))
 
 
 def _registration_key(name: str, model: Path, evaluation: Path, settings: dict[str, Any]) -> str:
     """Same model, same evaluation, same register settings -> same key."""
     h = hashlib.sha256(json.dumps({"name": name, "settings": settings}, sort_keys=True).encode())
-    for path in (model / WEIGHTS_FILE, model / META_FILE, evaluation / "metrics.json"):
+    for path in (model / WEIGHTS_FILE, model / META_FILE, evaluation / METRICS_FILE, evaluation / DETAILS_FILE):
         h.update(sha256_file(path).encode())
     return h.hexdigest()
 
 
-def _protocol_tags(doc: dict[str, Any]) -> dict[str, str]:
-    tags = {}
-    for k, v in (doc.get("protocol") or {}).items():
-        tags[f"aigc.protocol.{k}"] = str(v)
-    if doc.get("classifier"):
-        tags["aigc.classifier_protocol"] = str(doc["classifier"].get("id"))
-        tags["aigc.classifier_accuracy"] = str(doc["classifier"].get("accuracy"))
+def _protocol_tags(scored: Evaluation) -> dict[str, str]:
+    tags = {f"aigc.protocol.{k}": str(v) for k, v in (scored.details.get("protocol") or {}).items()}
+    classifier = scored.details.get("classifier")
+    if classifier:
+        tags["aigc.classifier_protocol"] = str(classifier.get("id"))
+        tags["aigc.classifier_accuracy"] = str(classifier.get("accuracy"))
     return tags
 
 
-def _log_metrics(client: Any, run_id: str, doc: dict[str, Any]) -> None:
-    """Every finite metric of metrics.json under its protocol-named key."""
+def _config_tags(meta: dict[str, Any]) -> dict[str, str]:
+    """The family and the training config the version was made with (resolved hyperparameters
+    included), as tags of the run and the version: versions of every family share one registered
+    model, so these tell them apart."""
+    return {"aigc.train_config": json.dumps(meta.get("train") or {}, sort_keys=True)[:5000],
+            "aigc.hparams": json.dumps(meta.get("hparams") or {}, sort_keys=True)[:5000]}
+
+
+def _log_metrics(client: Any, run_id: str, scored: Evaluation) -> None:
+    """Every finite metric under its short name (``fid``, ``floor_fid``, ...: the columns a user
+    compares) and under its protocol-named key (what the gate compares; ``aigc.protocol`` tags the
+    run with the protocol the short names were measured under)."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    batch = []
-    for metric in _PROTOCOL_METRICS + _CLASSIFIER_METRICS:
-        values = doc.get(metric)
-        if not isinstance(values, dict):
-            continue
-        for pid, v in values.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                batch.append(Metric(metric_key(metric, pid), float(v), now, 0))
+    values = {k: v for k, v in scored.metrics.items()
+              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    values.update(scored.protocol_keys())
+    batch = [Metric(k, float(v), now, 0) for k, v in sorted(values.items())]
     if batch:
         client.log_batch(run_id, metrics=batch)
 
@@ -265,7 +266,7 @@ def _log_plots(client: Any, run_id: str, model: Path) -> None:
             client.log_artifacts(run_id, str(out), "plots")
 
 
-def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, metrics_doc: dict[str, Any],
+def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, evaluation: Evaluation,
                params: dict[str, str], lineage: dict[str, str], problems: list[str], run_id: str):
     """The pyfunc, from code (nothing pickled): safetensors weights + model.json, the model card,
     and a copy of this package for the model's code."""
@@ -279,7 +280,7 @@ def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, metri
     for f in (WEIGHTS_FILE, META_FILE):
         shutil.copy2(model / f, weights / f)
     card = tmp / CARD_FILE
-    card.write_text(model_card(name=name, meta=meta, metrics=metrics_doc, params=params,
+    card.write_text(model_card(name=name, meta=meta, evaluation=evaluation, params=params,
                                lineage={**lineage, "mlflow.run_id": run_id}, problems=problems))
     mlflow.log_artifact(str(card))
     package = Path(__file__).resolve().parents[1]

@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping
 
+from aigc_pipeline.evaluation.results import Evaluation
+
 CARD_FILE = "model_card.md"
 
 _LABELS = {
@@ -19,12 +21,15 @@ _LABELS = {
     "isc_std": "Inception Score std over splits",
     "classifier_score": "classifier score (NOT Inception Score; see below)",
     "classifier_label_accuracy": "label accuracy of class-conditional samples",
+    "classifier_accuracy": "the classifier's accuracy on the real eval split",
 }
+_FLOOR = {"fid": "floor_fid", "fid_std": "floor_fid_std", "kid": "floor_kid", "precision": "floor_precision",
+          "recall": "floor_recall"}
 
 
-def model_card(*, name: str, meta: Mapping[str, Any], metrics: Mapping[str, Any], params: Mapping[str, str],
+def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, params: Mapping[str, str],
                lineage: Mapping[str, str], problems: list[str]) -> str:
-    """Markdown for the model in ``meta`` (model.json) scored by ``metrics`` (metrics.json)."""
+    """Markdown for the model in ``meta`` (model.json), registered as ``name``, scored by ``evaluation``."""
     arch = meta.get("arch", {})
     lines = [
         f"# Model card: {name}",
@@ -33,9 +38,11 @@ def model_card(*, name: str, meta: Mapping[str, Any], metrics: Mapping[str, Any]
         f"{arch.get('channels')}x{arch.get('size')}x{arch.get('size')} images from a {arch.get('latent_dim')}-d latent"
         + (f", class-conditional over {arch.get('num_classes')} classes" if arch.get("num_classes") else "") + ".",
         "",
-        "Use: `mlflow.pyfunc.load_model(\"models:/NAME@champion\").predict(pandas.DataFrame({\"n\": [16], "
+        f"Use: `mlflow.pyfunc.load_model(\"models:/{name}@champion\").predict(pandas.DataFrame({{\"n\": [16], "
         "\"seed\": [0]}))` returns uint8 images `[n, C, H, W]`; add a `label` column for a class "
-        "(-1 or missing: classes cycle). Or `aigc sample models:/NAME@champion -n 64 --out grid.png`.",
+        "(-1 or missing: classes cycle)" + ("" if not meta.get("generator", {}).get("sampler") else
+                                            ", a `steps` column for the number of sampling steps")
+        + f". Or `aigc sample models:/{name}@champion -n 64 --out grid.png`.",
         "",
         "## Data",
         "",
@@ -43,7 +50,7 @@ def model_card(*, name: str, meta: Mapping[str, Any], metrics: Mapping[str, Any]
         f"- trained for {meta.get('steps')} steps; final losses: "
         + ", ".join(f"{k} {v:.4f}" for k, v in (meta.get("final_losses") or {}).items()),
     ]
-    protocol = metrics.get("protocol") or {}
+    protocol = evaluation.details.get("protocol") or {}
     pid = protocol.get("id")
     lines += ["", "## Metrics", ""]
     if pid:
@@ -52,27 +59,33 @@ def model_card(*, name: str, meta: Mapping[str, Any], metrics: Mapping[str, Any]
             f"`{protocol.get('weights_sha256')}`), {protocol.get('num_samples')} generated vs "
             f"{protocol.get('num_reference')} real images of the `{protocol.get('reference_split')}` split "
             f"(content digest `{protocol.get('reference_digest')}`), {protocol.get('size')} px. "
-            "Numbers under different protocols are not comparable.",
+            "Numbers under different protocols are not comparable. *Real data* is the data's own floor: "
+            "real images outside the reference split scored the same way (what a perfect model would get).",
             "",
-            "| metric | value |",
-            "|---|---:|",
+            "| metric | this model | real data |",
+            "|---|---:|---:|",
         ]
         for key, label in _LABELS.items():
-            value = (metrics.get(key) or {}) if isinstance(metrics.get(key), Mapping) else {}
-            for proto, v in value.items():
-                lines.append(f"| {label} `[{proto}]` | {_fmt(v)} |")
-        boot = metrics.get("bootstrap") or {}
+            value = evaluation.value(key)
+            if value is not None:
+                floor = evaluation.value(_FLOOR[key]) if key in _FLOOR else None
+                lines.append(f"| {label} | {_fmt(value)} | {_fmt(floor) if floor is not None else ''} |")
+        ratio = evaluation.value("fid_ratio")
+        if ratio is not None:
+            lines += ["", f"FID is **{ratio:.2f}x** the data's floor."]
+        boot = evaluation.details.get("bootstrap") or {}
         if boot.get("replicas"):
             lines += ["", f"FID noise: {boot['replicas']} bootstrap resamplings of the generated features "
                       f"(seed {boot.get('seed')}), mean {_fmt(boot.get('fid_mean'))}."]
     else:
         lines.append("No protocol: this evaluation is not usable.")
-    if metrics.get("isc_unavailable"):
-        lines += ["", f"Inception Score: unavailable — {metrics['isc_unavailable']}"]
-    if metrics.get("classifier"):
-        c = metrics["classifier"]
-        lines += ["", f"Classifier score: {c.get('what')}; classifier `{c.get('classifier')}`, "
-                  f"accuracy on the real eval split {_fmt(c.get('accuracy'))}."]
+    details = evaluation.details
+    if details.get("isc_unavailable"):
+        lines += ["", f"Inception Score: unavailable — {details['isc_unavailable']}"]
+    if details.get("classifier"):
+        c = details["classifier"]
+        lines += ["", f"Classifier score: {c.get('what')}; classifier `{c.get('classifier')}` (protocol "
+                  f"`{c.get('id')}`), accuracy on the real eval split {_fmt(c.get('accuracy'))}."]
     if problems:
         lines += ["", "**Not promotable**: " + "; ".join(problems)]
     lines += ["", "## Parameters", "", "| key | value |", "|---|---|"]

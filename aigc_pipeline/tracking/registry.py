@@ -157,24 +157,46 @@ def rollback(client: Any, name: str, *, reason: str | None = None, user: str | N
     return Change(name, alias, target, current, f"rolled back by {user}: {why}")
 
 
+# Short metric names shown per version (the evaluation's own names; see evaluation.results).
+SUMMARY_METRICS = ("fid", "fid_std", "floor_fid", "fid_ratio", "kid", "precision", "recall", "floor_precision",
+                   "floor_recall")
+
+
 def list_models(client: Any) -> list[dict[str, Any]]:
-    """Registered models with their aliases, champion history and the latest version's metrics."""
+    """Registered models: aliases, champion history, and for the latest and each aliased version
+    its family, decision, protocol and headline metrics (with the data's floor)."""
     out = []
     for rm in client.search_registered_models():
-        versions = client.search_model_versions(f"name='{rm.name}'")
-        latest = max(versions, key=lambda v: int(v.version)) if versions else None
-        metrics = client.get_run(latest.run_id).data.metrics if latest is not None and latest.run_id else {}
+        versions = {str(v.version): v for v in client.search_model_versions(f"name='{rm.name}'")}
+        latest = max(versions, key=int) if versions else None
+        aliases = {a: str(v) for a, v in sorted((rm.aliases or {}).items())}
+        shown = sorted({*aliases.values(), *([latest] if latest else [])} & set(versions), key=int)
+        metrics = client.get_run(versions[latest].run_id).data.metrics if latest and versions[latest].run_id else {}
         out.append(
             {
                 "name": rm.name,
-                "aliases": {a: str(v) for a, v in sorted((rm.aliases or {}).items())},
+                "aliases": aliases,
                 "champion_history": [v for v in (rm.tags or {}).get(HISTORY_TAG, "").split(",") if v],
-                "latest_version": str(latest.version) if latest is not None else None,
-                "latest_decision": (latest.tags or {}).get(DECISION_TAG) if latest is not None else None,
+                "latest_version": latest,
+                "latest_decision": (versions[latest].tags or {}).get(DECISION_TAG) if latest else None,
                 "metrics": {k: v for k, v in sorted(metrics.items()) if math.isfinite(v)},
+                "versions": {v: _version_summary(client, versions[v], aliases) for v in shown},
             }
         )
     return sorted(out, key=lambda m: m["name"])
+
+
+def _version_summary(client: Any, mv: Any, aliases: dict[str, str]) -> dict[str, Any]:
+    tags = mv.tags or {}
+    metrics = client.get_run(mv.run_id).data.metrics if mv.run_id else {}
+    return {
+        "aliases": [a for a, v in aliases.items() if v == str(mv.version)],
+        "family": tags.get("aigc.family") or tags.get("aigc.model"),
+        "decision": tags.get(DECISION_TAG),
+        "reason": tags.get("aigc.decision_reason"),
+        "protocol": tags.get("aigc.protocol"),
+        "metrics": {k: metrics[k] for k in SUMMARY_METRICS if k in metrics and math.isfinite(metrics[k])},
+    }
 
 
 def _version(client: Any, name: str, version: str):

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aigc_pipeline.config import write_overrides_to_params
-from tests.conftest import BIN, QUICK, copy_project, run_cli
+from tests.conftest import BIN, QUICK, REGISTERED, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -63,8 +63,8 @@ def test_failed_registration_is_rolled_back_then_a_good_one_registers(tmp_path: 
     assert "Retry 1/1" in failed, failed[-3000:]
     assert failed.count("register failed; rolled back: deleted model version(s)") == 2  # each attempt
     # The failed flow run left nothing: the good one's version is the model's first and only version.
-    (version,) = client.search_model_versions("name='digits-dcgan'")
+    (version,) = client.search_model_versions(f"name='{REGISTERED}'")
     exp = client.get_experiment_by_name("aigc-pipeline")
     assert [r.info.run_id for r in client.search_runs([exp.experiment_id])] == [version.run_id]
     assert version.tags["aigc.extra"] == "yes"
-    assert client.get_model_version_by_alias("digits-dcgan", "champion").version == version.version
+    assert client.get_model_version_by_alias(REGISTERED, "champion").version == version.version

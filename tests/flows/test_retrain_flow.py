@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from aigc_pipeline.config import load_config, write_overrides_to_params
-from tests.conftest import BIN, QUICK, copy_project, run_cli
+from tests.conftest import BIN, MODEL_DIR, QUICK, REGISTERED, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest@digits", "augment@digits", "train", "evaluate", "register"]
-MODEL = "digits-dcgan"
+MODEL = REGISTERED
 
 
 def _ok(proc) -> str:
@@ -41,12 +41,14 @@ def repro_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_aigc_run_registers_a_champion_and_summarises(flow_project: tuple[Path, str]) -> None:
     project, out = flow_project
-    assert re.search(rf"{MODEL} v1: FID [\d.]+ ± [\d.]+ \[incv3-\w+_n24_eval-\w+_16px\], champion", out), out[-3000:]
+    assert re.search(rf"{MODEL} v1 \(\w+\): FID [\d.]+ ± [\d.]+, floor [\d.]+ = [\d.]+x \[incv3-\w+_n24_eval-\w+_16px\], "
+                     rf"champion .*; champion: v1\.", out), out[-3000:]
     status = json.loads(_ok(run_cli(project, "aigc", "status", "--json")))
     assert status["tracking_uri"] == f"sqlite:///{project}/mlflow/mlflow.db"
     (model,) = [m for m in status["models"] if m["name"] == MODEL]
     assert model["aliases"] == {"champion": "1"}
-    assert any(k.startswith("fid_incv3-") for k in model["metrics"])
+    assert any(k.startswith("fid_incv3-") for k in model["metrics"]) and "floor_fid" in model["metrics"]
+    assert model["versions"]["1"]["aliases"] == ["champion"] and model["versions"]["1"]["metrics"]["fid_ratio"] > 0
     # The flow published its summary as a Prefect artifact (read from the embedded server's database).
     import sqlite3
 
@@ -93,9 +95,9 @@ def test_dvc_repro_registers_the_same_model(flow_project: tuple[Path, str], repr
     flow_dir, _ = flow_project
     repro_dir, out = repro_project
     assert "Running stage 'register'" in out
-    weights = f"models/{MODEL}/generator.safetensors"
+    weights = f"models/{MODEL_DIR}/generator.safetensors"
     assert (flow_dir / weights).read_bytes() == (repro_dir / weights).read_bytes()
-    metrics = "eval/digits-dcgan/metrics.json"
+    metrics = f"eval/{MODEL_DIR}/metrics.json"
     assert json.loads((flow_dir / metrics).read_text())["fid"] == json.loads((repro_dir / metrics).read_text())["fid"]
     status = json.loads(_ok(run_cli(repro_dir, "aigc", "status", "--json")))
     (model,) = [m for m in status["models"] if m["name"] == MODEL]
@@ -106,7 +108,7 @@ def test_dvc_plots_show_json_works_offline(flow_project: tuple[Path, str]) -> No
     project, _ = flow_project
     plots = json.loads(_ok(run_cli(project, "dvc", "plots", "show", "--json")))["data"]
     names = set(plots)
-    assert f"models/{MODEL}/history.csv" in names and f"eval/{MODEL}/samples.png" in names, names
+    assert f"models/{MODEL_DIR}/history.csv" in names and f"eval/{MODEL_DIR}/samples.png" in names, names
     (progress,) = [n for n in names if n.endswith("fid_progress.csv")]
     ((plot,),) = [plots[progress]]
     assert plot["type"] == "vega"
@@ -114,7 +116,7 @@ def test_dvc_plots_show_json_works_offline(flow_project: tuple[Path, str]) -> No
     (column,) = [k for k in point if k.startswith("fid_progress_")]
     assert re.fullmatch(r"fid_progress_incv3-\w+_n16_eval-\w+_16px", column) and float(point[column]) > 0
     assert set(point) == {"epoch", column, "rev"}
-    assert any(n.startswith(f"models/{MODEL}/samples") and n.endswith(".png") for n in names), names
+    assert any(n.startswith(f"models/{MODEL_DIR}/samples") and n.endswith(".png") for n in names), names
 
 
 def test_mlflow_models_serve_answers_with_images(flow_project: tuple[Path, str]) -> None:

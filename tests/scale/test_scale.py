@@ -35,13 +35,13 @@ from typing import Any, Iterator
 import pytest
 
 from aigc_pipeline.training.checkpoint import CHECKPOINT_GLOB
-from tests.conftest import QUICK, REPO
+from tests.conftest import MODEL_DIR, QUICK, REGISTERED, REPO
 from tests.scale import servers
 from tests.scale.servers import Cluster
 
 pytestmark = [pytest.mark.slow, pytest.mark.scale]
 
-MODEL = "digits-dcgan"
+MODEL = REGISTERED
 RETRAIN = "retrain-at-scale/retrain"
 TRAIN = "remote-stage/train"
 # Training long enough to be killed in the middle (120 steps), with a checkpoint every 4 steps.
@@ -373,7 +373,7 @@ def test_fresh_clone_at_the_tagged_commit_rebuilds_the_same_weights(cluster: Clu
     dvc(clone, env, "pull")
     lock = dvc_lock(clone)
     assert version.tags["dvc.lock.train"] == ",".join(o["md5"] for o in lock["stages"]["train"]["outs"])
-    model_dir = clone / f"models/{MODEL}"
+    model_dir = clone / f"models/{MODEL_DIR}"
     assert json.loads((model_dir / "model.json").read_text())["data_digest"] == version.tags["aigc.data_digest"]
     # Everything up to the registered model is as recorded (register itself re-registers on repro).
     status = json.loads(dvc(clone, env, "status", "--json", "--with-deps", "evaluate"))

@@ -25,7 +25,7 @@ from aigc_pipeline.tracking import registry
 from aigc_pipeline.tracking.registry import RegistryError
 from tests.conftest import QUICK, REPO
 
-NAME = "digits-dcgan"
+NAME = "digits"  # the registered model: one per dataset, whatever the family
 
 
 @pytest.fixture(scope="module")
@@ -98,33 +98,72 @@ def test_train_writes_model_folder(model: Path) -> None:
     header = (model / "history.csv").read_text().splitlines()[0]
     assert header == "step,loss_d,loss_g,grad_norm_d,grad_norm_g"
     epochs = (model / "epochs.csv").read_text().splitlines()
-    assert epochs[0] == "epoch,step,images_per_s,lr_generator,lr_discriminator,loss_d,loss_g,grad_norm_d,grad_norm_g"
+    assert epochs[0] == "epoch,step,lr_generator,lr_discriminator,loss_d,loss_g,grad_norm_d,grad_norm_g"
     assert len(epochs) == 2 and epochs[1].startswith("1,10,")
+    # Wall-clock figures apart (they are not reproducible; everything else is).
+    timing = (model / "timing.csv").read_text().splitlines()
+    assert timing[0] == "epoch,seconds,images_per_s" and len(timing) == 2 and float(timing[1].split(",")[2]) > 0
     # FID over training, named with its small sample count; one epoch = the last one, so measured.
     rows = (model / "fid_progress.csv").read_text().splitlines()
     assert re.fullmatch(r"epoch,fid_progress_incv3-[0-9a-f]{8}_n16_eval-[0-9a-f]{8}_16px", rows[0]), rows
     assert len(rows) == 2 and rows[1].startswith("1,") and float(rows[1].split(",")[1]) > 0
 
 
-def test_evaluate_writes_every_metric_under_its_protocol(evaluation: Path, cfg: Config) -> None:
+def test_evaluate_writes_numbers_beside_the_data_floor_and_the_protocol_apart(evaluation: Path, cfg: Config) -> None:
     metrics = json.loads((evaluation / "metrics.json").read_text())
-    protocol = metrics["protocol"]
+    details = json.loads((evaluation / "evaluation.json").read_text())
+    # metrics.json: numbers only (what `dvc metrics show` prints).
+    assert all(isinstance(v, float) for v in metrics.values()), metrics
+    protocol = details["protocol"]
     pid = protocol["id"]
     assert protocol["num_samples"] == cfg.evaluate.num_samples and protocol["reference_split"] == "eval"
     assert protocol["extractor"] == "inception-v3-compat" and len(protocol["weights_sha256"]) == 64
     assert re.fullmatch(r"incv3-[0-9a-f]{8}_n24_eval-[0-9a-f]{8}_16px", pid)
-    fid = metrics["fid"][pid]
+    fid = metrics["fid"]
     assert np.isfinite(fid) and fid > 0
-    assert 0 < metrics["fid_std"][pid] < fid and metrics["bootstrap"]["replicas"] == cfg.evaluate.bootstrap
-    assert np.isfinite(metrics["kid"][pid]) and metrics["kid_std"][pid] >= 0
-    assert 0 <= metrics["precision"][pid] <= 1 and 0 <= metrics["recall"][pid] <= 1
+    assert 0 < metrics["fid_std"] < fid and details["bootstrap"]["replicas"] == cfg.evaluate.bootstrap
+    assert np.isfinite(metrics["kid"]) and metrics["kid_std"] >= 0
+    assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
+    # The data's own floor under the same protocol: real train images, as many as generated ones.
+    floor = details["floor"]
+    assert floor["split"] == "train" and floor["num_samples"] == cfg.evaluate.num_samples
+    assert not floor["overlaps_reference"]
+    assert 0 < metrics["floor_fid"] < fid and metrics["fid_ratio"] == pytest.approx(fid / metrics["floor_fid"])
+    assert metrics["floor_precision"] > metrics["precision"] and metrics["floor_fid_std"] > 0
+    assert details["metric_names"]["fid"] == f"fid_{pid}" and details["metric_names"]["floor_fid"] == f"floor_fid_{pid}"
     # Offline weights carry no logits: IS is reported unavailable, never as a number.
-    assert "isc" not in metrics and "no classifier layer" in metrics["isc_unavailable"]
+    assert "isc" not in metrics and "no classifier layer" in details["isc_unavailable"]
     # Labelled digits: a classifier score, named as such, under its own protocol.
-    ((cid, score),) = metrics["classifier_score"].items()
-    assert re.fullmatch(r"logreg-[0-9a-f]{8}_n24_16px", cid) and 1.0 <= score <= 10.0
-    assert metrics["classifier"]["id"] == cid and metrics["classifier"]["accuracy"] > 0.8
-    assert "not an Inception Score" in metrics["classifier"]["what"]
+    cid = details["classifier"]["id"]
+    assert re.fullmatch(r"logreg-[0-9a-f]{8}_n24_16px", cid) and 1.0 <= metrics["classifier_score"] <= 10.0
+    assert details["metric_names"]["classifier_score"] == f"classifier_score_{cid}"
+    assert metrics["classifier_accuracy"] == details["classifier"]["accuracy"] > 0.8
+    assert "not an Inception Score" in details["classifier"]["what"]
+
+
+def test_the_floor_is_computed_once_per_content(cfg: Config, model: Path, prepared: Path, evaluation: Path,
+                                                 tmp_path: Path) -> None:
+    from aigc_pipeline.evaluation import floor as floor_module
+
+    calls = []
+    real = floor_module.compute_fidelity_metrics
+
+    def counting(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+
+    floor_module.compute_fidelity_metrics = counting
+    try:
+        again = evaluate.run(cfg, model, prepared, tmp_path / "again", quiet=True)
+        other = evaluate.run(load_config(REPO, [*QUICK, "evaluate.seed=7"]), model, prepared, tmp_path / "seed7",
+                             quiet=True)
+    finally:
+        floor_module.compute_fidelity_metrics = real
+    first = json.loads((evaluation / "metrics.json").read_text())
+    assert again.floor.from_cache and again.floor.fid == first["floor_fid"]  # cached by content: same number
+    assert not other.floor.from_cache and other.floor.key != again.floor.key  # another sample of real images
+    assert calls == [(cfg.evaluate.num_samples, 1, 16, 16)]  # only the new floor was computed
+    assert f"floor {again.floor.fid:.1f} = {again.fid_ratio:.2f}x" in evaluate.summary_line(again)
 
 
 def test_classifier_is_trained_once_per_content(prepared: Path, tmp_path: Path) -> None:
@@ -152,17 +191,22 @@ def restore_env() -> Iterator[None]:
 
 
 def _variant(evaluation: Path, dest: Path, **changes: Any) -> Path:
-    """A copy of ``evaluation`` whose metrics under its protocol are changed (None deletes one)."""
+    """A copy of ``evaluation`` whose metrics are changed (None deletes one)."""
     shutil.copytree(evaluation, dest)
     doc = json.loads((dest / "metrics.json").read_text())
-    pid = doc["protocol"]["id"]
     for metric, value in changes.items():
         if value is None:
-            doc[metric].pop(pid)
+            doc.pop(metric)
         else:
-            doc[metric][pid] = value
+            doc[metric] = value
     (dest / "metrics.json").write_text(json.dumps(doc))
     return dest
+
+
+def _scores(evaluation: Path) -> tuple[str, dict[str, float]]:
+    """(protocol id, metrics) of an evaluation folder."""
+    details = json.loads((evaluation / "evaluation.json").read_text())
+    return details["protocol"]["id"], json.loads((evaluation / "metrics.json").read_text())
 
 
 def _client(project: Path):
@@ -184,9 +228,8 @@ def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, ev
     project = tmp_path / "mlproject"
     project.mkdir()
     monkeypatch.setenv(register.FLOW_RUN_ENV, "0c1d2e3f-0000-4000-8000-000000000001")
-    doc = json.loads((evaluation / "metrics.json").read_text())
-    pid = doc["protocol"]["id"]
-    fid, std = doc["fid"][pid], doc["fid_std"][pid]
+    pid, doc = _scores(evaluation)
+    fid, std = doc["fid"], doc["fid_std"]
 
     def reg(label: str, **changes: Any) -> register.RegisterResult:
         ev = _variant(evaluation, tmp_path / f"ev-{label}", **changes) if changes else evaluation
@@ -222,26 +265,30 @@ def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, ev
         assert v.tags[registry.STATE_TAG] == registry.DONE
     gate = client.get_model_version(NAME, better.version).tags
     assert float(gate["aigc.gate.delta"]) > float(gate["aigc.gate.noise"]) and gate["aigc.gate.champion_version"] == "1"
-    assert r.data.tags["aigc.protocol.reference_digest"] == doc["protocol"]["reference_digest"]
+    details = json.loads((evaluation / "evaluation.json").read_text())
+    assert r.data.tags["aigc.protocol.reference_digest"] == details["protocol"]["reference_digest"]
+    assert v.tags["aigc.family"] == "dcgan" and json.loads(v.tags["aigc.train_config"])["model"] == "dcgan"
 
-    # Every metric under its protocol-named key; FID over training by epoch; charts and the card.
+    # Every metric under its short name and its protocol-named key; FID over training by epoch;
+    # resolved hyperparameters as params; charts and the card.
     metrics = client.get_run(first.run_id).data.metrics
-    assert client.get_run(first.run_id).data.params["train.epochs"] == "1"
+    params = client.get_run(first.run_id).data.params
+    assert params["train.epochs"] == "1"
+    assert params["train.lr"] == "0.0002" and params["train.lr_setting"] == "auto"  # the dcgan recipe's value
     assert len(client.get_metric_history(first.run_id, "train/loss_g")) >= 1
     assert len(client.get_metric_history(first.run_id, "train/grad_norm_d")) >= 1
-    (rate,) = client.get_metric_history(first.run_id, "train_epoch/images_per_s")  # one epoch
-    assert rate.step == 10 and rate.value > 0
     assert client.get_metric_history(first.run_id, "train_epoch/lr_generator")[0].value == 2e-4  # auto = dcgan recipe
-    for m in ("fid", "fid_std", "kid", "precision", "recall"):
-        assert f"{m}_{pid}" in metrics, m
+    for m in ("fid", "fid_std", "kid", "precision", "recall", "floor_fid", "fid_ratio"):
+        assert f"{m}_{pid}" in metrics and metrics[m] == metrics[f"{m}_{pid}"], m
     assert any(k.startswith("classifier_score_logreg-") for k in metrics)
     (progress,) = [k for k in metrics if k.startswith("fid_progress_")]
     assert "_n16_" in progress and [m.step for m in client.get_metric_history(first.run_id, progress)] == [1]
     artifacts = {a.path for a in client.list_artifacts(first.run_id)} | \
         {a.path for a in client.list_artifacts(first.run_id, "plots")}
-    assert {"model_card.md", "metrics.json", "plots/losses.png", "plots/fid_progress.png"} <= artifacts
+    assert {"model_card.md", "metrics.json", "evaluation.json", "plots/losses.png", "plots/fid_progress.png"} <= artifacts
     card = Path(client.download_artifacts(first.run_id, "model_card.md", str(tmp_path))).read_text()
     assert pid in card and "Lineage" in card and "prefect.flow_run_id" in card and "not an Inception Score" in card
+    assert f"models:/{NAME}@champion" in card and "the data's floor" in card
 
     # The champion as a pyfunc: seeded images; its files hold safetensors and code, no pickle.
     mlflow.set_tracking_uri(first.tracking_uri)
@@ -258,12 +305,39 @@ def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, ev
     assert "input_example.json" in files and '"name": "label", "required": false' in mlmodel
 
 
+def test_the_quality_bar_rejects_weak_candidates_with_their_numbers(model: Path, evaluation: Path,
+                                                                   tmp_path: Path) -> None:
+    from aigc_pipeline.pipeline import NoChampion, require_champion
+
+    project = tmp_path / "mlproject"
+    project.mkdir()
+    barred = load_config(REPO, [*QUICK, "register.max_fid_ratio=3.0", "register.min_recall=0.05"])
+    floor = _scores(evaluation)[1]["floor_fid"]
+
+    def reg(label: str, **changes: Any) -> register.RegisterResult:
+        ev = _variant(evaluation, tmp_path / f"ev-{label}", **changes)
+        return register.run(barred, model, ev, tmp_path / f"{label}.json", project_dir=project)
+
+    # No champion yet, and the first candidate is 10x the floor: rejected, nothing serves.
+    weak = reg("weak", fid=10 * floor, fid_ratio=10.0)
+    assert weak.decision == "rejected" and weak.champion_version is None
+    assert f"FID {10 * floor:.2f} is 10.00x the data's floor {floor:.2f} (register.max_fid_ratio 3)" in weak.reason
+    summary = {"receipt": json.loads((tmp_path / "weak.json").read_text()), "champion_version": None}
+    with pytest.raises(NoChampion, match="digits has no champion: v1 .*rejected.*10.00x the data's floor"):
+        require_champion(summary)
+    good = reg("good", fid=2 * floor, fid_ratio=2.0)
+    assert good.decision == "champion" and good.champion_version == good.version == "2"
+    # A later weak one (here: recall under the minimum) is rejected; the champion stays.
+    low_recall = reg("low-recall", fid=1.5 * floor, fid_ratio=1.5, recall=0.01)
+    assert low_recall.decision == "rejected" and "recall 0.010 < register.min_recall 0.05; real data:" in low_recall.reason
+    assert low_recall.champion_version == "2" and _aliases(_client(project)) == {"champion": "2"}
+
+
 def test_register_then_promote_rollback_and_sample_from_the_cli(cfg: Config, model: Path, evaluation: Path, tmp_path: Path,
                                                    restore_env: None) -> None:
     project = tmp_path / "mlproject"
     project.mkdir()
-    doc = json.loads((evaluation / "metrics.json").read_text())
-    fid = doc["fid"][doc["protocol"]["id"]]
+    fid = _scores(evaluation)[1]["fid"]
     register.run(cfg, model, evaluation, tmp_path / "1.json", project_dir=project)
     register.run(cfg, model, _variant(evaluation, tmp_path / "e2", fid=fid + 30), tmp_path / "2.json",
                  project_dir=project)
@@ -299,7 +373,7 @@ def test_register_then_promote_rollback_and_sample_from_the_cli(cfg: Config, mod
     out = tmp_path / "grid.png"
     aigc("sample", f"models:/{NAME}@champion", "-n", "9", "--out", str(out), "--seed", "3")
     with Image.open(out) as img:
-        assert img.size == (3 * 18 + 2, 3 * 18 + 2)  # 3x3 grid of 16 px images, 2 px padding
+        assert img.size == (3 * 34 + 2, 3 * 34 + 2)  # 3x3 grid of 16 px images shown at 32 px, 2 px padding
         first = np.asarray(img)
     aigc("sample", f"models:/{NAME}/1", "-n", "9", "--out", str(tmp_path / "again.png"), "--seed", "3")
     with Image.open(tmp_path / "again.png") as img:
@@ -321,8 +395,7 @@ def test_register_failures_leave_nothing_half_registered_and_retries_are_safe(
     project = tmp_path / "mlproject"
     project.mkdir()
     client = _client(project)
-    doc = json.loads((evaluation / "metrics.json").read_text())
-    fid = doc["fid"][doc["protocol"]["id"]]
+    fid = _scores(evaluation)[1]["fid"]
     register.run(cfg, model, evaluation, tmp_path / "r.json", project_dir=project)
     better = _variant(evaluation, tmp_path / "better", fid=fid - 200)
 

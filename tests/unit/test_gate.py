@@ -1,5 +1,6 @@
 """The promotion gate's decisions on numbers (no MLflow): better, worse, within the noise, not
-comparable, incomplete or non-finite evaluations, diverged training."""
+comparable, incomplete or non-finite evaluations, diverged training, the quality bar against the
+data's floor."""
 
 from __future__ import annotations
 
@@ -7,22 +8,24 @@ import math
 
 import pytest
 
-from aigc_pipeline.evaluation.gate import CHALLENGER, CHAMPION, REJECTED, Score, check_evaluation, decide
+from aigc_pipeline.evaluation.gate import CHALLENGER, CHAMPION, REJECTED, Score, check_evaluation, decide, quality_bar
+from aigc_pipeline.evaluation.results import Evaluation
 
 PID = "incv3-abcd1234_n300_eval-01234567_32px"
 
 
 def _decide(candidate: Score | None, champion: Score | None, *, version: str | None = "3", problems=(),
-            margin: float = 0.5, sigmas: float = 2.0):
+            margin: float = 0.5, sigmas: float = 2.0, below_bar=()):
     return decide(candidate, list(problems), champion=champion, champion_version=version, margin=margin,
-                  noise_sigmas=sigmas, protocol_id=PID)
+                  noise_sigmas=sigmas, protocol_id=PID, below_bar=list(below_bar))
 
 
-def _metrics(**overrides) -> dict:
-    doc = {"protocol": {"id": PID}, "fid": {PID: 40.0}, "fid_std": {PID: 1.0}, "kid": {PID: 0.01},
-           "precision": {PID: 0.6}, "recall": {PID: 0.5}, "bootstrap": {"replicas": 100}}
-    doc.update(overrides)
-    return doc
+def _metrics(details: dict | None = None, **overrides) -> Evaluation:
+    metrics = {"fid": 40.0, "fid_std": 1.0, "kid": 0.01, "precision": 0.6, "recall": 0.5, "floor_fid": 20.0,
+               "floor_precision": 0.9, "floor_recall": 0.8}
+    metrics.update(overrides)
+    return Evaluation({k: v for k, v in metrics.items() if v is not None},
+                      {"protocol": {"id": PID}, "bootstrap": {"replicas": 100}, **(details or {})})
 
 
 def test_first_model_becomes_champion() -> None:
@@ -82,14 +85,14 @@ def test_complete_evaluation_has_no_problems() -> None:
 @pytest.mark.parametrize(
     ("overrides", "expected"),
     [
-        ({"fid": {PID: float("nan")}}, "fid is nan"),
-        ({"kid": {PID: float("inf")}}, "kid is inf"),
-        ({"recall": {}}, "recall under protocol"),
+        ({"fid": float("nan")}, "fid is nan"),
+        ({"kid": float("inf")}, "kid is inf"),
+        ({"recall": None}, "recall under protocol"),
         ({"precision": None}, "precision under protocol"),
-        ({"fid_std": {PID: float("nan")}}, "fid_std is nan"),
-        ({"fid_std": {}}, "fid_std under protocol"),
-        ({"protocol": {}}, "no protocol id"),
-        ({"fid": {"another-protocol": 10.0}}, "fid under protocol"),
+        ({"fid_std": float("nan")}, "fid_std is nan"),
+        ({"fid_std": None}, "fid_std under protocol"),
+        ({"details": {"protocol": {}}}, "no protocol id"),
+        ({"fid": None}, "fid under protocol"),
     ],
 )
 def test_partial_or_non_finite_evaluations_are_problems(overrides: dict, expected: str) -> None:
@@ -98,11 +101,33 @@ def test_partial_or_non_finite_evaluations_are_problems(overrides: dict, expecte
 
 
 def test_bootstrap_off_does_not_require_a_spread() -> None:
-    doc = _metrics(bootstrap={"replicas": 0})
-    del doc["fid_std"]
-    assert check_evaluation(doc) == []
+    assert check_evaluation(_metrics({"bootstrap": {"replicas": 0}}, fid_std=None)) == []
 
 
 def test_diverged_training_is_a_problem() -> None:
     problems = check_evaluation(_metrics(), {"final_losses": {"loss_d": float("nan"), "loss_g": 0.7}})
     assert problems == ["training diverged: final loss_d not finite"]
+
+
+def test_quality_bar_rejects_a_candidate_far_from_the_floor_with_its_numbers() -> None:
+    below = quality_bar(_metrics(fid=268.0, floor_fid=19.1), max_fid_ratio=3.0)
+    assert below == ["FID 268.00 is 14.03x the data's floor 19.10 (register.max_fid_ratio 3)"]
+    v = _decide(Score(268.0, 2.0), None, version=None, below_bar=below)  # even with no champion yet
+    assert v.decision == REJECTED and not v.promote and "14.03x the data's floor" in v.reason
+
+
+def test_quality_bar_passes_within_the_ratio_and_can_be_off() -> None:
+    assert quality_bar(_metrics(fid=57.0, floor_fid=19.1), max_fid_ratio=3.0) == []  # 2.98x
+    assert quality_bar(_metrics(fid=500.0), max_fid_ratio=None) == []
+    assert _decide(Score(57.0, 1.0), None, version=None, below_bar=[]).decision == CHAMPION
+
+
+def test_quality_bar_precision_and_recall_minimums_name_the_real_data_figure() -> None:
+    below = quality_bar(_metrics(precision=0.31, recall=0.2), max_fid_ratio=3.0, min_precision=0.5, min_recall=0.1)
+    assert below == ["precision 0.310 < register.min_precision 0.5; real data: 0.900"]
+
+
+def test_quality_bar_without_a_floor_cannot_pass() -> None:
+    scored = _metrics({"floor": {"unavailable": "the train split is empty"}}, floor_fid=None)
+    (why,) = quality_bar(scored, max_fid_ratio=3.0)
+    assert "floor is unavailable (the train split is empty)" in why and "max_fid_ratio" in why

@@ -10,7 +10,7 @@ from aigc_pipeline.tracking.rollback import FLOW_RUN_TAG, flow_run_mlflow_runs, 
 
 pytestmark = pytest.mark.slow  # a real MLflow SQLite store: ~5 s each
 
-NAME = "digits-dcgan"
+NAME = "digits"
 EXPERIMENT = "aigc-pipeline"
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from aigc_pipeline import remote, workspace
-from tests.conftest import BIN, QUICK, copy_project
+from tests.conftest import BIN, MODEL_DIR, QUICK, copy_project
 
 pytestmark = pytest.mark.slow  # real DVC repositories and commands
 
@@ -37,9 +37,10 @@ def test_plan_inputs_and_outputs_come_from_dvc_yaml(project: Path) -> None:
         ["ingest@digits", "augment@digits", "train", "evaluate", "register"]
     assert workspace.stage_plan(project, "train") == ["ingest@digits", "augment@digits", "train"]
     assert workspace.stage_inputs(project, "train") == ["data/augmented/digits", "data/prepared/digits"]
-    assert workspace.stage_inputs(project, "evaluate") == ["data/prepared/digits", "models/digits-dcgan"]
-    assert workspace.stage_outputs(project, "evaluate") == ["eval/digits-dcgan/samples.png",
-                                                            "eval/digits-dcgan/metrics.json"]
+    assert workspace.stage_inputs(project, "evaluate") == ["data/prepared/digits", f"models/{MODEL_DIR}"]
+    assert workspace.stage_outputs(project, "evaluate") == [f"eval/{MODEL_DIR}/samples.png",
+                                                            f"eval/{MODEL_DIR}/evaluation.json",
+                                                            f"eval/{MODEL_DIR}/metrics.json"]
     with pytest.raises(workspace.WorkspaceError, match="no stage 'nope' \\(stages: ingest@digits, augment@digits, train, evaluate, register\\)"):
         workspace.stage_plan(project, "nope")
 
