@@ -13,7 +13,36 @@ from pathlib import Path
 from typing import Any
 
 from aigc_pipeline import env
+from aigc_pipeline.errors import AigcError
 
+
+class UsageError(AigcError, ValueError):
+    """A command line that does not parse (unknown or malformed argument, missing required one).
+
+    ``command`` is the (sub)command it was meant for, e.g. ``aigc train``; ``status`` is the exit
+    code :func:`main` returns for it (2, as argparse would; 0 after ``--help`` printed the help).
+    """
+
+    def __init__(self, message: str, *, command: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.command = command
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that it raises instead of calling ``sys.exit``: :func:`run_command` runs
+    inside Prefect tasks, where an exit would take the worker down instead of failing the task."""
+
+    def error(self, message: str):  # type: ignore[override]
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        raise UsageError(f"{self.prog}: {message} (usage: {usage})", command=self.prog)
+
+    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+        # Reached after --help / --version printed their text; error() handles the failures.
+        if message:
+            print(message, file=sys.stderr, end="")
+        raise UsageError(message.strip() if message else f"{self.prog}: exited with status {status}",
+                         command=self.prog, status=status)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -274,7 +303,7 @@ def _cmd_sample(args: argparse.Namespace) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aigc", description="Generative-model pipeline: ingest, augment, "
+    parser = _Parser(prog="aigc", description="Generative-model pipeline: ingest, augment, "
                                      "train, evaluate, register; `aigc run` runs them all as a Prefect flow.")
     parser.add_argument("--project", default=".", help="project root holding params.yaml and dvc.yaml (default: .)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -382,22 +411,37 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(argv: list[str]) -> Any:
+def run_command(argv: list[str], *, stage: str | None = None) -> Any:
     """Parse ``argv`` (without the program name) and run the command; returns its result.
 
-    Raises :class:`aigc_pipeline.errors.AigcError` for user errors; never exits.
+    Raises :class:`aigc_pipeline.errors.AigcError` for user errors, :class:`UsageError` for a
+    command line that does not parse (naming ``stage``, the dvc.yaml stage it came from, when
+    given); never exits.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # argparse reports these from the top-level parser; name the subcommand they were given to.
+            command = " ".join(["aigc", *(c for c in (args.command, getattr(args, "dataset_command", None)) if c)])
+            raise UsageError(f"{command}: unrecognized arguments: {' '.join(extra)} (see `{command} --help`)",
+                             command=command)
+    except UsageError as e:
+        if stage is None or e.status == 0:
+            raise
+        raise UsageError(f"dvc.yaml stage '{stage}': {e}", command=e.command, status=e.status) from None
     env.set_defaults(args.project)
     return args.handler(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``aigc`` script: user errors become one line on stderr and exit code 2."""
-    from aigc_pipeline.errors import AigcError
-
     try:
         run_command(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        if e.status != 0:
+            print(f"aigc: error: {e}", file=sys.stderr)
+        return e.status
     except AigcError as e:
         print(f"aigc: error: {e}", file=sys.stderr)
         return 2
