@@ -187,10 +187,15 @@ class RegisterConfig:
     challenger_alias: str = "challenger"  # a complete candidate the gate did not promote
     gate_margin: float = 0.5  # FID points a candidate must win by (besides beating the noise)
     gate_noise_sigmas: float = 2.0  # ... and by this many standard deviations of the combined bootstrap noise
+    max_images_per_request: int = 1024  # the served model refuses (HTTP 400) a request for more images in all
+    max_images_per_row: int = 256  # ... or a row asking for more than this many
 
     def __post_init__(self) -> None:
         _check(self.gate_margin >= 0, "gate_margin", "must be >= 0")
         _check(self.gate_noise_sigmas >= 0, "gate_noise_sigmas", "must be >= 0")
+        _check(self.max_images_per_request >= 1, "max_images_per_request", "must be >= 1")
+        _check(1 <= self.max_images_per_row <= self.max_images_per_request, "max_images_per_row",
+               f"must be in 1..max_images_per_request ({self.max_images_per_request})")
         _check(self.champion_alias != self.challenger_alias, "challenger_alias", "must differ from champion_alias")
 
 

@@ -114,7 +114,9 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                 mlflow.log_artifacts(str(Path(model) / "samples"), "training/epochs")
             with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
                 info = _log_model(Path(tmp), Path(model), meta, name=name, metrics_doc=metrics_doc, params=params,
-                                  lineage=lineage, problems=problems, run_id=run_id)
+                                  lineage=lineage, problems=problems, run_id=run_id,
+                                  limits={"max_images_per_request": rcfg.max_images_per_request,
+                                          "max_images_per_row": rcfg.max_images_per_row})
             version = None
             try:
                 mv = mlflow.register_model(info.model_uri, name,
@@ -266,9 +268,10 @@ def _log_plots(client: Any, run_id: str, model: Path) -> None:
 
 
 def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, metrics_doc: dict[str, Any],
-               params: dict[str, str], lineage: dict[str, str], problems: list[str], run_id: str):
+               params: dict[str, str], lineage: dict[str, str], problems: list[str], run_id: str,
+               limits: dict[str, int] | None = None):
     """The pyfunc, from code (nothing pickled): safetensors weights + model.json, the model card,
-    and a copy of this package for the model's code."""
+    a copy of this package for the model's code, and its serving ``limits`` as ``model_config``."""
     import mlflow
 
     from aigc_pipeline.tracking import pyfunc
@@ -292,6 +295,8 @@ def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, metri
         code_paths=[str(code)],
         signature=pyfunc.signature_for(meta["arch"]["channels"], meta["arch"]["size"]),
         input_example=pyfunc.input_example(),
+        model_config=pyfunc.model_config(**(limits or {"max_images_per_request": pyfunc.DEFAULT_MAX_IMAGES_PER_REQUEST,
+                                                     "max_images_per_row": pyfunc.DEFAULT_MAX_IMAGES_PER_ROW})),
         pip_requirements=_requirements(),
     )
 
