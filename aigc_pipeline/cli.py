@@ -256,6 +256,17 @@ def _cmd_fid(args: argparse.Namespace) -> Any:
     return result
 
 
+def _cmd_weights_fetch(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.evaluation.inception import fetch_torch_fidelity_weights
+
+    source = _path(args, args.file) if args.file else None
+    weights = fetch_torch_fidelity_weights(url=args.url, source_file=source, timeout=args.timeout)
+    print(f"torch-fidelity's Inception weights (sha256 {weights.sha256}, with their classifier layer) are stored "
+          f"as {weights.path}; evaluations now use them and compute Inception Score from their logits "
+          f"(protocol ids incv3-{weights.sha256[:8]}_...)")
+    return weights
+
+
 def _client(args: argparse.Namespace):
     from mlflow import MlflowClient
 
@@ -377,6 +388,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.set_defaults(handler=_cmd_fid)
 
+    p = sub.add_parser("weights", help="Inception weights for the evaluation")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    p = wsub.add_parser("fetch", help="download torch-fidelity's Inception weights (network needed once), check "
+                        "their published sha256, store them as safetensors: real Inception Score from then on")
+    p.add_argument("--file", help="use this copy of weights-inception-2015-12-05-6726825d.pth instead of "
+                   "downloading (its sha256 is checked the same way)")
+    p.add_argument("--url", help="download from this mirror instead (default: $AIGC_INCEPTION_WEIGHTS_URL, else "
+                   "torch-fidelity's release URL); the sha256 is still checked")
+    p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
+    p.set_defaults(handler=_cmd_weights_fetch, overrides=[])
+
     p = sub.add_parser("promote", help="make a registered version the champion by hand (who and why are recorded)")
     p.add_argument("name", help="registered model name, e.g. digits-dcgan")
     p.add_argument("version", help="model version number")
@@ -423,7 +445,8 @@ def run_command(argv: list[str], *, stage: str | None = None) -> Any:
         args, extra = parser.parse_known_args(argv)
         if extra:
             # argparse reports these from the top-level parser; name the subcommand they were given to.
-            command = " ".join(["aigc", *(c for c in (args.command, getattr(args, "dataset_command", None)) if c)])
+            sub_command = getattr(args, "dataset_command", None) or getattr(args, "weights_command", None)
+            command = " ".join(["aigc", *(c for c in (args.command, sub_command) if c)])
             raise UsageError(f"{command}: unrecognized arguments: {' '.join(extra)} (see `{command} --help`)",
                              command=command)
     except UsageError as e:

@@ -1,7 +1,11 @@
-"""Inception features of uint8 image arrays, through torch-fidelity's own extractor and loop.
+"""Inception features of uint8 image arrays, through torch-fidelity's network and feature loop.
 
 Everything downstream (FID, KID, precision/recall, IS, the bootstrap) works on these features,
 so each image goes through Inception once per evaluation, whatever the number of metrics.
+
+The network is torch-fidelity's (:class:`~aigc_pipeline.evaluation.inception.VerifiedInceptionV3`)
+with weights read and checked by :mod:`aigc_pipeline.evaluation.inception`: torch-fidelity is
+never given a file to unpickle.
 """
 
 from __future__ import annotations
@@ -14,14 +18,13 @@ from typing import Iterator
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from torch_fidelity.utils import create_feature_extractor, get_featuresdict_from_dataset
+from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from aigc_pipeline.evaluation.errors import EvaluationError
-from aigc_pipeline.evaluation.inception import InceptionWeights
+from aigc_pipeline.evaluation.inception import FEATURE_EXTRACTOR, InceptionWeights, build_extractor
 
 __all__ = ["FEATURE_EXTRACTOR", "FEATURE_LAYER", "LOGITS_LAYER", "extract_features", "parse_device"]
 
-FEATURE_EXTRACTOR = "inception-v3-compat"
 FEATURE_LAYER = "2048"  # pool3: torch-fidelity's default layer for FID, KID and precision/recall
 LOGITS_LAYER = "logits_unbiased"  # torch-fidelity's default layer for Inception Score
 
@@ -53,29 +56,31 @@ def extract_features(
     verbose: bool = False,
 ) -> dict[str, torch.Tensor]:
     """Pool3 features (``FEATURE_LAYER``, float32 [N, 2048]) of uint8 ``images`` [N, C, H, W], and
-    the unbiased logits (``LOGITS_LAYER``) when ``logits`` is set (only meaningful when
-    ``weights.has_logits``). torch-fidelity's extractor resizes to 299x299 itself.
+    the unbiased logits (``LOGITS_LAYER``) when ``logits`` is set (refused unless
+    ``weights.has_logits``). The network resizes to 299x299 itself.
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise EvaluationError(f"batch_size must be a positive integer, got {batch_size!r}")
     use_cuda, index = parse_device(device)
     layers = (FEATURE_LAYER, LOGITS_LAYER) if logits else (FEATURE_LAYER,)
-    extractor = _extractor(str(weights.path), weights.sha256, layers, use_cuda, index)
+    extractor = _extractor(weights, layers, use_cuda, index)
     with _cuda_device(index):
         # save_cpu_ram: no DataLoader worker processes (they would pickle the arrays).
         return get_featuresdict_from_dataset(UInt8Images(images), extractor, batch_size, use_cuda, True, verbose)
 
 
 @functools.lru_cache(maxsize=2)
-def _extractor(path: str, sha256: str, layers: tuple[str, ...], use_cuda: bool, index: int | None):
+def _extractor(weights: InceptionWeights, layers: tuple[str, ...], use_cuda: bool, index: int | None):
     """One extractor per (weights, layers, device) per process: loading 95 MB of weights costs ~1 s.
 
-    ``sha256`` is part of the key so a file replaced in place is never served from memory.
+    ``weights`` carries the file's digest, so a file replaced in place (and resolved again) is
+    never served from memory; the file is read and checked once, here.
     """
-    with _cuda_device(index):
-        return create_feature_extractor(
-            FEATURE_EXTRACTOR, list(layers), cuda=use_cuda, feature_extractor_weights_path=path, verbose=False
-        )
+    extractor = build_extractor(weights, list(layers))
+    if use_cuda:
+        with _cuda_device(index):
+            extractor = extractor.cuda()
+    return extractor
 
 
 def parse_device(device: str) -> tuple[bool, int | None]:
