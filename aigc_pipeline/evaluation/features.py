@@ -5,7 +5,9 @@ so each image goes through Inception once per evaluation, whatever the number of
 
 The network is torch-fidelity's (:class:`~aigc_pipeline.evaluation.inception.VerifiedInceptionV3`)
 with weights read and checked by :mod:`aigc_pipeline.evaluation.inception`: torch-fidelity is
-never given a file to unpickle.
+never given a file to unpickle. The pass always runs in float32: no autocast, and on CUDA no
+TF32 (cuDNN convolutions default to TF32, which moves FID in the 4th digit). What it does is
+:data:`~aigc_pipeline.evaluation.protocol.FEATURE_PASS`, part of every metric's protocol.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ from torch_fidelity.utils import get_featuresdict_from_dataset
 
 from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.inception import FEATURE_EXTRACTOR, InceptionWeights, build_extractor
+from aigc_pipeline.evaluation.protocol import FEATURE_PASS  # what _float32_pass and the network do
 
-__all__ = ["FEATURE_EXTRACTOR", "FEATURE_LAYER", "LOGITS_LAYER", "extract_features", "parse_device"]
+__all__ = ["FEATURE_EXTRACTOR", "FEATURE_LAYER", "FEATURE_PASS", "LOGITS_LAYER", "extract_features", "parse_device"]
 
 FEATURE_LAYER = "2048"  # pool3: torch-fidelity's default layer for FID, KID and precision/recall
 LOGITS_LAYER = "logits_unbiased"  # torch-fidelity's default layer for Inception Score
-
 
 class UInt8Images(Dataset):
     """Serves uint8 [3, H, W] tensors (1 channel repeated), the only input torch-fidelity accepts."""
@@ -64,7 +66,7 @@ def extract_features(
     use_cuda, index = parse_device(device)
     layers = (FEATURE_LAYER, LOGITS_LAYER) if logits else (FEATURE_LAYER,)
     extractor = _extractor(weights, layers, use_cuda, index)
-    with _cuda_device(index):
+    with _cuda_device(index), _float32_pass(use_cuda):
         # save_cpu_ram: no DataLoader worker processes (they would pickle the arrays).
         return get_featuresdict_from_dataset(UInt8Images(images), extractor, batch_size, use_cuda, True, verbose)
 
@@ -81,6 +83,24 @@ def _extractor(weights: InceptionWeights, layers: tuple[str, ...], use_cuda: boo
         with _cuda_device(index):
             extractor = extractor.cuda()
     return extractor
+
+
+@contextlib.contextmanager
+def _float32_pass(use_cuda: bool) -> Iterator[None]:
+    """No autocast and no TF32 for the pass (the flags are process-wide: restored afterwards)."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(torch.autocast("cpu", enabled=False))
+        if not use_cuda:
+            yield
+            return
+        stack.enter_context(torch.autocast("cuda", enabled=False))
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        saved = (matmul.fp32_precision, conv.fp32_precision)
+        matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
+        try:
+            yield
+        finally:
+            matmul.fp32_precision, conv.fp32_precision = saved
 
 
 def parse_device(device: str) -> tuple[bool, int | None]:

@@ -125,8 +125,12 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                 champion_version, champion = registry.champion_score(client, name, rcfg.champion_alias, pid)
                 if champion_version == version:  # cannot happen for a new version; guards the comparison
                     champion_version, champion = None, None
+                # Not comparable: the champion's recorded protocol says what differs.
+                champion_protocol = _version_protocol(client, name, champion_version) \
+                    if champion_version is not None and champion is None else None
                 verdict = decide(candidate, problems, champion=champion, champion_version=champion_version,
-                                 margin=rcfg.gate_margin, noise_sigmas=rcfg.gate_noise_sigmas, protocol_id=pid)
+                                 margin=rcfg.gate_margin, noise_sigmas=rcfg.gate_noise_sigmas, protocol_id=pid,
+                                 candidate_protocol=metrics_doc.get("protocol"), champion_protocol=champion_protocol)
                 for k, v in _decision_tags(verdict).items():
                     mlflow.set_tag(k, v)
                     client.set_model_version_tag(name, version, k, v)
@@ -210,6 +214,16 @@ def _registration_key(name: str, model: Path, evaluation: Path, settings: dict[s
     for path in (model / WEIGHTS_FILE, model / META_FILE, evaluation / "metrics.json"):
         h.update(sha256_file(path).encode())
     return h.hexdigest()
+
+
+def _version_protocol(client: Any, name: str, version: str) -> dict[str, str]:
+    """The protocol a registered version was evaluated under, from its ``aigc.protocol.*`` tags."""
+    tags = client.get_model_version(name, version).tags or {}
+    prefix = "aigc.protocol."
+    protocol = {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix)}
+    if "aigc.protocol" in tags:
+        protocol.setdefault("id", tags["aigc.protocol"])
+    return protocol
 
 
 def _protocol_tags(doc: dict[str, Any]) -> dict[str, str]:
