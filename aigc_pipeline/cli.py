@@ -379,8 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir_b", help="folder of reference images (its statistics are cached by content)")
     p.add_argument("--json", action="store_true", help="print a JSON object (fid, fid_std, kid, precision, recall, protocol)")
     p.add_argument("--size", type=int, help="resize every image to SIZE x SIZE first (shorter side + centre crop)")
-    p.add_argument("--weights", help="torch-fidelity Inception state dict (default: evaluate.inception_weights, "
-                   "torch-fidelity's cached file, or the offline conversion)")
+    p.add_argument("--weights", help="Inception state dict file, or 'download' (default: evaluate.inception_weights, "
+                   "the file `aigc weights fetch` stored, torch-fidelity's checked hub file, or the offline conversion)")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception pass (default 50)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamplings for the FID's spread (0 = off)")

@@ -165,7 +165,7 @@ class EvaluateConfig:
     seed: int = 1234
     batch_size: int = 50
     reference_split: Literal["eval", "train", "all"] = "eval"
-    inception_weights: str | None = None  # null: checked offline weights; a state dict file; download: torch-fidelity's
+    inception_weights: str | None = None  # null: found offline; a state dict file; "download": torch-fidelity's (IS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bootstrap: int = 100  # FID noise: resamplings of the generated features (0 = off: the gate cannot promote)
     classifier_score: bool = True  # labelled datasets: score with a classifier trained on the real train split
