@@ -13,7 +13,36 @@ from pathlib import Path
 from typing import Any
 
 from aigc_pipeline import env
+from aigc_pipeline.errors import AigcError
 
+
+class UsageError(AigcError, ValueError):
+    """A command line that does not parse (unknown or malformed argument, missing required one).
+
+    ``command`` is the (sub)command it was meant for, e.g. ``aigc train``; ``status`` is the exit
+    code :func:`main` returns for it (2, as argparse would; 0 after ``--help`` printed the help).
+    """
+
+    def __init__(self, message: str, *, command: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.command = command
+        self.status = status
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, except that it raises instead of calling ``sys.exit``: :func:`run_command` runs
+    inside Prefect tasks, where an exit would take the worker down instead of failing the task."""
+
+    def error(self, message: str):  # type: ignore[override]
+        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
+        raise UsageError(f"{self.prog}: {message} (usage: {usage})", command=self.prog)
+
+    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+        # Reached after --help / --version printed their text; error() handles the failures.
+        if message:
+            print(message, file=sys.stderr, end="")
+        raise UsageError(message.strip() if message else f"{self.prog}: exited with status {status}",
+                         command=self.prog, status=status)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -242,6 +271,17 @@ def _cmd_fid(args: argparse.Namespace) -> Any:
     return result
 
 
+def _cmd_weights_fetch(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.evaluation.inception import fetch_torch_fidelity_weights
+
+    source = _path(args, args.file) if args.file else None
+    weights = fetch_torch_fidelity_weights(url=args.url, source_file=source, timeout=args.timeout)
+    print(f"torch-fidelity's Inception weights (sha256 {weights.sha256}, with their classifier layer) are stored "
+          f"as {weights.path}; evaluations now use them and compute Inception Score from their logits "
+          f"(protocol ids incv3-{weights.sha256[:8]}_...)")
+    return weights
+
+
 def _client(args: argparse.Namespace):
     from mlflow import MlflowClient
 
@@ -290,7 +330,7 @@ def _cmd_sample(args: argparse.Namespace) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aigc", description="Generative-model pipeline: ingest, augment, "
+    parser = _Parser(prog="aigc", description="Generative-model pipeline: ingest, augment, "
                                      "train, evaluate, register; `aigc run` runs them all as a Prefect flow.")
     parser.add_argument("--project", default=".", help="project root holding params.yaml and dvc.yaml (default: .)")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -355,14 +395,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir_b", help="folder of reference images (its statistics are cached by content)")
     p.add_argument("--json", action="store_true", help="print a JSON object (fid, fid_std, kid, precision, recall, protocol)")
     p.add_argument("--size", type=int, help="resize every image to SIZE x SIZE first (shorter side + centre crop)")
-    p.add_argument("--weights", help="torch-fidelity Inception state dict (default: evaluate.inception_weights, "
-                   "torch-fidelity's cached file, or the offline conversion)")
+    p.add_argument("--weights", help="Inception state dict file, or 'download' (default: evaluate.inception_weights, "
+                   "the file `aigc weights fetch` stored, torch-fidelity's checked hub file, or the offline conversion)")
     p.add_argument("--batch-size", type=int, default=50, help="images per Inception pass (default 50)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamplings for the FID's spread (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     _add_common(p)
     p.set_defaults(handler=_cmd_fid)
+
+    p = sub.add_parser("weights", help="Inception weights for the evaluation")
+    wsub = p.add_subparsers(dest="weights_command", required=True)
+    p = wsub.add_parser("fetch", help="download torch-fidelity's Inception weights (network needed once), check "
+                        "their published sha256, store them as safetensors: real Inception Score from then on")
+    p.add_argument("--file", help="use this copy of weights-inception-2015-12-05-6726825d.pth instead of "
+                   "downloading (its sha256 is checked the same way)")
+    p.add_argument("--url", help="download from this mirror instead (default: $AIGC_INCEPTION_WEIGHTS_URL, else "
+                   "torch-fidelity's release URL); the sha256 is still checked")
+    p.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds (default 30)")
+    p.set_defaults(handler=_cmd_weights_fetch, overrides=[])
 
     p = sub.add_parser("promote", help="make a registered version the champion by hand (who and why are recorded)")
     p.add_argument("name", help="registered model name, e.g. digits-dcgan")
@@ -399,22 +450,38 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(argv: list[str]) -> Any:
+def run_command(argv: list[str], *, stage: str | None = None) -> Any:
     """Parse ``argv`` (without the program name) and run the command; returns its result.
 
-    Raises :class:`aigc_pipeline.errors.AigcError` for user errors; never exits.
+    Raises :class:`aigc_pipeline.errors.AigcError` for user errors, :class:`UsageError` for a
+    command line that does not parse (naming ``stage``, the dvc.yaml stage it came from, when
+    given); never exits.
     """
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    try:
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            # argparse reports these from the top-level parser; name the subcommand they were given to.
+            sub_command = getattr(args, "dataset_command", None) or getattr(args, "weights_command", None)
+            command = " ".join(["aigc", *(c for c in (args.command, sub_command) if c)])
+            raise UsageError(f"{command}: unrecognized arguments: {' '.join(extra)} (see `{command} --help`)",
+                             command=command)
+    except UsageError as e:
+        if stage is None or e.status == 0:
+            raise
+        raise UsageError(f"dvc.yaml stage '{stage}': {e}", command=e.command, status=e.status) from None
     env.set_defaults(args.project)
     return args.handler(args)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``aigc`` script: user errors become one line on stderr and exit code 2."""
-    from aigc_pipeline.errors import AigcError
-
     try:
         run_command(sys.argv[1:] if argv is None else argv)
+    except UsageError as e:
+        if e.status != 0:
+            print(f"aigc: error: {e}", file=sys.stderr)
+        return e.status
     except AigcError as e:
         print(f"aigc: error: {e}", file=sys.stderr)
         return 2

@@ -169,7 +169,7 @@ class EvaluateConfig:
     seed: int = 1234
     batch_size: int = 50
     reference_split: Literal["eval", "train", "all"] = "eval"
-    inception_weights: str | None = None
+    inception_weights: str | None = None  # null: found offline; a state dict file; "download": torch-fidelity's (IS)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     bootstrap: int = 100  # FID noise: resamplings of the generated features (0 = off: the gate cannot promote)
     classifier_score: bool = True  # labelled datasets: score with a classifier trained on the real train split
@@ -195,6 +195,8 @@ class RegisterConfig:
     max_fid_ratio: float | None = 3.0  # quality bar: FID <= this x the data's floor FID; None = no bar
     min_precision: float | None = None  # quality bar: precision >= this; None = no minimum
     min_recall: float | None = None  # quality bar: recall >= this; None = no minimum
+    max_images_per_request: int = 1024  # the served model refuses (HTTP 400) a request for more images in all
+    max_images_per_row: int = 256  # ... or a row asking for more than this many
 
     def __post_init__(self) -> None:
         _check(self.gate_margin >= 0, "gate_margin", "must be >= 0")
@@ -206,6 +208,9 @@ class RegisterConfig:
             _check(value is None or 0.0 <= value <= 1.0, name, "must be in [0, 1] or null (no minimum)")
         _check(self.model_name is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_name) is not None,
                "model_name", "must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
+        _check(self.max_images_per_request >= 1, "max_images_per_request", "must be >= 1")
+        _check(1 <= self.max_images_per_row <= self.max_images_per_request, "max_images_per_row",
+               f"must be in 1..max_images_per_request ({self.max_images_per_request})")
         _check(self.champion_alias != self.challenger_alias, "challenger_alias", "must differ from champion_alias")
 
 

@@ -73,7 +73,8 @@ def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] |
         if not argv or argv[0] != "aigc":
             raise PipelineError(f"dvc.yaml: stage '{name}' runs {stage.cmd!r}; the flow can only run `aigc` commands")
         with _env(extra_env or {}):
-            result = cli.run_command(["--project", str(project), *argv[1:]])
+            # stage=: a malformed cmd raises cli.UsageError naming the stage (argparse would exit).
+            result = cli.run_command(["--project", str(project), *argv[1:]], stage=name)
         repo.commit(f"{project / 'dvc.yaml'}:{name}", force=True)
     return StageOutcome(name, ran=True, outputs=outputs, result=result)
 

@@ -103,7 +103,7 @@ def measure(ctx: Any) -> dict[str, Any]:
     from aigc_pipeline.evaluation.features import FEATURE_LAYER, UInt8Images, extract_features
     from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics
     from aigc_pipeline.evaluation.frechet import bootstrap_fid, frechet_distance
-    from aigc_pipeline.evaluation.inception import resolve_inception_weights
+    from aigc_pipeline.evaluation.inception import load_state_dict, resolve_inception_weights
     from aigc_pipeline.evaluation.reference import reference_statistics
     from aigc_pipeline.models.base import Arch
     from aigc_pipeline.stages import ingest
@@ -115,6 +115,10 @@ def measure(ctx: Any) -> dict[str, Any]:
     ingest.run(cfg, prepared)
     t_weights, weights = _timed(lambda: resolve_inception_weights(ecfg.inception_weights))
     _log(f"weights from {weights.source} ready in {t_weights:.1f} s; load {load_before}")
+    # The baseline is torch-fidelity's own loader, which unpickles its file: it gets a plain state
+    # dict written here from the checked tensors (the pipeline never hands it a file).
+    baseline_weights = work / "torch-fidelity-state-dict.pth"
+    torch.save(load_state_dict(weights), baseline_weights)
     waits: dict[str, Any] = {}
     phases: dict[str, Any] = {}
 
@@ -142,7 +146,7 @@ def measure(ctx: Any) -> dict[str, Any]:
             def cold() -> tuple[float, float]:
                 t, raw = _timed(lambda: torch_fidelity.calculate_metrics(
                     input1=UInt8Images(images), input2=UInt8Images(ref), fid=True,
-                    feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights.path),
+                    feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(baseline_weights),
                     cuda=False, save_cpu_ram=True, batch_size=batch, cache=False, verbose=False))
                 return t, float(raw[torch_fidelity.KEY_METRIC_FID])
 

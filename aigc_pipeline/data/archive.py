@@ -6,8 +6,12 @@ Member rules (each refused member is a rejection with its reason; nothing is eve
   (backslashes in zip names count as separators, as Windows tools mean them);
 - symbolic links and hard links are refused (``tar``: symlink/hardlink members; ``zip``: entries
   whose Unix mode says symlink), as are devices, FIFOs and other special members;
-- encrypted zip members, members over :data:`~aigc_pipeline.data.validate.MAX_FILE_BYTES` and a
-  second member with an already-seen name are refused;
+- encrypted zip members and a second member with an already-seen name are refused;
+- members over :data:`~aigc_pipeline.data.validate.MAX_MEMBER_BYTES` (128 MiB) are refused
+  before they are read: from the size in their header, and for a zip member whose header lies
+  (a zip bomb) after reading at most one byte more than the limit; members are read into memory,
+  so this bounds what one member can cost (the decoding fan-out bounds how many are in flight:
+  :data:`~aigc_pipeline.data.validate.MEMBER_BYTES_IN_FLIGHT`);
 - folders are skipped silently, hidden/system members (``__MACOSX/``, ``.DS_Store``, ...) ignored,
   members without an image extension listed in ``skipped``;
 - with ``labels: folders`` the label is the member's first path component.
@@ -27,7 +31,7 @@ from typing import Iterator
 
 from aigc_pipeline.data.files import clean_relpath, folder_label, is_ignored, unsafe_path_reason
 from aigc_pipeline.data.records import EncodedSample, Rejected, Skipped
-from aigc_pipeline.data.validate import MAX_FILE_BYTES, has_image_extension
+from aigc_pipeline.data.validate import MAX_MEMBER_BYTES, has_image_extension
 from aigc_pipeline.errors import DataError
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tgz", ".tar.gz", ".tbz2", ".tar.bz2", ".txz", ".tar.xz")
@@ -93,9 +97,14 @@ def _zip_members(path: Path, labels: str) -> Iterator[EncodedSample | Rejected |
             key, label = checked
             try:
                 with zf.open(info) as f:
-                    data = f.read(MAX_FILE_BYTES + 1)  # bounded even if the header lies about the size
+                    data = f.read(MAX_MEMBER_BYTES + 1)  # bounded even if the header lies about the size
             except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, OSError) as e:
                 yield Rejected(key, f"corrupt archive member: {type(e).__name__}: {e}")
+                continue
+            if len(data) > MAX_MEMBER_BYTES:
+                del data
+                yield Rejected(key, f"member too large: more than {MAX_MEMBER_BYTES} bytes once decompressed "
+                                    f"(its header says {info.file_size}); {_TOO_LARGE_HINT}")
                 continue
             yield EncodedSample(key, label, data=data)
 
@@ -108,9 +117,13 @@ def _zip_refusal(info: zipfile.ZipInfo) -> str | None:
         return "device, FIFO or special-file member"
     if info.flag_bits & 0x1:
         return "encrypted member"
-    if info.file_size > MAX_FILE_BYTES:
-        return f"member too large: {info.file_size} bytes > {MAX_FILE_BYTES}"
+    if info.file_size > MAX_MEMBER_BYTES:
+        return f"member too large: {info.file_size} bytes > {MAX_MEMBER_BYTES}; {_TOO_LARGE_HINT}"
     return None
+
+
+_TOO_LARGE_HINT = ("archive members are read into memory (limit 128 MiB); extract the archive and ingest the "
+                   "folder (files up to 512 MiB)")
 
 
 def _tar_members(path: Path, labels: str) -> Iterator[EncodedSample | Rejected | Skipped]:
@@ -144,6 +157,6 @@ def _tar_refusal(m: tarfile.TarInfo) -> str | None:
         return f"hard link member (to {m.linkname!r}, not followed)"
     if not m.isreg():
         return "device, FIFO or special-file member"
-    if m.size > MAX_FILE_BYTES:
-        return f"member too large: {m.size} bytes > {MAX_FILE_BYTES}"
+    if m.size > MAX_MEMBER_BYTES:  # refused from the header: the stream skips the data unread
+        return f"member too large: {m.size} bytes > {MAX_MEMBER_BYTES}; {_TOO_LARGE_HINT}"
     return None

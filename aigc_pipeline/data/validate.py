@@ -62,6 +62,12 @@ from aigc_pipeline.data.normalize import normalize, normalize_image
 from aigc_pipeline.data.records import Accepted, EncodedSample, Outcome, RawSample, Rejected, SourceItem, Skipped
 
 MAX_FILE_BYTES = 512 * 2**20  # an image file over 512 MiB is refused before it is read
+# Archive members are read into this process's memory and shipped to the decoders, so they get
+# a tighter limit: one over 128 MiB (by its header, or by its data when the header lies) is
+# refused before it is read, and at most MEMBER_BYTES_IN_FLIGHT of members (plus the one being
+# read) wait for or sit in the decoding workers at any time.
+MAX_MEMBER_BYTES = 128 * 2**20
+MEMBER_BYTES_IN_FLIGHT = 128 * 2**20
 DRAFT_GAP = 2  # a JPEG is decoded at no less than this many times the output size (see _draft)
 IMAGE_EXTENSIONS = frozenset({
     ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp",
@@ -218,6 +224,16 @@ def process(item: SourceItem, spec: DecodeSpec) -> Outcome:
             return Rejected(item.key, str(e))
         return Accepted(item.key, item.label, image, hashlib.sha256(image.tobytes()).hexdigest())
     raise TypeError(f"a source yielded {type(item).__name__}, expected RawSample, EncodedSample, Rejected or Skipped")
+
+
+def in_memory_bytes(item: SourceItem) -> int:
+    """Bytes ``item`` holds in memory until it is decoded: an archive member's data (a file on disk
+    is read by the worker itself, one at a time, and counts 0); the weight of ``ordered_map``'s budget."""
+    if isinstance(item, EncodedSample) and item.data is not None:
+        return len(item.data)
+    if isinstance(item, RawSample):
+        return int(item.pixels.nbytes)
+    return 0
 
 
 def process_chunk(items: list[SourceItem], spec: DecodeSpec) -> list[Outcome]:

@@ -178,9 +178,9 @@ def metrics_from_features(
 def isc_unavailable_reason(weights: InceptionWeights) -> str:
     """Why Inception Score is not computed with ``weights``."""
     return (
-        f"Inception weights from {weights.source} ({weights.path.name}) have no classifier layer, "
-        "so there are no real logits; configure a torch-fidelity Inception state dict with fc weights "
-        "(evaluate.inception_weights) to get Inception Score"
+        f"Inception weights from {weights.source} ({weights.path.name}) have no classifier layer known to give "
+        "real logits (only torch-fidelity's published file has one); run `aigc weights fetch` (or set "
+        "evaluate.inception_weights: download) where the network allows to get Inception Score"
     )
 
 

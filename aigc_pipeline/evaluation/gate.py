@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from aigc_pipeline.evaluation.protocol import protocol_differences
 from aigc_pipeline.evaluation.results import Evaluation
 
 __all__ = ["CHALLENGER", "CHAMPION", "REJECTED", "REQUIRED_METRICS", "Score", "Verdict", "check_evaluation", "decide",
@@ -104,12 +105,16 @@ def decide(
     noise_sigmas: float,
     protocol_id: str,
     below_bar: list[str] | tuple[str, ...] = (),
+    candidate_protocol: Mapping[str, Any] | None = None,
+    champion_protocol: Mapping[str, Any] | None = None,
 ) -> Verdict:
     """The gate's decision for ``candidate`` against the current champion's score on ``protocol_id``.
 
     ``champion_version`` None means there is no champion. ``champion`` None with a version means
-    the champion has no FID under this protocol (not comparable). ``below_bar``: what
-    :func:`quality_bar` found; any entry rejects the candidate.
+    the champion has no FID under this protocol (not comparable): then the reason names what
+    differs between ``candidate_protocol`` and ``champion_protocol`` (the protocols' fields, e.g.
+    the torch-fidelity version or the precision of the feature pass) when both are given.
+    ``below_bar``: what :func:`quality_bar` found; any entry rejects the candidate.
     """
     if problems or candidate is None:
         return Verdict(REJECTED, "not promotable: " + "; ".join(problems or ["no score"]))
@@ -121,8 +126,17 @@ def decide(
     if candidate.fid_std is not None:
         base["candidate_fid_std"] = candidate.fid_std
     if champion is None:
+        how = "measured under another protocol"
+        if candidate_protocol is not None and champion_protocol is not None:
+            differences = protocol_differences(candidate_protocol, champion_protocol)
+            if champion_protocol.get("id"):
+                how = f"measured under {champion_protocol['id']}"
+            if differences:
+                how += "; differs in " + ", ".join(differences)
+                base["protocol_differences"] = "; ".join(differences)[:4000]
         return Verdict(CHALLENGER, f"champion v{champion_version} has no FID under protocol {protocol_id} "
-                       "(measured under another protocol): not comparable; promote by hand with `aigc promote`", base)
+                       f"({how}): not comparable; re-evaluate the champion under this protocol, or promote by "
+                       "hand with `aigc promote`", base)
     base["champion_fid"] = champion.fid
     if not _finite(champion.fid):
         return Verdict(CHAMPION, f"champion v{champion_version}'s FID is {champion.fid}: any finite score beats it",

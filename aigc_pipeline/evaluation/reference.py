@@ -2,8 +2,9 @@
 on disk by content.
 
 An entry's name carries everything its numbers depend on: a sha256 of the reference pixels
-(dtype, shape and bytes), the weights file's sha256, the extractor and layer, the image shape and
-the torch-fidelity version; ``reference_key`` (e.g. the dataset's digest) is a readable label in
+(dtype, shape and bytes), the weights' sha256, the extractor and layer, the image shape, the
+torch-fidelity version and a digest of the feature pass (precision, resize: ``FEATURE_PASS``);
+``reference_key`` (e.g. the dataset's digest) is a readable label in
 it. So the statistics are computed once per (dataset content, extractor, weights, size), and a
 changed dataset, however small the change, gets a new entry instead of stale numbers.
 
@@ -31,6 +32,7 @@ from aigc_pipeline.evaluation.cache import default_cache_dir
 from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.features import FEATURE_EXTRACTOR, FEATURE_LAYER, extract_features
 from aigc_pipeline.evaluation.inception import InceptionWeights
+from aigc_pipeline.evaluation.protocol import FEATURE_PASS
 from aigc_pipeline.io import atomic_write_bytes
 
 __all__ = ["ReferenceStats", "pixel_digest", "reference_cache_name", "reference_statistics"]
@@ -59,18 +61,24 @@ class ReferenceStats:
 def reference_cache_name(
     reference: np.ndarray, *, reference_key: str, weights: InceptionWeights, digest: str | None = None
 ) -> str:
-    """Cache name for ``reference``: ``ref-<key>-px<pixels>-w<weights>-<H>x<W>x<C>-tf<version>``.
+    """Cache name for ``reference``: ``ref-<key>-px<pixels>-w<weights>-<H>x<W>x<C>-tf<version>-fx<pass>``.
 
     ``<pixels>`` is the first 16 hex digits of :func:`pixel_digest`, ``<weights>`` the first 16 of
-    the weights file's sha256. The extractor and layer are appended to form the file name.
+    the weights' sha256, ``<pass>`` :func:`feature_pass_digest`. The extractor and layer are appended to form the file name.
     ``digest`` saves hashing the pixels again when the caller already has it.
     """
     _, channels, height, width = reference.shape
     label = re.sub(r"[^A-Za-z0-9._-]+", "_", reference_key.strip())[:64]
     return (
         f"ref-{label}-px{(digest or pixel_digest(reference))[:16]}-w{weights.sha256[:16]}"
-        f"-{height}x{width}x{channels}-tf{torch_fidelity.__version__}"
+        f"-{height}x{width}x{channels}-tf{torch_fidelity.__version__}-fx{feature_pass_digest()}"
     )
+
+
+def feature_pass_digest() -> str:
+    """Eight hex digits of a sha256 over :data:`~aigc_pipeline.evaluation.protocol.FEATURE_PASS`: an
+    entry computed by a feature pass that differs in any way (e.g. TF32 convolutions) is never reused."""
+    return hashlib.sha256(json.dumps(FEATURE_PASS, sort_keys=True).encode()).hexdigest()[:8]
 
 
 def pixel_digest(images: np.ndarray) -> str:
@@ -108,6 +116,7 @@ def reference_statistics(
         "extractor": FEATURE_EXTRACTOR,
         "layer": FEATURE_LAYER,
         "torch_fidelity": torch_fidelity.__version__,
+        "feature_pass": FEATURE_PASS,
     }
     path = cache_path(name, cache_dir) if cache else None
     if path is not None and path.is_file():

@@ -32,7 +32,7 @@ from aigc_pipeline.data.parallel import default_workers, ordered_map
 from aigc_pipeline.data.prepared import split_for, write_prepared
 from aigc_pipeline.data.records import Rejected, Skipped
 from aigc_pipeline.data.sources import SOURCE_OPTIONS, get_source
-from aigc_pipeline.data.validate import DecodeSpec, process_chunk
+from aigc_pipeline.data.validate import MEMBER_BYTES_IN_FLIGHT, DecodeSpec, in_memory_bytes, process_chunk
 from aigc_pipeline.errors import DataError
 from aigc_pipeline.images import save_grid
 from aigc_pipeline.io import atomic_dir, atomic_write_json, atomic_write_text
@@ -193,7 +193,8 @@ def _accepted(
     kept = 0
     with contextlib.closing(get_source(dcfg.source)(dcfg, project_dir)) as items, contextlib.closing(
         ordered_map(functools.partial(process_chunk, spec=spec), items, workers=n_workers,
-                    describe=lambda item: getattr(item, "key", repr(item)), preload=(process_chunk.__module__,))
+                    describe=lambda item: getattr(item, "key", repr(item)), preload=(process_chunk.__module__,),
+                    weight=in_memory_bytes, budget=MEMBER_BYTES_IN_FLIGHT)
     ) as outcomes:
         for outcome in outcomes:
             if dcfg.limit and kept >= dcfg.limit:

@@ -123,7 +123,9 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                 mlflow.log_artifacts(str(Path(model) / "samples"), "training/epochs")
             with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
                 info = _log_model(Path(tmp), Path(model), meta, name=name, evaluation=scored, params=params,
-                                  lineage=lineage, problems=problems, run_id=run_id)
+                                  lineage=lineage, problems=problems, run_id=run_id,
+                                  limits={"max_images_per_request": rcfg.max_images_per_request,
+                                          "max_images_per_row": rcfg.max_images_per_row})
             version = None
             try:
                 mv = mlflow.register_model(info.model_uri, name,
@@ -132,9 +134,13 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                 champion_version, champion = registry.champion_score(client, name, rcfg.champion_alias, pid)
                 if champion_version == version:  # cannot happen for a new version; guards the comparison
                     champion_version, champion = None, None
+                # Not comparable: the champion's recorded protocol says what differs.
+                champion_protocol = _version_protocol(client, name, champion_version) \
+                    if champion_version is not None and champion is None else None
                 verdict = decide(candidate, problems, champion=champion, champion_version=champion_version,
                                  margin=rcfg.gate_margin, noise_sigmas=rcfg.gate_noise_sigmas, protocol_id=pid,
-                                 below_bar=below_bar)
+                                 below_bar=below_bar, candidate_protocol=scored.details.get("protocol"),
+                                 champion_protocol=champion_protocol)
                 for k, v in _decision_tags(verdict).items():
                     mlflow.set_tag(k, v)
                     client.set_model_version_tag(name, version, k, v)
@@ -206,6 +212,16 @@ def _registration_key(name: str, model: Path, evaluation: Path, settings: dict[s
     return h.hexdigest()
 
 
+def _version_protocol(client: Any, name: str, version: str) -> dict[str, str]:
+    """The protocol a registered version was evaluated under, from its ``aigc.protocol.*`` tags."""
+    tags = client.get_model_version(name, version).tags or {}
+    prefix = "aigc.protocol."
+    protocol = {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix)}
+    if "aigc.protocol" in tags:
+        protocol.setdefault("id", tags["aigc.protocol"])
+    return protocol
+
+
 def _protocol_tags(scored: Evaluation) -> dict[str, str]:
     tags = {f"aigc.protocol.{k}": str(v) for k, v in (scored.details.get("protocol") or {}).items()}
     classifier = scored.details.get("classifier")
@@ -267,9 +283,10 @@ def _log_plots(client: Any, run_id: str, model: Path) -> None:
 
 
 def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, evaluation: Evaluation,
-               params: dict[str, str], lineage: dict[str, str], problems: list[str], run_id: str):
+               params: dict[str, str], lineage: dict[str, str], problems: list[str], run_id: str,
+               limits: dict[str, int] | None = None):
     """The pyfunc, from code (nothing pickled): safetensors weights + model.json, the model card,
-    and a copy of this package for the model's code."""
+    a copy of this package for the model's code, and its serving ``limits`` as ``model_config``."""
     import mlflow
 
     from aigc_pipeline.tracking import pyfunc
@@ -293,6 +310,8 @@ def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, evalu
         code_paths=[str(code)],
         signature=pyfunc.signature_for(meta["arch"]["channels"], meta["arch"]["size"]),
         input_example=pyfunc.input_example(),
+        model_config=pyfunc.model_config(**(limits or {"max_images_per_request": pyfunc.DEFAULT_MAX_IMAGES_PER_REQUEST,
+                                                     "max_images_per_row": pyfunc.DEFAULT_MAX_IMAGES_PER_ROW})),
         pip_requirements=_requirements(),
     )
 

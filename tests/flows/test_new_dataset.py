@@ -14,6 +14,7 @@ import pytest
 import yaml
 from PIL import Image, ImageDraw
 
+from aigc_pipeline.config import load_config
 from tests.conftest import QUICK, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
@@ -59,13 +60,15 @@ def test_dataset_add_then_aigc_run_registers_its_own_model(added: tuple[Path, st
     assert params["dataset"] == NAME
     assert params["datasets"][NAME] == {"source": "image-folder", "path": f"data/raw/{NAME}", "labels": "folders",
                                         "size": 16, "channels": 3}
-    assert re.search(rf"{NAME}-dcgan v1: FID [\d.]+ ± [\d.]+ \[incv3-\w+_n24_eval-\w+_16px\], champion", out), out[-3000:]
+    family = load_config(project).train.model
+    assert re.search(rf"{NAME} v1 \({family}\): FID [\d.]+ ± [\d.]+, floor [\d.]+ = [\d.]+x "
+                     rf"\[incv3-\w+_n24_eval-\w+_16px\], champion", out), out[-3000:]
     status = json.loads(_ok(run_cli(project, "aigc", "status", "--json")))
-    (model,) = [m for m in status["models"] if m["name"] == f"{NAME}-dcgan"]
+    (model,) = [m for m in status["models"] if m["name"] == NAME]  # the dataset's registered model
     assert model["aliases"] == {"champion": "1"}
-    assert not [m for m in status["models"] if m["name"].startswith("digits-")]  # only the active dataset trains
-    receipt = json.loads((project / "registry" / f"{NAME}-dcgan.json").read_text())
-    assert receipt["name"] == f"{NAME}-dcgan" and receipt["champion"] is True
+    assert [m["name"] for m in status["models"]] == [NAME]  # only the active dataset trains
+    receipt = json.loads((project / "registry" / f"{NAME}-{family}.json").read_text())
+    assert receipt["name"] == NAME and receipt["champion"] is True and receipt["family"] == family
 
     # The registered run names its input: the prepared dataset, digest = the hash DVC recorded.
     from mlflow import MlflowClient

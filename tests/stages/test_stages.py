@@ -105,7 +105,7 @@ def test_train_writes_model_folder(model: Path) -> None:
     assert timing[0] == "epoch,seconds,images_per_s" and len(timing) == 2 and float(timing[1].split(",")[2]) > 0
     # FID over training, named with its small sample count; one epoch = the last one, so measured.
     rows = (model / "fid_progress.csv").read_text().splitlines()
-    assert re.fullmatch(r"epoch,fid_progress_incv3-[0-9a-f]{8}_n16_eval-[0-9a-f]{8}_16px", rows[0]), rows
+    assert re.fullmatch(r"epoch,fid_progress_incv3-[0-9a-f]{8}_fx[0-9a-f]{6}_n16_eval-[0-9a-f]{8}_16px", rows[0]), rows
     assert len(rows) == 2 and rows[1].startswith("1,") and float(rows[1].split(",")[1]) > 0
 
 
@@ -118,7 +118,7 @@ def test_evaluate_writes_numbers_beside_the_data_floor_and_the_protocol_apart(ev
     pid = protocol["id"]
     assert protocol["num_samples"] == cfg.evaluate.num_samples and protocol["reference_split"] == "eval"
     assert protocol["extractor"] == "inception-v3-compat" and len(protocol["weights_sha256"]) == 64
-    assert re.fullmatch(r"incv3-[0-9a-f]{8}_n24_eval-[0-9a-f]{8}_16px", pid)
+    assert re.fullmatch(r"incv3-[0-9a-f]{8}_fx[0-9a-f]{6}_n24_eval-[0-9a-f]{8}_16px", pid)
     fid = metrics["fid"]
     assert np.isfinite(fid) and fid > 0
     assert 0 < metrics["fid_std"] < fid and details["bootstrap"]["replicas"] == cfg.evaluate.bootstrap
@@ -445,3 +445,31 @@ def test_register_failures_leave_nothing_half_registered_and_retries_are_safe(
     fresh = register.run(cfg, model, worse, tmp_path / "r.json", project_dir=project)
     assert fresh.version == "6" and fresh.decision == "challenger" and versions() == ["1", "3", "4", "6"]
     assert _aliases(client) == {"champion": "4", "challenger": "6"}
+
+
+def test_register_refuses_to_compare_across_feature_pass_versions_and_says_why(
+        cfg: Config, model: Path, evaluation: Path, tmp_path: Path) -> None:
+    """A champion evaluated with torch-fidelity 0.4.0 and a candidate evaluated as after an upgrade:
+    the protocol ids differ, so the gate does not compare them, and its reason names the difference."""
+    from aigc_pipeline.evaluation.protocol import Protocol
+
+    project = tmp_path / "mlproject"
+    project.mkdir()
+    first = register.run(cfg, model, evaluation, tmp_path / "1.json", project_dir=project)
+    assert first.decision == "champion"
+
+    upgraded = _variant(evaluation, tmp_path / "ev-upgraded", fid=_scores(evaluation)[1]["fid"] - 100.0)  # far better
+    details = json.loads((upgraded / "evaluation.json").read_text())
+    old_pid = details["protocol"]["id"]
+    fields = {k: v for k, v in details["protocol"].items() if k not in ("id", "feature_pass_digest")}
+    new = Protocol(**{**fields, "torch_fidelity": "0.5.0"})
+    assert new.id != old_pid
+    details["protocol"] = new.to_dict()
+    (upgraded / "evaluation.json").write_text(json.dumps(details))
+
+    second = register.run(cfg, model, upgraded, tmp_path / "2.json", project_dir=project)
+
+    assert second.decision == "challenger" and "not comparable" in second.reason
+    assert f"measured under {old_pid}" in second.reason
+    assert "torch_fidelity: 0.4.0 -> 0.5.0" in second.reason
+    assert _aliases(_client(project))["champion"] == first.version

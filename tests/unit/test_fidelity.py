@@ -18,7 +18,7 @@ from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.features import UInt8Images
 from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics, reference_cache_name
 from aigc_pipeline.evaluation.frechet import bootstrap_fid, frechet_distance
-from aigc_pipeline.evaluation.inception import InceptionWeights, resolve_inception_weights
+from aigc_pipeline.evaluation.inception import InceptionWeights, load_state_dict, resolve_inception_weights
 from aigc_pipeline.evaluation.reference import cache_path
 
 # Inception costs ~0.15 s per image on a 2-core CPU: keep sets tiny.
@@ -239,9 +239,12 @@ def test_equals_a_plain_torch_fidelity_call(weights: InceptionWeights, tmp_path:
     generated, reference = _noise(N_IMAGES, seed=14), _flat_colours(N_IMAGES + 2, seed=15)
     ours = compute_fidelity_metrics(generated, reference, reference_key="tf", weights=weights, kid=True, prc=True,
                                     cache_dir=tmp_path)
+    # torch-fidelity's own loader unpickles: give it a file this test writes from the checked tensors.
+    plain = tmp_path / "plain-state-dict.pth"
+    torch.save(load_state_dict(weights), plain)
     raw = torch_fidelity.calculate_metrics(
         input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, kid=True, prc=True,
-        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(weights.path), cuda=False,
+        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(plain), cuda=False,
         save_cpu_ram=True, kid_subset_size=N_IMAGES, verbose=False,
     )
     assert ours["fid"] == pytest.approx(raw[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
