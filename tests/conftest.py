@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -111,3 +119,53 @@ def run_cli(project: Path, *args: str, timeout: float = 600) -> subprocess.Compl
            "PREFECT_HOME": str(project / ".prefect")}
     return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=project, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+@contextlib.contextmanager
+def served_model(model_uri: str, tracking_uri: str, log: Path, *, cwd: Path | None = None) -> Iterator[str]:
+    """A real ``mlflow models serve`` of ``model_uri`` on a free 127.0.0.1 port; yields its base URL
+    once /ping answers, and stops the server (and the uvicorn it started) afterwards."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": tracking_uri,
+           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
+                                 "-h", "127.0.0.1", "-p", str(port)], cwd=cwd, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 180
+        while not server_alive(base):
+            assert proc.poll() is None, f"server exited {proc.returncode}: {log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no answer on {base}/ping: {log.read_text()[-3000:]}"
+            time.sleep(0.5)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def server_alive(base: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def invoke(base: str, rows: list[list[int]], columns: tuple[str, ...] = ("n", "seed")) -> tuple[int, dict]:
+    """POST a ``dataframe_split`` request to a served model: (HTTP status, JSON body)."""
+    body = json.dumps({"dataframe_split": {"columns": list(columns), "data": rows}}).encode()
+    request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())

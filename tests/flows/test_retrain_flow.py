@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aigc_pipeline.config import load_config, write_overrides_to_params
-from tests.conftest import BIN, MODEL_DIR, QUICK, REGISTERED, copy_project, run_cli
+from tests.conftest import MODEL_DIR, QUICK, REGISTERED, copy_project, invoke, run_cli, served_model
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest@digits", "augment@digits", "train", "evaluate", "register"]
@@ -120,53 +120,17 @@ def test_dvc_plots_show_json_works_offline(flow_project: tuple[Path, str]) -> No
 
 
 def test_mlflow_models_serve_answers_with_images(flow_project: tuple[Path, str]) -> None:
-    import os
-    import signal
-    import socket
-    import subprocess
-    import time
-    import urllib.request
+    import mlflow
+    import pandas as pd
 
     project, _ = flow_project
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "MLFLOW_TRACKING_URI": f"sqlite:///{project}/mlflow/mlflow.db", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    log = project / "serve.log"
-    with open(log, "wb") as out:
-        server = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", f"models:/{MODEL}@champion",
-                                   "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                                  cwd=project, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"server exited {server.returncode}: {log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, f"no answer on {base}/ping: {log.read_text()[-3000:]}"
-            time.sleep(0.5)
-        body = json.dumps({"dataframe_split": {"columns": ["n", "seed"], "data": [[3, 7]]}}).encode()
-        request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=60) as r:
-            predictions = np.array(json.loads(r.read())["predictions"])
-        assert predictions.shape == (3, 1, 16, 16) and predictions.min() >= 0 and predictions.max() <= 255
-        # The same request through the Python API gives the same pixels.
-        import mlflow
-        import pandas as pd
-
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-        local = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(pd.DataFrame({"n": [3], "seed": [7]}))
-        assert np.array_equal(predictions, local)
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the uvicorn it started
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
+    uri = f"sqlite:///{project}/mlflow/mlflow.db"
+    with served_model(f"models:/{MODEL}@champion", uri, project / "serve.log", cwd=project) as base:
+        status, body = invoke(base, [[3, 7]])
+    assert status == 200, body
+    predictions = np.array(body["predictions"])
+    assert predictions.shape == (3, 1, 16, 16) and predictions.min() >= 0 and predictions.max() <= 255
+    # The same request through the Python API gives the same pixels.
+    mlflow.set_tracking_uri(uri)
+    local = mlflow.pyfunc.load_model(f"models:/{MODEL}@champion").predict(pd.DataFrame({"n": [3], "seed": [7]}))
+    assert np.array_equal(predictions, local)

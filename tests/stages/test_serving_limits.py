@@ -9,14 +9,8 @@ depend on what it learned)."""
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-import signal
-import socket
-import subprocess
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Iterator
 
@@ -25,11 +19,12 @@ import pytest
 import torch
 
 from aigc_pipeline.config import load_config
+from aigc_pipeline.evaluation.results import Evaluation
 from aigc_pipeline.models.base import Arch
 from aigc_pipeline.models.blocks import Generator
 from aigc_pipeline.models.export import read_model_meta, save_generator
 from aigc_pipeline.tracking.store import use_store
-from tests.conftest import BIN, REPO
+from tests.conftest import REPO, invoke, served_model, server_alive
 
 LIMITS = ["register.max_images_per_request=10", "register.max_images_per_row=4"]
 
@@ -53,7 +48,7 @@ def logged_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         uri = mlflow.get_tracking_uri()
         work = base / "work"
         work.mkdir()
-        info = register._log_model(work, folder, read_model_meta(folder), name="tiny-dcgan", metrics_doc={},
+        info = register._log_model(work, folder, read_model_meta(folder), name="tiny-dcgan", evaluation=Evaluation({}, {}),
                                    params={}, lineage={}, problems=[], run_id=run.info.run_id,
                                    limits={"max_images_per_request": rcfg.max_images_per_request,
                                            "max_images_per_row": rcfg.max_images_per_row})
@@ -63,31 +58,8 @@ def logged_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def server(logged_model: tuple[str, str], tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     uri, model_uri = logged_model
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": uri,
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
-    log = tmp_path_factory.mktemp("serve-log") / "serve.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                 "-h", "127.0.0.1", "-p", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while not _alive(base):
-            assert proc.poll() is None, f"server exited {proc.returncode}: {log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no answer on {base}/ping: {log.read_text()[-3000:]}"
-            time.sleep(0.5)
+    with served_model(model_uri, uri, tmp_path_factory.mktemp("serve-log") / "serve.log") as base:
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)  # the server and the uvicorn it started
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
 
 
 @contextlib.contextmanager
@@ -104,26 +76,8 @@ def use_tracking_uri(uri: str) -> Iterator[None]:
             os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 
-def _alive(base: str) -> bool:
-    try:
-        with urllib.request.urlopen(f"{base}/ping", timeout=2) as r:
-            return r.status == 200
-    except OSError:
-        return False
-
-
-def _invoke(base: str, rows: list[list[int]]) -> tuple[int, dict]:
-    body = json.dumps({"dataframe_split": {"columns": ["n", "seed"], "data": rows}}).encode()
-    request = urllib.request.Request(f"{base}/invocations", data=body, headers={"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as r:
-            return r.status, json.loads(r.read())
-    except urllib.error.HTTPError as e:
-        return e.code, json.loads(e.read())
-
-
 def test_requests_within_the_limits_are_served(server: str) -> None:
-    status, body = _invoke(server, [[4, 0], [4, 1], [2, 2]])  # 4 per row, 10 in all: both limits exactly
+    status, body = invoke(server, [[4, 0], [4, 1], [2, 2]])  # 4 per row, 10 in all: both limits exactly
     assert status == 200
     assert np.array(body["predictions"]).shape == (10, 1, 8, 8)
 
@@ -141,13 +95,13 @@ def test_requests_within_the_limits_are_served(server: str) -> None:
 )
 def test_requests_over_a_limit_get_400_naming_it(server: str, rows: list[list[int]], named: str) -> None:
     t0 = time.monotonic()
-    status, body = _invoke(server, rows)
+    status, body = invoke(server, rows)
     assert status == 400, body
     assert body["error_code"] == "INVALID_PARAMETER_VALUE"
     assert named in body["message"], body["message"]
     assert "register.max_images_per_request" in body["message"] or "must be >= 1" in body["message"]
     assert time.monotonic() - t0 < 10, "refused before generating anything"
-    assert _alive(server)
+    assert server_alive(server)
 
 
 def test_limits_apply_to_the_python_api_and_can_be_overridden(logged_model: tuple[str, str]) -> None:

@@ -21,6 +21,7 @@ from aigc_pipeline import cli
 from aigc_pipeline.config import Config, load_config
 from aigc_pipeline.data.prepared import load_prepared
 from aigc_pipeline.stages import augment, evaluate, ingest, register, train
+from aigc_pipeline.models import registry as registry_module
 from aigc_pipeline.tracking import registry
 from aigc_pipeline.tracking.registry import RegistryError
 from tests.conftest import QUICK, REPO
@@ -92,7 +93,7 @@ def test_augment_keeps_originals_adds_seeded_copies(cfg: Config, prepared: Path,
 
 def test_train_writes_model_folder(model: Path) -> None:
     meta = json.loads((model / "model.json").read_text())
-    assert meta["arch"]["size"] == 16 and meta["model"] == "dcgan"
+    assert meta["arch"]["size"] == 16 and meta["model"] == load_config(REPO).train.model
     assert (model / "generator.safetensors").exists() and (model / "samples.png").exists()
     assert (model / "samples" / "epoch-001.png").exists()
     header = (model / "history.csv").read_text().splitlines()[0]
@@ -267,17 +268,20 @@ def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, ev
     assert float(gate["aigc.gate.delta"]) > float(gate["aigc.gate.noise"]) and gate["aigc.gate.champion_version"] == "1"
     details = json.loads((evaluation / "evaluation.json").read_text())
     assert r.data.tags["aigc.protocol.reference_digest"] == details["protocol"]["reference_digest"]
-    assert v.tags["aigc.family"] == "dcgan" and json.loads(v.tags["aigc.train_config"])["model"] == "dcgan"
+    family = cfg.train.model
+    assert v.tags["aigc.family"] == family and json.loads(v.tags["aigc.train_config"])["model"] == family
 
     # Every metric under its short name and its protocol-named key; FID over training by epoch;
     # resolved hyperparameters as params; charts and the card.
     metrics = client.get_run(first.run_id).data.metrics
     params = client.get_run(first.run_id).data.params
     assert params["train.epochs"] == "1"
-    assert params["train.lr"] == "0.0002" and params["train.lr_setting"] == "auto"  # the dcgan recipe's value
+    recipe = registry_module.recipe_for(family)
+    assert params["train.lr"] == str(recipe.lr) and params["train.lr_setting"] == "auto"  # the recipe's value
+    assert params["train.beta1"] == str(recipe.beta1) and params["train.beta1_setting"] == "auto"
     assert len(client.get_metric_history(first.run_id, "train/loss_g")) >= 1
     assert len(client.get_metric_history(first.run_id, "train/grad_norm_d")) >= 1
-    assert client.get_metric_history(first.run_id, "train_epoch/lr_generator")[0].value == 2e-4  # auto = dcgan recipe
+    assert client.get_metric_history(first.run_id, "train_epoch/lr_generator")[0].value == recipe.lr
     for m in ("fid", "fid_std", "kid", "precision", "recall", "floor_fid", "fid_ratio"):
         assert f"{m}_{pid}" in metrics and metrics[m] == metrics[f"{m}_{pid}"], m
     assert any(k.startswith("classifier_score_logreg-") for k in metrics)
@@ -325,7 +329,7 @@ def test_the_quality_bar_rejects_weak_candidates_with_their_numbers(model: Path,
     summary = {"receipt": json.loads((tmp_path / "weak.json").read_text()), "champion_version": None}
     with pytest.raises(NoChampion, match="digits has no champion: v1 .*rejected.*10.00x the data's floor"):
         require_champion(summary)
-    good = reg("good", fid=2 * floor, fid_ratio=2.0)
+    good = reg("good", fid=2 * floor, fid_ratio=2.0, recall=0.5)
     assert good.decision == "champion" and good.champion_version == good.version == "2"
     # A later weak one (here: recall under the minimum) is rejected; the champion stays.
     low_recall = reg("low-recall", fid=1.5 * floor, fid_ratio=1.5, recall=0.01)

@@ -91,7 +91,7 @@ def test_write_overrides_keeps_comments_and_rejects_bad_values(tmp_path: Path) -
 def test_optimiser_settings_default_to_the_models_recipe() -> None:
     from aigc_pipeline.models.registry import resolve_hparams
 
-    dcgan = resolve_hparams(load_config(REPO).train)
+    dcgan = resolve_hparams(load_config(REPO, ["train.model=dcgan"]).train)
     sngan = resolve_hparams(load_config(REPO, ["train.model=sngan"]).train)
     assert (dcgan.lr, dcgan.beta1, dcgan.beta2) == (2e-4, 0.5, 0.999)
     assert (sngan.lr, sngan.beta1, sngan.beta2) == (4e-4, 0.0, 0.9)
