@@ -318,6 +318,22 @@ def _cmd_rollback(args: argparse.Namespace) -> Any:
     return change
 
 
+def _cmd_migrate(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.tracking.migrate import migrate
+
+    champion, _ = _aliases(args)
+    target = args.to or _config(args).registered_model
+    m = migrate(_client(args), args.name, target, alias=champion)
+    copied = ", ".join(f"v{a} -> v{b}" for a, b in m.copied.items()) or "nothing new"
+    print(f"migrate: {m.source} -> {m.target}: {copied}"
+          + (f" (already copied: {', '.join('v' + v for v in m.skipped)})" if m.skipped else ""))
+    if m.champion_carried:
+        print(f"{m.target}: '{champion}' = v{m.champion} (the copy of {m.source}'s champion)")
+    else:
+        print(f"{m.target}: '{champion}' " + (f"stays v{m.champion}" if m.champion else "unset (the old model had none)"))
+    return m
+
+
 def _cmd_sample(args: argparse.Namespace) -> Any:
     from aigc_pipeline.tracking.sample import sample_grid
 
@@ -426,6 +442,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", help="registered model name")
     p.add_argument("--reason", help="why; recorded on both versions")
     p.set_defaults(handler=_cmd_rollback, overrides=[])
+
+    p = sub.add_parser("migrate", help="copy a per-family registered model's versions (digits-dcgan) into the "
+                       "dataset's one registered model (digits)")
+    p.add_argument("name", help="the old registered model, e.g. digits-dcgan")
+    p.add_argument("--to", help="the registered model to copy into (default: the active dataset's, "
+                   "register.model_name or the dataset's name)")
+    p.set_defaults(handler=_cmd_migrate, overrides=[])
 
     p = sub.add_parser("sample", help="write a grid of images from a registered model")
     p.add_argument("model_uri", help="e.g. models:/digits@champion, models:/digits/3, runs:/RUN/model")

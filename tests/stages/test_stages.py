@@ -389,6 +389,46 @@ def test_register_then_promote_rollback_and_sample_from_the_cli(cfg: Config, mod
     assert m["champion_history"] == ["1"] and m["latest_decision"] == "rejected"
 
 
+def test_a_per_family_model_keeps_working_and_migrates_into_the_datasets_model(
+        model: Path, evaluation: Path, tmp_path: Path, restore_env: None) -> None:
+    import mlflow
+    import pandas as pd
+
+    project = tmp_path / "mlproject"
+    project.mkdir()
+    old = load_config(REPO, [*QUICK, "register.model_name=digits-dcgan"])  # how models were named before
+    fid = _scores(evaluation)[1]["fid"]
+    register.run(old, model, evaluation, tmp_path / "1.json", project_dir=project)
+    register.run(old, model, _variant(evaluation, tmp_path / "e2", fid=fid + 30), tmp_path / "2.json",
+                 project_dir=project)
+    client = _client(project)
+    assert _aliases(client, "digits-dcgan") == {"champion": "1", "challenger": "2"}
+
+    def aigc(*args: str):
+        return cli.run_command(["--project", str(project), *args])
+
+    # The old name keeps working: promote, roll back, sample.
+    aigc("promote", "digits-dcgan", "2", "--reason", "review")
+    aigc("rollback", "digits-dcgan", "--reason", "back")
+    assert _aliases(client, "digits-dcgan") == {"champion": "1"}
+    aigc("sample", "models:/digits-dcgan@champion", "-n", "4", "--out", str(tmp_path / "old.png"))
+
+    moved = aigc("migrate", "digits-dcgan", "--to", NAME)
+    assert moved.copied == {"1": "1", "2": "2"} and moved.champion == "1" and moved.champion_carried
+    assert _aliases(client) == {"champion": "1"}
+    copy = client.get_model_version(NAME, "2")
+    assert copy.tags["aigc.migrated_from"] == "digits-dcgan/v2" and copy.tags["aigc.decision"] == "challenger"
+    assert copy.run_id == client.get_model_version("digits-dcgan", "2").run_id  # same run: metrics, lineage
+    again = aigc("migrate", "digits-dcgan", "--to", NAME)
+    assert again.copied == {} and again.skipped == ["1", "2"]
+    mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow/mlflow.db")
+    request = pd.DataFrame({"n": [3], "seed": [5]})
+    assert np.array_equal(mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(request),
+                          mlflow.pyfunc.load_model("models:/digits-dcgan@champion").predict(request))
+    with pytest.raises(RegistryError, match="no versions"):
+        aigc("migrate", "digits-nothing", "--to", NAME)
+
+
 class _Killed(BaseException):
     """Stands for the process dying: no exception handler of ours would run."""
 
