@@ -24,6 +24,7 @@ BIN = Path(sys.executable).parent  # the venv's bin: aigc, dvc, mlflow
 # Quick settings for pipeline tests: a 200-image slice of digits at 16 px, one short epoch.
 QUICK = [
     "datasets.digits.limit=200",
+    "augment.copies=1",  # the default adds none for the 8 px digits; the tests exercise the augment stage
     "datasets.digits.size=16",
     "train.epochs=1",
     "train.batch_size=32",
