@@ -14,8 +14,8 @@ reference and for ``all``, whose floor then overlaps the reference and is optimi
 sample makes the floor's FID larger, so the ratio is conservative).
 
 Results are cached by content (the floor images' pixels, the reference's pixels, the weights,
-the settings, the torch-fidelity version) as JSON, written atomically: computed once per dataset
-version and protocol.
+the settings, the feature pass: torch-fidelity's version, precision, resize) as JSON, written
+atomically: computed once per dataset version and protocol.
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch_fidelity
 
 from aigc_pipeline.evaluation.cache import default_cache_dir
 from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics
 from aigc_pipeline.evaluation.inception import InceptionWeights
+from aigc_pipeline.evaluation.protocol import FEATURE_PASS
 from aigc_pipeline.evaluation.reference import pixel_digest
 from aigc_pipeline.io import atomic_write_json
 
@@ -93,7 +93,7 @@ def data_floor(
                               f"uses 3 nearest neighbours), it has {len(chosen)}")
     settings = {"format": _FORMAT, "floor_pixels": pixel_digest(chosen), "reference_pixels": pixel_digest(reference),
                 "weights": weights.sha256, "num_samples": len(chosen), "seed": seed, "bootstrap": bootstrap,
-                "torch_fidelity": torch_fidelity.__version__}
+                "feature_pass": FEATURE_PASS}
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "floor" / f"floor-{key[:32]}.json"
     if path.is_file():

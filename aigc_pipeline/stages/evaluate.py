@@ -148,7 +148,7 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
     seconds = time.perf_counter() - t0
     result = EvaluateResult(out=out, fid=scores["fid"], fid_std=fid_std, kid=scores["kid_mean"],
                             precision=scores["precision"], recall=scores["recall"], protocol=protocol,
-                            isc_unavailable=metrics.get("isc_unavailable"), classifier_score=cscore,
+                            isc_unavailable=details.get("isc_unavailable"), classifier_score=cscore,
                             classifier_protocol=cprotocol, seconds=seconds, floor=floor)
     if not quiet:
         print(f"  evaluate: {summary_line(result)} in {seconds:.1f}s", file=sys.stderr, flush=True)

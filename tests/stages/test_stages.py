@@ -165,6 +165,7 @@ def test_the_floor_is_computed_once_per_content(cfg: Config, model: Path, prepar
     assert not other.floor.from_cache and other.floor.key != again.floor.key  # another sample of real images
     assert calls == [(cfg.evaluate.num_samples, 1, 16, 16)]  # only the new floor was computed
     assert f"floor {again.floor.fid:.1f} = {again.fid_ratio:.2f}x" in evaluate.summary_line(again)
+    assert "no classifier layer" in again.isc_unavailable  # what `aigc evaluate` prints
 
 
 def test_classifier_is_trained_once_per_content(prepared: Path, tmp_path: Path) -> None:
