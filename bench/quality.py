@@ -28,8 +28,8 @@ from typing import Any, Callable
 
 from bench import RESULTS_DIR, BenchError
 from bench.report import SCHEMA_VERSION, row, write_text_atomic
-from bench.workspace import (Phases, fresh_dir, isolate_environment, load_average, machine_info, snapshot_source,
-                             use_source, utc_now)
+from bench.workspace import (Phases, fresh_dir, import_from_snapshot, isolate_environment, load_average, machine_info,
+                             utc_now)
 
 NAME = "quality"
 TITLE = "Quality: FID / precision / recall of every family after fixed training budgets, against the data's floor"
@@ -78,13 +78,7 @@ def run(ctx: Any) -> dict[str, Any]:
     sizes = QUICK if ctx.quick else FULL
     work = fresh_dir(ctx.work)
     env_vars = isolate_environment(work)
-    if "aigc_pipeline" not in sys.modules:
-        project = snapshot_source(work / "source")
-        use_source(work / "source")
-    else:  # another benchmark of this invocation already snapshotted the source
-        import aigc_pipeline
-
-        project = {"git_commit": None, "note": f"aigc_pipeline from {Path(aigc_pipeline.__file__).parent}"}
+    project = import_from_snapshot(work / "source")
 
     from aigc_pipeline.config import load_config
     from aigc_pipeline.models.registry import MODELS, resolve_hparams

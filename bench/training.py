@@ -34,8 +34,8 @@ from typing import Any, Callable
 
 from bench import BenchError
 from bench.report import SCHEMA_VERSION, row
-from bench.workspace import (Phases, fresh_dir, isolate_environment, load_average, machine_info, snapshot_source,
-                             use_source, utc_now)
+from bench.workspace import (Phases, fresh_dir, import_from_snapshot, isolate_environment, load_average, machine_info,
+                             utc_now)
 
 NAME = "training"
 TITLE = "Training: our trainer vs. the classic DCGAN example; sngan vs. dcgan FID; checkpoint cost"
@@ -230,13 +230,7 @@ def run(ctx: Any) -> dict[str, Any]:
     sizes = QUICK if ctx.quick else FULL
     work = fresh_dir(ctx.work)
     env_vars = isolate_environment(work)
-    if "aigc_pipeline" not in sys.modules:
-        project = snapshot_source(work / "source")
-        use_source(work / "source")
-    else:  # another benchmark of this invocation already snapshotted the source
-        import aigc_pipeline
-
-        project = {"git_commit": None, "note": f"aigc_pipeline from {Path(aigc_pipeline.__file__).parent}"}
+    project = import_from_snapshot(work / "source")
 
     import torch
 

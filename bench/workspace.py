@@ -119,6 +119,18 @@ def use_source(snapshot: Path) -> None:
         raise BenchError(f"aigc_pipeline imports from {aigc_pipeline.__file__}, not the snapshot {snapshot}")
 
 
+def import_from_snapshot(dest: Path) -> dict:
+    """Snapshot the source into ``dest`` and import the project from there (:func:`use_source`);
+    when an earlier benchmark of this invocation already did, keep its import. Returns the record."""
+    if "aigc_pipeline" not in sys.modules:
+        project = snapshot_source(dest)
+        use_source(dest)
+        return project
+    import aigc_pipeline
+
+    return {"git_commit": None, "note": f"aigc_pipeline from {Path(aigc_pipeline.__file__).parent}"}
+
+
 def copy_project(dest: Path, source: Path, overrides: Sequence[str] = ()) -> Path:
     """A fresh git + DVC checkout of ``source`` in ``dest``, with ``overrides`` written to params.yaml.
 
