@@ -18,6 +18,7 @@ Results: FID / precision / recall, mean and spread over the seeds, with the floo
 
 from __future__ import annotations
 
+import json
 import shutil
 import statistics
 import sys
@@ -37,6 +38,10 @@ COMMAND = "python -m bench quality"
 CONTENDED_CORES = 0.25
 # Far more epochs than any budget reaches: the budget, not the epoch count, ends training.
 UNBOUNDED_EPOCHS = 100_000
+
+# Class-conditional variants measured once (seed 0, the largest budget): does a sample show the
+# digit it was asked for? Judged by the evaluation's classifier (trained on the real digits).
+CONDITIONAL = ("resgan", "ddpm")
 
 # What each family trains with on top of params.yaml (its recipe's learning rate and betas come
 # from `auto`); a family missing here is an error, so a new family gets measured deliberately.
@@ -131,6 +136,25 @@ def run(ctx: Any) -> dict[str, Any]:
                 if seed == sizes.seeds[0]:
                     shutil.copy2(out / f"eval-{budget:g}s" / "samples.png", grids / f"{family}-{budget:g}s.png")
 
+    conditional: dict[str, dict[str, float]] = {}
+    budget = sizes.budgets[-1]
+    for family in CONDITIONAL:
+        cfg = load_config(repo_params, [*overrides, f"train.model={family}", "train.conditional=true",
+                                        f"train.epochs={UNBOUNDED_EPOCHS}", *FAMILY_SETTINGS[family]])
+        out = work / "runs" / f"{family}-conditional"
+
+        def conditional_run() -> dict[str, float]:
+            stop, _ = _stopper(budget, 0.0)
+            result = train_stage.run(cfg, augmented, out / "model", out / "checkpoints", quiet=True,
+                                     project_dir=work, should_stop=stop)
+            evaluate.run(cfg, out / "model", prepared, out / "eval", quiet=True)
+            metrics = json.loads((out / "eval" / "metrics.json").read_text())
+            return {"label_accuracy": metrics["classifier_label_accuracy"],
+                    "classifier_accuracy": metrics["classifier_accuracy"], "fid": metrics["fid"],
+                    "fid_ratio": metrics["fid_ratio"], "steps": result.steps}
+        conditional[family] = phases(f"{family} conditional to {budget:g} s", conditional_run)
+        shutil.copy2(out / "eval" / "samples.png", grids / f"{family}-conditional-{budget:g}s.png")
+
     first = results[next(iter(MODELS))][sizes.budgets[0]][0]
     protocol, floor = first["protocol"], {k: first[f"floor_{k}"] for k in ("fid", "precision", "recall")}
     if any(r["protocol"] != protocol for f in results.values() for b in f.values() for r in b):
@@ -148,6 +172,12 @@ def run(ctx: Any) -> dict[str, Any]:
                 rows.append(row(group, f"{family} {metric} ({better} is better; ± {sd:.3g}; {steps:.0f} steps)",
                                 statistics.mean(values), metric if metric == "fid" else "share",
                                 baseline=floor[metric], baseline_label="real data (floor)"))
+    group = (f"Class-conditional (train.conditional: true), after {budget:g} s, seed 0: share of samples the digit "
+             "classifier assigns to the requested class")
+    for family, c in conditional.items():
+        rows.append(row(group, f"{family} ({c['steps']} steps; FID {c['fid']:.1f}, {c['fid_ratio']:.2f}x the floor)",
+                        c["label_accuracy"], "share", baseline=c["classifier_accuracy"],
+                        baseline_label="the classifier on real eval digits"))
     notes = [
         f"Protocol {protocol}: the evaluate stage as the pipeline runs it (params.yaml's evaluate section"
         f"{', plus ' + ', '.join(sizes.overrides) if sizes.overrides else ''}). The floor: "
@@ -183,6 +213,7 @@ def run(ctx: Any) -> dict[str, Any]:
         "profile": {"name": ctx.profile, "overrides": list(overrides)},
         "raw": {f: {f"{b:g}": runs for b, runs in per.items()} for f, per in results.items()},
         "families": settings,
+        "conditional": conditional,
         "phases": phases.record,
         "environment": env_vars,
     }
@@ -222,6 +253,15 @@ def publish_zoo(doc: dict[str, Any], grids: Path, budgets: tuple[float, ...], re
                          f"({fid / first['floor_fid']:.2f}x) / {statistics.mean(r['precision'] for r in runs):.2f}"
                          f" / {statistics.mean(r['recall'] for r in runs):.2f}")
         lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
+    if doc.get("conditional"):
+        last = f"{budgets[-1]:g}"
+        lines += ["", f"Class-conditional (`train.conditional: true`), {budgets[-1] / 60:g} min, seed 0; samples cycle "
+                  "through the classes 0-9, and the share is how many of them the digit classifier assigns to the "
+                  "class they were asked for:", "", "| family | samples | requested class | real digits |",
+                  "| --- | --- | ---: | ---: |"]
+        for family, c in doc["conditional"].items():
+            lines.append(f"| `{family}` | ![{family} conditional](quality/{family}-conditional-{last}s.png) | "
+                         f"{c['label_accuracy']:.2f} | {c['classifier_accuracy']:.2f} |")
     path = results_dir / "quality.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     return path
