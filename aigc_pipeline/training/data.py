@@ -46,7 +46,7 @@ class Batches:
         self.channels_last = channels_last
         host = torch.from_numpy(np.ascontiguousarray(images))
         # Labels are 8 bytes an image: always on the device.
-        self.labels = torch.from_numpy(np.asarray(labels, dtype=np.int64)).to(device) if labels is not None else None
+        self.labels = torch.from_numpy(np.array(labels, dtype=np.int64)).to(device) if labels is not None else None
         if self.placement == "device":
             self.data = host.to(device)
         else:
