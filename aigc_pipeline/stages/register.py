@@ -145,6 +145,7 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                     registry.discard_version(client, name, version, alias=rcfg.champion_alias)
                 mlflow.set_tag("aigc.registration", "failed: version discarded" if version else "failed")
                 raise
+            mlflow.set_tag("aigc.registration", f"done: version {version}")  # (a rolled-back attempt said otherwise)
         champion_now = registry.alias_version(client, name, rcfg.champion_alias)
     fid = scored.value("fid")
     result = RegisterResult(name=name, version=version, run_id=run_id, champion=verdict.promote,

@@ -212,7 +212,7 @@ class TrainingRun:
         finally:
             mlflow.end_run(status="KILLED" if killed else "FAILED")
             self._ended = True
-        print(f"  train: MLflow run {self.run_id} ended {'KILLED' if killed else 'FAILED'}", file=sys.stderr,
+        print(f"  train: recorded as {'KILLED' if killed else 'FAILED'} MLflow run {self.run_id}", file=sys.stderr,
               flush=True)
 
     # -- batching ------------------------------------------------------------------------------

@@ -57,7 +57,8 @@ def experiments(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_metrics_show_and_diff_fit_and_compare_the_families(experiments: Path) -> None:
     # DVC prints these tables at their natural width (it never wraps them): that is what must fit.
     show = _fits(_ok(run_cli(experiments, "dvc", "metrics", "show")))
-    diff = _fits(_ok(run_cli(experiments, "dvc", "metrics", "diff")))  # HEAD (resgan) vs workspace (sngan)
+    changed = _fits(_ok(run_cli(experiments, "dvc", "metrics", "diff")))  # HEAD (resgan) vs workspace (sngan)
+    diff = _fits(_ok(run_cli(experiments, "dvc", "metrics", "diff", "--all")))  # unchanged ones too
     header, row = show
     assert header.split() == ["Path", "fid", "fid_ratio", "fid_std", "floor_fid", "kid", "precision", "recall"]
     assert row.split()[0] == "eval/digits/metrics.json" and all(float(v) == float(v) for v in row.split()[1:])
@@ -66,6 +67,7 @@ def test_metrics_show_and_diff_fit_and_compare_the_families(experiments: Path) -
     assert {"fid", "kid", "precision", "recall", "fid_ratio"} <= set(rows)
     head, now, change = rows["fid"]
     assert float(now) - float(head) == pytest.approx(float(change), abs=1e-4) and float(change) != 0
+    assert "fid" in {line.split()[1] for line in changed[1:]} and len(changed) <= len(diff)
 
 
 def test_exp_show_only_changed_fits_with_the_scores_and_the_changed_param(experiments: Path) -> None:
@@ -73,9 +75,18 @@ def test_exp_show_only_changed_fits_with_the_scores_and_the_changed_param(experi
     lines = _fits(_ok(run_cli(experiments, *EXP_SHOW)))
     header = next(line for line in lines if "Experiment" in line).split()
     assert header[:2] == ["Experiment", "Created"]
-    for column in ("fid", "fid_ratio", "kid", "precision", "recall", "train.model"):
+    for column in ("fid", "fid_ratio", "fid_std", "kid", "train.model"):
         assert column in header, (column, header)
     assert not any("/" in column for column in header)  # one metric file: plain names, no path prefixes
+    assert "floor_fid" not in header  # the same data's floor for both: unchanged, so not shown
+    # After one QUICK epoch precision and recall are 0 for both families, so --only-changed hides them;
+    # in real runs they differ: with them kept the table still fits.
+    lines = _fits(_ok(run_cli(experiments, *EXP_SHOW, "--keep", "^(precision|recall)$")))
+    header = next(line for line in lines if "Experiment" in line).split()
+    assert {"fid", "fid_ratio", "fid_std", "kid", "precision", "recall", "train.model"} <= set(header), header
+    # What --drop leaves out: a column of 32-character hashes per changed dependency.
+    wide = _ok(run_cli(experiments, "dvc", "exp", "show", "--only-changed"))
+    assert "models/digits-sngan" in wide and max(len(line) for line in wide.splitlines()) > WIDTH
     # Same table as JSON: the baseline is resgan, the experiment sngan, each with its own FID.
     rows = json.loads(_ok(run_cli(experiments, "dvc", "exp", "show", "--json")))
     (baseline,) = [r for r in rows if r["rev"] != "workspace"]
@@ -101,7 +112,7 @@ def test_the_experiment_registered_into_the_project_store_and_git_holds_no_mlflo
     assert set(runs) == {v.run_id for v in versions}  # one run per pipeline run, each holding its training
     assert all(r.info.status == "FINISHED" and r.data.tags["aigc.training"] == "live" for r in runs.values())
     receipt = json.loads((experiments / "registry" / "digits-sngan.json").read_text())
-    assert receipt["version"] == versions[1].version and receipt["tracking_uri"] == uri
+    assert receipt["version"] == str(versions[1].version) and receipt["tracking_uri"] == uri
     # The experiment's changes are in the workspace (DVC applied them), nothing of MLflow in git.
     changed = {line[3:] for line in _git(experiments, "status", "--porcelain").splitlines()}
     assert changed == {"params.yaml", "dvc.lock", "eval/digits/metrics.json", "eval/digits/evaluation.json"}, changed
