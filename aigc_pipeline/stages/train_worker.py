@@ -1,7 +1,8 @@
 """One process of a data-parallel training, started by the train stage through torchrun:
 
     python -m torch.distributed.run --standalone --nproc_per_node N \\
-        -m aigc_pipeline.stages.train_worker CONFIG.json DATA OUT CHECKPOINTS PROJECT RESULT.json [--quiet] [--reference DIR] [--no-tracking]
+        -m aigc_pipeline.stages.train_worker CONFIG.json DATA OUT CHECKPOINTS PROJECT RESULT.json \\
+        [--quiet] [--reference DIR] [--no-tracking]
 
 Every rank runs :func:`aigc_pipeline.stages.train.run` with the launching process's config;
 rank 0 writes the outputs and RESULT.json (the stage result, or the error it stopped with).

@@ -115,7 +115,8 @@ class TrainingRun:
         tags = {**runs.run_tags(self.cfg, "train"), runs.TRAIN_KEY_TAG: self.key,
                 runs.TRAINING_TAG: "live", "aigc.resumed_from": str(self.resumed_from),
                 "aigc.speed": str(info.get("speed", ""))[:500]}
-        previous = client.search_runs([self._experiment_id], filter_string=f"tags.`{runs.TRAIN_KEY_TAG}` = '{self.key}'",
+        previous = client.search_runs([self._experiment_id],
+                                      filter_string=f"tags.`{runs.TRAIN_KEY_TAG}` = '{self.key}'",
                                       order_by=["attributes.start_time DESC"], max_results=1)
         previous = previous[0] if previous else None
         if (previous is not None and self.resumed_from > 0 and runs.WEIGHTS_TAG not in previous.data.tags

@@ -118,3 +118,18 @@ def test_the_experiment_registered_into_the_project_store_and_git_holds_no_mlflo
     assert changed == {"params.yaml", "dvc.lock", "eval/digits/metrics.json", "eval/digits/evaluation.json"}, changed
     assert not [f for f in _git(experiments, "ls-files").split() if f.startswith("mlflow/")]
     assert json.loads(_ok(run_cli(experiments, "dvc", "status", "--json"))) == {}
+
+
+def test_a_temporary_experiment_registers_into_the_project_store(experiments: Path) -> None:
+    """`dvc exp run --temp` works in a copy under .dvc/tmp/exps/ (deleted afterwards): its
+    registration goes to the project's store all the same."""
+    from mlflow import MlflowClient
+
+    out = _ok(run_cli(experiments, "dvc", "exp", "run", "--temp", "-S", "train.model=dcgan"))
+    assert "Ran experiment(s)" in out, out[-3000:]
+    uri = f"sqlite:///{experiments}/mlflow/mlflow.db"
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
+    families = [v.tags["aigc.family"] for v in sorted(client.search_model_versions(f"name='{REGISTERED}'"),
+                                                      key=lambda v: int(v.version))]
+    assert families == ["resgan", "sngan", "dcgan"]
+    assert not list((experiments / ".dvc" / "tmp").rglob("mlflow.db"))  # no store left in a copy
