@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from aigc_pipeline import env
-from aigc_pipeline.errors import AigcError
+from aigc_pipeline.errors import AigcError, Terminated
 
 
 class UsageError(AigcError, ValueError):
@@ -161,7 +161,8 @@ def _cmd_train(args: argparse.Namespace) -> Any:
 def _cmd_evaluate(args: argparse.Namespace) -> Any:
     from aigc_pipeline.stages import evaluate
 
-    r = evaluate.run(_config(args), _path(args, args.model), _path(args, args.reference), _path(args, args.out))
+    r = evaluate.run(_config(args), _path(args, args.model), _path(args, args.reference), _path(args, args.out),
+                     project_dir=Path(args.project))
     isc = f"; IS unavailable: {r.isc_unavailable}" if r.isc_unavailable else ""
     print(f"evaluate: {evaluate.summary_line(r)}{isc}; {r.seconds:.1f} s -> {r.out}")
     return r
@@ -508,6 +509,9 @@ def main(argv: list[str] | None = None) -> int:
     except AigcError as e:
         print(f"aigc: error: {e}", file=sys.stderr)
         return 2
+    except Terminated as e:
+        print(f"aigc: {e}", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("aigc: interrupted", file=sys.stderr)
         return 130

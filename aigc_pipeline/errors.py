@@ -24,3 +24,9 @@ class TrainingDiverged(AigcError, RuntimeError):
         super().__init__(message)
         self.step = step
         self.history = list(history or [])
+
+
+class Terminated(KeyboardInterrupt):
+    """The process received SIGTERM (``kill``, a scheduler stopping it): raised in the main thread by
+    the ``aigc`` command's handler, so a training records its MLflow run as KILLED on the way out.
+    A KeyboardInterrupt, so everything that handles an interruption handles it alike."""

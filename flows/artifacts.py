@@ -59,7 +59,8 @@ def summary_with_lineage(summary: dict[str, Any], tags: dict[str, str], urls: di
     lines = [summary_markdown(summary), ""]
     digest = tags.get("aigc.data_digest")
     if digest:
-        lines.append(f"- **dataset version**: `{summary['details']['dataset']}` content digest `{digest}`")
+        dataset = summary["details"].get("dataset")  # evaluation.json's (metrics.json holds numbers only)
+        lines.append(f"- **dataset version**: `{dataset}` content digest `{digest}`")
     lines.append(f"- **MLflow**: [run]({urls['run']}), [model version]({urls['version']})")
     lineage = {k: v for k, v in sorted(tags.items()) if k.startswith(LINEAGE_PREFIXES)}
     lineage.update(extra or {})

@@ -1,11 +1,16 @@
 """An evaluation's two files, the contract between the evaluate stage and everything that reads it.
 
-- ``metrics.json``: numbers only, under short names that sort and compare (``fid``, ``fid_std``,
-  ``kid``, ``precision``, ``recall``, ``floor_fid``, ``fid_ratio``, ...): what ``dvc metrics
-  show/diff`` and ``dvc exp show`` print.
+- ``metrics.json``: the headline numbers (:data:`HEADLINE`: ``fid``, ``fid_std``, ``fid_ratio``,
+  ``floor_fid``, ``kid``, ``precision``, ``recall``, and ``isc`` when computable) under short names
+  that sort and compare: the DVC metric, what ``dvc metrics show/diff`` and ``dvc exp show``
+  print. Few enough that their table fits a 120-column terminal.
 - ``evaluation.json``: how they were measured: the protocol (its id names every metric in MLflow
   and the gate: values under different protocols are never compared), the extractor, the
-  bootstrap, the floor's sample, why a metric is unavailable, the classifier used, the model.
+  bootstrap, the floor's sample, why a metric is unavailable, the classifier used, the model;
+  and under ``more_metrics`` every other number (KID's spread, the floor's other scores, the
+  classifier scores, ...).
+
+:func:`read_evaluation` merges the two: :attr:`Evaluation.metrics` holds every number.
 
 Short names can be compared only within one protocol: the gate and MLflow use the
 protocol-named keys (:func:`protocol_keys`), and every reader gets the protocol id beside the
@@ -24,11 +29,14 @@ from aigc_pipeline.errors import DataError
 from aigc_pipeline.evaluation.protocol import metric_key
 from aigc_pipeline.io import atomic_write_json
 
-__all__ = ["DETAILS_FILE", "METRICS_FILE", "PROTOCOL_METRICS", "CLASSIFIER_METRICS", "Evaluation",
-           "read_evaluation", "write_evaluation"]
+__all__ = ["DETAILS_FILE", "METRICS_FILE", "HEADLINE", "MORE_METRICS", "PROTOCOL_METRICS", "CLASSIFIER_METRICS",
+           "Evaluation", "read_evaluation", "write_evaluation"]
 
 METRICS_FILE = "metrics.json"
 DETAILS_FILE = "evaluation.json"
+# The numbers in metrics.json (the DVC metric); every other number goes to evaluation.json's MORE_METRICS.
+HEADLINE = ("fid", "fid_std", "fid_ratio", "floor_fid", "kid", "precision", "recall", "isc")
+MORE_METRICS = "more_metrics"
 # Metrics named after the Inception protocol in MLflow (``fid_<protocol id>``); floor_* too: the
 # floor is measured under the same protocol.
 PROTOCOL_METRICS = ("fid", "fid_std", "kid", "kid_std", "precision", "recall", "isc", "isc_std",
@@ -75,10 +83,13 @@ class Evaluation:
 
 
 def write_evaluation(out: Path, metrics: Mapping[str, float | None], details: Mapping[str, Any]) -> None:
-    """Write both files atomically (details first: a reader of metrics.json finds its details)."""
+    """Write both files atomically (details first: a reader of metrics.json finds its details):
+    the :data:`HEADLINE` numbers to metrics.json, the others to evaluation.json's ``more_metrics``."""
     numbers = {k: float(v) for k, v in metrics.items() if v is not None}
-    atomic_write_json(Path(out) / DETAILS_FILE, dict(details))
-    atomic_write_json(Path(out) / METRICS_FILE, numbers)
+    headline = {k: v for k, v in numbers.items() if k in HEADLINE}
+    more = {k: v for k, v in numbers.items() if k not in HEADLINE}
+    atomic_write_json(Path(out) / DETAILS_FILE, {**details, MORE_METRICS: more})
+    atomic_write_json(Path(out) / METRICS_FILE, headline)
 
 
 def read_evaluation(folder: Path) -> Evaluation:
@@ -95,4 +106,8 @@ def read_evaluation(folder: Path) -> Evaluation:
         if not isinstance(doc, dict):
             raise DataError(f"{path}: expected a JSON object; re-run `aigc evaluate`")
         docs.append(doc)
-    return Evaluation(metrics=docs[0], details=docs[1])
+    metrics, details = docs
+    more = details.pop(MORE_METRICS, None) or {}
+    if not isinstance(more, dict):
+        raise DataError(f"{Path(folder) / DETAILS_FILE}: '{MORE_METRICS}' should be an object; re-run `aigc evaluate`")
+    return Evaluation(metrics={**more, **metrics}, details=details)

@@ -1,5 +1,10 @@
 """Evaluate: generate samples and score them against the real reference split with torch-fidelity,
-next to the data's own floor (real images scored the same way: :mod:`aigc_pipeline.evaluation.floor`)."""
+next to the data's own floor (real images scored the same way: :mod:`aigc_pipeline.evaluation.floor`).
+
+With a ``project_dir`` the scores also go to the MLflow run that trained the model (found by its
+weights' sha256; a fresh run holding the training from the model folder when there is none, see
+:mod:`aigc_pipeline.tracking.runs`), at the model's last training step.
+"""
 
 from __future__ import annotations
 
@@ -44,12 +49,14 @@ class EvaluateResult:
         return self.fid / self.floor.fid if self.floor is not None and self.floor.fid > 0 else None
 
 
-def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = False) -> EvaluateResult:
+def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = False,
+        project_dir: Path | None = None) -> EvaluateResult:
     """Score the model in ``model`` against ``reference`` (a prepared dataset); write ``out/metrics.json``
     (numbers only: FID, its bootstrap spread ``fid_std``, KID, precision, recall, the floor's
     ``floor_*`` and ``fid_ratio``, IS when computable, the classifier scores on labelled data) and
     ``out/evaluation.json`` (the protocols, why a metric is unavailable, the floor's sample); see
-    :mod:`aigc_pipeline.evaluation.results`.
+    :mod:`aigc_pipeline.evaluation.results`. With ``project_dir``, log them to the model's MLflow run
+    (:func:`log_to_run`).
     """
     ecfg = cfg.evaluate
     t0 = time.perf_counter()
@@ -152,7 +159,39 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
                             classifier_protocol=cprotocol, seconds=seconds, floor=floor)
     if not quiet:
         print(f"  evaluate: {summary_line(result)} in {seconds:.1f}s", file=sys.stderr, flush=True)
+    if project_dir is not None:
+        run_id = log_to_run(cfg, Path(model), Path(out), project_dir=Path(project_dir))
+        if not quiet:
+            print(f"  evaluate: logged to MLflow run {run_id}", file=sys.stderr, flush=True)
     return result
+
+
+def log_to_run(cfg: Config, model: Path, evaluation: Path, *, project_dir: Path) -> str:
+    """Log the evaluation in ``evaluation`` to the MLflow run of the model in ``model``; returns its id."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from aigc_pipeline.evaluation.results import read_evaluation
+    from aigc_pipeline.tracking import runs
+    from aigc_pipeline.tracking.store import ui_url, use_store
+
+    scored = read_evaluation(evaluation)
+    meta = read_model_meta(model)
+    with use_store(project_dir, cfg.register.experiment) as experiment_id:
+        client = MlflowClient()
+        ui = ui_url(mlflow.get_tracking_uri())
+        run_id, _ = runs.pipeline_run(client, experiment_id, cfg, project_dir, model, stage="evaluate",
+                                      evaluation=runs.evaluation_digest(evaluation),
+                                      extra_params=runs.evaluation_params(scored), ui=ui)
+        client.update_run(run_id, status="RUNNING")  # while it is written to, as a resumed run is
+        try:
+            runs.log_evaluation(client, run_id, scored, evaluation, step=int(meta.get("steps") or 0))
+            client.set_tag(run_id, runs.STAGE_TAG, "evaluate")
+        except BaseException:
+            client.set_terminated(run_id, status="FAILED")
+            raise
+        client.set_terminated(run_id, status="FINISHED")
+    return run_id
 
 
 def _floor(cfg: Config, reference: Path, real_reference: Any, *, weights: InceptionWeights,

@@ -13,18 +13,15 @@ after success returns the version already registered instead of registering a du
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -66,9 +63,9 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
     import mlflow
     from mlflow import MlflowClient
 
-    from aigc_pipeline.tracking import registry
-    from aigc_pipeline.tracking.datasets import log_prepared_dataset
-    from aigc_pipeline.tracking.store import use_store
+    from aigc_pipeline.tracking import registry, runs
+    from aigc_pipeline.tracking.datasets import log_dataset_inputs
+    from aigc_pipeline.tracking.store import ui_url, use_store
 
     scored = read_evaluation(Path(evaluation))
     meta = read_model_meta(model)
@@ -82,7 +79,7 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
     key = _registration_key(name, Path(model), Path(evaluation), dataclasses.asdict(rcfg))
 
     logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
-    with use_store(project_dir, rcfg.experiment):
+    with use_store(project_dir, rcfg.experiment) as experiment_id:
         uri = mlflow.get_tracking_uri()
         client = MlflowClient()
         earlier = registry.find_registration(client, name, key)
@@ -99,38 +96,34 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
 
         lineage = _lineage(project_dir)
         tags = {"aigc.dataset": cfg.dataset, "aigc.model": meta["model"], "aigc.family": meta["model"],
-                "aigc.data_digest": meta["data_digest"], "aigc.protocol": pid, **_protocol_tags(scored),
-                **_config_tags(meta), **lineage}
+                "aigc.data_digest": meta["data_digest"], **runs.protocol_tags(scored), **_config_tags(meta),
+                **lineage}
         params = flat_params(cfg, resolved=meta.get("hparams"))
-        with mlflow.start_run(run_name=f"{cfg.model_name}-{meta['data_digest'][:8]}", tags=tags) as active:
-            run_id = active.info.run_id
-            mlflow.log_params(params)
-            log_prepared_dataset(project_dir, cfg.dataset)  # mlflow.log_input, digest = DVC's hash
-            _log_history(client, run_id, Path(model) / "history.csv")
-            # Per epoch: images/s, learning rates, mean losses (at the epoch's last step).
-            _log_history(client, run_id, Path(model) / "epochs.csv", prefix="train_epoch/")
-            _log_metrics(client, run_id, scored)
+        ui = ui_url(uri)
+        digest = runs.evaluation_digest(Path(evaluation))
+        # The run that trained this model (found by its weights' sha256), or a fresh one holding the
+        # training from the model folder: see aigc_pipeline.tracking.runs.
+        run_id, _ = runs.pipeline_run(client, experiment_id, cfg, project_dir, Path(model), stage="register",
+                                      evaluation=digest, extra_params=runs.evaluation_params(scored), ui=ui)
+        with mlflow.start_run(run_id=run_id, tags={**tags, runs.STAGE_TAG: "register"}):
+            log_dataset_inputs(client, run_id, project_dir, cfg.dataset, cfg.evaluate.reference_split, ui=ui)
+            if client.get_run(run_id).data.tags.get(runs.EVALUATION_TAG) != digest:  # evaluate ran without MLflow
+                runs.log_evaluation(client, run_id, scored, Path(evaluation), step=int(meta.get("steps") or 0))
             _log_plots(client, run_id, Path(model))
             if problems:
                 mlflow.set_tag("aigc.problems", "; ".join(problems)[:5000])
-            if "isc_unavailable" in scored.details:
-                mlflow.set_tag("aigc.isc_unavailable", str(scored.details["isc_unavailable"])[:5000])
-            mlflow.log_artifact(str(Path(evaluation) / METRICS_FILE))
-            mlflow.log_artifact(str(Path(evaluation) / DETAILS_FILE))
-            mlflow.log_artifact(str(Path(evaluation) / "samples.png"), "evaluation")
             mlflow.log_artifact(str(Path(model) / "samples.png"), "training")
-            if (Path(model) / "samples").is_dir():
-                mlflow.log_artifacts(str(Path(model) / "samples"), "training/epochs")
             with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
-                info = _log_model(Path(tmp), Path(model), meta, name=name, evaluation=scored, params=params,
-                                  lineage=lineage, problems=problems, run_id=run_id,
-                                  limits={"max_images_per_request": rcfg.max_images_per_request,
-                                          "max_images_per_row": rcfg.max_images_per_row})
+                info, description = _log_model(Path(tmp), Path(model), meta, name=name, evaluation=scored,
+                                               params=params, lineage=lineage, problems=problems, run_id=run_id,
+                                               ui=ui, limits={"max_images_per_request": rcfg.max_images_per_request,
+                                                              "max_images_per_row": rcfg.max_images_per_row})
             version = None
             try:
                 mv = mlflow.register_model(info.model_uri, name,
                                            tags={**tags, registry.KEY_TAG: key, registry.STATE_TAG: registry.PENDING})
                 version = str(mv.version)
+                client.update_model_version(name, version, description=description)  # the model card
                 champion_version, champion = registry.champion_score(client, name, rcfg.champion_alias, pid)
                 if champion_version == version:  # cannot happen for a new version; guards the comparison
                     champion_version, champion = None, None
@@ -152,6 +145,7 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                     registry.discard_version(client, name, version, alias=rcfg.champion_alias)
                 mlflow.set_tag("aigc.registration", "failed: version discarded" if version else "failed")
                 raise
+            mlflow.set_tag("aigc.registration", f"done: version {version}")  # (a rolled-back attempt said otherwise)
         champion_now = registry.alias_version(client, name, rcfg.champion_alias)
     fid = scored.value("fid")
     result = RegisterResult(name=name, version=version, run_id=run_id, champion=verdict.promote,
@@ -222,15 +216,6 @@ def _version_protocol(client: Any, name: str, version: str) -> dict[str, str]:
     return protocol
 
 
-def _protocol_tags(scored: Evaluation) -> dict[str, str]:
-    tags = {f"aigc.protocol.{k}": str(v) for k, v in (scored.details.get("protocol") or {}).items()}
-    classifier = scored.details.get("classifier")
-    if classifier:
-        tags["aigc.classifier_protocol"] = str(classifier.get("id"))
-        tags["aigc.classifier_accuracy"] = str(classifier.get("accuracy"))
-    return tags
-
-
 def _config_tags(meta: dict[str, Any]) -> dict[str, str]:
     """The family and the training config the version was made with (resolved hyperparameters
     included), as tags of the run and the version: versions of every family share one registered
@@ -239,25 +224,9 @@ def _config_tags(meta: dict[str, Any]) -> dict[str, str]:
             "aigc.hparams": json.dumps(meta.get("hparams") or {}, sort_keys=True)[:5000]}
 
 
-def _log_metrics(client: Any, run_id: str, scored: Evaluation) -> None:
-    """Every finite metric under its short name (``fid``, ``floor_fid``, ...: the columns a user
-    compares) and under its protocol-named key (what the gate compares; ``aigc.protocol`` tags the
-    run with the protocol the short names were measured under)."""
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    values = {k: v for k, v in scored.metrics.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-    values.update(scored.protocol_keys())
-    batch = [Metric(k, float(v), now, 0) for k, v in sorted(values.items())]
-    if batch:
-        client.log_batch(run_id, metrics=batch)
-
-
 def _log_plots(client: Any, run_id: str, model: Path) -> None:
-    """Loss curves and FID over training: charts, their CSVs, and FID over training as a metric by epoch."""
-    from mlflow.entities import Metric
-
+    """Loss curves and FID over training as charts (``plots/``), with their CSVs. The numbers
+    themselves are the run's metrics, at their global steps (logged live or from the model folder)."""
     from aigc_pipeline.evaluation.plots import line_chart, loss_chart
     from aigc_pipeline.evaluation.progress import PROGRESS_FILE, read_progress
 
@@ -276,34 +245,40 @@ def _log_plots(client: Any, run_id: str, model: Path) -> None:
                 {name: ([e for e, _ in rows], [v for _, v in rows])},
                 title=f"FID over training (small sample; not comparable with the evaluation's FID)\n{name}",
                 xlabel="epoch", ylabel="FID"))
-            now = int(time.time() * 1000)
-            client.log_batch(run_id, metrics=[Metric(name, v, now, e) for e, v in rows if math.isfinite(v)])
         if any(out.iterdir()):
             client.log_artifacts(run_id, str(out), "plots")
 
 
 def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, evaluation: Evaluation,
-               params: dict[str, str], lineage: dict[str, str], problems: list[str], run_id: str,
-               limits: dict[str, int] | None = None):
+               params: dict[str, str], lineage: dict[str, str], problems: list[str], run_id: str, ui: str,
+               limits: dict[str, int] | None = None) -> tuple[Any, str]:
     """The pyfunc, from code (nothing pickled): safetensors weights + model.json, the model card,
-    a copy of this package for the model's code, and its serving ``limits`` as ``model_config``."""
+    a copy of this package for the model's code, and its serving ``limits`` as ``model_config``.
+    Returns the model info and the card's short form (the version's description), whose images
+    are linked relative to the MLflow UI (the logged card's by the UI's address ``ui``)."""
     import mlflow
 
     from aigc_pipeline.tracking import pyfunc
     from aigc_pipeline.tracking.card import CARD_FILE, model_card
+    from aigc_pipeline.tracking.datasets import artifact_url
+
+    pictures = (("Evaluation samples", "evaluation/samples.png"), ("Training samples (fixed noise, last grid)",
+                                                                    "training/samples.png"))
 
     weights = tmp / "generator"
     weights.mkdir()
     for f in (WEIGHTS_FILE, META_FILE):
         shutil.copy2(model / f, weights / f)
     card = tmp / CARD_FILE
-    card.write_text(model_card(name=name, meta=meta, evaluation=evaluation, params=params,
-                               lineage={**lineage, "mlflow.run_id": run_id}, problems=problems))
+    facts = dict(name=name, meta=meta, evaluation=evaluation, params=params,
+                 lineage={**lineage, "mlflow.run_id": run_id}, problems=problems)
+    card.write_text(model_card(**facts, images=[(c, artifact_url(ui, run_id, p)) for c, p in pictures]))
+    description = model_card(**facts, images=[(c, artifact_url("", run_id, p)) for c, p in pictures], short=True)
     mlflow.log_artifact(str(card))
     package = Path(__file__).resolve().parents[1]
     code = tmp / "code" / package.name
     shutil.copytree(package, code, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    return mlflow.pyfunc.log_model(
+    info = mlflow.pyfunc.log_model(
         name="model",
         python_model=str(Path(pyfunc.__file__).with_name("pyfunc_model.py")),
         artifacts={pyfunc.WEIGHTS_ARTIFACT: str(weights), pyfunc.CARD_ARTIFACT: str(card)},
@@ -314,16 +289,7 @@ def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, evalu
                                                      "max_images_per_row": pyfunc.DEFAULT_MAX_IMAGES_PER_ROW})),
         pip_requirements=_requirements(),
     )
-
-
-def _log_history(client, run_id: str, path: Path, prefix: str = "train/") -> None:
-    """Per-step records of a CSV written by the train stage (a ``step`` column), as metrics."""
-    from aigc_pipeline.tracking.runs import log_step_metrics
-
-    if not path.exists():
-        return
-    with path.open() as f:
-        log_step_metrics(client, run_id, csv.DictReader(f), prefix=prefix)
+    return info, description
 
 
 def _lineage(project_dir: Path) -> dict[str, str]:

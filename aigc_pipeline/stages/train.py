@@ -4,8 +4,13 @@ With ``train.devices: N > 1`` the stage starts ``torchrun --nproc_per_node N`` o
 :mod:`aigc_pipeline.stages.train_worker`, which runs this same function in every process
 (data parallel, DDP); rank 0 writes the outputs and this process reports them.
 
-When training diverges, the stage records a FAILED MLflow run (params, the losses up to the
-failure, the error as a tag) and re-raises, so a flow stops before anything is registered.
+With a ``project_dir`` the training is an MLflow run as it goes (:mod:`aigc_pipeline.tracking.live`,
+through the trainer's callbacks: the trainer itself knows nothing of MLflow): params and dataset
+inputs when it starts, losses, per-epoch stats, FID over training, sample grids (images with a step
+slider) and system metrics while it runs, the weights' sha256 when the model is written (evaluate
+and register find the run by it). A training that diverges or raises ends its run FAILED (the
+losses up to the failure, the error as tags) and re-raises, so a flow stops before anything is
+registered; an interrupted one (Ctrl-C, SIGTERM) ends it KILLED.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,7 +62,7 @@ class TrainStageResult:
 
 
 def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Path | None = None,
-        quiet: bool = False, project_dir: Path = Path("."),
+        quiet: bool = False, project_dir: Path | None = None,
         should_stop: Callable[[int], bool] | None = None) -> TrainStageResult:
     """Train on the prepared dataset at ``data``; write the model folder ``out``.
 
@@ -65,7 +71,9 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
 
     Checkpoints go to ``checkpoints/<config hash>/``: a rerun with the same config and data
     resumes, a changed config starts fresh instead of resuming someone else's state.
-    ``project_dir`` locates the MLflow store a diverged run is recorded in. ``should_stop(step)``
+    ``project_dir`` locates the MLflow store the training is logged to live (None, or
+    ``AIGC_LIVE_TRACKING=0``: no MLflow; register logs it afterwards from the model folder;
+    a resumed training continues its run, see :mod:`aigc_pipeline.tracking.live`). ``should_stop(step)``
     (single process only) ends training early but cleanly: the model folder holds the generator
     as it is at that step (``steps`` in model.json says how far it got), and a later run with
     the same config resumes from there (``bench/quality.py`` measures training budgets this way).
@@ -101,50 +109,76 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
 
         fid_progress = progress_hook(cfg, reference, arch, device=resolve_device(tcfg.device))
 
+    tracker = None
+    if project_dir is not None and dist_info.is_main:
+        from aigc_pipeline.tracking import live
+
+        if live.enabled():
+            tracker = live.TrainingRun(project_dir, cfg, key=run_key, hparams=dataclasses.asdict(hp))
+
+    def on_start(info: dict[str, Any]) -> None:
+        progress.start(info)
+        if tracker is not None:
+            tracker.start(info)
+
+    def on_progress(step: int, total: int, epoch: int) -> None:
+        progress.step(step, total, epoch)
+        if tracker is not None:
+            tracker.progress(step, total, epoch)
+
     def on_epoch_end(epoch: int, grid: np.ndarray | None, stats: dict[str, float]) -> None:
         if grid is not None:
             atomic_write_bytes(grid_dir / f"epoch-{epoch:03d}.png", png_bytes(make_grid(grid)))
         progress.epoch(epoch, stats)
+        if tracker is not None:
+            tracker.epoch(epoch, grid, stats)
 
-    try:
-        result = train(
-            prepared.images,
-            labels=prepared.labels if num_classes else None,
-            arch=arch,
-            hparams=hp,
-            epochs=tcfg.epochs,
-            batch_size=tcfg.batch_size,
-            seed=tcfg.seed,
-            checkpoint_dir=ckpt_dir,
-            checkpoint_every=tcfg.checkpoint_every,
-            keep_checkpoints=tcfg.keep_checkpoints,
-            device=tcfg.device,
-            sample_grid=tcfg.sample_grid,
-            sample_every=tcfg.sample_every,
-            max_grad_norm=tcfg.max_grad_norm,
-            precision=tcfg.precision,
-            channels_last=tcfg.channels_last,
-            compile=tcfg.compile,
-            data_placement=tcfg.data_placement,
-            callbacks=Callbacks(on_start=progress.start, on_progress=progress.step, on_epoch_end=on_epoch_end,
-                                on_epoch_generator=fid_progress, should_stop=should_stop,
-                                save_state=fid_progress.state if fid_progress is not None else None,
-                                restore_state=fid_progress.restore if fid_progress is not None else None),
-        )
-    except TrainingDiverged as e:
-        progress.close()
+    def on_epoch_generator(epoch: int, generator: Any) -> None:
+        measured = len(fid_progress.rows)
+        fid_progress(epoch, generator)
+        if tracker is not None and len(fid_progress.rows) > measured:
+            tracker.fid(fid_progress.metric, fid_progress.rows[-1][fid_progress.metric])
+
+    with tracker if tracker is not None else contextlib.nullcontext():
+        try:
+            result = train(
+                prepared.images,
+                labels=prepared.labels if num_classes else None,
+                arch=arch,
+                hparams=hp,
+                epochs=tcfg.epochs,
+                batch_size=tcfg.batch_size,
+                seed=tcfg.seed,
+                checkpoint_dir=ckpt_dir,
+                checkpoint_every=tcfg.checkpoint_every,
+                keep_checkpoints=tcfg.keep_checkpoints,
+                device=tcfg.device,
+                sample_grid=tcfg.sample_grid,
+                sample_every=tcfg.sample_every,
+                max_grad_norm=tcfg.max_grad_norm,
+                precision=tcfg.precision,
+                channels_last=tcfg.channels_last,
+                compile=tcfg.compile,
+                data_placement=tcfg.data_placement,
+                callbacks=Callbacks(on_start=on_start, on_progress=on_progress, on_epoch_end=on_epoch_end,
+                                    on_metrics=tracker.metrics if tracker is not None else None,
+                                    on_epoch_generator=on_epoch_generator if fid_progress is not None else None,
+                                    should_stop=should_stop,
+                                    save_state=fid_progress.state if fid_progress is not None else None,
+                                    restore_state=fid_progress.restore if fid_progress is not None else None),
+            )
+        except TrainingDiverged as e:
+            progress.close()
+            print(f"  train: {e}; nothing registered", file=sys.stderr, flush=True)
+            raise
+        finally:
+            progress.close()  # idempotent
+        final = {k: v for k, v in result.history[-1].items() if k != "step"}
         if dist_info.is_main:
-            from aigc_pipeline.tracking.runs import record_failed_training
-
-            run_id = record_failed_training(project_dir, cfg, e, e.history, e.step)
-            print(f"  train: {e}\n  train: recorded as FAILED MLflow run {run_id}; nothing registered",
-                  file=sys.stderr, flush=True)
-        raise
-    progress.close()
-    final = {k: v for k, v in result.history[-1].items() if k != "step"}
-    if dist_info.is_main:
-        fid_csv = fid_progress.csv_text() if fid_progress is not None and fid_progress.rows else None
-        _write_model(out, result, arch, cfg, hp, prepared.digest, list(prepared.classes), final, grid_dir, fid_csv)
+            fid_csv = fid_progress.csv_text() if fid_progress is not None and fid_progress.rows else None
+            _write_model(out, result, arch, cfg, hp, prepared.digest, list(prepared.classes), final, grid_dir, fid_csv)
+        if tracker is not None:
+            tracker.finish(model=out, steps=result.steps, stopped=result.stopped)
     return TrainStageResult(out=out, model=tcfg.model, steps=result.steps, resumed_from=result.resumed_from,
                             images_per_second=result.images_per_second, final_losses=final, speed=result.speed,
                             world_size=dist_info.world, stopped=result.stopped)
@@ -204,7 +238,7 @@ TIMING_FILE = "timing.csv"
 
 
 def _launch_data_parallel(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Path | None,
-                          quiet: bool, project_dir: Path) -> TrainStageResult:
+                          quiet: bool, project_dir: Path | None) -> TrainStageResult:
     import aigc_pipeline
 
     n = cfg.train.devices
@@ -213,8 +247,8 @@ def _launch_data_parallel(cfg: Config, data: Path, out: Path, checkpoints: Path,
         atomic_write_json(config_file, cfg.to_dict())
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
                "-m", "aigc_pipeline.stages.train_worker", str(config_file), str(Path(data).resolve()),
-               str(Path(out).resolve()), str(Path(checkpoints).resolve()), str(Path(project_dir).resolve()),
-               str(result_file)] + (["--quiet"] if quiet else []) + \
+               str(Path(out).resolve()), str(Path(checkpoints).resolve()), str(Path(project_dir or ".").resolve()),
+               str(result_file)] + (["--quiet"] if quiet else []) + (["--no-tracking"] if project_dir is None else []) + \
             (["--reference", str(Path(reference).resolve())] if reference is not None else [])
         # The workers import the same package as this process, wherever the command runs.
         package_root = str(Path(aigc_pipeline.__file__).resolve().parents[1])

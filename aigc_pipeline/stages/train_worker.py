@@ -1,7 +1,8 @@
 """One process of a data-parallel training, started by the train stage through torchrun:
 
     python -m torch.distributed.run --standalone --nproc_per_node N \\
-        -m aigc_pipeline.stages.train_worker CONFIG.json DATA OUT CHECKPOINTS PROJECT RESULT.json [--quiet] [--reference DIR]
+        -m aigc_pipeline.stages.train_worker CONFIG.json DATA OUT CHECKPOINTS PROJECT RESULT.json \\
+        [--quiet] [--reference DIR] [--no-tracking]
 
 Every rank runs :func:`aigc_pipeline.stages.train.run` with the launching process's config;
 rank 0 writes the outputs and RESULT.json (the stage result, or the error it stopped with).
@@ -22,6 +23,7 @@ def main(argv: list[str]) -> int:
         p.add_argument(name, type=Path)
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--reference", type=Path, default=None)  # FID over training, on rank 0
+    p.add_argument("--no-tracking", action="store_true")  # the launching call had no project: no MLflow run
     args = p.parse_args(argv)
 
     import torch.distributed as dist
@@ -38,7 +40,7 @@ def main(argv: list[str]) -> int:
     info = distributed.init_from_env(resolve_device(cfg.train.device).type)
     try:
         result = train.run(cfg, args.data, args.out, args.checkpoints, reference=args.reference, quiet=args.quiet,
-                           project_dir=args.project)
+                           project_dir=None if args.no_tracking else args.project)
     except AigcError as e:
         if info.is_main:
             train.report_for_parent(args.result, None, e)

@@ -1,14 +1,24 @@
 """The model card: a markdown page saying what a registered model is, how it scored, under which
-protocol, and where it came from. Logged in the model's artifacts and on its MLflow run."""
+protocol, and where it came from. Logged in the model's artifacts and on its MLflow run, and (in
+its short form) the registered model version's description.
+
+Images are linked by a URL MLflow's server answers (``get-artifact?path=...&run_uuid=...``).
+MLflow 3.17 renders two kinds of markdown: descriptions (model version, run) through
+showdown + sanitize-html, which keeps an ``<img>`` with a relative ``src``, so the version
+description links them relative to the UI page; and markdown artifacts through react-markdown,
+which shows an image whose URL has no scheme as the text ``[alt](url)``, so the card logged as an
+artifact links them by the UI's absolute address (:func:`aigc_pipeline.tracking.store.ui_url`).
+"""
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 from aigc_pipeline.evaluation.results import Evaluation
 
 CARD_FILE = "model_card.md"
+MAX_DESCRIPTION = 5000  # MLflow's model version description column (VARCHAR(5000))
 
 _LABELS = {
     "fid": "FID (lower is better)",
@@ -28,8 +38,14 @@ _FLOOR = {"fid": "floor_fid", "fid_std": "floor_fid_std", "kid": "floor_kid", "p
 
 
 def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, params: Mapping[str, str],
-               lineage: Mapping[str, str], problems: list[str]) -> str:
-    """Markdown for the model in ``meta`` (model.json), registered as ``name``, scored by ``evaluation``."""
+               lineage: Mapping[str, str], problems: list[str], images: Sequence[tuple[str, str]] = (),
+               short: bool = False) -> str:
+    """Markdown for the model in ``meta`` (model.json), registered as ``name``, scored by ``evaluation``.
+
+    ``images`` are ``(caption, url)`` pairs shown under the introduction. ``short``: the form for
+    a model version's description (at most :data:`MAX_DESCRIPTION` characters): only the
+    ``train.*`` parameters and the lineage that leads back to the code and data.
+    """
     arch = meta.get("arch", {})
     lines = [
         f"# Model card: {name}",
@@ -44,6 +60,10 @@ def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, pa
                                             ", a `steps` column for the number of sampling steps")
         + f". Or `aigc sample models:/{name}@champion -n 64 --out grid.png`.",
         "",
+    ]
+    for caption, url in images:
+        lines += [f"**{caption}**", "", f"![{caption}]({url})", ""]
+    lines += [
         "## Data",
         "",
         f"- training data digest (augmented set): `{meta.get('data_digest')}`",
@@ -88,11 +108,21 @@ def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, pa
                   f"`{c.get('id')}`), accuracy on the real eval split {_fmt(c.get('accuracy'))}."]
     if problems:
         lines += ["", "**Not promotable**: " + "; ".join(problems)]
-    lines += ["", "## Parameters", "", "| key | value |", "|---|---|"]
-    lines += [f"| `{k}` | `{v}` |" for k, v in sorted(params.items())]
+    shown = {k: v for k, v in params.items() if k.startswith("train.")} if short else params
+    lines += ["", "## Parameters" + (" (training; all of them in the run's params)" if short else ""), "",
+              "| key | value |", "|---|---|"]
+    lines += [f"| `{k}` | `{v}` |" for k, v in sorted(shown.items())]
+    kept = {k: v for k, v in lineage.items() if k.startswith(_SHORT_LINEAGE)} if short else lineage
     lines += ["", "## Lineage", "", "| tag | value |", "|---|---|"]
-    lines += [f"| `{k}` | `{v}` |" for k, v in sorted(lineage.items())]
-    return "\n".join(lines) + "\n"
+    lines += [f"| `{k}` | `{v}` |" for k, v in sorted(kept.items())]
+    text = "\n".join(lines) + "\n"
+    if short and len(text) > MAX_DESCRIPTION:
+        note = "\n\n*(cut to fit MLflow's description limit; the full card is the run's `model_card.md`)*\n"
+        text = text[: MAX_DESCRIPTION - len(note)].rsplit("\n", 1)[0] + note
+    return text
+
+
+_SHORT_LINEAGE = ("git.", "mlflow.run_id", "prefect.flow_run_id", "aigc.data_digest", "dvc.lock.train")
 
 
 def _fmt(value: Any) -> str:

@@ -1,18 +1,28 @@
-"""The prepared dataset as an MLflow run input, identified by DVC's content hash.
+"""The data of a pipeline run as MLflow run inputs, identified by DVC's content hashes.
 
-:func:`log_prepared_dataset`, called inside the register stage's MLflow run:
+A run has three dataset inputs, each with its role as the input's context
+(:func:`log_dataset_inputs`):
 
-- finds the output of the dataset's ``ingest@NAME`` stage in ``dvc.lock``: its path and the
-  hash DVC recorded for it (``<md5>.dir`` for a folder);
-- recomputes that hash from the files on disk the way DVC does (:func:`dvc_md5`) and refuses a
-  prepared dataset that no longer matches the lock (the digest must name the data really used);
-- logs ``card.md``, ``preview.png`` and ``report.json`` as artifacts under ``datasets/NAME/``,
-  and the dataset itself with ``mlflow.log_input``: its name, the DVC hash as the digest, the
-  folder as a local source, the counts (accepted, rejected, duplicates, splits, per class) as
-  the profile and a uint8 image tensor schema.
+- ``training``: the augmented set the model was trained on (``data/augmented/NAME``, the output
+  of ``augment@NAME``), named ``NAME-augmented``;
+- ``prepared``: the prepared set it was made from (``data/prepared/NAME``, ``ingest@NAME``), named
+  ``NAME``;
+- ``evaluation``: the ``evaluate.reference_split`` split of the prepared set, the real images the
+  samples are scored against, named ``NAME-<split>``.
 
-Without a ``dvc.lock`` entry for the stage (a stage function called outside DVC and the flow)
-there is no DVC hash to point at: nothing is logged and ``None`` is returned.
+For the first two the digest is the hash DVC recorded for the folder in ``dvc.lock``
+(``<md5>.dir``), recomputed from the files on disk the way DVC does (:func:`dvc_md5`): a folder
+changed since DVC recorded it is refused, so the digest names the data really used. The
+evaluation split's digest is its content hash (the one in the protocol id, ``eval-68707b3d…``),
+cut to MLflow's 36 characters. The counts go into each input's profile, a uint8 image tensor
+schema into its schema; the prepared set's ``card.md``, ``preview.png`` and ``report.json`` (the
+augmented set's ``preview.png`` and ``report.json``) are logged under ``datasets/<input name>/``.
+MLflow's markdown viewer renders only images with an absolute URL, so the logged card's
+``![preview](preview.png)`` points at the MLflow UI's ``get-artifact`` URL of the logged preview
+(:func:`aigc_pipeline.tracking.store.ui_url`); the card in the prepared folder is not changed.
+
+Without a ``dvc.lock`` entry for a stage (a stage function called outside DVC and the flow)
+there is no DVC hash to point at: that input is left out.
 """
 
 from __future__ import annotations
@@ -27,15 +37,21 @@ from typing import Any
 import mlflow
 import numpy as np
 import yaml
+import pandas as pd
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.schema import TensorDatasetSchema
 from mlflow.types import Schema, TensorSpec
 
+from aigc_pipeline.data.prepared import content_digest
 from aigc_pipeline.errors import DataError
 
 INGEST_STAGE = "ingest@{name}"  # dvc.yaml's foreach stage that prepares dataset NAME
+AUGMENT_STAGE = "augment@{name}"  # ... and the one that augments it
 ARTIFACTS = ("card.md", "preview.png", "report.json")
+# Input roles (the input's ``mlflow.data.context`` tag).
+TRAINING, PREPARED, EVALUATION = "training", "prepared", "evaluation"
+_MAX_DIGEST = 36  # MLflow's dataset digest column (VARCHAR(36) on PostgreSQL)
 
 
 @dataclass(frozen=True)
@@ -90,9 +106,45 @@ def locked_output(project_dir: Path | str, stage: str) -> tuple[Path, str] | Non
     return (path if path.is_absolute() else Path(project_dir) / path), outs[0]["md5"]
 
 
-def log_prepared_dataset(project_dir: Path | str, name: str, *, context: str = "training") -> LoggedDataset | None:
+def log_prepared_dataset(project_dir: Path | str, name: str, *, context: str = PREPARED,
+                         ui: str | None = None) -> LoggedDataset | None:
     """Log dataset ``name``'s prepared folder to the active MLflow run (see the module docstring)."""
-    stage = INGEST_STAGE.format(name=name)
+    from mlflow import MlflowClient
+
+    if locked_output(project_dir, INGEST_STAGE.format(name=name)) is None:
+        return None
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("log_prepared_dataset: no active MLflow run (call it inside mlflow.start_run())")
+    return _log_stage_output(MlflowClient(), run.info.run_id, project_dir, INGEST_STAGE.format(name=name), name,
+                             context=context, ui=ui)
+
+
+def log_dataset_inputs(client: Any, run_id: str, project_dir: Path | str, dataset: str, reference_split: str,
+                       *, ui: str) -> list[LoggedDataset]:
+    """The run's three dataset inputs (training, prepared, evaluation: see the module docstring),
+    those not on the run yet; returns what was logged. ``ui`` is the MLflow UI's base URL, for the
+    logged card's image link."""
+    present = {(i.dataset.name, i.dataset.digest) for i in client.get_run(run_id).inputs.dataset_inputs}
+    logged = []
+    for stage, name, context in ((AUGMENT_STAGE.format(name=dataset), f"{dataset}-augmented", TRAINING),
+                                 (INGEST_STAGE.format(name=dataset), dataset, PREPARED)):
+        found = locked_output(project_dir, stage)
+        if found is not None and (name, found[1]) not in present:
+            logged.append(_log_stage_output(client, run_id, project_dir, stage, name, context=context, ui=ui))
+    prepared = locked_output(project_dir, INGEST_STAGE.format(name=dataset))
+    if prepared is not None:
+        split = _split_dataset(prepared[0], f"{dataset}-{reference_split}", reference_split, prepared[1])
+        if (split.name, split.digest) not in present:
+            _log_input(client, run_id, split, EVALUATION, {"dvc.stage": INGEST_STAGE.format(name=dataset),
+                                                          "aigc.split": reference_split})
+            logged.append(LoggedDataset(name=split.name, digest=split.digest, path=prepared[0], profile=split.profile))
+    return logged
+
+
+def _log_stage_output(client: Any, run_id: str, project_dir: Path | str, stage: str, name: str, *, context: str,
+                      ui: str | None) -> LoggedDataset | None:
+    """Log the prepared-format folder DVC records as ``stage``'s output as input ``name``."""
     found = locked_output(project_dir, stage)
     if found is None:
         return None
@@ -103,23 +155,79 @@ def log_prepared_dataset(project_dir: Path | str, name: str, *, context: str = "
                         f"({recorded}); run `dvc repro` (or `dvc commit {stage}` if the change is intended)")
     report = json.loads((path / "report.json").read_text())
     meta = json.loads((path / "meta.json").read_text())
-    profile = {
-        "images": report["accepted"],
-        "rejected": len(report["rejected"]),
-        "duplicates": len(report["duplicates"]),
-        "skipped": len(report.get("skipped", [])),
-        "splits": report["splits"],
-        "per_class": report["per_class"],
-        "size": meta["size"],
-        "channels": meta["channels"],
-        "content_digest": meta["digest"],
-    }
+    profile = _profile(report, meta)
+    folder = f"datasets/{name}"
     for artifact in ARTIFACTS:
-        mlflow.log_artifact(str(path / artifact), f"datasets/{name}")
-    dataset = PreparedDataset(path, name=name, digest=recorded, profile=profile,
-                              labelled=bool(meta["classes"]))
-    mlflow.log_input(dataset, context=context, tags={"dvc.stage": stage, "aigc.source": str(report["source"])})
+        if not (path / artifact).is_file():
+            continue
+        if artifact == "card.md":
+            _log_card(client, run_id, path / artifact, folder, ui)
+        else:
+            client.log_artifact(run_id, str(path / artifact), folder)
+    dataset = PreparedDataset(path, name=name, digest=recorded, profile=profile, labelled=bool(meta["classes"]))
+    tags = {"dvc.stage": stage}
+    if "source" in report:
+        tags["aigc.source"] = str(report["source"])
+    _log_input(client, run_id, dataset, context, tags)
     return LoggedDataset(name=name, digest=recorded, path=path, profile=profile)
+
+
+def _profile(report: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """Counts of an ingest report (accepted, rejected, splits, ...) or an augment report (originals, copies)."""
+    common = {"size": meta["size"], "channels": meta["channels"], "content_digest": meta["digest"]}
+    if "accepted" in report:  # ingest
+        return {"images": report["accepted"], "rejected": len(report["rejected"]),
+                "duplicates": len(report["duplicates"]), "skipped": len(report.get("skipped", [])),
+                "splits": report["splits"], "per_class": report["per_class"], **common}
+    return {"images": meta["count"], "originals": report.get("originals"),
+            "copies": (report.get("augment") or {}).get("copies"), "source_digest": report.get("source_digest"),
+            **common}
+
+
+def _split_dataset(prepared: Path, name: str, split: str, prepared_hash: str) -> "PreparedDataset":
+    """The ``split`` of a prepared folder as a dataset: its content hash (from the manifest, no pixels read)."""
+    meta = json.loads((prepared / "meta.json").read_text())
+    manifest = pd.read_parquet(prepared / "manifest.parquet", columns=["sha256", "label", "split"])
+    if split != "all":
+        manifest = manifest[manifest["split"] == split]
+    digest = content_digest(manifest, (meta["channels"], meta["size"], meta["size"]))
+    per_class = {str(k): int(v) for k, v in manifest["label"].value_counts(dropna=False).sort_index().items()}
+    profile = {"images": len(manifest), "split": split, "per_class": per_class, "size": meta["size"],
+               "channels": meta["channels"], "content_digest": digest, "of_prepared": prepared_hash}
+    return PreparedDataset(prepared, name=name, digest=digest[:_MAX_DIGEST], profile=profile,
+                           labelled=bool(meta["classes"]))
+
+
+def _log_input(client: Any, run_id: str, dataset: "PreparedDataset", context: str, tags: dict[str, str]) -> None:
+    from mlflow.entities import DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    input_tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)] + [InputTag(k, v) for k, v in tags.items()]
+    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=input_tags)])
+
+
+def _log_card(client: Any, run_id: str, card: Path, folder: str, ui: str | None) -> None:
+    """The dataset card with its preview linked by the MLflow UI's URL of the logged preview."""
+    import tempfile
+
+    text = card.read_text()
+    if ui is not None:
+        text = text.replace("![preview](preview.png)",
+                            f"![preview]({artifact_url(ui, run_id, f'{folder}/preview.png')})")
+    with tempfile.TemporaryDirectory(prefix="aigc-card-") as tmp:
+        copy = Path(tmp) / card.name
+        copy.write_text(text)
+        client.log_artifact(run_id, str(copy), folder)
+
+
+def artifact_url(base: str, run_id: str, path: str) -> str:
+    """The URL MLflow's server answers with artifact ``path`` of run ``run_id``. ``base`` is the
+    UI's address (absolute: what MLflow's markdown artifact viewer renders), or "" for the link
+    relative to the UI page (what model version and run descriptions render)."""
+    from urllib.parse import quote
+
+    url = f"get-artifact?path={quote(path)}&run_uuid={run_id}"
+    return f"{base.rstrip('/')}/{url}" if base else url
 
 
 class PreparedDataset(Dataset):

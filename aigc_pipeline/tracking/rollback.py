@@ -4,7 +4,10 @@ Before a flow run registers, :func:`snapshot` records the registered model's ali
 register step then fails (an MLflow call fails after the run or the version exists, say),
 :func:`roll_back` deletes the model versions and MLflow runs tagged with that flow run's id and
 puts every alias back where it was, so the champion is untouched. The flow run id tag is set
-when the MLflow run starts (``stages/register.py``), so even a run that died early is found.
+when the MLflow run starts (by the train stage, or by register when it creates the run), so even
+a run that died early is found. A run the train stage opened (``aigc.training=live``) is the
+record of the training, not of the registration: it is kept (tagged ``aigc.registration=rolled
+back``), only the versions registered from it are deleted.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FLOW_RUN_TAG = "prefect.flow_run_id"
+TRAINING_TAG = "aigc.training"  # = aigc_pipeline.tracking.runs.TRAINING_TAG; "live": opened by the train stage
 
 
 @dataclass(frozen=True)
@@ -28,6 +32,7 @@ class Snapshot:
 class RollbackReport:
     deleted_versions: list[str] = field(default_factory=list)
     deleted_runs: list[str] = field(default_factory=list)
+    kept_runs: list[str] = field(default_factory=list)  # training runs: their versions deleted, the runs kept
     restored_aliases: dict[str, str] = field(default_factory=dict)
     removed_aliases: list[str] = field(default_factory=list)
     deleted_model: bool = False
@@ -45,6 +50,8 @@ class RollbackReport:
             parts.append(f"deleted model version(s) {', '.join(self.deleted_versions)}")
         if self.deleted_runs:
             parts.append(f"deleted MLflow run(s) {', '.join(self.deleted_runs)}")
+        if self.kept_runs:
+            parts.append(f"kept training run(s) {', '.join(self.kept_runs)}")
         if self.restored_aliases:
             parts.append("restored " + ", ".join(f"{a}=v{v}" for a, v in self.restored_aliases.items()))
         if self.removed_aliases:
@@ -107,6 +114,13 @@ def roll_back(client: Any, before: Snapshot, experiment: str, flow_run_id: str) 
             client.delete_registered_model(before.name)
             report.deleted_model = True
     for run_id in sorted(run_ids):
+        run = client.get_run(run_id)
+        if run.data.tags.get(TRAINING_TAG) == "live":
+            client.set_tag(run_id, "aigc.registration", "rolled back")
+            if run.info.status == "RUNNING":
+                client.set_terminated(run_id, status="FAILED")
+            report.kept_runs.append(run_id)
+            continue
         client.set_terminated(run_id, status="FAILED")
         client.delete_run(run_id)
         report.deleted_runs.append(run_id)

@@ -91,7 +91,7 @@ def test_diffusion_model_trains_registers_and_is_served_with_a_steps_input(proje
     _ok(run_cli(project, "aigc", "run", *_sets([*QUICK, "train.model=ddpm", "train.sampling_steps=6"])))
     receipt = json.loads((project / "registry" / "digits-ddpm.json").read_text())
     assert receipt["name"] == REGISTERED and receipt["family"] == "ddpm" and receipt["version"] == "3"
-    metrics = json.loads((project / "eval" / "digits-ddpm" / "metrics.json").read_text())
+    metrics = json.loads((project / "eval" / "digits" / "metrics.json").read_text())
     assert metrics["fid"] > metrics["floor_fid"] > 0
     meta = json.loads((project / "models" / "digits-ddpm" / "model.json").read_text())
     assert meta["generator"]["sampler"] == {"kind": "ddim", "steps": 6, "eta": 0.0}

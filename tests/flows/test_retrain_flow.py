@@ -97,7 +97,7 @@ def test_dvc_repro_registers_the_same_model(flow_project: tuple[Path, str], repr
     assert "Running stage 'register'" in out
     weights = f"models/{MODEL_DIR}/generator.safetensors"
     assert (flow_dir / weights).read_bytes() == (repro_dir / weights).read_bytes()
-    metrics = f"eval/{MODEL_DIR}/metrics.json"
+    metrics = "eval/digits/metrics.json"
     assert json.loads((flow_dir / metrics).read_text())["fid"] == json.loads((repro_dir / metrics).read_text())["fid"]
     status = json.loads(_ok(run_cli(repro_dir, "aigc", "status", "--json")))
     (model,) = [m for m in status["models"] if m["name"] == MODEL]
@@ -108,7 +108,7 @@ def test_dvc_plots_show_json_works_offline(flow_project: tuple[Path, str]) -> No
     project, _ = flow_project
     plots = json.loads(_ok(run_cli(project, "dvc", "plots", "show", "--json")))["data"]
     names = set(plots)
-    assert f"models/{MODEL_DIR}/history.csv" in names and f"eval/{MODEL_DIR}/samples.png" in names, names
+    assert f"models/{MODEL_DIR}/history.csv" in names and "eval/digits/samples.png" in names, names
     (progress,) = [n for n in names if n.endswith("fid_progress.csv")]
     ((plot,),) = [plots[progress]]
     assert plot["type"] == "vega"

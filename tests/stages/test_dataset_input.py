@@ -62,7 +62,7 @@ def test_log_input_carries_the_dvc_hash_counts_card_and_preview(ingested: Path) 
     schema = json.loads(inp.dataset.schema)["mlflow_tensorspec"]
     assert json.loads(schema["features"])[0]["tensor-spec"] == {"dtype": "uint8", "shape": [-1, 1, 8, 8]}
     tags = {t.key: t.value for t in inp.tags}
-    assert tags["mlflow.data.context"] == "training" and tags["dvc.stage"] == "ingest@digits"
+    assert tags["mlflow.data.context"] == "prepared" and tags["dvc.stage"] == "ingest@digits"
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id, "datasets/digits")}
     assert artifacts == {"datasets/digits/card.md", "datasets/digits/preview.png", "datasets/digits/report.json"}
 

@@ -20,6 +20,7 @@ from PIL import Image
 from aigc_pipeline import cli
 from aigc_pipeline.config import Config, load_config
 from aigc_pipeline.data.prepared import load_prepared
+from aigc_pipeline.evaluation.results import read_evaluation
 from aigc_pipeline.stages import augment, evaluate, ingest, register, train
 from aigc_pipeline.models import registry as registry_module
 from aigc_pipeline.tracking import registry
@@ -111,10 +112,16 @@ def test_train_writes_model_folder(model: Path) -> None:
 
 
 def test_evaluate_writes_numbers_beside_the_data_floor_and_the_protocol_apart(evaluation: Path, cfg: Config) -> None:
-    metrics = json.loads((evaluation / "metrics.json").read_text())
+    headline = json.loads((evaluation / "metrics.json").read_text())
     details = json.loads((evaluation / "evaluation.json").read_text())
-    # metrics.json: numbers only (what `dvc metrics show` prints).
-    assert all(isinstance(v, float) for v in metrics.values()), metrics
+    # metrics.json: the headline numbers only (what `dvc metrics show` prints, in 120 columns); every
+    # other number in evaluation.json's more_metrics; read_evaluation merges them.
+    assert set(headline) == {"fid", "fid_std", "fid_ratio", "floor_fid", "kid", "precision", "recall"}
+    assert all(isinstance(v, float) for v in headline.values()), headline
+    more = details.pop("more_metrics")
+    assert {"kid_std", "floor_precision", "classifier_score"} <= set(more) and not set(more) & set(headline)
+    metrics = read_evaluation(evaluation).metrics
+    assert metrics == {**more, **headline}
     protocol = details["protocol"]
     pid = protocol["id"]
     assert protocol["num_samples"] == cfg.evaluate.num_samples and protocol["reference_split"] == "eval"
@@ -160,7 +167,7 @@ def test_the_floor_is_computed_once_per_content(cfg: Config, model: Path, prepar
                              quiet=True)
     finally:
         floor_module.compute_fidelity_metrics = real
-    first = json.loads((evaluation / "metrics.json").read_text())
+    first = read_evaluation(evaluation).metrics
     assert again.floor.from_cache and again.floor.fid == first["floor_fid"]  # cached by content: same number
     assert not other.floor.from_cache and other.floor.key != again.floor.key  # another sample of real images
     assert calls == [(cfg.evaluate.num_samples, 1, 16, 16)]  # only the new floor was computed
@@ -208,7 +215,7 @@ def _variant(evaluation: Path, dest: Path, **changes: Any) -> Path:
 def _scores(evaluation: Path) -> tuple[str, dict[str, float]]:
     """(protocol id, metrics) of an evaluation folder."""
     details = json.loads((evaluation / "evaluation.json").read_text())
-    return details["protocol"]["id"], json.loads((evaluation / "metrics.json").read_text())
+    return details["protocol"]["id"], read_evaluation(evaluation).metrics
 
 
 def _client(project: Path):
@@ -287,7 +294,14 @@ def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, ev
         assert f"{m}_{pid}" in metrics and metrics[m] == metrics[f"{m}_{pid}"], m
     assert any(k.startswith("classifier_score_logreg-") for k in metrics)
     (progress,) = [k for k in metrics if k.startswith("fid_progress_")]
-    assert "_n16_" in progress and [m.step for m in client.get_metric_history(first.run_id, progress)] == [1]
+    # The training ran without MLflow: register logged it from the model folder, every curve by the
+    # global step (one epoch = 10 steps), the grid as an image at that step.
+    assert "_n16_" in progress and [m.step for m in client.get_metric_history(first.run_id, progress)] == [10]
+    assert [m.step for m in client.get_metric_history(first.run_id, "train_epoch/loss_d")] == [10]
+    assert [m.step for m in client.get_metric_history(first.run_id, "fid")] == [10]
+    run = client.get_run(first.run_id)
+    assert run.data.tags["aigc.training"] == "from model folder" and run.data.params["evaluate.protocol"] == pid
+    assert any(a.path.startswith("images/samples+step+10+") for a in client.list_artifacts(first.run_id, "images"))
     artifacts = {a.path for a in client.list_artifacts(first.run_id)} | \
         {a.path for a in client.list_artifacts(first.run_id, "plots")}
     assert {"model_card.md", "metrics.json", "evaluation.json", "plots/losses.png", "plots/fid_progress.png"} <= artifacts

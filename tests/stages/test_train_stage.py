@@ -37,7 +37,8 @@ def test_diverged_training_is_a_failed_mlflow_run_and_nothing_is_registered(augm
 
     project = tmp_path / "project"
     project.mkdir()
-    cfg = load_config(REPO, [*QUICK, "train.lr=1e6"])
+    # dcgan: the family that diverges at this learning rate (resgan's spectral norm keeps it bounded).
+    cfg = load_config(REPO, [*QUICK, "train.model=dcgan", "train.lr=1e6"])
     with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+: exploding gradient") as info:
         train.run(cfg, augmented, project / "models" / "m", project / "checkpoints" / "m", quiet=True,
                   project_dir=project)
@@ -54,6 +55,7 @@ def test_diverged_training_is_a_failed_mlflow_run_and_nothing_is_registered(augm
     assert tags["aigc.error"] == str(error) and tags["aigc.error_type"] == "TrainingDiverged"
     assert tags["aigc.failed_step"] == str(error.step) and tags["aigc.stage"] == "train"
     assert params["train.lr"] == "1000000.0" and params["train.model"] == "dcgan"
+    assert tags["aigc.training"] == "live" and run.info.end_time is not None
     for name in ("loss_d", "loss_g", "grad_norm_d"):
         history = client.get_metric_history(run.info.run_id, f"train/{name}")
         assert [m.step for m in history] == list(range(1, error.step))

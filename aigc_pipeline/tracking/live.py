@@ -1,0 +1,234 @@
+"""The MLflow run of a training, written while it trains: the train stage's side of the trainer's callbacks.
+
+The trainer (:mod:`aigc_pipeline.training.loop`) knows nothing of MLflow; the train stage hands
+it callbacks that call a :class:`TrainingRun`:
+
+- ``on_start`` opens the run (:meth:`TrainingRun.start`): params (resolved hyperparameters
+  included), the dataset inputs, tags (``aigc.train_key`` among them), system metrics on
+  (``log_system_metrics=True``: CPU, memory, disk, network, and GPUs through ``nvidia-ml-py``);
+- ``on_metrics`` streams the per-step losses and gradient norms (``train/*``), sent every
+  couple of seconds, with the time they were measured;
+- ``on_epoch_end`` logs the epoch's means, learning rates and images/s (``train_epoch/*``) and
+  the fixed-noise grid as an MLflow image (``mlflow.log_image(key="samples", step=...)``: the
+  charts view shows it in an image grid with a step slider);
+- FID over training (``fid_progress_<protocol>``) is logged as each point is measured.
+
+Every curve is indexed by the global training step. When the model folder is written,
+:meth:`TrainingRun.finish` tags the run with the weights' sha256 (how evaluate and register find
+it: :mod:`aigc_pipeline.tracking.runs`) and ends it FINISHED. A training that raises ends the run
+FAILED (TrainingDiverged: with the losses up to the bad step and the error as tags) or KILLED
+(Ctrl-C, SIGTERM), never leaving it RUNNING; only a process killed outright (SIGKILL, a lost
+machine) can leave it RUNNING.
+
+**Resume continues the run.** A training that resumes from a checkpoint (``resumed_from`` > 0)
+continues the newest run with the same training key that has no weights yet (killed, failed or
+still marked RUNNING because its process died), if its params agree: the run goes back to
+RUNNING, steps it already holds are not logged again, the steps between what it holds and the
+checkpoint are logged from the checkpoint's records when training ends, and it ends as this
+session ends. A training that starts from step 0 opens a new run; a run with its key still
+marked RUNNING is then set KILLED and tagged ``aigc.superseded_by`` with the new run's id.
+
+``AIGC_LIVE_TRACKING=0`` turns this off (training where MLflow cannot be reached): register then
+creates the run and logs the training from the model folder.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping
+
+from aigc_pipeline.config import Config
+from aigc_pipeline.tracking import runs
+
+LIVE_ENV = "AIGC_LIVE_TRACKING"
+_FLUSH_SECONDS = 2.0  # per-step metrics are sent at most this often (and at every epoch's end)
+_FLUSH_METRICS = 900  # ... or when this many are waiting (MLflow's log_batch takes 1000)
+
+
+def enabled() -> bool:
+    """Live tracking is on unless ``AIGC_LIVE_TRACKING=0``."""
+    return os.environ.get(LIVE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+class TrainingRun:
+    """The MLflow side of one training session; a context manager around the trainer's call.
+
+    ``key`` is the training key (the checkpoint folder's config hash), ``hparams`` the resolved
+    hyperparameters (model.json's ``hparams``). On leaving the ``with`` block through an
+    exception the run ends FAILED or KILLED; the exception always propagates.
+    """
+
+    def __init__(self, project_dir: Path | str, cfg: Config, *, key: str, hparams: Mapping[str, Any]) -> None:
+        self.project_dir, self.cfg, self.key = Path(project_dir), cfg, key
+        self.params = runs.flat_params(cfg, resolved=dict(hparams))
+        self.run_id: str | None = None
+        self.step = 0
+        self.resumed_from = 0
+        self.logged_until = 0  # steps up to this one were in the run before this session
+        self._streamed_until = 0  # ... and up to this one, per-step records streamed by this session
+        self._images: set[int] = set()
+        self._pending: list[Any] = []
+        self._last_send = 0.0
+        self._store = None
+        self._client = None
+        self._experiment_id: str | None = None
+        self._ended = False
+
+    # -- the with block ------------------------------------------------------------------------
+
+    def __enter__(self) -> "TrainingRun":
+        from mlflow import MlflowClient
+
+        from aigc_pipeline.tracking.store import use_store
+
+        self._store = use_store(self.project_dir, self.cfg.register.experiment)
+        self._experiment_id = self._store.__enter__()
+        self._client = MlflowClient()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc is not None and self.run_id is not None and not self._ended:
+                try:
+                    self.fail(exc)
+                except Exception as record_error:  # the training's own error stays the one raised
+                    exc.add_note(f"also: recording the failure in MLflow run {self.run_id} failed: {record_error!r}")
+            elif self.run_id is not None and not self._ended:
+                # A bug in the caller, not a training outcome: say so rather than leave it RUNNING.
+                self.fail(RuntimeError("the train stage ended without finishing its MLflow run"))
+        finally:
+            self._store.__exit__(None, None, None)
+        return False
+
+    # -- trainer callbacks ---------------------------------------------------------------------
+
+    def start(self, info: Mapping[str, Any]) -> None:
+        """``on_start``: open (or continue) the run."""
+        import mlflow
+
+        client = self._client
+        self.resumed_from = self.step = int(info.get("resumed_from") or 0)
+        tags = {**runs.run_tags(self.cfg, "train"), runs.TRAIN_KEY_TAG: self.key,
+                runs.TRAINING_TAG: "live", "aigc.resumed_from": str(self.resumed_from),
+                "aigc.speed": str(info.get("speed", ""))[:500]}
+        previous = client.search_runs([self._experiment_id],
+                                      filter_string=f"tags.`{runs.TRAIN_KEY_TAG}` = '{self.key}'",
+                                      order_by=["attributes.start_time DESC"], max_results=1)
+        previous = previous[0] if previous else None
+        if (previous is not None and self.resumed_from > 0 and runs.WEIGHTS_TAG not in previous.data.tags
+                and not runs.params_conflict(previous.data.params, self.params)):
+            run = mlflow.start_run(run_id=previous.info.run_id, tags=tags, log_system_metrics=True)
+            self.run_id = run.info.run_id
+            self.logged_until = runs.logged_step(client, self.run_id)
+            self._images = runs.logged_image_steps(client, self.run_id, runs.SAMPLES_KEY)
+            print(f"  train: continuing MLflow run {self.run_id} (it holds steps up to {self.logged_until})",
+                  file=sys.stderr, flush=True)
+        else:
+            run = mlflow.start_run(experiment_id=self._experiment_id, run_name=f"{self.cfg.model_name}-{self.key[:8]}",
+                                   tags=tags, log_system_metrics=True)
+            self.run_id = run.info.run_id
+            if previous is not None and previous.info.status == "RUNNING":
+                client.set_tag(previous.info.run_id, "aigc.superseded_by", self.run_id)
+                client.set_terminated(previous.info.run_id, status="KILLED")
+        runs.log_params(client, self.run_id, self.params)
+        from aigc_pipeline.tracking.datasets import log_dataset_inputs
+        from aigc_pipeline.tracking.store import ui_url
+
+        log_dataset_inputs(client, self.run_id, self.project_dir, self.cfg.dataset, self.cfg.evaluate.reference_split,
+                           ui=ui_url(mlflow.get_tracking_uri()))
+
+    def progress(self, step: int, total: int, epoch: int) -> None:
+        """``on_progress``: where training is (the step the epoch records and grids are logged at)."""
+        self.step = step
+
+    def metrics(self, step: int, scalars: Mapping[str, float]) -> None:
+        """``on_metrics``: one step's losses and gradient norms, sent in batches."""
+        if step > self.logged_until:
+            self._queue({f"train/{k}": v for k, v in scalars.items()}, step)
+            self._streamed_until = max(self._streamed_until, step)
+
+    def epoch(self, epoch: int, grid: Any, stats: Mapping[str, float]) -> None:
+        """``on_epoch_end``: the epoch's stats and, when drawn, its grid (an image at this step)."""
+        step = self.step
+        if step > self.logged_until:
+            self._queue({"train_epoch/epoch": float(epoch), **{f"train_epoch/{k}": v for k, v in stats.items()}}, step)
+        self.send()
+        if grid is not None and step not in self._images and step > self.logged_until:
+            from aigc_pipeline.images import make_grid
+
+            runs.log_grid(self._client, self.run_id, make_grid(grid), runs.SAMPLES_KEY, step)
+            self._images.add(step)
+
+    def fid(self, name: str, value: float) -> None:
+        """A point of FID over training, measured now (at the current step)."""
+        if self.step > self.logged_until and math.isfinite(value):
+            self._queue({name: value}, self.step)
+            self.send()
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def finish(self, *, model: Path, steps: int, stopped: bool) -> str:
+        """The model folder is written: log what this session did not stream (steps between what the
+        run held and the checkpoint resumed from), tag the weights, end the run FINISHED."""
+        import mlflow
+
+        from aigc_pipeline.io import sha256_file
+        from aigc_pipeline.models.export import WEIGHTS_FILE
+
+        self.send()
+        if self.resumed_from > self.logged_until:
+            runs.log_training_files(self._client, self.run_id, Path(model), after=self.logged_until,
+                                    upto=self.resumed_from)
+        tags = {runs.WEIGHTS_TAG: sha256_file(Path(model) / WEIGHTS_FILE), "aigc.steps": str(steps)}
+        if stopped:
+            tags["aigc.stopped_at_step"] = str(steps)
+        for k, v in tags.items():
+            self._client.set_tag(self.run_id, k, v)
+        mlflow.end_run(status="FINISHED")
+        self._ended = True
+        return self.run_id
+
+    def fail(self, error: BaseException) -> None:
+        """End the run KILLED (an interruption) or FAILED, with the error as tags; a diverged
+        training's losses up to the bad step are logged first."""
+        import mlflow
+
+        from aigc_pipeline.errors import TrainingDiverged
+
+        killed = isinstance(error, KeyboardInterrupt)
+        try:
+            self.send()
+            if isinstance(error, TrainingDiverged) and error.history:
+                runs.log_step_metrics(self._client, self.run_id, error.history,
+                                      after=max(self.logged_until, self._streamed_until))
+            tags = {"aigc.error_type": type(error).__name__, "aigc.error": str(error)[:runs._MAX_TAG]}
+            if isinstance(error, TrainingDiverged) and error.step is not None:
+                tags["aigc.failed_step"] = str(error.step)
+            for k, v in tags.items():
+                self._client.set_tag(self.run_id, k, v)
+        finally:
+            mlflow.end_run(status="KILLED" if killed else "FAILED")
+            self._ended = True
+        print(f"  train: recorded as {'KILLED' if killed else 'FAILED'} MLflow run {self.run_id}", file=sys.stderr,
+              flush=True)
+
+    # -- batching ------------------------------------------------------------------------------
+
+    def _queue(self, values: Mapping[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, float(v), now, int(step)) for k, v in values.items()]
+        if len(self._pending) >= _FLUSH_METRICS or time.monotonic() - self._last_send >= _FLUSH_SECONDS:
+            self.send()
+
+    def send(self) -> None:
+        """Send the waiting metrics now."""
+        while self._pending:
+            batch, self._pending = self._pending[:_FLUSH_METRICS], self._pending[_FLUSH_METRICS:]
+            self._client.log_batch(self.run_id, metrics=batch)
+        self._last_send = time.monotonic()
