@@ -48,10 +48,11 @@ def logged_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
         uri = mlflow.get_tracking_uri()
         work = base / "work"
         work.mkdir()
-        info = register._log_model(work, folder, read_model_meta(folder), name="tiny-dcgan", evaluation=Evaluation({}, {}),
-                                   params={}, lineage={}, problems=[], run_id=run.info.run_id,
-                                   limits={"max_images_per_request": rcfg.max_images_per_request,
-                                           "max_images_per_row": rcfg.max_images_per_row})
+        info, _ = register._log_model(work, folder, read_model_meta(folder), name="tiny-dcgan",
+                                      evaluation=Evaluation({}, {}), params={}, lineage={}, problems=[],
+                                      run_id=run.info.run_id, ui="http://127.0.0.1:5000",
+                                      limits={"max_images_per_request": rcfg.max_images_per_request,
+                                              "max_images_per_row": rcfg.max_images_per_row})
     return uri, info.model_uri
 
 
