@@ -118,8 +118,26 @@ def log_prepared_dataset(project_dir: Path | str, name: str, *, context: str = "
         mlflow.log_artifact(str(path / artifact), f"datasets/{name}")
     dataset = PreparedDataset(path, name=name, digest=recorded, profile=profile,
                               labelled=bool(meta["classes"]))
-    mlflow.log_input(dataset, context=context, tags={"dvc.stage": stage, "aigc.source": str(report["source"])})
+    _log_input(dataset, context=context, tags={"dvc.stage": stage, "aigc.source": str(report["source"])})
     return LoggedDataset(name=name, digest=recorded, path=path, profile=profile)
+
+
+def _log_input(dataset: Dataset, **kwargs: Any) -> None:
+    """``mlflow.log_input``, once more if a concurrent registration inserted the same dataset first.
+
+    MLflow's SQL store looks the dataset up, then inserts it: two runs logging a new dataset at
+    the same moment both insert, and the second fails on the unique key (experiment, name,
+    digest). Then the row exists, and a second call links to it.
+    """
+    from mlflow.exceptions import MlflowException
+
+    try:
+        mlflow.log_input(dataset, **kwargs)
+    except MlflowException as exc:
+        text = str(exc)
+        if not ("dataset" in text and ("duplicate key" in text or "UNIQUE constraint failed" in text)):
+            raise
+        mlflow.log_input(dataset, **kwargs)
 
 
 class PreparedDataset(Dataset):

@@ -46,13 +46,27 @@ def use_store(project_dir: Path | str, experiment: str) -> Iterator[str]:
             location = None
             if is_embedded(uri):
                 location = (Path(project_dir).resolve() / MLFLOW_DIR / "artifacts").as_uri()
-            exp_id = mlflow.create_experiment(experiment, artifact_location=location)
+            exp_id = _create_experiment(experiment, location)
         else:
             exp_id = exp.experiment_id
         mlflow.set_experiment(experiment_id=exp_id)
         yield exp_id
     finally:
         _restore_uris(saved_env)
+
+
+def _create_experiment(experiment: str, location: str | None) -> str:
+    """Create ``experiment``; if another process created it since we looked, use that one."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.create_experiment(experiment, artifact_location=location)
+    except MlflowException as exc:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
+            raise
+        return exp.experiment_id
 
 
 @contextlib.contextmanager
