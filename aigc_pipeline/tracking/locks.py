@@ -235,7 +235,8 @@ def _advisory_key(name: str) -> int:
 
 
 def _holder() -> dict[str, object]:
-    return {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {"host": socket.gethostname(), "pid": os.getpid(),
+            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
 # --- the three locks ---------------------------------------------------------------------------

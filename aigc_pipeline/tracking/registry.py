@@ -73,7 +73,7 @@ def store_uri(client: Any) -> str:
 
 @contextlib.contextmanager
 def locked(client: Any, name: str) -> Iterator[Any]:
-    """Hold registered model ``name``'s lock (re-entrant); yields the :class:`~aigc_pipeline.tracking.locks.LockPlan`."""
+    """Hold registered model ``name``'s lock (re-entrant); yields its :class:`~.locks.LockPlan`."""
     from aigc_pipeline.tracking.locks import registry_lock
 
     with registry_lock(store_uri(client), name) as plan:
@@ -219,7 +219,8 @@ def rollback(client: Any, name: str, *, reason: str | None = None, user: str | N
                 break
             del history[-2]  # deleted since it was champion
         if len(history) < 2:
-            raise RegistryError(f"{name}: no previous '{alias}' to roll back to (history: {','.join(history) or 'empty'})")
+            raise RegistryError(f"{name}: no previous '{alias}' to roll back to "
+                                f"(history: {','.join(history) or 'empty'})")
         target = history[-2]
         now = _now()
         why = (reason or "").strip() or "no reason given"
@@ -333,8 +334,9 @@ def undo_moves(client: Any, name: str, version: str, *, champion_alias: str = "c
     An alias goes back to the version its ``aigc.alias_moved.ALIAS`` tag recorded (removed if it
     recorded none). An alias pointing at ``version`` with no record (moved by an older release)
     goes to ``fallback[alias]``. Where that version no longer exists, or for a champion alias with
-    no record, the champion alias goes back along the champion history; any other alias is removed. Aliases moved again since are left where they are.
-    The records are dropped: the version no longer holds what they describe.
+    no record, the champion alias goes back along the champion history; any other alias is
+    removed. Aliases moved again since are left where they are. The records are dropped: the
+    version no longer holds what they describe.
     """
     version = str(version)
     with locked(client, name):

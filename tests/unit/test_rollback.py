@@ -83,10 +83,9 @@ def test_discard_version_puts_back_the_challenger_it_took(client, tmp_path: Path
     v2 = _register(client, tmp_path, "flow-2", alias="challenger")
     v3 = _register(client, tmp_path, "flow-3", alias="challenger")  # a candidate that then fails
     assert _aliases(client) == {"champion": v1, "challenger": v3}
-    assert client.get_model_version(NAME, v3).tags[registry.MOVED_PREFIX + "challenger"] == v2
     done = registry.discard_version(client, NAME, v3)
-    assert done.restored == {"challenger": v2} and not done.removed and not done.left
     assert _aliases(client) == {"champion": v1, "challenger": v2} and _versions(client) == [v1, v2]
+    assert done.restored == {"challenger": v2} and not done.removed and not done.left
 
     # One that had taken the champion: the champion goes back, the version leaves the history.
     v4 = _register(client, tmp_path, "flow-4", alias="champion")
@@ -106,9 +105,10 @@ def test_discard_version_leaves_an_alias_moved_since_alone(client, tmp_path: Pat
     v2 = _register(client, tmp_path, "flow-2", alias="challenger")
     v3 = _register(client, tmp_path, "flow-3", alias="challenger")
     v4 = _register(client, tmp_path, "flow-4", alias="challenger")  # took it from v3 since
+    assert client.get_model_version(NAME, v4).tags[registry.MOVED_PREFIX + "challenger"] == v3  # the record
     done = registry.discard_version(client, NAME, v3)
-    assert done.left == {"challenger": v4} and not done.restored and not done.removed
     assert _aliases(client) == {"champion": v1, "challenger": v4} and _versions(client) == [v1, v2, v4]
+    assert done.left == {"challenger": v4} and not done.restored and not done.removed
 
 
 def test_rollback_leaves_a_concurrent_promote_alone(client, tmp_path: Path) -> None:
@@ -121,11 +121,11 @@ def test_rollback_leaves_a_concurrent_promote_alone(client, tmp_path: Path) -> N
     registry.promote(client, NAME, v2, reason="reviewed by hand", user="tester")
     assert _aliases(client) == {"champion": v2} and registry.champion_history(client, NAME) == [v1, v3, v2]
     report = roll_back(client, before, EXPERIMENT, "flow-b")
+    assert _aliases(client) == {"champion": v2}  # the promotion stands (the snapshot said champion=v1)
+    assert registry.champion_history(client, NAME) == [v1, v2] and _versions(client) == [v1, v2]
     assert report.deleted_versions == [v3]
     assert report.left_aliases == {"champion": v2} and not report.restored_aliases and not report.removed_aliases
     assert "left champion=v2 alone" in report.describe()
-    assert _aliases(client) == {"champion": v2}  # the promotion stands (the snapshot said champion=v1)
-    assert registry.champion_history(client, NAME) == [v1, v2] and _versions(client) == [v1, v2]
 
     # One that took the (unset) challenger, while another registration took the champion since:
     # the challenger is unset again, the other registration's champion is untouched.
