@@ -17,6 +17,9 @@ Prefect global concurrency limit), odd rounds the server's backend database
 
 Without the lock both processes read the same champion: both are promoted and the last one to
 move the alias wins, often the worse one, and one of the two history entries is lost.
+
+A second test holds each of the two server-side locks from another process: a second taker
+times out naming the holder, and a SIGKILLed holder frees it (the Prefect slot after its lease).
 """
 
 from __future__ import annotations
@@ -180,3 +183,53 @@ def test_two_registrations_at_once_are_decided_one_after_the_other(shared: Serve
     print(f"{ROUNDS} rounds: wall per round median {statistics.median(walls):.1f} s (max {max(walls):.1f} s); "
           f"better first in {firsts.count('better')}, good first in {firsts.count('good')}")
     assert _state(client)["aliases"]["champion"] == v["better"]
+
+
+# Holds registered model sys.argv[2]'s lock for store sys.argv[1] (kind from the environment), says so, sleeps.
+HOLDER = """
+import sys, time
+from aigc_pipeline.tracking.locks import registry_lock
+with registry_lock(sys.argv[1], sys.argv[2]) as plan:
+    print("held", plan.kind, flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_held_lock_times_out_naming_its_holder_and_a_killed_holder_frees_it(shared: Servers) -> None:
+    """The PostgreSQL and Prefect locks across processes: a second taker times out with a message
+    naming the holder or the limit; once the holder is SIGKILLed, the advisory lock is free at
+    once and the Prefect slot after its lease; a limit edited to 2 slots is refused."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitUpdate
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    from aigc_pipeline.tracking.locks import LOCK_ENV, RegistryLockError, RegistryLockTimeout, registry_lock
+
+    name, store = "lock-probe", shared.mlflow_url
+    for kind, env in (("postgres", {LOCK_ENV: shared.mlflow_db}), ("prefect", {"PREFECT_API_URL": shared.prefect_api})):
+        holder = subprocess.Popen([str(servers.BIN / "python"), "-c", HOLDER, store, name], stdout=subprocess.PIPE,
+                                  text=True, env=servers.clean_env(**env))
+        try:
+            assert holder.stdout is not None and holder.stdout.readline().split() == ["held", kind]
+            with temporary_settings({PREFECT_API_URL: shared.prefect_api}):
+                expected = r"by backend pid \d+ \('aigc registry lock lock-probe' from 127.0.0.1" if kind == "postgres" \
+                    else r"aigc-registry-lock-probe on http://127.0.0.1:\d+/api is still held after 2 s"
+                with pytest.raises(RegistryLockTimeout, match=expected):
+                    with registry_lock(store, name, timeout=2, env=env):
+                        pytest.fail(f"entered the {kind} lock another process holds")
+        finally:
+            holder.kill()
+            holder.wait()
+        started = time.monotonic()
+        with temporary_settings({PREFECT_API_URL: shared.prefect_api}):
+            with registry_lock(store, name, timeout=180, env=env):
+                freed = time.monotonic() - started
+        print(f"{kind} lock: free {freed:.1f} s after its holder was SIGKILLed")
+        assert freed < (2 if kind == "postgres" else 120)
+
+    with temporary_settings({PREFECT_API_URL: shared.prefect_api}):
+        with get_client(sync_client=True) as client:
+            client.update_global_concurrency_limit("aigc-registry-lock-probe", GlobalConcurrencyLimitUpdate(limit=2))
+        with pytest.raises(RegistryLockError, match="must be active with limit 1 .* limit 2"):
+            with registry_lock(store, name, timeout=5, env={"PREFECT_API_URL": shared.prefect_api}):
+                pytest.fail("entered a two-slot limit")
