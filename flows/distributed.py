@@ -20,7 +20,8 @@ Two flow runs never share a workspace: each has its own clone. I/O steps (DVC pu
 push, MLflow) retry with exponential backoff; a remote stage is retried only when its flow run
 crashed (its worker was lost), never when the stage itself failed, and the retry resumes from the
 checkpoint the lost worker mirrored to the DVC remote. A register step that fails is rolled back
-(its MLflow runs and versions deleted, aliases restored) before the error propagates.
+(its MLflow runs and versions deleted, the aliases they took put back where they still point at
+them) before the error propagates.
 """
 
 from __future__ import annotations
@@ -177,8 +178,9 @@ def register_stage(project: Path, stage: str, before: Any, extra_tags: dict[str,
     logger = get_run_logger()
     uri = tracking_uri(project)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    experiment = load_config(project).register.experiment
-    undone = roll_back(client, before, experiment, str(flow_run.id))
+    rcfg = load_config(project).register
+    experiment, champion = rcfg.experiment, rcfg.champion_alias
+    undone = roll_back(client, before, experiment, str(flow_run.id), champion_alias=champion)
     if undone.changed:
         logger.warning("undid an earlier attempt's partial registration: %s", undone.describe())
     # An earlier attempt may have written the receipt (and dvc.lock) before failing: without it DVC
@@ -194,7 +196,7 @@ def register_stage(project: Path, stage: str, before: Any, extra_tags: dict[str,
             client.set_model_version_tag(receipt["name"], receipt["version"], k, v)
         return outcome
     except BaseException:
-        report = roll_back(client, before, experiment, str(flow_run.id))
+        report = roll_back(client, before, experiment, str(flow_run.id), champion_alias=champion)
         logger.error("register failed; rolled back: %s", report.describe())
         raise
 

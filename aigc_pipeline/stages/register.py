@@ -3,12 +3,19 @@ protocol-named key, plots, grids, the model card and the pyfunc model), register
 the dataset's registered model (every family competes for the same ``champion``) and apply the
 promotion gate, quality bar included.
 
+Logging the run and the model needs no lock; creating the version, reading the champion, deciding
+and moving the alias happen in one section under the registered model's lock
+(``tracking/locks.py``), so two registrations at once are decided one after the other, the second
+against the champion the first left.
+
 A registration goes through states tagged on the version (``aigc.registration``: pending ->
 decided -> done) under a key hashing the model, its evaluation and the register settings. If
-anything fails after the version exists, the version is discarded (aliases and champion history
-restored) and the run ends FAILED; a process killed midway leaves a pending/decided version that
-the next attempt with the same key cleans up or finishes. So a retry is always safe, and a retry
-after success returns the version already registered instead of registering a duplicate.
+anything fails after the version exists, the version is discarded (the aliases it moved put back
+where they still point at it, champion history restored) and the run ends FAILED; a process
+killed midway leaves a pending version, which the next attempt with the same key discards, or a
+decided one, which it decides again against the champion of the moment (the aliases the killed
+attempt took are put back first). So a retry is always safe, and a retry after success returns
+the version already registered instead of registering a duplicate.
 """
 
 from __future__ import annotations
@@ -87,11 +94,14 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
             state = (earlier.tags or {}).get(registry.STATE_TAG)
             if state == registry.DONE:
                 return _finish(receipt, _result_from_version(client, earlier, uri, scored, rcfg, reused=True))
-            if state == registry.DECIDED:  # killed between the decision and the aliases
-                _apply(client, name, str(earlier.version), earlier.tags.get("aigc.decision", ""), rcfg)
-                client.set_model_version_tag(name, str(earlier.version), registry.STATE_TAG, registry.DONE)
-                return _finish(receipt, _result_from_version(client, client.get_model_version(name, str(earlier.version)),
-                                                             uri, scored, rcfg, reused=True))
+            if state == registry.DECIDED:  # killed after the decision: decide again, the champion may have changed
+                version = str(earlier.version)
+                with registry.locked(client, name):
+                    _decide_and_apply(client, name, version, earlier.run_id, scored, candidate=candidate,
+                                      problems=problems, below_bar=below_bar, rcfg=rcfg, again=True)
+                    result = _result_from_version(client, client.get_model_version(name, version), uri, scored, rcfg,
+                                                  reused=True)
+                return _finish(receipt, result)
             registry.discard_version(client, name, str(earlier.version), alias=rcfg.champion_alias)
 
         lineage = _lineage(project_dir)
@@ -118,35 +128,29 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                                                params=params, lineage=lineage, problems=problems, run_id=run_id,
                                                ui=ui, limits={"max_images_per_request": rcfg.max_images_per_request,
                                                               "max_images_per_row": rcfg.max_images_per_row})
-            version = None
+            version, left = None, "failed"
             try:
-                mv = mlflow.register_model(info.model_uri, name,
-                                           tags={**tags, registry.KEY_TAG: key, registry.STATE_TAG: registry.PENDING})
-                version = str(mv.version)
-                client.update_model_version(name, version, description=description)  # the model card
-                champion_version, champion = registry.champion_score(client, name, rcfg.champion_alias, pid)
-                if champion_version == version:  # cannot happen for a new version; guards the comparison
-                    champion_version, champion = None, None
-                # Not comparable: the champion's recorded protocol says what differs.
-                champion_protocol = _version_protocol(client, name, champion_version) \
-                    if champion_version is not None and champion is None else None
-                verdict = decide(candidate, problems, champion=champion, champion_version=champion_version,
-                                 margin=rcfg.gate_margin, noise_sigmas=rcfg.gate_noise_sigmas, protocol_id=pid,
-                                 below_bar=below_bar, candidate_protocol=scored.details.get("protocol"),
-                                 champion_protocol=champion_protocol)
-                for k, v in _decision_tags(verdict).items():
-                    mlflow.set_tag(k, v)
-                    client.set_model_version_tag(name, version, k, v)
-                client.set_model_version_tag(name, version, registry.STATE_TAG, registry.DECIDED)
-                _apply(client, name, version, verdict.decision, rcfg)
-                client.set_model_version_tag(name, version, registry.STATE_TAG, registry.DONE)
+                # Creating the version, deciding and moving its alias: one locked section per registered model,
+                # so two registrations never compare against the same champion (tracking/locks.py).
+                with registry.locked(client, name):
+                    try:
+                        mv = mlflow.register_model(info.model_uri, name, tags={**tags, registry.KEY_TAG: key,
+                                                                               registry.STATE_TAG: registry.PENDING})
+                        version = str(mv.version)
+                        client.update_model_version(name, version, description=description)  # the model card
+                        verdict = _decide_and_apply(client, name, version, run_id, scored, candidate=candidate,
+                                                    problems=problems, below_bar=below_bar, rcfg=rcfg)
+                        champion_now = registry.alias_version(client, name, rcfg.champion_alias)
+                    except BaseException:
+                        if version is not None:
+                            left = f"failed: version {version} left {registry.PENDING}/{registry.DECIDED} for a retry"
+                            registry.discard_version(client, name, version, alias=rcfg.champion_alias)
+                            left = "failed: version discarded"
+                        raise
             except BaseException:
-                if version is not None:
-                    registry.discard_version(client, name, version, alias=rcfg.champion_alias)
-                mlflow.set_tag("aigc.registration", "failed: version discarded" if version else "failed")
+                mlflow.set_tag("aigc.registration", left)
                 raise
             mlflow.set_tag("aigc.registration", f"done: version {version}")  # (a rolled-back attempt said otherwise)
-        champion_now = registry.alias_version(client, name, rcfg.champion_alias)
     fid = scored.value("fid")
     result = RegisterResult(name=name, version=version, run_id=run_id, champion=verdict.promote,
                             decision=verdict.decision, reason=verdict.reason, tracking_uri=uri,
@@ -155,6 +159,52 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                             family=meta["model"], floor_fid=scored.value("floor_fid"),
                             fid_ratio=scored.value("fid_ratio"), champion_version=champion_now)
     return _finish(receipt, result)
+
+
+def _decide_and_apply(client: Any, name: str, version: str, run_id: str, scored: Evaluation, *,
+                      candidate: Score | None, problems: list[str], below_bar: list[str], rcfg: Any,
+                      again: bool = False) -> Verdict:
+    """Under the registered model's lock: compare ``version`` with the champion as it is now, tag the
+    decision on the version and its run, move the alias it calls for, append it to the decision
+    history; the version ends ``done``. ``again``: a retry of a version decided before: unless it
+    holds the champion alias (that decision stands), the aliases it took are put back first
+    (compare-and-set) and its old ``aigc.gate.*`` tags replaced."""
+    from aigc_pipeline.tracking import registry
+
+    pid = scored.protocol_id or "none"
+    champion_version, champion = registry.champion_score(client, name, rcfg.champion_alias, pid)
+    if champion_version == version:
+        # Only a retry gets here: the earlier attempt had made it champion, and nobody has replaced it
+        # since (everyone after it compared against it): that decision stands.
+        tags = client.get_model_version(name, version).tags or {}
+        verdict = Verdict(tags.get(registry.DECISION_TAG, CHAMPION), tags.get("aigc.decision_reason", ""))
+        compared_with = tags.get("aigc.gate.champion_version")
+    else:
+        if again:  # e.g. the challenger alias it took, when it may now beat the champion
+            registry.undo_moves(client, name, version, champion_alias=rcfg.champion_alias)
+        # Not comparable: the champion's recorded protocol says what differs.
+        champion_protocol = _version_protocol(client, name, champion_version) \
+            if champion_version is not None and champion is None else None
+        verdict = decide(candidate, problems, champion=champion, champion_version=champion_version,
+                         margin=rcfg.gate_margin, noise_sigmas=rcfg.gate_noise_sigmas, protocol_id=pid,
+                         below_bar=below_bar, candidate_protocol=scored.details.get("protocol"),
+                         champion_protocol=champion_protocol)
+        new_tags = _decision_tags(verdict)
+        if again:
+            stale = [k for k in (client.get_model_version(name, version).tags or {})
+                     if k.startswith("aigc.gate.") and k not in new_tags]
+            for k in stale:
+                client.delete_model_version_tag(name, version, k)
+                client.delete_tag(run_id, k)
+        for k, v in new_tags.items():
+            client.set_tag(run_id, k, v)
+            client.set_model_version_tag(name, version, k, v)
+        compared_with = champion_version
+        client.set_model_version_tag(name, version, registry.STATE_TAG, registry.DECIDED)
+        _apply(client, name, version, verdict.decision, rcfg)
+    registry.record_decision(client, name, version, verdict.decision, compared_with)
+    client.set_model_version_tag(name, version, registry.STATE_TAG, registry.DONE)
+    return verdict
 
 
 def _apply(client: Any, name: str, version: str, decision: str, rcfg: Any) -> None:

@@ -199,11 +199,25 @@ def _split_dataset(prepared: Path, name: str, split: str, prepared_hash: str) ->
 
 
 def _log_input(client: Any, run_id: str, dataset: "PreparedDataset", context: str, tags: dict[str, str]) -> None:
+    """Log ``dataset`` as an input of the run; once more if a concurrent run inserted the same dataset first.
+
+    MLflow's SQL store looks the dataset up, then inserts it: two runs logging a new dataset at the
+    same moment both insert, and the second fails on the unique key (experiment, name, digest).
+    Then the row exists, and a second call links to it.
+    """
     from mlflow.entities import DatasetInput, InputTag
+    from mlflow.exceptions import MlflowException
     from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
     input_tags = [InputTag(MLFLOW_DATASET_CONTEXT, context)] + [InputTag(k, v) for k, v in tags.items()]
-    client.log_inputs(run_id, [DatasetInput(dataset._to_mlflow_entity(), tags=input_tags)])
+    inputs = [DatasetInput(dataset._to_mlflow_entity(), tags=input_tags)]
+    try:
+        client.log_inputs(run_id, inputs)
+    except MlflowException as exc:
+        text = str(exc)
+        if not ("dataset" in text and ("duplicate key" in text or "UNIQUE constraint failed" in text)):
+            raise
+        client.log_inputs(run_id, inputs)
 
 
 def _log_card(client: Any, run_id: str, card: Path, folder: str, ui: str | None) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from aigc_pipeline.tracking.registry import RegistryError, alias_version, move_alias
+from aigc_pipeline.tracking.registry import RegistryError, alias_version, locked, move_alias
 
 MIGRATED_TAG = "aigc.migrated_from"
 
@@ -53,12 +53,13 @@ def migrate(client: Any, source: str, target: str, *, alias: str = "champion") -
             client.set_model_version_tag(target, str(new.version), k, v)
         copied[str(mv.version)] = str(new.version)
     all_copies = {**done, **copied}
-    champion = alias_version(client, target, alias)
     carried = False
-    if champion is None and old_champion is not None and old_champion in all_copies:
-        champion = all_copies[old_champion]
-        move_alias(client, target, alias, champion, record_history=True)
-        carried = True
+    with locked(client, target):  # an alias move, decided on what the champion is now
+        champion = alias_version(client, target, alias)
+        if champion is None and old_champion is not None and old_champion in all_copies:
+            champion = all_copies[old_champion]
+            move_alias(client, target, alias, champion, record_history=True)
+            carried = True
     return Migration(source, target, copied, sorted(done, key=int), champion, carried)
 
 

@@ -3,9 +3,12 @@
 Before a flow run registers, :func:`snapshot` records the registered model's aliases. If the
 register step then fails (an MLflow call fails after the run or the version exists, say),
 :func:`roll_back` deletes the model versions and MLflow runs tagged with that flow run's id and
-puts every alias back where it was, so the champion is untouched. The flow run id tag is set
-when the MLflow run starts (by the train stage, or by register when it creates the run), so even
-a run that died early is found. A run the train stage opened (``aigc.training=live``) is the
+puts back the aliases those versions had taken, each only if it still points where the failed
+attempt left it (compare-and-set, under the registered model's lock): an ``aigc promote`` or
+another registration made since is left alone. The snapshot is only the fallback for an alias
+that points at a deleted version with no record of where it was before. The flow run id tag is
+set when the MLflow run starts (by the train stage, or by register when it creates the run), so
+even a run that died early is found. A run the train stage opened (``aigc.training=live``) is the
 record of the training, not of the registration: it is kept (tagged ``aigc.registration=rolled
 back``), only the versions registered from it are deleted.
 """
@@ -35,6 +38,7 @@ class RollbackReport:
     kept_runs: list[str] = field(default_factory=list)  # training runs: their versions deleted, the runs kept
     restored_aliases: dict[str, str] = field(default_factory=dict)
     removed_aliases: list[str] = field(default_factory=list)
+    left_aliases: dict[str, str] = field(default_factory=dict)  # moved by the attempt, moved again since
     deleted_model: bool = False
 
     @property
@@ -56,6 +60,9 @@ class RollbackReport:
             parts.append("restored " + ", ".join(f"{a}=v{v}" for a, v in self.restored_aliases.items()))
         if self.removed_aliases:
             parts.append(f"removed alias(es) {', '.join(self.removed_aliases)}")
+        if self.left_aliases:
+            parts.append("left " + ", ".join(f"{a}=v{v}" for a, v in self.left_aliases.items())
+                         + " alone (moved since the failed attempt)")
         if self.deleted_model:
             parts.append("deleted the registered model it had created")
         return "; ".join(parts)
@@ -91,28 +98,30 @@ def flow_run_mlflow_runs(client: Any, experiment: str, flow_run_id: str) -> list
     return [r.info.run_id for r in runs]
 
 
-def roll_back(client: Any, before: Snapshot, experiment: str, flow_run_id: str) -> RollbackReport:
-    """Remove what flow run ``flow_run_id`` registered and restore ``before``'s aliases."""
+def roll_back(client: Any, before: Snapshot, experiment: str, flow_run_id: str, *,
+              champion_alias: str = "champion") -> RollbackReport:
+    """Remove what flow run ``flow_run_id`` registered and put back the aliases it moved, where they
+    still point at its versions (``before``'s aliases only where nothing records more;
+    ``champion_alias`` falls back along the champion history)."""
+    from aigc_pipeline.tracking import registry
+
     report = RollbackReport()
     run_ids = set(flow_run_mlflow_runs(client, experiment, flow_run_id))
-    model = _get_model(client, before.name)
-    if model is not None:
-        versions = client.search_model_versions(f"name='{before.name}'")
-        for v in sorted(versions, key=lambda v: int(v.version)):
-            if v.run_id in run_ids:
-                client.delete_model_version(before.name, v.version)
-                report.deleted_versions.append(str(v.version))
-        current = snapshot(client, before.name).aliases
-        for alias, version in before.aliases.items():
-            if current.get(alias) != version:
-                client.set_registered_model_alias(before.name, alias, version)
-                report.restored_aliases[alias] = version
-        for alias in sorted(current.keys() - before.aliases.keys()):
-            client.delete_registered_model_alias(before.name, alias)
-            report.removed_aliases.append(alias)
-        if not before.exists and not client.search_model_versions(f"name='{before.name}'"):
-            client.delete_registered_model(before.name)
-            report.deleted_model = True
+    with registry.locked(client, before.name):
+        model = _get_model(client, before.name)
+        if model is not None:
+            versions = client.search_model_versions(f"name='{before.name}'")
+            for v in sorted(versions, key=lambda v: int(v.version)):
+                if v.run_id in run_ids:
+                    done = registry.discard_version(client, before.name, str(v.version), alias=champion_alias,
+                                                    fallback=before.aliases)
+                    report.deleted_versions.append(str(v.version))
+                    report.restored_aliases.update(done.restored)
+                    report.removed_aliases += done.removed
+                    report.left_aliases.update(done.left)
+            if not before.exists and not client.search_model_versions(f"name='{before.name}'"):
+                client.delete_registered_model(before.name)
+                report.deleted_model = True
     for run_id in sorted(run_ids):
         run = client.get_run(run_id)
         if run.data.tags.get(TRAINING_TAG) == "live":

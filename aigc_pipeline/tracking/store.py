@@ -82,8 +82,7 @@ def use_store(project_dir: Path | str, experiment: str) -> Iterator[str]:
             location = None
             if is_embedded(uri):
                 location = (store_root(project_dir) / MLFLOW_DIR / "artifacts").as_uri()
-            exp_id = mlflow.create_experiment(experiment, artifact_location=location,
-                                              tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+            exp_id = _create_experiment(experiment, location)
         else:
             exp_id = exp.experiment_id
             if (exp.tags or {}).get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
@@ -92,6 +91,21 @@ def use_store(project_dir: Path | str, experiment: str) -> Iterator[str]:
         yield exp_id
     finally:
         _restore_uris(saved_env)
+
+
+def _create_experiment(experiment: str, location: str | None) -> str:
+    """Create ``experiment``; if another process created it since we looked, use that one."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mlflow.create_experiment(experiment, artifact_location=location,
+                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+    except MlflowException as exc:
+        exp = mlflow.get_experiment_by_name(experiment)
+        if exc.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:
+            raise
+        return exp.experiment_id
 
 
 @contextlib.contextmanager

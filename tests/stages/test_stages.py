@@ -506,6 +506,75 @@ def test_register_failures_leave_nothing_half_registered_and_retries_are_safe(
     assert _aliases(client) == {"champion": "4", "challenger": "6"}
 
 
+def test_a_retry_of_a_decided_registration_decides_again_against_the_champion_of_the_moment(
+    cfg: Config, model: Path, evaluation: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A registration killed after its decision, retried after the champion changed: the retry
+    compares with the new champion instead of re-applying the old decision, and puts back the
+    alias the killed attempt had taken before deciding."""
+    project = tmp_path / "mlproject"
+    project.mkdir()
+    client = _client(project)
+    fid = _scores(evaluation)[1]["fid"]
+
+    def reg(label: str, **changes: Any) -> register.RegisterResult:
+        """Register the evaluation variant ``label`` (the same files again on a retry)."""
+        ev = tmp_path / f"ev-{label}"
+        if not ev.exists():
+            _variant(evaluation, ev, fid_std=0.5, **changes)
+        return register.run(cfg, model, ev, tmp_path / f"{label}.json", project_dir=project)
+
+    def killed(label: str, where: str, **changes: Any) -> None:
+        """Register, dying at ``where`` (no exception handler of ours runs, nothing is discarded)."""
+        with monkeypatch.context() as mp:
+            mp.setattr(registry, where, lambda *a, **k: (_ for _ in ()).throw(_Killed()))
+            mp.setattr(registry, "discard_version", lambda *a, **k: None)
+            with pytest.raises(_Killed):
+                reg(label, **changes)
+
+    def gate(version: str) -> tuple[str, str | None]:
+        tags = client.get_model_version(NAME, version).tags
+        return tags["aigc.decision"], tags.get("aigc.gate.champion_version")
+
+    assert reg("first", fid=fid).version == "1"
+    # v2 (better than v1) is decided champion, then killed before the alias moves.
+    killed("good", "move_alias", fid=fid - 50)
+    assert gate("2") == ("champion", "1") and client.get_model_version(NAME, "2").tags[registry.STATE_TAG] == "decided"
+    # Meanwhile v3, better still, registers and becomes champion.
+    assert reg("best", fid=fid - 100).champion
+    # The retry of v2 compares with v3 now: a challenger, not a second promotion over a better model.
+    retry = reg("good", fid=fid - 50)
+    assert retry.reused and retry.version == "2" and retry.decision == "challenger" and not retry.champion
+    assert "vs champion v3's" in retry.reason and "not better" in retry.reason
+    assert gate("2") == ("challenger", "3") and client.get_model_version(NAME, "2").tags[registry.STATE_TAG] == "done"
+    assert _aliases(client) == {"champion": "3", "challenger": "2"}
+    assert registry.champion_history(client, NAME) == ["1", "3"]
+    assert registry.decision_history(client, NAME) == [("1", "champion", None), ("3", "champion", "1"),
+                                                       ("2", "challenger", "3")]
+
+    # v4 (worse than v3) is decided challenger and takes the challenger alias from v2, then is
+    # killed before it is done; meanwhile a worse model (v5) is promoted by hand.
+    killed("fair", "record_decision", fid=fid - 20)
+    assert gate("4") == ("challenger", "3") and _aliases(client) == {"champion": "3", "challenger": "4"}
+    weak = reg("weak", fid=fid + 50)
+    assert weak.decision == "challenger" and _aliases(client) == {"champion": "3", "challenger": "5"}
+    registry.promote(client, NAME, "5", reason="reviewed by hand")
+    # The retry of v4 compares with v5: champion now.
+    retry = reg("fair", fid=fid - 20)
+    assert retry.version == "4" and retry.decision == "champion" and "vs champion v5's" in retry.reason
+    assert gate("4") == ("champion", "5") and _aliases(client) == {"champion": "4"}
+    assert registry.champion_history(client, NAME) == ["1", "3", "5", "4"]
+    assert registry.decision_history(client, NAME)[-2:] == [("5", "challenger", "3"), ("4", "champion", "5")]
+
+    # A decided champion whose alias move went through before the kill stays champion on retry.
+    killed("top", "record_decision", fid=fid - 200)
+    assert _aliases(client) == {"champion": "6"}
+    retry = reg("top", fid=fid - 200)
+    assert retry.version == "6" and retry.champion and gate("6") == ("champion", "4")
+    assert registry.champion_history(client, NAME) == ["1", "3", "5", "4", "6"]
+    assert registry.decision_history(client, NAME)[-1] == ("6", "champion", "4")
+
+
 def test_register_refuses_to_compare_across_feature_pass_versions_and_says_why(
         cfg: Config, model: Path, evaluation: Path, tmp_path: Path) -> None:
     """A champion evaluated with torch-fidelity 0.4.0 and a candidate evaluated as after an upgrade:
