@@ -16,14 +16,15 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install run test test-fast bench mlflow-ui prefect-ui clean
+.PHONY: help install run test test-fast bench mlflow-ui prefect-ui screenshots clean
 
 help:
 	@echo "make run        run the whole pipeline (Prefect flow over the DVC stages) on the embedded default"
 	@echo "make test       run the test suite"
 	@echo "make bench      run the benchmarks, write bench/results/*.json and bench/RESULTS.md"
 	@echo "make mlflow-ui  MLflow UI on the project's store (http://127.0.0.1:5000)"
-	@echo "make prefect-ui Prefect UI on the project's embedded database (http://127.0.0.1:4200)"
+	@echo "make prefect-ui Prefect UI on the project's embedded database (http://127.0.0.1:4200; PREFECT_UI_PORT=P for another)"
+	@echo "make screenshots regenerate docs/screenshots/*.png: a fresh aigc run, both UIs in headless Chromium"
 
 .tools/uv/bin/uv:
 	python3 -m pip install --isolated --quiet --disable-pip-version-check --target .tools/uv uv
@@ -49,8 +50,15 @@ bench: install
 mlflow-ui: install
 	$(RUN) mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow/mlflow.db --host 127.0.0.1 --port 5000
 
+# The UI's JavaScript calls the API on PREFECT_SERVER_API_PORT (default 4200), not on --port.
+PREFECT_UI_PORT ?= 4200
 prefect-ui: install
-	PREFECT_HOME=$(CURDIR)/.prefect $(RUN) prefect server start --host 127.0.0.1 --port 4200
+	PREFECT_HOME=$(CURDIR)/.prefect PREFECT_SERVER_API_PORT=$(PREFECT_UI_PORT) \
+		$(RUN) prefect server start --host 127.0.0.1 --port $(PREFECT_UI_PORT)
+
+# SCREENSHOTS_ARGS: --quick (the tests' fast settings) or --project . (the stores of an earlier `make run`).
+screenshots: install
+	$(RUN) python -m tools.screenshots $(SCREENSHOTS_ARGS)
 
 clean:
 	rm -rf .venv .tools .prefect mlflow checkpoints data models eval registry dvc.lock .dvc/cache .dvc/tmp

@@ -179,20 +179,19 @@ def _cmd_register(args: argparse.Namespace) -> Any:
 
 
 def _cmd_run(args: argparse.Namespace) -> Any:
-    from aigc_pipeline.config import load_config, write_overrides_to_params
-
-    overrides = list(args.overrides) + ([f"dataset={args.dataset}"] if args.dataset else [])
+    from aigc_pipeline.config import load_config
     from aigc_pipeline.pipeline import check_dvc_inputs
 
-    check_dvc_inputs(load_config(args.project, overrides))  # fail fast, before Prefect starts
-    if overrides:
-        # Like `dvc exp run -S`: the override is written to params.yaml, so dvc.lock records
-        # exactly what ran and `dvc status` stays truthful afterwards.
-        write_overrides_to_params(args.project, overrides)
-        print(f"params.yaml updated: {', '.join(overrides)}", file=sys.stderr)
+    overrides = ([f"dataset={args.dataset}"] if args.dataset else []) + list(args.overrides)
+    cfg = load_config(args.project, overrides)
+    check_dvc_inputs(cfg)  # fail fast, before Prefect starts
     from flows.retrain import retrain
 
-    summary = retrain(project_dir=str(Path(args.project).resolve()))
+    # The flow's parameters say what it trains (the resolved dataset and family) and the --set
+    # overrides; its first task writes them to params.yaml, like `dvc exp run -S`, so dvc.lock
+    # records exactly what ran and `dvc status` stays truthful afterwards.
+    summary = retrain(project_dir=str(Path(args.project).resolve()), dataset=cfg.dataset, model=cfg.train.model,
+                      overrides=list(args.overrides))
     print(summary["line"])
     return summary
 

@@ -122,7 +122,8 @@ def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOu
 
     project = Path(project_dir)
     receipt = json.loads((project / _one(register.outputs, ".json")).read_text())
-    scored = read_evaluation((project / _one(evaluate.outputs, "metrics.json")).parent)
+    evaluation_dir = (project / _one(evaluate.outputs, "metrics.json")).parent
+    scored = read_evaluation(evaluation_dir)
     protocol = scored.protocol_id or "no protocol"
     verdict = receipt.get("decision") or ("champion" if receipt["champion"] else "not promoted")
     std = receipt.get("fid_std")
@@ -137,7 +138,7 @@ def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOu
         f"{verdict} ({receipt['reason']}); {serving}. MLflow: {receipt['tracking_uri']} (run {receipt['run_id']})"
     )
     return {"line": line, "receipt": receipt, "metrics": scored.metrics, "details": scored.details,
-            "champion_version": champion}
+            "champion_version": champion, "evaluation_dir": str(evaluation_dir)}
 
 
 def summary_markdown(summary: dict[str, Any]) -> str:

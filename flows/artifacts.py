@@ -1,28 +1,47 @@
-"""The Prefect artifacts every retraining flow run publishes, linking the run to MLflow.
+"""The Prefect artifacts every retraining flow run publishes, keyed per registered model.
 
-- ``retrain-summary`` (markdown): model version, decision and reason, FID with its protocol,
-  dataset and its content digest (the dataset version), and the lineage the MLflow run carries;
-- ``mlflow-run`` (link): the MLflow run (its tags link back with ``prefect.flow_run_id``);
-- ``sample-grid`` (image): the evaluation's sample grid, served by the MLflow server.
+For registered model ``digits`` (keys: lowercase letters, digits and dashes, see
+:func:`flows.describe.artifact_key`):
 
-For the embedded SQLite store the links point at ``make mlflow-ui`` (http://127.0.0.1:5000),
-or at ``AIGC_MLFLOW_UI_URL`` when set.
+- ``digits-summary`` (markdown): model version, decision and reason, FID with its protocol and
+  the data's floor, dataset and its content digest, and the lineage the MLflow run carries;
+- ``digits-samples`` (markdown): the evaluation's sample grid, inline as a ``data:`` PNG, so it
+  renders in the Prefect UI with no other server running;
+- ``digits-metrics`` (table): FID, KID, precision and recall of the model against the floor
+  (real training images scored exactly like the samples: what a perfect model would get);
+- ``digits-mlflow-run`` (link): the MLflow run (its tags link back with ``prefect.flow_run_id``);
+- ``digits-training`` (progress): created by the train task while it trains (flows/stage_logs.py).
+
+Runs of another registered model keep their own latest artifacts. The MLflow links point at
+``make mlflow-ui`` (http://127.0.0.1:5000) for the embedded SQLite store, or at
+``AIGC_MLFLOW_UI_URL`` when set; nothing else in the artifacts needs a server.
 """
 
 from __future__ import annotations
 
+import base64
+import io
 import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from prefect.artifacts import create_image_artifact, create_link_artifact, create_markdown_artifact
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from aigc_pipeline.pipeline import summary_markdown
+from flows.describe import artifact_key
 
 UI_ENV = "AIGC_MLFLOW_UI_URL"
 LOCAL_UI = "http://127.0.0.1:5000"  # `make mlflow-ui`
-GRID_ARTIFACT = "evaluation/samples.png"  # where stages/register.py logs the evaluation's grid
+# MLflow 3.17's UI opens every experiment on its GenAI overview (traces, tokens, cost) unless the
+# browser's workflow toggle says "Model training"; the experiment's `mlflow.experimentKind` tag
+# does not change that. Links carry the toggle, so they open on the training runs.
+TRAINING_VIEW = "workflowType=machine_learning"
+GRID_FILE = "samples.png"  # the evaluation's sample grid, beside its metrics.json
+GRID_MIN_WIDTH = 384  # smaller grids are enlarged (nearest neighbour, integer factor) to be legible
 LINEAGE_PREFIXES = ("git.", "dvc.", "prefect.", "aigc.run_ref", "aigc.data_digest")
+TABLE_METRICS = (("fid", "FID", "lower is better"), ("kid", "KID", "lower is better"),
+                 ("precision", "precision", "higher is better"), ("recall", "recall", "higher is better"))
 
 
 def mlflow_ui(tracking_uri: str) -> str:
@@ -35,13 +54,12 @@ def mlflow_ui(tracking_uri: str) -> str:
 
 
 def links(receipt: dict[str, Any], experiment_id: str) -> dict[str, str]:
-    """MLflow UI links for a register receipt: run, model version and sample grid."""
+    """MLflow UI links for a register receipt: experiment, run and model version."""
     base = mlflow_ui(receipt["tracking_uri"])
-    run_id = receipt["run_id"]
     return {
-        "run": f"{base}/#/experiments/{experiment_id}/runs/{run_id}",
-        "version": f"{base}/#/models/{quote(receipt['name'])}/versions/{receipt['version']}",
-        "grid": f"{base}/get-artifact?path={quote(GRID_ARTIFACT)}&run_uuid={run_id}",
+        "experiment": f"{base}/#/experiments/{experiment_id}?{TRAINING_VIEW}",
+        "run": f"{base}/#/experiments/{experiment_id}/runs/{receipt['run_id']}?{TRAINING_VIEW}",
+        "version": f"{base}/#/models/{quote(receipt['name'])}/versions/{receipt['version']}?{TRAINING_VIEW}",
     }
 
 
@@ -61,7 +79,8 @@ def summary_with_lineage(summary: dict[str, Any], tags: dict[str, str], urls: di
     if digest:
         dataset = summary["details"].get("dataset")  # evaluation.json's (metrics.json holds numbers only)
         lines.append(f"- **dataset version**: `{dataset}` content digest `{digest}`")
-    lines.append(f"- **MLflow**: [run]({urls['run']}), [model version]({urls['version']})")
+    lines.append(f"- **MLflow**: [experiment]({urls['experiment']}), [run]({urls['run']}), "
+                 f"[model version]({urls['version']})")
     lineage = {k: v for k, v in sorted(tags.items()) if k.startswith(LINEAGE_PREFIXES)}
     lineage.update(extra or {})
     if lineage:
@@ -70,15 +89,68 @@ def summary_with_lineage(summary: dict[str, Any], tags: dict[str, str], urls: di
     return "\n".join(lines)
 
 
+def grid_data_uri(path: Path, min_width: int = GRID_MIN_WIDTH) -> str:
+    """The PNG at ``path`` as a ``data:image/png;base64,...`` URI, enlarged to ``min_width``."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        image.load()
+        factor = -(-min_width // image.width) if image.width < min_width else 1
+        if factor > 1:
+            image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+        buf = io.BytesIO()
+        image.save(buf, format="PNG", optimize=True)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def samples_markdown(summary: dict[str, Any], grid: Path) -> str:
+    """The evaluation's sample grid, inline, with what it was scored as."""
+    r, d = summary["receipt"], summary["details"]
+    protocol = (d.get("protocol") or {}).get("id", "no protocol")
+    fid = f"FID {r['fid']:.2f}" + (f" (floor {summary['metrics']['floor_fid']:.2f})"
+                                   if isinstance(summary["metrics"].get("floor_fid"), (int, float)) else "")
+    return "\n".join([
+        f"# {r['name']} v{r['version']} ({r.get('family') or d.get('model')}): samples",
+        "",
+        f"![{r['name']} v{r['version']} samples]({grid_data_uri(grid)})",
+        "",
+        f"The evaluation's sample grid (`{grid.name}`), scored {fid} under protocol `{protocol}`; "
+        f"decision: {r.get('decision')} ({r['reason']}).",
+    ])
+
+
+def metrics_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per metric: this model, the data's floor and model/floor (FID: how far from perfect)."""
+    m = summary["metrics"]
+    rows = []
+    for key, label, better in TABLE_METRICS:
+        value, floor = m.get(key), m.get(f"floor_{key}")
+        if not isinstance(value, (int, float)):
+            continue
+        has_floor = isinstance(floor, (int, float))
+        # KID's unbiased estimate of real-vs-real hovers around 0 (even below): no ratio for it.
+        ratio = round(float(value) / float(floor), 2) if has_floor and floor > 0 and key != "kid" else None
+        rows.append({"metric": label, "model": round(float(value), 4),
+                     "floor (real data)": round(float(floor), 4) if has_floor else None,
+                     "model / floor": ratio, "better": better})
+    return rows
+
+
 def publish(summary: dict[str, Any], *, extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Create the three artifacts for the current flow run; returns the MLflow links used."""
+    """Create the summary, samples, metrics and MLflow link artifacts for the current flow run;
+    returns the MLflow links used."""
     receipt = summary["receipt"]
     experiment_id, tags = run_details(receipt)
     urls = links(receipt, experiment_id)
-    create_markdown_artifact(markdown=summary_with_lineage(summary, tags, urls, extra), key="retrain-summary",
+    key = lambda what: artifact_key(receipt["name"], what)  # noqa: E731
+    version = f"{receipt['name']} v{receipt['version']}"
+    create_markdown_artifact(markdown=summary_with_lineage(summary, tags, urls, extra), key=key("summary"),
                              description=summary["line"])
-    create_link_artifact(link=urls["run"], link_text=f"MLflow run {receipt['run_id']} ({receipt['name']} "
-                         f"v{receipt['version']})", key="mlflow-run", description="The MLflow run of this flow run")
-    create_image_artifact(image_url=urls["grid"], key="sample-grid",
-                          description=f"{receipt['name']} v{receipt['version']}: evaluation sample grid")
+    create_markdown_artifact(markdown=samples_markdown(summary, Path(summary["evaluation_dir"]) / GRID_FILE),
+                             key=key("samples"), description=f"{version}: the evaluation's sample grid")
+    create_table_artifact(table=metrics_table(summary), key=key("metrics"),
+                          description=f"{version}: metrics against the data's floor under protocol "
+                                      f"{(summary['details'].get('protocol') or {}).get('id')}")
+    create_link_artifact(link=urls["run"], link_text=f"MLflow run {receipt['run_id']} ({version})",
+                         key=key("mlflow-run"), description=f"{version}: the MLflow run of this flow run")
     return urls

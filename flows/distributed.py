@@ -22,6 +22,11 @@ crashed (its worker was lost), never when the stage itself failed, and the retry
 checkpoint the lost worker mirrored to the DVC remote. A register step that fails is rolled back
 (its MLflow runs and versions deleted, the aliases they took put back where they still point at
 them) before the error propagates.
+
+In the Prefect UI both flows' runs describe themselves as ``retrain`` does (flows/retrain.py):
+named ``digits-resgan-<time>`` (``digits-resgan-train-<time>`` for the remote stage), tagged with
+dataset and model, each stage's lines in the log of the run that ran it, the training's progress
+artifact on the ``remote-stage`` run, the summary artifacts on this one.
 """
 
 from __future__ import annotations
@@ -40,7 +45,9 @@ from aigc_pipeline import remote, workspace
 from aigc_pipeline.errors import AigcError
 from aigc_pipeline.pipeline import StageOutcome, run_stage, summarize
 from aigc_pipeline.stages.register import FLOW_RUN_ENV
+from flows import describe
 from flows.retrain import check_champion
+from flows.stage_logs import TrainingProgress, stage_output
 
 COMMIT_ENV = "AIGC_COMMIT"  # job variable: the commit the `train` deployment's git_clone checks out
 BACKOFF_ENV = "AIGC_RETRY_BACKOFF_SECONDS"  # first retry delay of I/O steps (doubles each retry)
@@ -79,19 +86,28 @@ def _lineage_env() -> dict[str, str]:
     return {FLOW_RUN_ENV: str(flow_run.id or "")}
 
 
+def _on_line(project: Path, stage: str):
+    """The train stage updates a progress artifact from its per-epoch lines; other stages only log."""
+    if stage != "train":
+        return None
+    info = describe.resolve(project, [])
+    return TrainingProgress(describe.artifact_key(info.registered_model, "training"), info.model_name).line
+
+
 # --- tasks of the cpu flow ---------------------------------------------------------------------
 
 
-@task(name="prepare-clone", cache_policy=NO_CACHE)
+@task(name="prepare-clone", task_run_name="prepare-clone", cache_policy=NO_CACHE)
 def prepare_clone(project: Path, dataset: str | None, model: str | None, overrides: list[str]) -> dict[str, str]:
-    """Write the run's parameters into params.yaml (validated; errors name the key)."""
-    from aigc_pipeline.config import load_config, write_overrides_to_params
+    """Write the run's parameters into params.yaml (validated; errors name the key); tag the flow
+    run with its dataset and model."""
+    from aigc_pipeline.config import write_overrides_to_params
 
-    sets = ([f"dataset={dataset}"] if dataset else []) + ([f"train.model={model}"] if model else []) + overrides
-    write_overrides_to_params(project, sets)
-    cfg = load_config(project)
-    return {"commit": workspace.head_commit(project), "dataset": cfg.dataset, "model": cfg.train.model,
-            "model_name": cfg.model_name}
+    write_overrides_to_params(project, describe.settings(dataset, model, overrides))
+    info = describe.resolve(project, [])
+    describe.tag_flow_run(info)
+    return {"commit": workspace.head_commit(project), "dataset": info.dataset, "model": info.model,
+            "model_name": info.model_name}
 
 
 @task(name="restore-recorded", **_io(task_run_name="restore {stage}"))
@@ -99,9 +115,12 @@ def restore_recorded(project: Path, stage: str) -> bool:
     return remote.restore_recorded_outputs(project, stage)
 
 
-@task(name="run-stage", cache_policy=NO_CACHE, task_run_name="{stage}")
+# log_prints=False on the tasks that run a stage: stage_output copies the stage's lines into the
+# log itself, and needs them to reach the stream (the flows' log_prints would divert them).
+@task(name="run-stage", cache_policy=NO_CACHE, task_run_name="{stage}", log_prints=False)
 def run_local_stage(project: Path, stage: str) -> StageOutcome:
-    return run_stage(project, stage, extra_env=_lineage_env())
+    with stage_output(stage, on_line=_on_line(project, stage)):
+        return run_stage(project, stage, extra_env=_lineage_env())
 
 
 @task(name="push-outputs", **_io(task_run_name="push {stage}"))
@@ -150,7 +169,7 @@ def fetch_remote_outputs(project: Path, stage: str, child_flow_run_id: str) -> d
     return record
 
 
-@task(name="registry-snapshot", **_io())
+@task(name="registry-snapshot", **_io(task_run_name="registry-snapshot"))
 def registry_snapshot(project: Path):
     from mlflow import MlflowClient
 
@@ -162,7 +181,7 @@ def registry_snapshot(project: Path):
     return snapshot(MlflowClient(tracking_uri=uri, registry_uri=uri), load_config(project).registered_model)
 
 
-@task(name="register", **_io(task_run_name="{stage}"))
+@task(name="register", **_io(task_run_name="{stage}", log_prints=False))
 def register_stage(project: Path, stage: str, before: Any, extra_tags: dict[str, str]) -> StageOutcome:
     """Run the register stage; on any failure undo what this flow run registered, then re-raise.
 
@@ -189,7 +208,8 @@ def register_stage(project: Path, stage: str, before: Any, extra_tags: dict[str,
         if (project / out).is_file():
             (project / out).unlink()
     try:
-        outcome = run_stage(project, stage, extra_env=_lineage_env())
+        with stage_output(stage):
+            outcome = run_stage(project, stage, extra_env=_lineage_env())
         receipt = _receipt(project, outcome)
         for k, v in extra_tags.items():
             client.set_tag(receipt["run_id"], k, v)
@@ -208,7 +228,7 @@ def _receipt(project: Path, outcome: StageOutcome) -> dict[str, Any]:
     return json.loads((project / path).read_text())
 
 
-@task(name="publish-artifacts", **_io())
+@task(name="publish-artifacts", **_io(task_run_name="publish-artifacts"))
 def publish_artifacts(project: Path, registered: StageOutcome, scored: StageOutcome,
                       extra: dict[str, str]) -> dict[str, Any]:
     from flows import artifacts
@@ -226,7 +246,7 @@ def _stage_with(project: Path, plan: list[str], suffix: str) -> str:
     return found[0]
 
 
-@flow(name="retrain-at-scale", log_prints=True)
+@flow(name="retrain-at-scale", log_prints=True, flow_run_name=describe.clone_run_name)
 def retrain_at_scale(dataset: str | None = None, model: str | None = None, overrides: list[str] | None = None,
                      remote_stages: list[str] | None = None, stage_deployment: str = "remote-stage/train",
                      target: str = "register") -> dict[str, Any]:
@@ -288,7 +308,7 @@ def pull_inputs(project: Path, stage: str) -> list[str]:
     return remote.pull_stage_inputs(project, stage)
 
 
-@task(name="run-checkpointed-stage", cache_policy=NO_CACHE, task_run_name="{stage}")
+@task(name="run-checkpointed-stage", cache_policy=NO_CACHE, task_run_name="{stage}", log_prints=False)
 def run_checkpointed_stage(project: Path, stage: str, key: str, lineage_flow_run_id: str) -> dict[str, Any]:
     """Restore mirrored checkpoints, run the stage with its checkpoints mirrored as they appear."""
     logger = get_run_logger()
@@ -296,7 +316,7 @@ def run_checkpointed_stage(project: Path, stage: str, key: str, lineage_flow_run
     restored = mirror.restore()
     if restored:
         logger.info("restored checkpoints from the DVC remote: %s", restored)
-    with mirror:
+    with mirror, stage_output(stage, on_line=_on_line(project, stage)):
         outcome = run_stage(project, stage, extra_env={FLOW_RUN_ENV: lineage_flow_run_id})
     result = outcome.result
     detail = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else {}
@@ -317,7 +337,7 @@ def finish_remote_stage(project: Path, stage: str, key: str, ran: dict[str, Any]
     return record
 
 
-@flow(name="remote-stage", log_prints=True)
+@flow(name="remote-stage", log_prints=True, flow_run_name=describe.remote_stage_run_name)
 def remote_stage(stage: str = "train", lineage_flow_run_id: str = "") -> dict[str, Any]:
     """Run one dvc.yaml stage in this clone (checked out at ``$AIGC_COMMIT`` by the pull step).
 
@@ -334,6 +354,7 @@ def remote_stage(stage: str = "train", lineage_flow_run_id: str = "") -> dict[st
     # Same tree -> same key: a lost attempt's checkpoints are found by the retry (and by a re-run
     # of identical inputs), a changed input starts a new folder.
     key = workspace.run_key(stage, workspace.git(project, "rev-parse", "HEAD^{tree}"))
+    describe.tag_flow_run(describe.resolve(project, []))
     pull_inputs(project, stage)
     ran = run_checkpointed_stage(project, stage, key, lineage_flow_run_id)
     if ran["ran"]:

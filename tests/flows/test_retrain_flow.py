@@ -54,8 +54,54 @@ def test_aigc_run_registers_a_champion_and_summarises(flow_project: tuple[Path, 
 
     with sqlite3.connect(project / ".prefect" / "prefect.db") as db:
         rows = db.execute("select key, type, data from artifact").fetchall()
-    (summary,) = [r for r in rows if r[0] == "retrain-summary"]
+    (summary,) = [r for r in rows if r[0] == f"{MODEL}-summary"]
     assert summary[1] == "markdown" and "**decision**: champion" in summary[2] and "_n24_eval-" in summary[2]
+
+
+def test_the_prefect_run_says_what_it_trained(flow_project: tuple[Path, str]) -> None:
+    """Name, tags, parameters, task names, the stages' lines in the run's log and the artifacts,
+    as the embedded server's database holds them (tests/ui/ checks them in the Prefect UI)."""
+    import base64
+    import io
+    import sqlite3
+
+    from PIL import Image
+
+    project, out = flow_project
+    with sqlite3.connect(project / ".prefect" / "prefect.db") as db:
+        ((run_id, name, tags, parameters),) = db.execute("select id, name, tags, parameters from flow_run").fetchall()
+        tasks = {r[0] for r in db.execute("select name from task_run")}
+        logs = [r for r in db.execute("select name, message from log where flow_run_id = ? order by timestamp",
+                                      (run_id,))]
+        # data is JSON text (sqlite hands a bare number back as a number)
+        artifacts = {k: (t, json.loads(d) if isinstance(d, str) else d)
+                     for k, t, d in db.execute("select key, type, data from artifact")}
+    assert re.fullmatch(r"digits-resgan-\d{8}-\d{6}", name) and f"Flow run {name!r}" in out
+    assert json.loads(tags) == ["dataset:digits", "model:resgan"]
+    assert json.loads(parameters) == {"project_dir": str(project), "dataset": "digits", "model": "resgan",
+                                      "overrides": QUICK}
+    assert tasks == {"params", "ingest@digits", "augment@digits", "train", "evaluate", "register", "publish-summary",
+                     "require-champion"}  # no random suffixes
+    stage_lines = [m for n, m in logs if n.startswith("aigc.stage.")]
+    assert any(re.match(r"train epoch 1/1  step 10/10  loss_d ", m) for m in stage_lines), stage_lines
+    assert any(re.match(r"evaluate: FID [\d.]+ .*\(floor [\d.]+ = [\d.]+x\).*\[incv3-\w+_n24_eval-", m)
+               for m in stage_lines), stage_lines
+    assert any(m.startswith(f"register: {MODEL} v1: champion (") for m in stage_lines), stage_lines
+    assert any(n == "prefect.task_runs" and m.startswith(f"{MODEL} v1 (resgan): FID ") for n, m in logs)
+    # The stages' lines reached the terminal once each (Prefect's console did not print them again).
+    assert out.count("train epoch 1/1") == 1, out[-3000:]
+    assert {k: t for k, (t, _) in artifacts.items()} == {
+        f"{MODEL}-summary": "markdown", f"{MODEL}-samples": "markdown", f"{MODEL}-metrics": "table",
+        f"{MODEL}-mlflow-run": "markdown", f"{MODEL}-training": "progress"}
+    assert artifacts[f"{MODEL}-training"][1] == 100
+    samples = artifacts[f"{MODEL}-samples"][1]
+    (uri,) = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", samples)
+    with Image.open(io.BytesIO(base64.b64decode(uri))) as grid:
+        assert grid.width >= 384 and grid.height > 0
+    rows = {r["metric"]: r for r in json.loads(artifacts[f"{MODEL}-metrics"][1])}
+    assert set(rows) == {"FID", "KID", "precision", "recall"}
+    assert rows["FID"]["model / floor"] == pytest.approx(rows["FID"]["model"] / rows["FID"]["floor (real data)"],
+                                                          abs=0.01)
 
 
 def test_after_aigc_run_dvc_is_clean_and_repro_is_a_noop(flow_project: tuple[Path, str]) -> None:

@@ -1,0 +1,226 @@
+"""The MLflow and Prefect UIs over a project's own stores, driven in a real Chromium.
+
+Used by the browser tests (tests/ui/test_browser.py) and by ``make screenshots``
+(tools/screenshots.py); nothing here depends on pytest.
+
+- :func:`chromium_path` finds Debian's ``chromium`` (installing it with apt-get when missing,
+  as tests/scale/servers.py does for PostgreSQL); the ``playwright`` package drives it through
+  ``executable_path``: ``playwright install`` (a browser download) is never needed.
+- :func:`start_mlflow_ui` is ``make mlflow-ui`` on a free port; :func:`start_prefect_ui` is
+  ``make prefect-ui`` on a free port: ``PREFECT_HOME`` is the project's ``.prefect`` (the
+  embedded server's database, where ``aigc run`` recorded its flow runs) and
+  ``PREFECT_SERVER_API_PORT`` is that port too, or the UI would call the API on 4200.
+- The page functions open what a user opens and wait for what a user waits for; the React UIs
+  load lazily, so each waits for the element it is about, never for a fixed time alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any, Iterator
+
+from tests.scale.servers import BIN, Proc, ServerError, clean_env, free_port, start, wait_http
+
+CHROMIUM = Path("/usr/bin/chromium")  # Debian's `chromium` package
+TIMEOUT_MS = 90_000  # a page of a lazily loaded UI on a busy 2-core machine
+# The MLflow assistant panel opens by itself on a first visit and covers a third of the page.
+MLFLOW_QUIET = """
+try {
+  localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');
+  localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');
+} catch (e) {}
+"""
+
+
+class BrowserUnavailable(ServerError):
+    """Chromium or the playwright package is missing and cannot be installed here."""
+
+
+def chromium_path(install: bool = True) -> Path:
+    """Debian's Chromium; installs the ``chromium`` package with apt-get when it is missing.
+
+    Raises :class:`BrowserUnavailable` (what to install) when it is missing and cannot be
+    installed (not root, no apt-get, apt-get failed), or when playwright is not importable.
+    """
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError as e:
+        raise BrowserUnavailable(f"the playwright package is missing ({e}): `make install` installs the dev "
+                                 "group (pyproject.toml), which holds it") from None
+    if CHROMIUM.exists():
+        return CHROMIUM
+    if not install:
+        raise BrowserUnavailable(f"{CHROMIUM} not found: install Debian's `chromium` package")
+    apt = shutil.which("apt-get")
+    if apt is None or os.geteuid() != 0:
+        why = "apt-get is not available" if apt is None else "not running as root"
+        raise BrowserUnavailable(f"Chromium ({CHROMIUM}) is not installed and cannot be installed here ({why}): "
+                                 "install the `chromium` package (Debian/Ubuntu: `apt-get install chromium`)")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    lock = ["-o", "DPkg::Lock::Timeout=600"]  # another apt-get on the machine: wait for it
+    for argv in ([apt, "update", "-q", *lock], [apt, "install", "-y", "-q", "--no-install-recommends", *lock,
+                                               "chromium"]):
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
+        if proc.returncode != 0:
+            raise BrowserUnavailable(f"`{' '.join(argv)}` failed with exit code {proc.returncode}; Chromium is "
+                                     f"needed by the browser tests:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    return chromium_path(install=False)
+
+
+@contextlib.contextmanager
+def chromium() -> Iterator[Any]:
+    """A headless Chromium (playwright ``Browser``), closed afterwards."""
+    from playwright.sync_api import sync_playwright
+
+    path = chromium_path()
+    with sync_playwright() as p:
+        # --no-sandbox: Chromium refuses to sandbox as root (CI containers).
+        browser = p.chromium.launch(executable_path=str(path), args=["--no-sandbox"])
+        try:
+            yield browser
+        finally:
+            browser.close()
+
+
+def new_page(browser: Any, *, quiet_mlflow: bool = False) -> Any:
+    """A page in a fresh profile (nothing remembered from earlier visits), 1400x1000."""
+    context = browser.new_context(viewport={"width": 1400, "height": 1000})
+    context.set_default_timeout(TIMEOUT_MS)
+    if quiet_mlflow:
+        context.add_init_script(MLFLOW_QUIET)
+    return context.new_page()
+
+
+# --- the servers -------------------------------------------------------------------------------
+
+
+def start_mlflow_ui(project: Path, *, log_dir: Path, port: int | None = None, timeout: float = 300,
+                    wait: bool = True) -> tuple[str, Proc]:
+    """``mlflow ui`` on the project's store (``make mlflow-ui``), one worker, on 127.0.0.1;
+    with ``wait``, returns once it answers (else call :func:`wait_ready`)."""
+    from aigc_pipeline.tracking.store import tracking_uri
+
+    port = port or free_port()
+    proc = start("mlflow-ui", [str(BIN / "mlflow"), "ui", "--backend-store-uri", tracking_uri(project),
+                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                 cwd=project, env=clean_env(), log_dir=log_dir)
+    url = f"http://127.0.0.1:{port}"
+    if wait:
+        wait_ready(url, proc, timeout)
+    return url, proc
+
+
+def start_prefect_ui(project: Path, *, log_dir: Path, port: int | None = None, timeout: float = 300,
+                     wait: bool = True) -> tuple[str, Proc]:
+    """``prefect server start`` with its UI on the project's ``.prefect`` (``make prefect-ui``)."""
+    port = port or free_port()
+    env = clean_env(PREFECT_HOME=str(project / ".prefect"), PREFECT_SERVER_API_HOST="127.0.0.1",
+                    PREFECT_SERVER_API_PORT=str(port))  # the port the UI's JavaScript calls
+    proc = start("prefect-ui", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
+                                "--log-level", "WARNING"], cwd=project, env=env, log_dir=log_dir)
+    url = f"http://127.0.0.1:{port}"
+    if wait:
+        wait_ready(url, proc, timeout)
+    return url, proc
+
+
+def wait_ready(url: str, proc: Proc, timeout: float = 300) -> None:
+    """Wait for a UI started by this module to answer its health check; stop it if it does not."""
+    health = f"{url}/api/health" if proc.name == "prefect-ui" else f"{url}/health"
+    try:
+        wait_http(health, proc, timeout)
+    except BaseException:
+        proc.stop()
+        raise
+
+
+# --- Prefect pages -----------------------------------------------------------------------------
+
+
+def prefect_flow_run(page: Any, base: str, name: str) -> None:
+    """From the Runs list, open the flow run called ``name`` (waits for its page header)."""
+    page.goto(f"{base}/runs")
+    page.get_by_role("link", name=name, exact=True).first.click()
+    page.wait_for_url(re.compile(r".*/runs/flow-run/[0-9a-f-]{36}.*"))
+    page.get_by_text(name, exact=True).first.wait_for()
+
+
+def prefect_tab(page: Any, tab: str) -> None:
+    """Click a tab of a flow run page (Logs, Task Runs, Artifacts, Details, Parameters...)."""
+    # Prefect's tabs are <li class="p-tab"> in a role=tablist (no role=tab of their own).
+    page.locator("[role=tablist] li", has_text=re.compile(rf"^{re.escape(tab)}$")).click()
+
+
+def prefect_artifact(page: Any, key: str) -> None:
+    """From a flow run page, open its artifact ``key`` (Artifacts tab, then its card)."""
+    prefect_tab(page, "Artifacts")
+    page.locator("#artifacts-content a", has=page.get_by_text(key, exact=True)).click()
+    page.wait_for_url(re.compile(r".*/artifacts/artifact/[0-9a-f-]{36}.*"))
+    page.get_by_role("button", name="Show raw data").wait_for()  # the artifact's content is drawn
+
+
+def loaded_images(page: Any, src_part: str) -> list[dict[str, Any]]:
+    """The page's ``<img>`` whose src contains ``src_part``, with their natural size (0: broken)."""
+    return page.evaluate(
+        """(part) => [...document.images].filter(i => i.src.includes(part))
+             .map(i => ({src: i.src.slice(0, 120), width: i.naturalWidth, height: i.naturalHeight,
+                         complete: i.complete}))""", src_part)
+
+
+def wait_image(page: Any, src_part: str, *, within_ms: int = TIMEOUT_MS) -> list[dict[str, Any]]:
+    """Wait up to ``within_ms`` for an ``<img>`` whose src contains ``src_part`` to finish loading
+    (or failing); returns those on the page then (none when none appeared in time)."""
+    page.wait_for_function(
+        """([part, deadline]) => performance.now() > deadline ||
+             [...document.images].some(i => i.src.includes(part) && i.complete)""",
+        arg=[src_part, page.evaluate("performance.now()") + within_ms], timeout=within_ms + 30_000)
+    return loaded_images(page, src_part)
+
+
+# --- MLflow pages ------------------------------------------------------------------------------
+
+
+def mlflow_experiment(page: Any, url: str, run_name: str) -> bool:
+    """Open an experiment at ``url``; True when it shows its training runs (the runs table lists
+    ``run_name``), False when it shows anything else (MLflow's GenAI overview: traces, tokens)."""
+    page.goto(url)
+    runs = page.get_by_role("link", name=run_name).first
+    overview = page.get_by_text("Token Usage").first
+    page.wait_for_function(
+        "(name) => document.body.innerText.includes('Token Usage') || "
+        "[...document.querySelectorAll('a')].some(a => a.innerText.trim() === name)", arg=run_name)
+    return runs.is_visible() and not overview.is_visible()
+
+
+def mlflow_run_charts(page: Any, base: str, experiment_id: str, run_id: str) -> None:
+    """Open the run's "Model metrics" tab (its charts) and wait for the charts to be drawn."""
+    page.goto(f"{base}/#/experiments/{experiment_id}/runs/{run_id}/model-metrics?workflowType=machine_learning")
+    page.get_by_role("tab", name="Model metrics", selected=True).wait_for()
+    page.get_by_role("button", name="Add chart").first.wait_for()  # a chart section is drawn
+
+
+def mlflow_model_version(page: Any, base: str, name: str, version: str) -> None:
+    """Open the registered model version page and wait for its details."""
+    page.goto(f"{base}/#/models/{name}/versions/{version}?workflowType=machine_learning")
+    page.get_by_role("heading", name=f"Version {version}").wait_for()
+    page.get_by_text("Aliases", exact=True).first.wait_for()
+
+
+def mlflow_version_description(page: Any) -> str:
+    """The model version's description as the page draws it ('' when it has none): the text of
+    the collapsible "Description" section, below its header button."""
+    header = page.get_by_role("button", name=re.compile(r"^Description")).first
+    header.wait_for()
+    head, section = header.evaluate("e => [e.innerText, e.parentElement.innerText]")
+    return section.removeprefix(head).strip()
+
+
+def mlflow_version_aliases(page: Any) -> list[str]:
+    """The aliases the model version page shows (``@ champion`` chips)."""
+    found = re.search(r"Aliases\s*:\s*(.*?)\n(?:Stage|Source|Tags|Description)", page.inner_text("body"), re.S)
+    return re.findall(r"@\s*([\w.-]+)", found.group(1)) if found else []
