@@ -18,7 +18,6 @@ Results: FID / precision / recall, mean and spread over the seeds, with the floo
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import sys
@@ -86,6 +85,7 @@ def run(ctx: Any) -> dict[str, Any]:
     project = import_from_snapshot(work / "source")
 
     from aigc_pipeline.config import load_config
+    from aigc_pipeline.evaluation.results import read_evaluation
     from aigc_pipeline.models.registry import MODELS, resolve_hparams
     from aigc_pipeline.stages import augment, evaluate, ingest
     from aigc_pipeline.stages import train as train_stage
@@ -148,10 +148,10 @@ def run(ctx: Any) -> dict[str, Any]:
             result = train_stage.run(cfg, augmented, out / "model", out / "checkpoints", quiet=True,
                                      project_dir=work, should_stop=stop)
             evaluate.run(cfg, out / "model", prepared, out / "eval", quiet=True)
-            metrics = json.loads((out / "eval" / "metrics.json").read_text())
-            return {"label_accuracy": metrics["classifier_label_accuracy"],
-                    "classifier_accuracy": metrics["classifier_accuracy"], "fid": metrics["fid"],
-                    "fid_ratio": metrics["fid_ratio"], "steps": result.steps}
+            scored = read_evaluation(out / "eval")
+            return {"label_accuracy": scored.value("classifier_label_accuracy"),
+                    "classifier_accuracy": scored.value("classifier_accuracy"), "fid": scored.value("fid"),
+                    "fid_ratio": scored.value("fid_ratio"), "steps": result.steps}
         conditional[family] = phases(f"{family} conditional to {budget:g} s", conditional_run)
         shutil.copy2(out / "eval" / "samples.png", grids / f"{family}-conditional-{budget:g}s.png")
 
