@@ -204,6 +204,26 @@ def mlflow_run_charts(page: Any, base: str, experiment_id: str, run_id: str) -> 
     page.get_by_role("button", name="Add chart").first.wait_for()  # a chart section is drawn
 
 
+def mlflow_image_chart(page: Any, key: str, step: int) -> list[dict[str, Any]]:
+    """On an open Model metrics tab, do what a user does to see image ``key`` at ``step``: type the
+    key in the chart search, then step the card's slider (MLflow starts it at step 0) to ``step``.
+    Returns the card's images of that step once loaded (none when none appeared in time)."""
+    page.get_by_placeholder("Search metric charts").fill(key)
+    slider = page.locator(f"xpath=//*[normalize-space(text())='{key}']"
+                          "/ancestor::*[.//*[@role='slider']][1]//*[@role='slider']").first
+    slider.wait_for()
+    if slider.get_attribute("aria-disabled") != "true":  # one logged step: the card shows it already
+        slider.click()
+        last = None
+        for _ in range(1000):  # one arrow key moves to the next logged step
+            now = int(float(slider.get_attribute("aria-valuenow") or 0))
+            if now == step or now == last:
+                break
+            last = now
+            page.keyboard.press("ArrowRight" if now < step else "ArrowLeft")
+    return wait_image(page, f"{key}%2Bstep%2B{step}%2B")
+
+
 def mlflow_model_version(page: Any, base: str, name: str, version: str) -> None:
     """Open the registered model version page and wait for its details."""
     page.goto(f"{base}/#/models/{name}/versions/{version}?workflowType=machine_learning")

@@ -175,10 +175,19 @@ def test_mlflow_experiment_opens_on_training_runs(page: Any, uis: dict[str, Any]
 
 
 def test_mlflow_run_shows_an_image_chart(page: Any, uis: dict[str, Any]) -> None:
-    """The run's charts include sample grids logged with ``mlflow.log_image`` (images/ artifacts)."""
-    pages.mlflow_run_charts(page, uis["mlflow"], _mlflow_run(uis).experiment_id, uis["receipt"]["run_id"])
-    images = pages.wait_image(page, "get-artifact?path=images", within_ms=30_000)
-    assert images, "no image chart (an image logged under the run's images/) on its Model metrics tab"
+    """The fixed-noise grids logged with ``mlflow.log_image`` are an image chart on the run's Model
+    metrics tab: searching ``samples`` and stepping its slider to the last logged step shows that grid."""
+    from mlflow import MlflowClient
+
+    from aigc_pipeline.tracking.runs import SAMPLES_KEY, logged_image_steps
+    from aigc_pipeline.tracking.store import tracking_uri
+
+    run = _mlflow_run(uis)
+    steps = logged_image_steps(MlflowClient(tracking_uri=tracking_uri(uis["project"])), run.run_id, SAMPLES_KEY)
+    assert steps, f"run {run.run_id} logged no '{SAMPLES_KEY}' image"
+    pages.mlflow_run_charts(page, uis["mlflow"], run.experiment_id, run.run_id)
+    images = pages.mlflow_image_chart(page, SAMPLES_KEY, max(steps))
+    assert images, f"no '{SAMPLES_KEY}' grid of step {max(steps)} shown in the run's image chart"
     assert all(i["width"] > 0 for i in images), images
 
 
