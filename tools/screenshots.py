@@ -58,6 +58,7 @@ def shoot(project: Path, out: Path, *, mlflow_port: int | None = None) -> list[P
     from mlflow import MlflowClient
 
     from aigc_pipeline.config import load_config
+    from aigc_pipeline.tracking.runs import SAMPLES_KEY, logged_image_steps
     from aigc_pipeline.tracking.store import tracking_uri
     from tests.scale.servers import stopping
     from tests.ui import pages
@@ -101,9 +102,13 @@ def shoot(project: Path, out: Path, *, mlflow_port: int | None = None) -> list[P
             pages.mlflow_experiment(page, experiment, run.run_name)
             save(page, "mlflow-experiment")
             pages.mlflow_run_charts(page, ml_url, run.experiment_id, run.run_id)
-            if pages.wait_image(page, "get-artifact?path=images", within_ms=20_000):  # the image chart
-                page.locator("img[src*='get-artifact?path=images']").first.scroll_into_view_if_needed()
             save(page, "mlflow-run-charts")
+            client = MlflowClient(tracking_uri=uri)
+            steps = logged_image_steps(client, run.run_id, SAMPLES_KEY)
+            if steps and pages.mlflow_image_chart(page, SAMPLES_KEY, max(steps)):
+                # MLflow prints the run's params above the picture: scroll the card to the grid.
+                page.locator(f"img[src*='{SAMPLES_KEY}%2Bstep%2B{max(steps)}%2B']").first.scroll_into_view_if_needed()
+                save(page, "mlflow-run-samples")
             pages.mlflow_model_version(page, ml_url, receipt["name"], str(receipt["version"]))
             save(page, "mlflow-model-version")
     return written
