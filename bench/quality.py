@@ -28,8 +28,7 @@ from typing import Any, Callable
 
 from bench import RESULTS_DIR, BenchError
 from bench.report import SCHEMA_VERSION, row, write_text_atomic
-from bench.workspace import (Phases, fresh_dir, import_from_snapshot, isolate_environment, load_average, machine_info,
-                             utc_now)
+from bench.workspace import Phases, fresh_dir, import_from_snapshot, isolate_environment, result_doc
 
 NAME = "quality"
 TITLE = "Quality: FID / precision / recall of every family after fixed training budgets, against the data's floor"
@@ -200,23 +199,10 @@ def run(ctx: Any) -> dict[str, Any]:
     if ctx.quick:
         notes.append("--quick profile: a smoke test (seconds of training, one seed, a small sample); "
                      "its figures prove nothing.")
-    doc = {
-        "schema_version": SCHEMA_VERSION,
-        "name": NAME,
-        "title": TITLE,
-        "command": COMMAND + (" --quick" if ctx.quick else ""),
-        "date": utc_now(),
-        "machine": {**machine_info(), "load_average_at_end": load_average()},
-        "rows": rows,
-        "notes": notes,
-        "project": project,
-        "profile": {"name": ctx.profile, "overrides": list(overrides)},
-        "raw": {f: {f"{b:g}": runs for b, runs in per.items()} for f, per in results.items()},
-        "families": settings,
-        "conditional": conditional,
-        "phases": phases.record,
-        "environment": env_vars,
-    }
+    doc = result_doc(ctx, schema_version=SCHEMA_VERSION, name=NAME, title=TITLE, command=COMMAND, rows=rows,
+                     notes=notes, project=project, overrides=overrides,
+                     raw={f: {f"{b:g}": runs for b, runs in per.items()} for f, per in results.items()},
+                     families=settings, conditional=conditional, phases=phases.record, environment=env_vars)
     if ctx.profile == "default":
         publish_zoo(doc, grids, sizes.budgets, RESULTS_DIR)
     return doc

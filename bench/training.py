@@ -34,8 +34,7 @@ from typing import Any, Callable
 
 from bench import BenchError
 from bench.report import SCHEMA_VERSION, row
-from bench.workspace import (Phases, fresh_dir, import_from_snapshot, isolate_environment, load_average, machine_info,
-                             utc_now)
+from bench.workspace import Phases, fresh_dir, import_from_snapshot, isolate_environment, result_doc
 
 NAME = "training"
 TITLE = "Training: our trainer vs. the classic DCGAN example; sngan vs. dcgan FID; checkpoint cost"
@@ -388,18 +387,6 @@ def run(ctx: Any) -> dict[str, Any]:
     if ctx.quick:
         notes.append("--quick profile: a smoke test (few steps, one seed, a 1-epoch training and a "
                      "60-sample FID); its figures are not comparable with the full run's.")
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "name": NAME,
-        "title": TITLE,
-        "command": COMMAND + (" --quick" if ctx.quick else ""),
-        "date": utc_now(),
-        "machine": {**machine_info(), "load_average_at_end": load_average()},
-        "rows": rows,
-        "notes": notes,
-        "project": project,
-        "profile": {"name": ctx.profile, "overrides": list(overrides)},
-        "raw": raw,
-        "phases": phases.record,
-        "environment": env_vars,
-    }
+    return result_doc(ctx, schema_version=SCHEMA_VERSION, name=NAME, title=TITLE, command=COMMAND, rows=rows,
+                      notes=notes, project=project, overrides=overrides, raw=raw, phases=phases.record,
+                      environment=env_vars)

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from bench import REPO, WORK_DIR, BenchError
 
@@ -235,6 +235,25 @@ def load_average() -> list[float]:
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second."""
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def result_doc(ctx: Any, *, schema_version: int, name: str, title: str, command: str, rows: list,
+               notes: list, project: object, overrides: Sequence[str], **extra: object) -> dict:
+    """The document a snapshot benchmark returns (``--quick`` marked in the command), with the
+    machine and its load at the end; ``extra`` adds the benchmark's own raw figures."""
+    return {
+        "schema_version": schema_version,
+        "name": name,
+        "title": title,
+        "command": command + (" --quick" if ctx.quick else ""),
+        "date": utc_now(),
+        "machine": {**machine_info(), "load_average_at_end": load_average()},
+        "rows": rows,
+        "notes": notes,
+        "project": project,
+        "profile": {"name": ctx.profile, "overrides": list(overrides)},
+        **extra,
+    }
 
 
 @dataclass(frozen=True)

@@ -122,6 +122,17 @@ def run_cli(project: Path, *args: str, timeout: float = 600) -> subprocess.Compl
                           text=True, timeout=timeout)
 
 
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop a server started with ``start_new_session=True`` and everything it started: SIGTERM to
+    its process group, SIGKILL after 30 s."""
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 @contextlib.contextmanager
 def served_model(model_uri: str, tracking_uri: str, log: Path, *, cwd: Path | None = None) -> Iterator[str]:
     """A real ``mlflow models serve`` of ``model_uri`` on a free 127.0.0.1 port; yields its base URL
@@ -145,12 +156,7 @@ def served_model(model_uri: str, tracking_uri: str, log: Path, *, cwd: Path | No
             time.sleep(0.5)
         yield base
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def server_alive(base: str) -> bool:

@@ -32,7 +32,7 @@ import yaml
 
 from aigc_pipeline.config import write_overrides_to_params
 from aigc_pipeline.io import sha256_file
-from tests.conftest import BIN, MODEL_DIR, QUICK, REGISTERED, copy_project, run_cli
+from tests.conftest import BIN, MODEL_DIR, QUICK, REGISTERED, copy_project, run_cli, stop_group
 
 pytestmark = pytest.mark.slow
 EPOCHS = 3  # 10 steps each (330 augmented images, batch 32)
@@ -162,12 +162,7 @@ def _mlflow_server(project: Path, port: int) -> Iterator[str]:
             time.sleep(0.5)
         yield base
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        stop_group(proc)
 
 
 def _fetch_png(url: str) -> tuple[int, int]:

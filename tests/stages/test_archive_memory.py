@@ -24,6 +24,7 @@ from PIL import Image
 
 from aigc_pipeline.data.validate import MAX_MEMBER_BYTES, MEMBER_BYTES_IN_FLIGHT
 from tests.conftest import BIN
+from tests.scale.servers import descendants
 
 BIG = 400 * 2**20
 PEAK_LIMIT = 2**30
@@ -66,31 +67,13 @@ def _add(tf: tarfile.TarFile, name: str, size: int, data) -> None:
 
 def _tree_rss(root: int) -> int:
     """Summed RSS of ``root`` and its live descendants (shared pages counted in each: an upper bound)."""
-    parent: dict[int, int] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    text = f.read()
-            except OSError:
-                continue
-            parent[int(entry)] = int(text[text.rindex(")") + 2:].split()[1])
-
-    def descends(pid: int) -> bool:
-        while pid:
-            if pid == root:
-                return True
-            pid = parent.get(pid, 0)
-        return False
-
     total = 0
-    for pid in parent:
-        if descends(pid):
-            try:
-                with open(f"/proc/{pid}/statm") as f:
-                    total += int(f.read().split()[1]) * _PAGE
-            except OSError:
-                continue
+    for pid in [root, *descendants(root)]:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * _PAGE
+        except OSError:
+            continue  # exited between listing and reading
     return total
 
 
