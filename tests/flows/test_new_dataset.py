@@ -73,11 +73,16 @@ def test_dataset_add_then_aigc_run_registers_its_own_model(added: tuple[Path, st
     # The registered run names its input: the prepared dataset, digest = the hash DVC recorded.
     from mlflow import MlflowClient
 
+    from aigc_pipeline.tracking.datasets import EVALUATION, PREPARED, TRAINING
+
     uri = f"sqlite:///{project}/mlflow/mlflow.db"
-    (inp,) = MlflowClient(tracking_uri=uri).get_run(receipt["run_id"]).inputs.dataset_inputs
+    inputs = {({t.key: t.value for t in i.tags}["mlflow.data.context"]): i.dataset
+              for i in MlflowClient(tracking_uri=uri).get_run(receipt["run_id"]).inputs.dataset_inputs}
+    assert sorted(inputs) == sorted([TRAINING, PREPARED, EVALUATION])
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
-    assert inp.dataset.name == NAME and inp.dataset.digest == lock[f"ingest@{NAME}"]["outs"][0]["md5"]
-    assert json.loads(inp.dataset.profile)["per_class"] == {"circles": 45, "squares": 45}
+    prepared = inputs[PREPARED]
+    assert prepared.name == NAME and prepared.digest == lock[f"ingest@{NAME}"]["outs"][0]["md5"]
+    assert json.loads(prepared.profile)["per_class"] == {"circles": 45, "squares": 45}
 
 
 def test_dvc_records_every_dataset_and_is_clean_after_the_run(added: tuple[Path, str]) -> None:
