@@ -87,13 +87,16 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(family: s
     init = build_family(arch, resolve_hparams(cfg.train)).generator.state_dict()
     a = load_file(str(tmp_path / "one" / "generator.safetensors"))
     b = load_file(str(tmp_path / "two" / "generator.safetensors"))
-    # Stated tolerance: the weights within 0.1% of the distance training moved them, every
-    # logged value within 1e-3 relative (measured: ~1e-5 and ~1e-6; with per-process batch norm
-    # statistics instead of global ones: 0.3-40% and up to 30%).
-    assert _moved_apart(a, b, init) < 1e-3
+    # Stated tolerance: every logged loss and gradient norm within 1e-5 (relative, or absolute near 0) at every step
+    # (measured: ~1e-7), the weights within 0.3% of the distance training moved them. Measured:
+    # dcgan/sngan/vae ~1e-5; resgan 1.03e-3 and ddpm 1.24e-3, all of it in biases that a
+    # normalisation follows (ddpm's worst: up_blocks.2 conv1 biases before GroupNorm), whose true
+    # gradient is zero: Adam scales their rounding noise up to learning-rate-sized steps. With
+    # per-process batch norm statistics instead of global ones: 0.3-40% and losses up to 30% apart.
     h1, h2 = pd.read_csv(tmp_path / "one" / "history.csv"), pd.read_csv(tmp_path / "two" / "history.csv")
     assert list(h1.columns) == list(h2.columns)
-    np.testing.assert_allclose(h1.to_numpy(), h2.to_numpy(), rtol=1e-3)
+    np.testing.assert_allclose(h1.to_numpy(), h2.to_numpy(), rtol=1e-5, atol=1e-5)
+    assert _moved_apart(a, b, init) < 3e-3
 
 
 class _Terminal(io.StringIO):
