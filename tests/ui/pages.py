@@ -212,7 +212,9 @@ def mlflow_image_chart(page: Any, key: str, step: int) -> list[dict[str, Any]]:
     slider = page.locator(f"xpath=//*[normalize-space(text())='{key}']"
                           "/ancestor::*[.//*[@role='slider']][1]//*[@role='slider']").first
     slider.wait_for()
-    if slider.get_attribute("aria-disabled") != "true":  # one logged step: the card shows it already
+    now = int(float(slider.get_attribute("aria-valuenow") or 0))
+    # One logged step: the slider is disabled (Radix's data-disabled) and the card shows that step.
+    if now != step and slider.get_attribute("data-disabled") is None:
         slider.click()
         last = None
         for _ in range(1000):  # one arrow key moves to the next logged step
