@@ -250,4 +250,6 @@ def publish_zoo(doc: dict[str, Any], grids: Path, budgets: tuple[float, ...], re
                          f"{c['label_accuracy']:.2f} | {c['classifier_accuracy']:.2f} |")
     path = results_dir / "quality.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
+    # The same tables in RESULTS.md (bench/), whose picture paths start one folder up.
+    doc["figures_markdown"] = "\n".join(lines[2:]).replace("](quality/", f"]({results_dir.name}/quality/")
     return path

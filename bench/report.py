@@ -150,6 +150,8 @@ def render_section(doc: dict[str, Any]) -> str:
                     baseline += f" ({r['baseline_label']})"
             ratio = f"{r['ratio']:.2f}×" if r.get("ratio") is not None else ""
             lines.append(f"| {_cell(r['metric'])} | {value} | {_cell(baseline)} | {ratio} |")
+    if doc.get("figures_markdown"):  # optional: tables with pictures, paths relative to RESULTS.md
+        lines += ["", doc["figures_markdown"].rstrip()]
     if doc["notes"]:
         lines += ["", "Notes:", ""]
         lines += [f"- {_cell(n)}" for n in doc["notes"]]
