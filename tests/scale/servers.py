@@ -178,19 +178,26 @@ def postgres_bin_dir(install: bool = True) -> Path:
         return Path(on_path).resolve().parent
     if not install:
         raise ServerError("PostgreSQL is not installed (no initdb in /usr/lib/postgresql/*/bin or on PATH)")
+    apt_install("postgresql", what="PostgreSQL", needed_by="the scale test", error=ServerError, timeout=900)
+    return postgres_bin_dir(install=False)
+
+
+def apt_install(package: str, *, what: str, needed_by: str, error: type[Exception], timeout: float) -> None:
+    """Install Debian's ``package`` (``apt-get update`` + ``install``, as root), or raise ``error``
+    saying why it cannot be or what apt-get printed."""
     apt = shutil.which("apt-get")
     if apt is None or os.geteuid() != 0:
         why = "apt-get is not available" if apt is None else "not running as root"
-        raise ServerError(f"PostgreSQL is not installed and cannot be installed here ({why}): install the "
-                          "`postgresql` package (Debian/Ubuntu: `apt-get install postgresql`) and re-run")
+        raise error(f"{what} is not installed and cannot be installed here ({why}): install the `{package}` "
+                    f"package (Debian/Ubuntu: `apt-get install {package}`) and re-run")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for argv in (["apt-get", "update", "-q"],
-                 ["apt-get", "install", "-y", "-q", "--no-install-recommends", "postgresql"]):
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
+    lock = ["-o", "DPkg::Lock::Timeout=600"]  # another apt-get on the machine: wait for it
+    for argv in ([apt, "update", "-q", *lock],
+                 [apt, "install", "-y", "-q", "--no-install-recommends", *lock, package]):
+        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise ServerError(f"`{' '.join(argv)}` failed with exit code {proc.returncode}; PostgreSQL is needed by "
-                              f"the scale test:\n{(proc.stdout + proc.stderr)[-3000:]}")
-    return postgres_bin_dir(install=False)
+            raise error(f"`{' '.join(argv)}` failed with exit code {proc.returncode}; {what} is needed by "
+                        f"{needed_by}:\n{(proc.stdout + proc.stderr)[-3000:]}")
 
 
 @dataclass

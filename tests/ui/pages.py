@@ -17,14 +17,11 @@ Used by the browser tests (tests/ui/test_browser.py) and by ``make screenshots``
 from __future__ import annotations
 
 import contextlib
-import os
 import re
-import shutil
-import subprocess
 from pathlib import Path
 from typing import Any, Iterator
 
-from tests.scale.servers import BIN, Proc, ServerError, clean_env, free_port, start, wait_http
+from tests.scale.servers import BIN, Proc, ServerError, apt_install, clean_env, free_port, start, wait_http
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's `chromium` package
 TIMEOUT_MS = 90_000  # a page of a lazily loaded UI on a busy 2-core machine
@@ -56,19 +53,8 @@ def chromium_path(install: bool = True) -> Path:
         return CHROMIUM
     if not install:
         raise BrowserUnavailable(f"{CHROMIUM} not found: install Debian's `chromium` package")
-    apt = shutil.which("apt-get")
-    if apt is None or os.geteuid() != 0:
-        why = "apt-get is not available" if apt is None else "not running as root"
-        raise BrowserUnavailable(f"Chromium ({CHROMIUM}) is not installed and cannot be installed here ({why}): "
-                                 "install the `chromium` package (Debian/Ubuntu: `apt-get install chromium`)")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    lock = ["-o", "DPkg::Lock::Timeout=600"]  # another apt-get on the machine: wait for it
-    for argv in ([apt, "update", "-q", *lock], [apt, "install", "-y", "-q", "--no-install-recommends", *lock,
-                                               "chromium"]):
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=1800)
-        if proc.returncode != 0:
-            raise BrowserUnavailable(f"`{' '.join(argv)}` failed with exit code {proc.returncode}; Chromium is "
-                                     f"needed by the browser tests:\n{(proc.stdout + proc.stderr)[-3000:]}")
+    apt_install("chromium", what=f"Chromium ({CHROMIUM})", needed_by="the browser tests", error=BrowserUnavailable,
+                timeout=1800)
     return chromium_path(install=False)
 
 
