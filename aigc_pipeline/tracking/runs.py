@@ -15,6 +15,14 @@ A run is reused only when it can hold what the stage logs:
   ``evaluation.json``): a registered version is judged by its run's metrics, so one run holds one
   evaluation.
 
+A stage claims the run it picked before it logs into it: the evaluation's digest goes into the
+write-once param ``evaluate.evaluation_sha256``. The store refuses a second value for a param
+(a unique key in MLflow's SQL stores), so of two stages that picked the same run at once for
+different evaluations (two ``aigc register`` of one model, at the same moment) one claim fails,
+and that stage looks again, skipping the claimed run. Without the claim both would log their
+metrics into one run and a version would be judged by the other one's FID. A fresh run gets its
+``aigc.weights_sha256`` tag only once it is claimed and filled, so nobody else finds it half made.
+
 When no run qualifies (training ran with ``AIGC_LIVE_TRACKING=0`` or on a machine without MLflow
 access, the store was reset, the model is re-evaluated under other settings), the stage creates a
 fresh run and logs the training into it from the model folder (:func:`create_run_from_files`):
@@ -48,7 +56,8 @@ _METRICS_PER_BATCH = 900  # under MLflow's 1000
 
 TRAIN_KEY_TAG = "aigc.train_key"  # the training configuration + data (the checkpoint folder's key)
 WEIGHTS_TAG = "aigc.weights_sha256"  # sha256 of generator.safetensors, once the model is written
-EVALUATION_TAG = "aigc.evaluation_sha256"  # digest of the evaluation this run holds
+EVALUATION_TAG = "aigc.evaluation_sha256"  # digest of the evaluation this run holds (once logged)
+EVALUATION_PARAM = "evaluate.evaluation_sha256"  # the same digest, claimed before logging (write-once)
 TRAINING_TAG = "aigc.training"  # "live" (streamed by the train stage) or "from model folder"
 STAGE_TAG = "aigc.stage"  # the last stage that wrote to the run: train, evaluate, register
 SAMPLES_KEY = "samples"  # mlflow.log_image key of the fixed-noise grids (the charts' image grid)
@@ -168,13 +177,36 @@ def pipeline_run(client: Any, experiment_id: str, cfg: Config, project_dir: Path
 
     meta = read_model_meta(model)
     params = {**flat_params(cfg, resolved=meta.get("hparams")), **(extra_params or {})}
+    if evaluation is not None:
+        params[EVALUATION_PARAM] = evaluation  # find_run skips runs claimed for another evaluation
     weights = sha256_file(Path(model) / WEIGHTS_FILE)
-    found = find_run(client, experiment_id, weights, params, evaluation)
-    if found is not None:
-        return found.info.run_id, False
+    tried: set[str] = set()
+    while (found := find_run(client, experiment_id, weights, params, evaluation)) is not None:
+        run_id = found.info.run_id
+        if evaluation is None or claim_run(client, run_id, evaluation):
+            return run_id, False
+        if run_id in tried:  # claimed by another, yet still found: the store did not keep the claim
+            raise RuntimeError(f"MLflow run {run_id}: claimed for another evaluation but still offered to this one")
+        tried.add(run_id)
     run_id = create_run_from_files(client, experiment_id, cfg, project_dir, model, params=params, weights=weights,
                                    stage=stage, ui=ui)
     return run_id, True
+
+
+def claim_run(client: Any, run_id: str, evaluation: str) -> bool:
+    """Claim run ``run_id`` for the evaluation with digest ``evaluation`` (the write-once param
+    ``evaluate.evaluation_sha256``): True if it is this evaluation's now (or was already), False if
+    another evaluation claimed it first."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.log_param(run_id, EVALUATION_PARAM, evaluation)
+        return True
+    except MlflowException:
+        held = client.get_run(run_id).data.params.get(EVALUATION_PARAM)
+        if held is not None and held != evaluation:
+            return False
+        raise  # not a lost claim: the store refused for another reason
 
 
 def create_run_from_files(client: Any, experiment_id: str, cfg: Config, project_dir: Path, model: Path, *,
@@ -184,12 +216,14 @@ def create_run_from_files(client: Any, experiment_id: str, cfg: Config, project_
     from aigc_pipeline.tracking.datasets import log_dataset_inputs
 
     tags = {**run_tags(cfg, stage), "mlflow.runName": f"{cfg.model_name}-{weights[:8]}",
-            TRAINING_TAG: "from model folder", WEIGHTS_TAG: weights}
+            TRAINING_TAG: "from model folder"}
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     try:
-        log_params(client, run_id, params)
+        log_params(client, run_id, params)  # the claim among them, if any (evaluate.evaluation_sha256)
         log_dataset_inputs(client, run_id, project_dir, cfg.dataset, cfg.evaluate.reference_split, ui=ui)
         log_training_files(client, run_id, Path(model))
+        # Findable by its weights only now: claimed and filled, never picked up half made.
+        client.set_tag(run_id, WEIGHTS_TAG, weights)
     except BaseException:
         client.set_terminated(run_id, status="FAILED")
         raise
