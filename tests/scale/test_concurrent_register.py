@@ -13,7 +13,8 @@ Prefect global concurrency limit), odd rounds the server's backend database
   champion, the second against the champion the first left (the ``aigc.gate.champion_version``
   tag of each version), and the decision history records both in that order;
 - the champion history gained exactly the promotions made, and no alias is lost (the challenger
-  alias, when the round did not move it, still points where it did).
+  alias, when the round did not move it, still points where it did);
+- each version has a run of its own holding its own FID.
 
 Without the lock both processes read the same champion: both are promoted and the last one to
 move the alias wins, often the worse one, and one of the two history entries is lost.
@@ -155,6 +156,12 @@ def test_two_registrations_at_once_are_decided_one_after_the_other(shared: Serve
         after = _state(client)
         where = f"round {r} ({kind} lock): good v{v['good']}, better v{v['better']}, before {before}, after {after}"
 
+        # Each version is judged by its own run, holding its own evaluation (one shared run held
+        # both FIDs once, and the better candidate was compared with its own FID: round 7, 2026-12-01).
+        assert receipt["good"]["run_id"] != receipt["better"]["run_id"], where
+        for label, ev in (("good", good), ("better", better)):
+            held = client.get_run(receipt[label]["run_id"]).data.metrics["fid"]
+            assert held == json.loads((ev / "metrics.json").read_text())["fid"], (label, held, where)
         # The better candidate is champion, whichever came first.
         assert after["aliases"].get("champion") == v["better"], where
         # One decision after the other: the first against the round's champion, the second
