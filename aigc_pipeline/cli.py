@@ -1,7 +1,7 @@
-"""The ``aigc`` command line: thin wrappers that parse arguments, call one stage, print a line.
-
-``dvc.yaml`` calls these commands; the Prefect flow runs the very same commands in-process
-(see :mod:`aigc_pipeline.pipeline`), so both front doors share one implementation.
+"""The ``aigc`` command line: the stage commands ``dvc.yaml`` calls (:mod:`aigc_pipeline.commands`,
+which the Prefect flow runs in-process too) and, on top of them, the commands that drive the flow,
+the deployments, the registry and the tools (``run``, ``deploy``, ``dataset add``, ``status``,
+``fid``, ``promote``, ...). Thin wrappers: parse, call one function, print a line.
 """
 
 from __future__ import annotations
@@ -12,107 +12,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from aigc_pipeline import env
+from aigc_pipeline.commands import (UsageError, add_common, add_source_options, add_stage_commands, config_of,
+                                    execute, new_parser, path_arg)
 from aigc_pipeline.errors import AigcError, Terminated
 
-
-class UsageError(AigcError, ValueError):
-    """A command line that does not parse (unknown or malformed argument, missing required one).
-
-    ``command`` is the (sub)command it was meant for, e.g. ``aigc train``; ``status`` is the exit
-    code :func:`main` returns for it (2, as argparse would; 0 after ``--help`` printed the help).
-    """
-
-    def __init__(self, message: str, *, command: str, status: int = 2) -> None:
-        super().__init__(message)
-        self.command = command
-        self.status = status
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse, except that it raises instead of calling ``sys.exit``: :func:`run_command` runs
-    inside Prefect tasks, where an exit would take the worker down instead of failing the task."""
-
-    def error(self, message: str):  # type: ignore[override]
-        usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
-        raise UsageError(f"{self.prog}: {message} (usage: {usage})", command=self.prog)
-
-    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
-        # Reached after --help / --version printed their text; error() handles the failures.
-        if message:
-            print(message, file=sys.stderr, end="")
-        raise UsageError(message.strip() if message else f"{self.prog}: exited with status {status}",
-                         command=self.prog, status=status)
-
-
-def _add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a params.yaml key for this command, e.g. train.epochs=3 (repeatable)")
-
-
-def _add_source_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--labels", metavar="folders|none|COLUMN",
-                   help="folder/archive: class from the first sub-folder (folders) or none; manifest: label column "
-                   "(default: a folder holding only sub-folders is labelled by them, anything else is unlabelled)")
-    p.add_argument("--size", type=int, help="output side in pixels, a power of two (default 32)")
-    p.add_argument("--channels", type=int, help="1 (grayscale) or 3 (RGB) (default 1)")
-
-
-def _path(args: argparse.Namespace, value: str) -> Path:
-    """Paths on the command line are relative to the project root, as in dvc.yaml."""
-    p = Path(value)
-    return p if p.is_absolute() else Path(args.project) / p
-
-
-def _config(args: argparse.Namespace):
-    from aigc_pipeline.config import load_config
-
-    return load_config(args.project, args.overrides)
-
-
-def _cmd_ingest(args: argparse.Namespace) -> Any:
-    from aigc_pipeline.errors import ConfigError
-    from aigc_pipeline.stages import ingest
-
-    if args.source is None:
-        for flag, value in (("--labels", args.labels), ("--size", args.size), ("--channels", args.channels),
-                            ("--max-rejected", args.max_rejected)):
-            if value is not None:
-                raise ConfigError(f"{flag}: only with `aigc ingest SOURCE`; for a registered dataset use "
-                                  "--set datasets.NAME.KEY=VALUE (or --set ingest.max_rejected_fraction=F)")
-        r = ingest.run(_config(args), _path(args, args.out), dataset=args.dataset, project_dir=Path(args.project),
-                       workers=args.workers)
-    else:
-        r = _ingest_source(args)
-    skipped = f", {r.skipped} non-image files skipped" if r.skipped else ""
-    print(f"ingest: {r.accepted} images accepted, {r.rejected} rejected, {r.duplicates} duplicates dropped{skipped}; "
-          f"splits {r.splits}; -> {r.out}")
-    return r
-
-
-def _ingest_source(args: argparse.Namespace) -> Any:
-    """``aigc ingest SOURCE --out DIR``: any folder, archive or manifest, params.yaml untouched."""
-    from aigc_pipeline.config import PARAMS_FILE, DatasetConfig, IngestConfig
-    from aigc_pipeline.data.catalog import source_entry
-    from aigc_pipeline.errors import ConfigError
-    from aigc_pipeline.stages import ingest
-
-    if args.dataset:
-        raise ConfigError("give either SOURCE or --dataset NAME, not both")
-    source = _path(args, args.source)
-    entry = source_entry(source, stored_path=str(source.resolve()), labels=args.labels, size=args.size,
-                         channels=args.channels)
-    dcfg = DatasetConfig.from_dict(entry, prefix="--")  # errors name the flag: "--size: must be a power of two"
-    # The project's ingest settings when there is one; the defaults for a folder anywhere.
-    has_params = (Path(args.project) / PARAMS_FILE).exists()
-    icfg = _config(args).ingest if has_params or args.overrides else IngestConfig()
-    max_rejected = icfg.max_rejected_fraction if args.max_rejected is None else args.max_rejected
-    if not 0.0 <= max_rejected <= 1.0:
-        raise ConfigError(f"--max-rejected: must be in [0, 1], got {max_rejected}")
-    return ingest.prepare(dcfg, _path(args, args.out), name=source.name, eval_fraction=icfg.eval_fraction,
-                          max_rejected_fraction=max_rejected, project_dir=Path(args.project), workers=args.workers,
-                          threshold_name="--max-rejected" if args.max_rejected is not None
-                          else "ingest.max_rejected_fraction")
+__all__ = ["UsageError", "build_parser", "main", "run_command"]
 
 
 def _cmd_dataset_add(args: argparse.Namespace) -> Any:
@@ -121,7 +25,7 @@ def _cmd_dataset_add(args: argparse.Namespace) -> Any:
                                             stored_path)
 
     check_name(args.name)
-    source = _path(args, args.source)
+    source = path_arg(args, args.source)
     check_dvc_hashable(source)  # dvc.yaml's ingest@NAME depends on it
     entry = source_entry(source, stored_path=stored_path(source, Path(args.project)), labels=args.labels,
                          size=args.size, channels=args.channels)
@@ -137,45 +41,6 @@ def _cmd_dataset_add(args: argparse.Namespace) -> Any:
     if event:
         print(f"Prefect event {DATASET_EVENT} emitted for aigc.dataset.{args.name} (id {event})")
     return entry
-
-
-def _cmd_augment(args: argparse.Namespace) -> Any:
-    from aigc_pipeline.stages import augment
-
-    r = augment.run(_config(args), _path(args, args.data), _path(args, args.out))
-    print(f"augment: {r.originals} training images -> {r.count} with augmented copies; -> {r.out}")
-    return r
-
-
-def _cmd_train(args: argparse.Namespace) -> Any:
-    from aigc_pipeline.stages import train
-
-    reference = _path(args, args.reference) if args.reference else None
-    r = train.run(_config(args), _path(args, args.data), _path(args, args.out), _path(args, args.checkpoints),
-                  reference=reference, project_dir=Path(args.project))
-    resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from else ""
-    print(f"train: {r.model} {r.steps} steps{resumed}, {r.images_per_second:.0f} images/s ({r.speed}); -> {r.out}")
-    return r
-
-
-def _cmd_evaluate(args: argparse.Namespace) -> Any:
-    from aigc_pipeline.stages import evaluate
-
-    r = evaluate.run(_config(args), _path(args, args.model), _path(args, args.reference), _path(args, args.out),
-                     project_dir=Path(args.project))
-    isc = f"; IS unavailable: {r.isc_unavailable}" if r.isc_unavailable else ""
-    print(f"evaluate: {evaluate.summary_line(r)}{isc}; {r.seconds:.1f} s -> {r.out}")
-    return r
-
-
-def _cmd_register(args: argparse.Namespace) -> Any:
-    from aigc_pipeline.stages import register
-
-    r = register.run(_config(args), _path(args, args.model), _path(args, args.evaluation), _path(args, args.receipt),
-                     project_dir=Path(args.project))
-    again = " (already registered by an earlier attempt)" if r.reused else ""
-    print(f"register: {r.name} v{r.version}{again}: {r.decision} ({r.reason}); run {r.run_id}")
-    return r
 
 
 def _cmd_run(args: argparse.Namespace) -> Any:
@@ -254,8 +119,8 @@ def _cmd_fid(args: argparse.Namespace) -> Any:
     from aigc_pipeline.evaluation.inception import resolve_inception_weights
 
     has_params = (Path(args.project) / PARAMS_FILE).exists()
-    configured = args.weights or (_config(args).evaluate.inception_weights if has_params else None)
-    result = compare_folders(_path(args, args.dir_a), _path(args, args.dir_b),
+    configured = args.weights or (config_of(args).evaluate.inception_weights if has_params else None)
+    result = compare_folders(path_arg(args, args.dir_a), path_arg(args, args.dir_b),
                              weights=resolve_inception_weights(configured), size=args.size,
                              batch_size=args.batch_size, device=args.device, bootstrap=args.bootstrap, seed=args.seed)
     if args.json:
@@ -274,7 +139,7 @@ def _cmd_fid(args: argparse.Namespace) -> Any:
 def _cmd_weights_fetch(args: argparse.Namespace) -> Any:
     from aigc_pipeline.evaluation.inception import fetch_torch_fidelity_weights
 
-    source = _path(args, args.file) if args.file else None
+    source = path_arg(args, args.file) if args.file else None
     weights = fetch_torch_fidelity_weights(url=args.url, source_file=source, timeout=args.timeout)
     print(f"torch-fidelity's Inception weights (sha256 {weights.sha256}, with their classifier layer) are stored "
           f"as {weights.path}; evaluations now use them and compute Inception Score from their logits "
@@ -294,7 +159,7 @@ def _client(args: argparse.Namespace):
 def _aliases(args: argparse.Namespace) -> tuple[str, str]:
     from aigc_pipeline.config import PARAMS_FILE, RegisterConfig
 
-    rcfg = _config(args).register if (Path(args.project) / PARAMS_FILE).exists() else RegisterConfig()
+    rcfg = config_of(args).register if (Path(args.project) / PARAMS_FILE).exists() else RegisterConfig()
     return rcfg.champion_alias, rcfg.challenger_alias
 
 
@@ -322,7 +187,7 @@ def _cmd_migrate(args: argparse.Namespace) -> Any:
     from aigc_pipeline.tracking.migrate import migrate
 
     champion, _ = _aliases(args)
-    target = args.to or _config(args).registered_model
+    target = args.to or config_of(args).registered_model
     m = migrate(_client(args), args.name, target, alias=champion)
     copied = ", ".join(f"v{a} -> v{b}" for a, b in m.copied.items()) or "nothing new"
     print(f"migrate: {m.source} -> {m.target}: {copied}"
@@ -337,7 +202,7 @@ def _cmd_migrate(args: argparse.Namespace) -> Any:
 def _cmd_sample(args: argparse.Namespace) -> Any:
     from aigc_pipeline.tracking.sample import sample_grid
 
-    path, images = sample_grid(args.project, args.model_uri, args.n, _path(args, args.out), seed=args.seed,
+    path, images = sample_grid(args.project, args.model_uri, args.n, path_arg(args, args.out), seed=args.seed,
                                label=args.label, steps=args.steps)
     print(f"sample: {len(images)} images from {args.model_uri} (seed {args.seed}"
           + (f", label {args.label}" if args.label is not None else "")
@@ -346,64 +211,21 @@ def _cmd_sample(args: argparse.Namespace) -> Any:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="aigc", description="Generative-model pipeline: ingest, augment, "
-                                     "train, evaluate, register; `aigc run` runs them all as a Prefect flow.")
-    parser.add_argument("--project", default=".", help="project root holding params.yaml and dvc.yaml (default: .)")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("ingest", help="validate and prepare a dataset (a registered one, or any folder/archive/manifest)")
-    p.add_argument("source", nargs="?", help="a folder of images, a .zip/.tar archive or a .csv/.parquet manifest "
-                   "(instead of --dataset; params.yaml is not changed)")
-    p.add_argument("--dataset", help="entry of `datasets` in params.yaml (default: `dataset`)")
-    p.add_argument("--out", required=True, help="prepared dataset folder to write")
-    _add_source_options(p)
-    p.add_argument("--max-rejected", type=float, metavar="F",
-                   help="with SOURCE: fail when more than this share is rejected (default: ingest.max_rejected_fraction)")
-    p.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
-    _add_common(p)
-    p.set_defaults(handler=_cmd_ingest)
+    parser, sub = new_parser()
+    add_stage_commands(sub)
 
     p = sub.add_parser("dataset", help="manage the datasets registered in params.yaml")
     dsub = p.add_subparsers(dest="dataset_command", required=True)
     p = dsub.add_parser("add", help="register a folder, archive or manifest as datasets.NAME in params.yaml")
     p.add_argument("name", help="dataset name (letters, digits, '-', '_')")
     p.add_argument("source", help="a folder of images, a .zip/.tar archive or a .csv/.parquet manifest")
-    _add_source_options(p)
+    add_source_options(p)
     p.add_argument("--force", action="store_true", help="replace an existing entry of the same name")
     p.set_defaults(handler=_cmd_dataset_add)
 
-    p = sub.add_parser("augment", help="seeded offline augmentation of the training split")
-    p.add_argument("--data", required=True, help="prepared dataset folder")
-    p.add_argument("--out", required=True, help="augmented dataset folder to write")
-    _add_common(p)
-    p.set_defaults(handler=_cmd_augment)
-
-    p = sub.add_parser("train", help="train the model named by train.model")
-    p.add_argument("--data", required=True, help="(augmented) prepared dataset folder")
-    p.add_argument("--out", required=True, help="model folder to write")
-    p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints")
-    p.add_argument("--reference", help="prepared dataset of real images: measure FID over training against it "
-                   "(evaluate.progress_every)")
-    _add_common(p)
-    p.set_defaults(handler=_cmd_train)
-
-    p = sub.add_parser("evaluate", help="FID (torch-fidelity, real Inception weights) against real data")
-    p.add_argument("--model", required=True, help="model folder from `aigc train`")
-    p.add_argument("--reference", required=True, help="prepared dataset of real images")
-    p.add_argument("--out", required=True, help="folder for metrics.json and samples.png")
-    _add_common(p)
-    p.set_defaults(handler=_cmd_evaluate)
-
-    p = sub.add_parser("register", help="log to MLflow, register, move the champion alias")
-    p.add_argument("--model", required=True, help="model folder from `aigc train`")
-    p.add_argument("--evaluation", required=True, help="folder from `aigc evaluate`")
-    p.add_argument("--receipt", required=True, help="JSON file recording what was registered")
-    _add_common(p)
-    p.set_defaults(handler=_cmd_register)
-
     p = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (embedded server by default)")
     p.add_argument("--dataset", help="train on this registered dataset (written to params.yaml)")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_run)
 
     p = sub.add_parser("fid", help="FID, KID, precision/recall between two image folders (the pipeline's protocol)")
@@ -417,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--bootstrap", type=int, default=100, help="bootstrap resamplings for the FID's spread (0 = off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
-    _add_common(p)
+    add_common(p)
     p.set_defaults(handler=_cmd_fid)
 
     p = sub.add_parser("weights", help="Inception weights for the evaluation")
@@ -480,21 +302,7 @@ def run_command(argv: list[str], *, stage: str | None = None) -> Any:
     command line that does not parse (naming ``stage``, the dvc.yaml stage it came from, when
     given); never exits.
     """
-    parser = build_parser()
-    try:
-        args, extra = parser.parse_known_args(argv)
-        if extra:
-            # argparse reports these from the top-level parser; name the subcommand they were given to.
-            sub_command = getattr(args, "dataset_command", None) or getattr(args, "weights_command", None)
-            command = " ".join(["aigc", *(c for c in (args.command, sub_command) if c)])
-            raise UsageError(f"{command}: unrecognized arguments: {' '.join(extra)} (see `{command} --help`)",
-                             command=command)
-    except UsageError as e:
-        if stage is None or e.status == 0:
-            raise
-        raise UsageError(f"dvc.yaml stage '{stage}': {e}", command=e.command, status=e.status) from None
-    env.set_defaults(args.project)
-    return args.handler(args)
+    return execute(build_parser(), argv, stage=stage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Run dvc.yaml's stages one at a time, the way ``dvc repro`` would, but in this process.
 
 DVC decides whether a stage is stale and records what ran (dvc.lock); this module only
-runs the stage's own ``cmd`` (an ``aigc ...`` command) through :func:`cli.run_command` and
+runs the stage's own ``cmd`` (an ``aigc`` stage command) through :func:`commands.run_stage_command` and
 then commits the stage. So after a flow run ``dvc status`` is clean, ``dvc repro`` is a no-op,
 and a retried task never re-runs a stage DVC already holds as done.
 """
@@ -57,7 +57,7 @@ def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] |
     """Run stage ``name`` of ``project_dir/dvc.yaml`` if DVC says it is stale, then ``dvc commit`` it."""
     from dvc.repo import Repo
 
-    from aigc_pipeline import cli
+    from aigc_pipeline.commands import run_stage_command
 
     project = Path(project_dir).resolve()
     with Repo(str(project)) as repo:
@@ -73,8 +73,8 @@ def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] |
         if not argv or argv[0] != "aigc":
             raise PipelineError(f"dvc.yaml: stage '{name}' runs {stage.cmd!r}; the flow can only run `aigc` commands")
         with _env(extra_env or {}):
-            # stage=: a malformed cmd raises cli.UsageError naming the stage (argparse would exit).
-            result = cli.run_command(["--project", str(project), *argv[1:]], stage=name)
+            # stage=: a malformed cmd raises commands.UsageError naming the stage (argparse would exit).
+            result = run_stage_command(["--project", str(project), *argv[1:]], stage=name)
         repo.commit(f"{project / 'dvc.yaml'}:{name}", force=True)
     return StageOutcome(name, ran=True, outputs=outputs, result=result)
 
