@@ -61,7 +61,7 @@ class DatasetConfig:
         self._check_source()
 
     def _check_source(self) -> None:
-        # Imported here: the registry imports this module (and the sources register themselves on import).
+        # Imported when an entry is checked, not with this module: the data layer brings numpy.
         from aigc_pipeline.data.sources import SOURCE_OPTIONS, SOURCE_SPECIFIC_FIELDS, SOURCES, TORCHVISION_VARIANTS
 
         _check(self.source in SOURCES, "source", f"unknown source {self.source!r} (known: {', '.join(sorted(SOURCES))})")

@@ -28,20 +28,22 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import numpy as np
 
-from aigc_pipeline.config import DatasetConfig
 from aigc_pipeline.data.records import EncodedSample, RawSample, Rejected, SourceItem, Skipped
 from aigc_pipeline.errors import ConfigError, DataError
+
+if TYPE_CHECKING:  # config.py checks entries against this registry: importing it here would be a cycle
+    from aigc_pipeline.config import DatasetConfig
 
 __all__ = [
     "EncodedSample", "RawSample", "Rejected", "Skipped", "SOURCES", "SOURCE_OPTIONS", "SourceOptions",
     "get_source", "register_source", "source_path", "TORCHVISION_VARIANTS",
 ]
 
-SourceFn = Callable[[DatasetConfig, Path], Iterator[SourceItem]]
+SourceFn = Callable[["DatasetConfig", Path], Iterator[SourceItem]]
 SOURCES: dict[str, SourceFn] = {}
 
 
