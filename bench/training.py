@@ -24,7 +24,6 @@ dataset (scikit-learn's digits):
 
 from __future__ import annotations
 
-import json
 import statistics
 import sys
 import time
@@ -235,6 +234,7 @@ def run(ctx: Any) -> dict[str, Any]:
 
     from aigc_pipeline.config import load_config
     from aigc_pipeline.data.prepared import load_prepared
+    from aigc_pipeline.evaluation.results import read_evaluation
     from aigc_pipeline.stages import augment, evaluate, ingest
     from aigc_pipeline.stages import train as train_stage
     from aigc_pipeline.training.checkpoint import list_checkpoints
@@ -340,8 +340,7 @@ def run(ctx: Any) -> dict[str, Any]:
     if len(steps_seen) != 1:
         raise BenchError(f"the two models trained for different numbers of steps: {sorted(steps_seen)}")
     sngan_hp = resolve_hparams(load_config(repo_params, [*overrides, "train.model=sngan"]).train)
-    metrics = json.loads((work / "quality" / f"sngan-{sizes.seeds[0]}" / "eval" / "metrics.json").read_text())
-    protocol = metrics["protocol"]["id"]
+    protocol = read_evaluation(work / "quality" / f"sngan-{sizes.seeds[0]}" / "eval").protocol_id
     mean = {k: statistics.mean(v) for k, v in fids.items()}
     (steps,) = steps_seen
     group = f"Quality at equal budget ({steps} steps, FID, lower is better)"
