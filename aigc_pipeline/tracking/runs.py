@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from aigc_pipeline.config import Config
+from aigc_pipeline.errors import AigcError
 
 FLOW_RUN_ENV = "AIGC_FLOW_RUN_ID"  # set by the Prefect flow; tagged for lineage
 _MAX_TAG = 5000  # MLflow's tag value limit is 8000 characters; keep room
@@ -64,6 +65,10 @@ SAMPLES_KEY = "samples"  # mlflow.log_image key of the fixed-noise grids (the ch
 EVALUATION_KEY = "evaluation"  # ... and of the evaluation's sample grid
 PROTOCOL_PARAM = "evaluate.protocol"  # the protocol id beside the short metric names
 CLASSIFIER_PARAM = "evaluate.classifier_protocol"
+
+
+class RunClaimError(AigcError, RuntimeError):
+    """The store did not keep a run's claim for an evaluation (see the module docstring)."""
 
 
 # train.* settings that may say "auto": the model's recipe decides (aigc_pipeline.models.registry.recipe_for).
@@ -186,7 +191,9 @@ def pipeline_run(client: Any, experiment_id: str, cfg: Config, project_dir: Path
         if evaluation is None or claim_run(client, run_id, evaluation):
             return run_id, False
         if run_id in tried:  # claimed by another, yet still found: the store did not keep the claim
-            raise RuntimeError(f"MLflow run {run_id}: claimed for another evaluation but still offered to this one")
+            raise RunClaimError(f"MLflow run {run_id}: claimed for another evaluation, yet its param "
+                                f"{EVALUATION_PARAM} does not say so; a store that does not keep params "
+                                "write-once cannot hold concurrent stages (use an SQL store or a tracking server)")
         tried.add(run_id)
     run_id = create_run_from_files(client, experiment_id, cfg, project_dir, model, params=params, weights=weights,
                                    stage=stage, ui=ui)
