@@ -131,8 +131,8 @@ def _cmd_train(args: argparse.Namespace) -> Any:
     from aigc_pipeline.stages import train
 
     reference = path_arg(args, args.reference) if args.reference else None
-    r = train.run(config_of(args), path_arg(args, args.data), path_arg(args, args.out), path_arg(args, args.checkpoints),
-                  reference=reference, project_dir=Path(args.project))
+    r = train.run(config_of(args), path_arg(args, args.data), path_arg(args, args.out),
+                  path_arg(args, args.checkpoints), reference=reference, project_dir=Path(args.project))
     resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from else ""
     print(f"train: {r.model} {r.steps} steps{resumed}, {r.images_per_second:.0f} images/s ({r.speed}); -> {r.out}")
     return r
@@ -141,8 +141,8 @@ def _cmd_train(args: argparse.Namespace) -> Any:
 def _cmd_evaluate(args: argparse.Namespace) -> Any:
     from aigc_pipeline.stages import evaluate
 
-    r = evaluate.run(config_of(args), path_arg(args, args.model), path_arg(args, args.reference), path_arg(args, args.out),
-                     project_dir=Path(args.project))
+    r = evaluate.run(config_of(args), path_arg(args, args.model), path_arg(args, args.reference),
+                     path_arg(args, args.out), project_dir=Path(args.project))
     isc = f"; IS unavailable: {r.isc_unavailable}" if r.isc_unavailable else ""
     print(f"evaluate: {evaluate.summary_line(r)}{isc}; {r.seconds:.1f} s -> {r.out}")
     return r
@@ -151,8 +151,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> Any:
 def _cmd_register(args: argparse.Namespace) -> Any:
     from aigc_pipeline.stages import register
 
-    r = register.run(config_of(args), path_arg(args, args.model), path_arg(args, args.evaluation), path_arg(args, args.receipt),
-                     project_dir=Path(args.project))
+    r = register.run(config_of(args), path_arg(args, args.model), path_arg(args, args.evaluation),
+                     path_arg(args, args.receipt), project_dir=Path(args.project))
     again = " (already registered by an earlier attempt)" if r.reused else ""
     print(f"register: {r.name} v{r.version}{again}: {r.decision} ({r.reason}); run {r.run_id}")
     return r
