@@ -17,14 +17,12 @@ from typing import Any
 from aigc_pipeline import env
 from aigc_pipeline.errors import AigcError
 
-STAGE_COMMANDS = ("ingest", "augment", "train", "evaluate", "register")
-
 
 class UsageError(AigcError, ValueError):
     """A command line that does not parse (unknown or malformed argument, missing required one).
 
     ``command`` is the (sub)command it was meant for, e.g. ``aigc train``; ``status`` is the exit
-    code :func:`main` returns for it (2, as argparse would; 0 after ``--help`` printed the help).
+    code :func:`aigc_pipeline.cli.main` returns for it (2, as argparse would; 0 after ``--help`` printed the help).
     """
 
     def __init__(self, message: str, *, command: str, status: int = 2) -> None:
@@ -234,7 +232,7 @@ def execute(parser: argparse.ArgumentParser, argv: list[str], *, stage: str | No
 
 
 def run_stage_command(argv: list[str], *, stage: str) -> Any:
-    """A ``dvc.yaml`` stage's command (``argv`` without ``aigc``): one of :data:`STAGE_COMMANDS`, parsed
+    """A ``dvc.yaml`` stage's command (``argv`` without ``aigc``): one of the five stage commands, parsed
     and run in this process; a malformed or other command raises :class:`UsageError` naming ``stage``."""
     parser, sub = new_parser()
     add_stage_commands(sub)
