@@ -23,10 +23,12 @@ machine) can leave it RUNNING.
 **Resume continues the run.** A training that resumes from a checkpoint (``resumed_from`` > 0)
 continues the newest run with the same training key that has no weights yet (killed, failed or
 still marked RUNNING because its process died), if its params agree: the run goes back to
-RUNNING, steps it already holds are not logged again, the steps between what it holds and the
-checkpoint are logged from the checkpoint's records when training ends, and it ends as this
-session ends. A training that starts from step 0 opens a new run; a run with its key still
-marked RUNNING is then set KILLED and tagged ``aigc.superseded_by`` with the new run's id.
+RUNNING, what it already holds (a metric at a step, a grid at a step) is not logged again, what it
+lacks up to the checkpoint (the steps between what it holds and the checkpoint, or a record the
+killed process did not get to send, such as the grid of an epoch whose losses it had sent) is
+logged from the checkpoint's records when training ends, and it ends as this session ends. A
+training that starts from step 0 opens a new run; a run with its key still marked RUNNING is then
+set KILLED and tagged ``aigc.superseded_by`` with the new run's id.
 
 ``AIGC_LIVE_TRACKING=0`` turns this off (training where MLflow cannot be reached): register then
 creates the run and logs the training from the model folder.
@@ -68,9 +70,10 @@ class TrainingRun:
         self.run_id: str | None = None
         self.step = 0
         self.resumed_from = 0
-        self.logged_until = 0  # steps up to this one were in the run before this session
-        self._streamed_until = 0  # ... and up to this one, per-step records streamed by this session
-        self._images: set[int] = set()
+        self.logged_until = 0  # the last step of the run's training curves before this session
+        self._streamed_until = 0  # the last step whose per-step records this session was given
+        self._held: dict[str, set[int]] = {}  # metric -> the steps the run held it at before this session
+        self._images: set[int] = set()  # steps of the run's grids
         self._pending: list[Any] = []
         self._last_send = 0.0
         self._store = None
@@ -123,7 +126,11 @@ class TrainingRun:
                 and not runs.params_conflict(previous.data.params, self.params)):
             run = mlflow.start_run(run_id=previous.info.run_id, tags=tags, log_system_metrics=True)
             self.run_id = run.info.run_id
-            self.logged_until = runs.logged_step(client, self.run_id)
+            # Held record by record: a process killed between sending an epoch's losses and its
+            # grid leaves that step's losses in the run but not its grid.
+            self._held = runs.logged_metric_steps(client, self.run_id)
+            self.logged_until = max((max(s) for k, s in self._held.items() if k.startswith(("train/", "train_epoch/"))
+                                     and s), default=0)
             self._images = runs.logged_image_steps(client, self.run_id, runs.SAMPLES_KEY)
             print(f"  train: continuing MLflow run {self.run_id} (it holds steps up to {self.logged_until})",
                   file=sys.stderr, flush=True)
@@ -147,17 +154,15 @@ class TrainingRun:
 
     def metrics(self, step: int, scalars: Mapping[str, float]) -> None:
         """``on_metrics``: one step's losses and gradient norms, sent in batches."""
-        if step > self.logged_until:
-            self._queue({f"train/{k}": v for k, v in scalars.items()}, step)
-            self._streamed_until = max(self._streamed_until, step)
+        self._queue({f"train/{k}": v for k, v in scalars.items()}, step)
+        self._streamed_until = max(self._streamed_until, step)
 
     def epoch(self, epoch: int, grid: Any, stats: Mapping[str, float]) -> None:
         """``on_epoch_end``: the epoch's stats and, when drawn, its grid (an image at this step)."""
         step = self.step
-        if step > self.logged_until:
-            self._queue({"train_epoch/epoch": float(epoch), **{f"train_epoch/{k}": v for k, v in stats.items()}}, step)
+        self._queue({"train_epoch/epoch": float(epoch), **{f"train_epoch/{k}": v for k, v in stats.items()}}, step)
         self.send()
-        if grid is not None and step not in self._images and step > self.logged_until:
+        if grid is not None and step not in self._images:
             from aigc_pipeline.images import make_grid
 
             runs.log_grid(self._client, self.run_id, make_grid(grid), runs.SAMPLES_KEY, step)
@@ -165,24 +170,24 @@ class TrainingRun:
 
     def fid(self, name: str, value: float) -> None:
         """A point of FID over training, measured now (at the current step)."""
-        if self.step > self.logged_until and math.isfinite(value):
+        if math.isfinite(value):
             self._queue({name: value}, self.step)
             self.send()
 
     # -- the end -------------------------------------------------------------------------------
 
     def finish(self, *, model: Path, steps: int, stopped: bool) -> str:
-        """The model folder is written: log what this session did not stream (steps between what the
-        run held and the checkpoint resumed from), tag the weights, end the run FINISHED."""
+        """The model folder is written: log what the run lacks up to the checkpoint this session
+        resumed from (from the model folder's records), tag the weights, end the run FINISHED."""
         import mlflow
 
         from aigc_pipeline.io import sha256_file
         from aigc_pipeline.models.export import WEIGHTS_FILE
 
         self.send()
-        if self.resumed_from > self.logged_until:
-            runs.log_training_files(self._client, self.run_id, Path(model), after=self.logged_until,
-                                    upto=self.resumed_from)
+        if self.resumed_from > 0:
+            runs.log_training_files(self._client, self.run_id, Path(model), upto=self.resumed_from,
+                                    held=self._held, held_images=self._images)
         tags = {runs.WEIGHTS_TAG: sha256_file(Path(model) / WEIGHTS_FILE), "aigc.steps": str(steps)}
         if stopped:
             tags["aigc.stopped_at_step"] = str(steps)
@@ -203,8 +208,8 @@ class TrainingRun:
         try:
             self.send()
             if isinstance(error, TrainingDiverged) and error.history:
-                runs.log_step_metrics(self._client, self.run_id, error.history,
-                                      after=max(self.logged_until, self._streamed_until))
+                runs.log_step_metrics(self._client, self.run_id, error.history, after=self._streamed_until,
+                                      held=self._held)
             tags = {"aigc.error_type": type(error).__name__, "aigc.error": str(error)[:runs._MAX_TAG]}
             if isinstance(error, TrainingDiverged) and error.step is not None:
                 tags["aigc.failed_step"] = str(error.step)
@@ -222,7 +227,10 @@ class TrainingRun:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, int(step)) for k, v in values.items()]
+        # What the run held before this session is not logged again: a resumed training recomputes
+        # the steps between its checkpoint and where the killed process had got to.
+        self._pending += [Metric(k, float(v), now, int(step)) for k, v in values.items()
+                          if int(step) not in self._held.get(k, ())]
         if len(self._pending) >= _FLUSH_METRICS or time.monotonic() - self._last_send >= _FLUSH_SECONDS:
             self.send()
 

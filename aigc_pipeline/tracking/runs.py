@@ -45,7 +45,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Container, Iterable, Mapping
 
 from aigc_pipeline.config import Config
 from aigc_pipeline.errors import AigcError
@@ -111,18 +111,22 @@ def log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
 
 
 def log_step_metrics(client: Any, run_id: str, rows: Iterable[Mapping[str, Any]], prefix: str = "train/",
-                     *, after: int = 0, upto: float = math.inf) -> None:
+                     *, after: int = 0, upto: float = math.inf,
+                     held: Mapping[str, Container[int]] | None = None) -> None:
     """Log per-step records (``{"step": s, name: value, ...}``) as metrics ``<prefix><name>`` at
-    step ``s``, in batches; only steps in (``after``, ``upto``]."""
+    step ``s``, in batches; only steps in (``after``, ``upto``], and not the (metric, step) pairs
+    in ``held`` (metric -> steps the run already holds)."""
     from mlflow.entities import Metric
 
+    held = held or {}
     now = int(time.time() * 1000)
     batch: list[Metric] = []
     for row in rows:
         step = int(float(row["step"]))
         if not after < step <= upto:
             continue
-        batch += [Metric(f"{prefix}{k}", float(v), now, step) for k, v in row.items() if k != "step" and v != ""]
+        batch += [Metric(f"{prefix}{k}", float(v), now, step) for k, v in row.items()
+                  if k != "step" and v != "" and step not in held.get(f"{prefix}{k}", ())]
         if len(batch) >= _METRICS_PER_BATCH:
             client.log_batch(run_id, metrics=batch)
             batch = []
@@ -243,24 +247,30 @@ def epoch_steps(model: Path) -> dict[int, int]:
     return {int(float(r["epoch"])): int(float(r["step"])) for r in _read_csv(Path(model) / "epochs.csv")}
 
 
-def log_training_files(client: Any, run_id: str, model: Path, *, after: int = 0, upto: float = math.inf) -> None:
+def log_training_files(client: Any, run_id: str, model: Path, *, after: int = 0, upto: float = math.inf,
+                       held: Mapping[str, Container[int]] | None = None,
+                       held_images: Container[int] = frozenset()) -> None:
     """The training records of a model folder as metrics and images at their global steps (steps in
-    (``after``, ``upto``]): history.csv, epochs.csv, timing.csv, fid_progress.csv, samples/."""
+    (``after``, ``upto``]): history.csv, epochs.csv, timing.csv, fid_progress.csv, samples/.
+
+    ``held`` (metric -> steps) and ``held_images`` (grid steps) are what the run already holds:
+    those are not logged again."""
     from aigc_pipeline.evaluation.progress import PROGRESS_FILE, read_progress
 
     steps = epoch_steps(model)
-    log_step_metrics(client, run_id, _read_csv(model / "history.csv"), after=after, upto=upto)
-    log_step_metrics(client, run_id, _read_csv(model / "epochs.csv"), prefix="train_epoch/", after=after, upto=upto)
+    window = {"after": after, "upto": upto, "held": held}
+    log_step_metrics(client, run_id, _read_csv(model / "history.csv"), **window)
+    log_step_metrics(client, run_id, _read_csv(model / "epochs.csv"), prefix="train_epoch/", **window)
     timing = [{"step": steps[int(float(r["epoch"]))], "images_per_s": r["images_per_s"]}
               for r in _read_csv(model / "timing.csv") if int(float(r["epoch"])) in steps]
-    log_step_metrics(client, run_id, timing, prefix="train_epoch/", after=after, upto=upto)
+    log_step_metrics(client, run_id, timing, prefix="train_epoch/", **window)
     name, rows = read_progress(model / PROGRESS_FILE)
     if rows:
         log_step_metrics(client, run_id, [{"step": steps[e], name: v} for e, v in rows
-                                          if e in steps and math.isfinite(v)], prefix="", after=after, upto=upto)
+                                          if e in steps and math.isfinite(v)], prefix="", **window)
     for epoch, step in sorted(steps.items()):
         grid = model / "samples" / f"epoch-{epoch:03d}.png"
-        if grid.is_file() and after < step <= upto:
+        if grid.is_file() and after < step <= upto and step not in held_images:
             log_grid(client, run_id, grid, SAMPLES_KEY, step)
 
 
@@ -286,14 +296,10 @@ def logged_image_steps(client: Any, run_id: str, key: str) -> set[int]:
     return steps
 
 
-def logged_step(client: Any, run_id: str, prefixes: tuple[str, ...] = ("train/", "train_epoch/")) -> int:
-    """The largest step of any metric of the run under ``prefixes`` (0 when none)."""
+def logged_metric_steps(client: Any, run_id: str) -> dict[str, set[int]]:
+    """Metric -> the steps the run holds it at (every metric of the run)."""
     run = client.get_run(run_id)
-    latest = 0
-    for key in run.data.metrics:
-        if key.startswith(prefixes):
-            latest = max([latest, *(m.step for m in client.get_metric_history(run_id, key))])
-    return latest
+    return {key: {m.step for m in client.get_metric_history(run_id, key)} for key in run.data.metrics}
 
 
 def protocol_tags(scored: Any) -> dict[str, str]:
