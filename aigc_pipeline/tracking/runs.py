@@ -297,9 +297,11 @@ def logged_image_steps(client: Any, run_id: str, key: str) -> set[int]:
 
 
 def logged_metric_steps(client: Any, run_id: str) -> dict[str, set[int]]:
-    """Metric -> the steps the run holds it at (every metric of the run)."""
+    """Metric -> the steps the run holds it at (the run's own metrics; MLflow's ``system/`` ones,
+    which it samples on its own clock, are left out)."""
     run = client.get_run(run_id)
-    return {key: {m.step for m in client.get_metric_history(run_id, key)} for key in run.data.metrics}
+    return {key: {m.step for m in client.get_metric_history(run_id, key)} for key in run.data.metrics
+            if not key.startswith("system/")}
 
 
 def protocol_tags(scored: Any) -> dict[str, str]:
