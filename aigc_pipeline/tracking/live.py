@@ -70,7 +70,6 @@ class TrainingRun:
         self.run_id: str | None = None
         self.step = 0
         self.resumed_from = 0
-        self.logged_until = 0  # the last step of the run's training curves before this session
         self._streamed_until = 0  # the last step whose per-step records this session was given
         self._held: dict[str, set[int]] = {}  # metric -> the steps the run held it at before this session
         self._images: set[int] = set()  # steps of the run's grids
@@ -129,10 +128,10 @@ class TrainingRun:
             # Held record by record: a process killed between sending an epoch's losses and its
             # grid leaves that step's losses in the run but not its grid.
             self._held = runs.logged_metric_steps(client, self.run_id)
-            self.logged_until = max((max(s) for k, s in self._held.items() if k.startswith(("train/", "train_epoch/"))
-                                     and s), default=0)
             self._images = runs.logged_image_steps(client, self.run_id, runs.SAMPLES_KEY)
-            print(f"  train: continuing MLflow run {self.run_id} (it holds steps up to {self.logged_until})",
+            last = max((max(s) for k, s in self._held.items() if k.startswith(("train/", "train_epoch/")) and s),
+                       default=0)
+            print(f"  train: continuing MLflow run {self.run_id} (it holds steps up to {last})",
                   file=sys.stderr, flush=True)
         else:
             run = mlflow.start_run(experiment_id=self._experiment_id, run_name=f"{self.cfg.model_name}-{self.key[:8]}",
