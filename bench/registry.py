@@ -17,6 +17,7 @@ BENCHMARKS: dict[str, str] = {
     "evaluation": "bench.evaluation",
     "scale": "bench.scale",
     "quality": "bench.quality",
+    "datasets": "bench.datasets",
 }
 
 
