@@ -114,7 +114,10 @@ class AugmentConfig:
 @dataclass(frozen=True)
 class TrainConfig:
     model: str = "dcgan"
-    epochs: int = 6
+    # Length of training: thousands of images shown (auto: the family's measured default for the
+    # image size, aigc_pipeline.training.budget), rounded up to whole epochs; epochs, when set, wins.
+    kimg: float | Literal["auto"] = "auto"
+    epochs: int | None = None
     batch_size: int = 64
     seed: int = 0
     checkpoint_every: int = 200
@@ -140,7 +143,8 @@ class TrainConfig:
     keep_checkpoints: int = 3
 
     def __post_init__(self) -> None:
-        _check(self.epochs >= 1, "epochs", "must be >= 1")
+        _check(self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1 (or null: train.kimg sets the length)")
+        _check(self.kimg == "auto" or self.kimg > 0, "kimg", "must be > 0 (thousands of images shown) or auto")
         _check(self.devices >= 1, "devices", "must be >= 1")
         _check(self.batch_size % self.devices == 0, "batch_size", f"must be divisible by train.devices ({self.devices})")
         _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 = off)")
@@ -412,6 +416,17 @@ def config_digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def yaml_round_trip() -> Any:
+    """A ruamel.yaml round-trip loader/dumper that keeps comments, key order, quotes and ``null``."""
+    from ruamel.yaml import YAML  # ships with DVC
+
+    rt = YAML()
+    rt.preserve_quotes = True
+    # ruamel writes None as an empty value ("key:"): keep the file's own spelling, null.
+    rt.representer.add_representer(type(None), lambda r, _: r.represent_scalar("tag:yaml.org,2002:null", "null"))
+    return rt
+
+
 def write_overrides_to_params(project_dir: Path | str, overrides: list[str] | tuple[str, ...]) -> None:
     """Persist overrides into params.yaml, keeping its comments (what ``dvc exp run -S`` does).
 
@@ -420,12 +435,9 @@ def write_overrides_to_params(project_dir: Path | str, overrides: list[str] | tu
     """
     if not overrides:
         return
-    from ruamel.yaml import YAML  # ships with DVC; keeps comments and key order
-
     path = Path(project_dir) / PARAMS_FILE
     load_config(project_dir, overrides)  # validate first; raises ConfigError naming the key
-    rt = YAML()
-    rt.preserve_quotes = True
+    rt = yaml_round_trip()
     doc = rt.load(path.read_text())
     for text in overrides:
         key, value = parse_override(text)

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from aigc_pipeline.config import PARAMS_FILE, DatasetConfig, config_from_dict, read_params
+from aigc_pipeline.config import PARAMS_FILE, DatasetConfig, config_from_dict, read_params, yaml_round_trip
 from aigc_pipeline.data.archive import is_archive_name
 from aigc_pipeline.data.files import is_ignored
 from aigc_pipeline.data.records import Accepted, Rejected
@@ -147,15 +147,12 @@ def add_dataset(project_dir: Path | str, name: str, entry: dict[str, Any], *, fo
 
     Refuses an existing name unless ``force``. The active ``dataset:`` is not changed.
     """
-    from ruamel.yaml import YAML  # ships with DVC; keeps comments and key order
-
     check_name(name)
     path = Path(project_dir) / PARAMS_FILE
     current = read_params(path)
     if name in (current.get("datasets") or {}) and not force:
         raise ConfigError(f"datasets.{name}: already registered in {path} (pass --force to replace it)")
-    rt = YAML()
-    rt.preserve_quotes = True
+    rt = yaml_round_trip()
     doc = rt.load(path.read_text())
     if doc.get("datasets") is None:
         doc["datasets"] = {}

@@ -147,9 +147,15 @@ def test_ingest_user_errors_exit_2(project: Path, tmp_path: Path, capsys: pytest
 
 def test_dataset_add_writes_the_entry_keeping_comments(project: Path, capsys: pytest.CaptureFixture) -> None:
     make_folder(project / "data" / "raw" / "pets", good=4)
+    before = (project / "params.yaml").read_text().splitlines()
     assert aigc(project, "dataset", "add", "pets", "data/raw/pets", "--size", "16", "--channels", "3") == 0
     assert "aigc run --dataset pets" in capsys.readouterr().out
     text = (project / "params.yaml").read_text()
+    # Every other line is as it was: `null` stays null (ruamel would write an empty value).
+    assert [line for line in text.splitlines() if line not in before] == [
+        "  pets:", "    source: image-folder", "    path: data/raw/pets", "    labels: folders", "    size: 16",
+        "    channels: 3"]
+    assert sorted(set(before) - set(text.splitlines())) == []
     assert "# Which entry of `datasets` the train/evaluate/register stages use." in text  # comments kept
     assert "scikit-learn's bundled 8x8 digits" in text
     entry = yaml.safe_load(text)["datasets"]["pets"]
