@@ -47,7 +47,8 @@ def _cmd_run(args: argparse.Namespace) -> Any:
     from aigc_pipeline.config import load_config
     from aigc_pipeline.pipeline import check_dvc_inputs
 
-    overrides = ([f"dataset={args.dataset}"] if args.dataset else []) + list(args.overrides)
+    overrides = ([f"dataset={args.dataset}"] if args.dataset else []) + \
+        ([f"train.model={args.model}"] if args.model else []) + list(args.overrides)
     cfg = load_config(args.project, overrides)
     check_dvc_inputs(cfg)  # fail fast, before Prefect starts
     from flows.retrain import retrain
@@ -225,6 +226,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole pipeline as a Prefect flow (embedded server by default)")
     p.add_argument("--dataset", help="train on this registered dataset (written to params.yaml)")
+    p.add_argument("--model", help="train this model family, e.g. dcgan (train.model, written to params.yaml; "
+                   "the families: aigc_pipeline/models/registry.py)")
     add_common(p)
     p.set_defaults(handler=_cmd_run)
 

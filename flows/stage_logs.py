@@ -12,8 +12,8 @@ Only writes from the thread that runs the stage are copied (Prefect's own thread
 stderr too). A training on several processes (``train.devices`` > 1) writes to the file
 descriptor directly, so its per-epoch lines reach the terminal or worker log, not the run log.
 
-:class:`TrainingProgress` reads the train stage's per-epoch line and keeps a Prefect progress
-artifact at the share of steps done.
+:class:`TrainingProgress` reads the train stage's plan and per-epoch lines and keeps a Prefect
+progress artifact at the share of steps done, with the plan and the time left.
 """
 
 from __future__ import annotations
@@ -30,7 +30,9 @@ STAGE_LOGGER = "aigc.stage"  # its records go to the Prefect API only; the stage
 PACKAGE_LOGGER = "aigc_pipeline"  # the stages' `logging` records (warnings of the evaluation, ...)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
 # aigc_pipeline.stages.train.Progress.epoch: "train epoch 3/180  step 30/1800  loss_d 1.2 ..."
-EPOCH_LINE = re.compile(r"^train epoch (\d+)/(\d+)\s+step (\d+)/(\d+)")
+EPOCH_LINE = re.compile(r"^train epoch (\d+)/(\d+)\s+step (\d+)/(\d+).*?(?:\seta (.+))?$")
+# aigc_pipeline.stages.train.Progress: "train plan: 253.44 kimg (...) = 3960 steps ...; estimated 3 min 10 s left ..."
+PLAN_LINE = re.compile(r"^train plan: (.+)$")
 
 
 def clean_line(raw: str) -> str:
@@ -158,8 +160,9 @@ def stage_output(stage: str, *, on_line: Callable[[str], None] | None = None) ->
 
 class TrainingProgress:
     """A Prefect progress artifact (``key``) at the share of training steps done, created at the
-    first per-epoch line of the train stage and updated at most every ``every`` seconds (and
-    always at the last step). Pass :meth:`line` as ``on_line`` of :func:`stage_output`."""
+    train stage's first plan line (its length, then its estimated time once measured) or first
+    per-epoch line, and updated at most every ``every`` seconds (and always at the last step), its
+    description saying the time left. Pass :meth:`line` as ``on_line`` of :func:`stage_output`."""
 
     def __init__(self, key: str, model_name: str, *, every: float = 1.0) -> None:
         self.key = key
@@ -167,20 +170,31 @@ class TrainingProgress:
         self.every = every
         self.artifact_id: Any = None
         self.progress: float | None = None  # percent, as last published
+        self.plan = ""  # the train stage's plan line (length, then the estimated time), as last seen
         self._last = 0.0
 
     def line(self, line: str) -> None:
+        plan = PLAN_LINE.match(line)
+        if plan is not None:
+            self.plan = plan.group(1)
+            self._publish(self.progress or 0.0, f"Training {self.model_name}: {self.plan}")
+            return
         m = EPOCH_LINE.match(line)
         if m is None:
             return
-        epoch, epochs, step, total = (int(g) for g in m.groups())
+        epoch, epochs, step, total = (int(g) for g in m.groups()[:4])
         percent = 100.0 * step / total if total else 100.0
-        text = f"Training {self.model_name}: epoch {epoch}/{epochs}, step {step}/{total}"
+        eta = f", about {m.group(5)} left" if m.group(5) and step < total else ""
+        text = f"Training {self.model_name}: epoch {epoch}/{epochs}, step {step}/{total}{eta}"
         now = time.monotonic()
         if self.artifact_id is not None and step < total and now - self._last < self.every:
             return
+        self._publish(percent, text)
+
+    def _publish(self, percent: float, text: str) -> None:
         from prefect.artifacts import create_progress_artifact, update_progress_artifact
 
+        now = time.monotonic()
         if self.artifact_id is None:
             self.artifact_id = create_progress_artifact(progress=percent, key=self.key, description=text)
         else:

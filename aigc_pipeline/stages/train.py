@@ -40,6 +40,7 @@ from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.export import save_generator
 from aigc_pipeline.models.registry import generator_spec, resolve_hparams
 from aigc_pipeline.training import distributed
+from aigc_pipeline.training.budget import Budget, Estimate, format_duration, plan_warning, resolve_budget
 from aigc_pipeline.training.loop import Callbacks, train
 from aigc_pipeline.training.speed import resolve_device
 
@@ -59,6 +60,9 @@ class TrainStageResult:
     speed: str = ""  # device, precision, memory format, compile
     world_size: int = 1
     stopped: bool = False  # should_stop ended training at ``steps``, before the configured epochs
+    kimg: float = 0.0  # the planned length: thousands of images shown at the last step
+    estimated_seconds: float = float("nan")  # the plan's wall time of this call's training (after its warm-up)
+    seconds: float = float("nan")  # the wall time this call's training took
 
 
 def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Path | None = None,
@@ -95,6 +99,11 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
     arch = Arch(family=tcfg.model, size=prepared.images.shape[-1], channels=prepared.images.shape[1],
                 latent_dim=tcfg.latent_dim, width=tcfg.width, num_classes=num_classes)
     hp = resolve_hparams(tcfg)
+    budget = plan_budget(cfg, train_images=len(prepared.images), size=arch.size)
+    # The length as a number, for the checkpoint key, FID over training and the trainer; ``cfg``
+    # stays the settings (auto included), as model.json's ``train`` and the MLflow params record them.
+    resolved = dataclasses.replace(cfg, train=dataclasses.replace(tcfg, epochs=budget.epochs))
+    tcfg = resolved.train
     key_cfg = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _OPERATIONAL}
     run_key = config_digest({"train": key_cfg, "arch": arch.__dict__, "data": prepared.digest})[:16]
     ckpt_dir = Path(checkpoints) / run_key
@@ -102,19 +111,21 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
     # publishes the grids of the epochs an interrupted process finished.
     grid_dir = ckpt_dir / "samples"
     show = not quiet and dist_info.is_main
-    progress = Progress(tcfg.epochs, enabled=show)
+    device = resolve_device(tcfg.device)
+    progress = Progress(tcfg.epochs, enabled=show, budget=budget, device=device.type,
+                        fid_points=_fid_points(resolved) if reference is not None else 0)
     fid_progress = None
     if reference is not None and dist_info.is_main:
         from aigc_pipeline.evaluation.progress import progress_hook  # torch-fidelity only when asked for
 
-        fid_progress = progress_hook(cfg, reference, arch, device=resolve_device(tcfg.device))
+        fid_progress = progress_hook(resolved, reference, arch, device=device)
 
     tracker = None
     if project_dir is not None and dist_info.is_main:
         from aigc_pipeline.tracking import live
 
         if live.enabled():
-            tracker = live.TrainingRun(project_dir, cfg, key=run_key, hparams=dataclasses.asdict(hp))
+            tracker = live.TrainingRun(project_dir, cfg, key=run_key, hparams=resolved_settings(hp, budget))
 
     def on_start(info: dict[str, Any]) -> None:
         progress.start(info)
@@ -173,33 +184,38 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
             raise
         finally:
             progress.close()  # idempotent
+        seconds = progress.elapsed()
         final = {k: v for k, v in result.history[-1].items() if k != "step"}
         if dist_info.is_main:
             fid_csv = fid_progress.csv_text() if fid_progress is not None and fid_progress.rows else None
-            _write_model(out, result, arch, cfg, hp, prepared.digest, list(prepared.classes), final, grid_dir, fid_csv)
+            _write_model(out, result, arch, cfg, hp, budget, prepared.digest, list(prepared.classes), final, grid_dir,
+                         fid_csv)
         if tracker is not None:
             tracker.finish(model=out, steps=result.steps, stopped=result.stopped)
     return TrainStageResult(out=out, model=tcfg.model, steps=result.steps, resumed_from=result.resumed_from,
                             images_per_second=result.images_per_second, final_losses=final, speed=result.speed,
-                            world_size=dist_info.world, stopped=result.stopped)
+                            world_size=dist_info.world, stopped=result.stopped, kimg=budget.kimg,
+                            estimated_seconds=progress.planned_seconds, seconds=seconds)
 
 
-def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, digest: str, classes: list[str],
-                 final: dict[str, float], grid_dir: Path, fid_csv: str | None) -> None:
-    tcfg = cfg.train
+def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, budget: Budget, digest: str,
+                 classes: list[str], final: dict[str, float], grid_dir: Path, fid_csv: str | None) -> None:
     with atomic_dir(out) as tmp:
         save_generator(
             tmp,
             result.family.generator,
             arch,
             {
-                "model": tcfg.model,
+                "model": cfg.train.model,
                 "dataset": cfg.dataset,
                 "data_digest": digest,
                 "classes": classes,
                 "steps": result.steps,
-                "train": dataclasses.asdict(tcfg),
-                "hparams": dataclasses.asdict(hp),  # with the recipe's values where the config says auto
+                "train": dataclasses.asdict(cfg.train),  # the settings, as params.yaml says them
+                # With the values used where the config says auto (the recipe's lr/betas, the length).
+                "hparams": resolved_settings(hp, budget),
+                "budget": {"kimg": budget.kimg, "images": budget.images, "steps": budget.steps,
+                           "epochs": budget.epochs, "source": budget.source, "requested_kimg": budget.requested_kimg},
                 "speed": result.speed,
                 "source_size": cfg.active_dataset.size,
                 "final_losses": final,
@@ -218,6 +234,30 @@ def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, d
         atomic_write_text(tmp / TIMING_FILE, _csv(result.timing))
         if fid_csv is not None:  # FID over training (every point: they travel in the checkpoints)
             atomic_write_text(tmp / "fid_progress.csv", fid_csv)
+
+
+def plan_budget(cfg: Config, *, train_images: int, size: int) -> Budget:
+    """The length ``train.epochs``/``train.kimg`` resolve to on ``train_images`` images of ``size`` px."""
+    tcfg = cfg.train
+    try:
+        return resolve_budget(family=tcfg.model, size=size, train_images=train_images, batch_size=tcfg.batch_size,
+                              epochs=tcfg.epochs, kimg=tcfg.kimg)
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+
+
+def resolved_settings(hp: Hparams, budget: Budget) -> dict[str, Any]:
+    """The settings training used where params.yaml may say auto: the recipe's (lr, betas, ...) and
+    the length (``epochs``, ``kimg``: images shown / 1000). model.json's ``hparams``; MLflow params."""
+    return {**dataclasses.asdict(hp), "epochs": budget.epochs, "kimg": budget.kimg}
+
+
+def _fid_points(cfg: Config) -> int:
+    """FID-over-training points the training will measure (every ``progress_every`` epochs and the last)."""
+    every, epochs = cfg.evaluate.progress_every, cfg.train.epochs
+    return 0 if every <= 0 or not epochs else len({e for e in range(every, epochs + 1, every)} | {epochs})
 
 
 def _csv(rows: list[dict[str, float]]) -> str:
@@ -289,43 +329,106 @@ def report_for_parent(result_file: Path, result: TrainStageResult | None, error:
 
 
 class Progress:
-    """A progress bar on a terminal (redrawn at most 10 times a second) and one line per epoch
-    (on a terminal or not): losses, images/s, learning rate."""
+    """The plan before the wait, a progress bar on a terminal (redrawn at most 10 times a second)
+    and one line per epoch (on a terminal or not): losses, images/s, learning rate, time left.
+
+    The plan line comes twice: at the start (steps, images, epochs), then with the estimated wall
+    time once a short warm-up has been measured: the seconds per step of the first steps after
+    :attr:`WARMUP_SKIP` (which pay for allocation and kernel selection), times the steps left, plus
+    the FID-over-training points to come. Later estimates use the average since the start.
+    """
 
     WIDTH = 24
+    WARMUP_SKIP = 2  # steps left out of the warm-up measurement
+    WARMUP_STEPS = 20  # steps measured, at most ...
+    WARMUP_SECONDS = 5.0  # ... or until this much time has passed (at least 3 steps)
+    # A FID-over-training point on a CPU: about 0.1 s per sample for Inception (its reference
+    # statistics come from a cache the evaluation shares). GPUs: negligible beside training.
+    FID_SECONDS_PER_SAMPLE_CPU = 0.1
 
-    def __init__(self, epochs: int, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(self, epochs: int, *, enabled: bool = True, stream: TextIO | None = None,
+                 budget: Budget | None = None, device: str = "cpu", fid_points: int = 0,
+                 fid_samples: int = 64) -> None:
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.tty = enabled and self.stream.isatty()
         self.epochs = epochs
+        self.budget = budget
+        self.device = device
+        self.fid_points = fid_points
+        self.fid_seconds = fid_points * fid_samples * self.FID_SECONDS_PER_SAMPLE_CPU if device == "cpu" else 0.0
         self.t0 = time.perf_counter()
         self.last_draw = 0.0
         self.first_step = None
         self.step_no = self.total = 0
         self.drawn = False
+        self.warmup: tuple[int, float] | None = None  # (step, time) where the warm-up measurement began
+        self.estimate: Estimate | None = None  # the plan's, once the warm-up has been measured
+        self.planned_seconds = float("nan")  # the plan's wall time of the whole call: warm-up + estimate
 
     def start(self, info: dict[str, Any]) -> None:
         self.first_step, self.total = info["resumed_from"], info["total_steps"]
         self.t0 = time.perf_counter()
+        self.warmup, self.estimate = None, None
         if self.enabled:
             resumed = f", resumed from step {info['resumed_from']}" if info["resumed_from"] else ""
             world = f", {info['world_size']} processes" if info["world_size"] > 1 else ""
             print(f"  train: {info['speed']}, data on {info['data_placement']}{world}{resumed}",
                   file=self.stream, flush=True)
+            if self.budget is not None:
+                print(f"  train plan: {self.budget.describe()}; measuring a warm-up for the time estimate",
+                      file=self.stream, flush=True)
 
     def step(self, step: int, total: int, epoch: int) -> None:
         self.step_no, self.total = step, total
         now = time.perf_counter()
+        self._measure_warmup(step, total, now)
         if self.tty and (now - self.last_draw >= 0.1 or step == total):
             self.last_draw = now
             done = step / total if total else 1.0
             bar = "#" * int(done * self.WIDTH) + "-" * (self.WIDTH - int(done * self.WIDTH))
             rate = (step - (self.first_step or 0)) / max(now - self.t0, 1e-9)
-            eta = (total - step) / rate if rate > 0 else 0.0
             print(f"\r  train [{bar}] {step}/{total} epoch {epoch}/{self.epochs}  {rate:.1f} it/s  "
-                  f"eta {int(eta) // 60}:{int(eta) % 60:02d} ", end="", file=self.stream, flush=True)
+                  f"eta {self._eta_text(step, now)} ", end="", file=self.stream, flush=True)
             self.drawn = True
+
+    def _measure_warmup(self, step: int, total: int, now: float) -> None:
+        if self.estimate is not None or self.first_step is None:
+            return
+        if self.warmup is None:
+            if step - self.first_step >= self.WARMUP_SKIP or step == total:
+                self.warmup = (step, now)
+            return
+        measured, seconds = step - self.warmup[0], now - self.warmup[1]
+        if not (step == total or measured >= self.WARMUP_STEPS or (measured >= 3 and seconds >= self.WARMUP_SECONDS)):
+            return
+        per_step = seconds / measured
+        # Steps before the warm-up window are part of the run too (their time has passed already).
+        self.estimate = Estimate(per_step, total - step, self.fid_seconds)
+        self.planned_seconds = now - self.t0 + self.estimate.seconds
+        if not self.enabled:
+            return
+        prefix = "\r\033[K" if self.drawn else ""
+        self.drawn = False
+        plan = self.budget.describe() if self.budget is not None else f"{total} steps"
+        print(f"{prefix}  train plan: {plan}; estimated {format_duration(self.estimate.seconds)} left on "
+              f"{self.device} ({per_step:.3g} s/step over {measured} warm-up steps"
+              + (f", {self.fid_points} FID-over-training points" if self.fid_points else "") + ")",
+              file=self.stream, flush=True)
+        warning = plan_warning(self.estimate.seconds + (now - self.t0), self.device)
+        if warning:
+            print(f"  train: warning: {warning}", file=self.stream, flush=True)
+
+    def elapsed(self) -> float:
+        """Seconds since training started (the trainer's ``on_start``)."""
+        return time.perf_counter() - self.t0
+
+    def _eta_text(self, step: int, now: float) -> str:
+        """Time left, from the average seconds per step since the start (FID points included)."""
+        done = step - (self.first_step or 0)
+        if done <= 0:
+            return "?"
+        return format_duration((self.total - step) * (now - self.t0) / done)
 
     def epoch(self, epoch: int, stats: dict[str, float]) -> None:
         if not self.enabled:
@@ -335,8 +438,9 @@ class Progress:
         losses = "  ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.startswith(("loss", "recon", "kl")))
         prefix = "\r\033[K" if self.drawn else ""
         self.drawn = False
+        eta = self._eta_text(self.step_no, time.perf_counter())
         print(f"{prefix}  train epoch {epoch}/{self.epochs}  step {self.step_no}/{self.total}  {losses}  "
-              f"{rate:.0f} img/s  {lrs}", file=self.stream, flush=True)
+              f"{rate:.0f} img/s  {lrs}  eta {eta}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.drawn:

@@ -72,16 +72,16 @@ class RunClaimError(AigcError, RuntimeError):
 
 
 # train.* settings that may say "auto": the model's recipe decides (aigc_pipeline.models.registry.recipe_for).
-RESOLVED_KEYS = ("lr", "beta1", "beta2")
+RESOLVED_KEYS = ("lr", "beta1", "beta2", "epochs", "kimg")
 
 
 def flat_params(cfg: Config, resolved: dict[str, Any] | None = None) -> dict[str, str]:
     """The active dataset's entry and every stage section, as dotted keys -> strings.
 
-    With ``resolved`` (the hyperparameters training used, model.json's ``hparams``), ``train.lr``,
-    ``train.beta1`` and ``train.beta2`` hold the values used, so a params diff shows the real
-    difference between two families' recipes; the setting itself (``auto`` or a number) stays
-    beside them as ``train.lr_setting`` etc.
+    With ``resolved`` (the settings training used, model.json's ``hparams``), ``train.lr``,
+    ``train.beta1``, ``train.beta2``, ``train.epochs`` and ``train.kimg`` hold the values used, so a
+    params diff shows the real difference between two families' recipes and lengths; the setting
+    itself (``auto``, ``None`` or a number) stays beside them as ``train.lr_setting`` etc.
     """
     d = cfg.to_dict()
     out: dict[str, Any] = {"dataset": cfg.dataset}

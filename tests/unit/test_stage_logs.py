@@ -67,7 +67,8 @@ def test_the_train_stages_progress_on_a_terminal_gives_one_line_per_epoch() -> N
     assert "train [" in terminal.getvalue()  # the terminal still got its bar
     assert lines[0] == "train: cpu, data on device"
     epochs = [EPOCH_LINE.match(line) for line in lines[1:]]
-    assert [m.groups() for m in epochs if m] == [("1", "2", "3", "6"), ("2", "2", "6", "6")], lines
+    assert [m.groups()[:4] for m in epochs if m] == [("1", "2", "3", "6"), ("2", "2", "6", "6")], lines
+    assert [m.group(5) for m in epochs if m][-1] == "0 s", lines  # the time left, at the last step none
     assert all("train [" not in line for line in lines), lines
 
 

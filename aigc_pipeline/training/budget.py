@@ -1,0 +1,120 @@
+"""How long training runs: ``train.kimg`` (thousands of images shown, as StyleGAN counts) or
+``train.epochs``, resolved to whole epochs before the first step; and the plan printed from it.
+
+The loop trains whole epochs (every epoch's record, grid and FID point is complete), so a kimg
+budget is rounded up to whole epochs of ``training images // batch_size`` full batches; the
+images actually shown are what ``model.json``'s ``budget`` and the MLflow param ``train.kimg``
+record. ``train.epochs``, when set, wins over ``train.kimg``.
+
+``train.kimg: auto`` reads :data:`AUTO_KIMG`: per image size, per family, the length that
+``bench/`` measured as worth training on this project's reference CPU (bench/RESULTS.md says
+which run). A size without an entry takes the nearest measured size's value.
+
+Importable with the standard library alone (the plan is shown before torch has done anything).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+# Image side -> family -> kimg. 8 px: the default that `make run` trained before kimg existed
+# (180 epochs of 22 batches of 64 over the 1,437 training digits = 253.44 kimg), for every family
+# (bench/results/quality.md measures them at equal wall-clock budgets). 32 px: bench/results/datasets.md.
+AUTO_KIMG: dict[int, dict[str, float]] = {
+    8: {"dcgan": 253.44, "sngan": 253.44, "resgan": 253.44, "vae": 253.44, "ddpm": 253.44},
+    32: {"dcgan": 250.0, "sngan": 250.0, "resgan": 150.0, "vae": 250.0, "ddpm": 100.0},
+}
+
+# Plans longer than this on a CPU get a warning naming what shortens them.
+CPU_WARNING_SECONDS = 3600.0
+
+
+@dataclass(frozen=True)
+class Budget:
+    """The resolved length of one training."""
+
+    epochs: int
+    steps_per_epoch: int
+    batch_size: int
+    source: str  # what set it: "train.epochs", "train.kimg" or "train.kimg auto (<family>, <size> px)"
+    requested_kimg: float | None = None  # the kimg asked for (None when train.epochs set the length)
+
+    @property
+    def steps(self) -> int:
+        return self.epochs * self.steps_per_epoch
+
+    @property
+    def images(self) -> int:
+        """Images shown in all (global batch x steps)."""
+        return self.steps * self.batch_size
+
+    @property
+    def kimg(self) -> float:
+        return self.images / 1000.0
+
+    def describe(self) -> str:
+        asked = f"{self.requested_kimg:g} kimg asked, " if self.requested_kimg is not None else ""
+        return (f"{self.kimg:g} kimg ({asked}{self.source}) = {self.steps} steps = {self.epochs} epochs of "
+                f"{self.steps_per_epoch} batches of {self.batch_size}")
+
+
+def auto_kimg(family: str, size: int) -> tuple[float, int]:
+    """``(kimg, measured size)`` that ``train.kimg: auto`` stands for with ``family`` at ``size`` px."""
+    measured = min(AUTO_KIMG, key=lambda s: (abs(math.log2(s) - math.log2(size)), -s))
+    table = AUTO_KIMG[measured]
+    if family not in table:
+        raise KeyError(f"train.kimg: auto has no value for model {family!r} (known: {', '.join(table)}); "
+                       "set train.kimg or train.epochs")
+    return table[family], measured
+
+
+def resolve_budget(*, family: str, size: int, train_images: int, batch_size: int, epochs: int | None,
+                   kimg: float | str) -> Budget:
+    """The whole epochs that ``train.epochs`` or ``train.kimg`` asks for on ``train_images`` images."""
+    if train_images < batch_size:
+        raise ValueError(f"train.batch_size={batch_size} is larger than the training set ({train_images} images)")
+    steps_per_epoch = train_images // batch_size  # the loop's rule: the last partial batch is dropped
+    if epochs is not None:
+        return Budget(epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, source="train.epochs")
+    if kimg == "auto":
+        value, measured = auto_kimg(family, size)
+        source = f"train.kimg auto ({family}, {measured} px)" + (f" for {size} px" if measured != size else "")
+    else:
+        value, source = float(kimg), "train.kimg"
+    per_epoch = steps_per_epoch * batch_size
+    wanted = round(value * 1000)  # whole images: 253.44 kimg is exactly 253,440
+    return Budget(epochs=max(1, -(-wanted // per_epoch)), steps_per_epoch=steps_per_epoch, batch_size=batch_size,
+                  source=source, requested_kimg=value)
+
+
+def format_duration(seconds: float) -> str:
+    """``1 h 05 min``, ``12 min 30 s``, ``45 s``."""
+    s = max(0, int(round(seconds)))
+    if s >= 3600:
+        return f"{s // 3600} h {s % 3600 // 60:02d} min"
+    if s >= 60:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s} s"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """Wall time of the steps still to run, from the seconds per step measured so far."""
+
+    seconds_per_step: float
+    steps_left: int
+    overhead_seconds: float = 0.0  # known extra work still to come (FID points, grids)
+
+    @property
+    def seconds(self) -> float:
+        return self.seconds_per_step * self.steps_left + self.overhead_seconds
+
+
+def plan_warning(estimate_seconds: float, device: str) -> str | None:
+    """A warning for a CPU plan over :data:`CPU_WARNING_SECONDS`, naming what shortens it; else None."""
+    if device != "cpu" or estimate_seconds <= CPU_WARNING_SECONDS:
+        return None
+    return (f"this training will take about {format_duration(estimate_seconds)} on this CPU. To shorten it: "
+            "fewer images shown (--set train.kimg=N), a cheaper family (aigc run --model dcgan), a smaller "
+            "image size (datasets.NAME.size), or train on the GPU work pool (`aigc deploy`; docs/scaling.md)")

@@ -1,0 +1,108 @@
+"""Training length (train.kimg / train.epochs) and the plan printed before the wait."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+
+from aigc_pipeline.config import load_config
+from aigc_pipeline.errors import ConfigError
+from aigc_pipeline.stages.train import Progress, plan_budget
+from aigc_pipeline.training.budget import (AUTO_KIMG, CPU_WARNING_SECONDS, auto_kimg, format_duration,
+                                           plan_warning, resolve_budget)
+from flows.stage_logs import EPOCH_LINE, PLAN_LINE
+from tests.conftest import REPO
+
+
+def test_the_8px_default_is_the_180_epochs_make_run_trained_before_kimg() -> None:
+    """1,437 training digits, batch 64: 22 full batches an epoch; 253.44 kimg is exactly 180 epochs."""
+    b = resolve_budget(family="resgan", size=8, train_images=1437, batch_size=64, epochs=None, kimg="auto")
+    assert (b.epochs, b.steps_per_epoch, b.steps, b.images) == (180, 22, 3960, 253_440)
+    assert b.source == "train.kimg auto (resgan, 8 px)" and b.requested_kimg == 253.44
+
+
+def test_kimg_rounds_up_to_whole_epochs_and_epochs_wins() -> None:
+    b = resolve_budget(family="dcgan", size=32, train_images=1000, batch_size=64, epochs=None, kimg=10)
+    # 15 batches of 64 = 960 images an epoch; 10,000 images need 11 epochs (10,560 shown).
+    assert (b.epochs, b.steps, b.kimg, b.source) == (11, 165, 10.56, "train.kimg")
+    e = resolve_budget(family="dcgan", size=32, train_images=1000, batch_size=64, epochs=3, kimg=10)
+    assert (e.epochs, e.steps, e.source, e.requested_kimg) == (3, 45, "train.epochs", None)
+    tiny = resolve_budget(family="dcgan", size=32, train_images=1000, batch_size=64, epochs=None, kimg=0.001)
+    assert tiny.epochs == 1  # at least one epoch
+
+
+def test_auto_takes_the_nearest_measured_size_and_says_so() -> None:
+    assert auto_kimg("dcgan", 16)[1] in AUTO_KIMG
+    b = resolve_budget(family="resgan", size=64, train_images=5000, batch_size=64, epochs=None, kimg="auto")
+    assert b.source == "train.kimg auto (resgan, 32 px) for 64 px"
+    assert b.requested_kimg == AUTO_KIMG[32]["resgan"]
+    with pytest.raises(KeyError, match="no value for model 'nope'"):
+        auto_kimg("nope", 32)
+
+
+def test_the_stage_resolves_from_params_and_names_the_key(tmp_path) -> None:
+    cfg = load_config(REPO, ["train.epochs=null", "train.kimg=auto"])
+    assert plan_budget(cfg, train_images=1437, size=8).epochs == 180
+    with pytest.raises(ConfigError, match="train.kimg: must be > 0"):
+        load_config(REPO, ["train.kimg=0"])
+    with pytest.raises(ConfigError, match="train.epochs: must be >= 1"):
+        load_config(REPO, ["train.epochs=0"])
+    with pytest.raises(ConfigError, match="larger than the training set"):
+        plan_budget(load_config(REPO, ["train.batch_size=64"]), train_images=10, size=8)
+
+
+def test_plan_warning_only_for_long_cpu_plans_and_names_what_shortens_them() -> None:
+    assert plan_warning(CPU_WARNING_SECONDS - 1, "cpu") is None
+    assert plan_warning(10 * CPU_WARNING_SECONDS, "cuda") is None
+    text = plan_warning(CPU_WARNING_SECONDS + 600, "cpu")
+    assert "1 h 10 min" in text and "train.kimg" in text and "--model" in text and "GPU work pool" in text
+    assert [format_duration(s) for s in (45, 750, 3900)] == ["45 s", "12 min 30 s", "1 h 05 min"]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_progress_prints_the_plan_then_a_warmup_estimate(monkeypatch) -> None:
+    """The estimate is the warm-up's seconds per step (the first WARMUP_SKIP steps left out) times
+    the steps left plus the FID points to come; the epoch line carries the time left."""
+    clock = _Clock()
+    monkeypatch.setattr("aigc_pipeline.stages.train.time.perf_counter", clock)
+    budget = resolve_budget(family="resgan", size=8, train_images=1437, batch_size=64, epochs=None, kimg="auto")
+    out = io.StringIO()
+    progress = Progress(budget.epochs, stream=out, budget=budget, device="cpu", fid_points=4, fid_samples=64)
+    progress.start({"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device",
+                    "world_size": 1})
+    for step in range(1, 23):
+        # The first two steps are slow (allocation), then 0.5 s a step.
+        clock.now += 3.0 if step <= 2 else 0.5
+        progress.step(step, budget.steps, 1)
+    progress.epoch(1, {"loss_d": 0.5, "images_per_s": 128.0})
+    lines = [line.strip() for line in out.getvalue().splitlines()]
+    plans = [PLAN_LINE.match(line) for line in lines]
+    assert [m.group(1).split(";")[0] for m in plans if m] == [budget.describe()] * 2, lines
+    # Warm-up: steps 3..12 (10 steps at 0.5 s; WARMUP_STEPS is 20, WARMUP_SECONDS 5 s reached first).
+    assert progress.estimate is not None and progress.estimate.seconds_per_step == pytest.approx(0.5)
+    steps_left = budget.steps - 12
+    assert progress.estimate.seconds == pytest.approx(0.5 * steps_left + 4 * 64 * Progress.FID_SECONDS_PER_SAMPLE_CPU)
+    assert f"estimated {format_duration(progress.estimate.seconds)} left on cpu" in lines[2], lines
+    # About 33 min on a CPU: no warning.
+    assert not any("warning" in line for line in lines)
+    epoch = EPOCH_LINE.match(lines[-1])
+    assert epoch and epoch.group(5) == format_duration((budget.steps - 22) * 16.0 / 22), lines[-1]
+
+
+def test_a_long_cpu_plan_is_warned_about() -> None:
+    budget = resolve_budget(family="resgan", size=32, train_images=5000, batch_size=64, epochs=100, kimg="auto")
+    out = io.StringIO()
+    progress = Progress(budget.epochs, stream=out, budget=budget, device="cpu")
+    progress.start({"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device",
+                    "world_size": 1})
+    progress.warmup = (0, progress.t0 - 10.0)  # as if the first 3 steps had taken 10 s
+    progress.step(3, budget.steps, 1)
+    assert "train: warning: this training will take about" in out.getvalue()
