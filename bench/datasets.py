@@ -28,7 +28,8 @@ Selection (``python -m bench`` has no per-benchmark options; these environment v
 separated, override the profile's defaults):
 
 - ``BENCH_DATASETS``: which datasets (default ``mnist,emoji``);
-- ``BENCH_DATASETS_FAMILIES``: families for every selected dataset (default: each dataset's list);
+- ``BENCH_DATASETS_FAMILIES``: families for every selected dataset (default: each dataset's list,
+  ``dcgan,resgan`` with ``--quick``);
 - ``BENCH_DATASETS_BUDGETS``: training budgets in seconds (default ``300,600``; ``--quick`` ``3,6``);
 - ``BENCH_DATASETS_SEEDS``: training seeds (default ``0``).
 
@@ -174,9 +175,9 @@ def export_mnist(dest: Path, limit: int, *, cache: Path = CACHE) -> Path:
 
 
 def export_emoji(dest: Path, limit: int, *, cache: Path = CACHE) -> Path:
-    """Copy up to ``limit`` (0 = all ~3,800) of the 64x64 RGBA Apple emoji PNGs of the npm package
-    ``emoji-datasource-apple`` 16.0.0 (``package/img/apple/64/``), in name order, into the
-    unlabelled folder ``dest``, byte for byte as the package ships them.
+    """Copy ``limit`` (0 = all ~3,800) of the 64x64 RGBA Apple emoji PNGs of the npm package
+    ``emoji-datasource-apple`` 16.0.0 (``package/img/apple/64/``; a limit takes them evenly spaced
+    in name order) into the unlabelled folder ``dest``, byte for byte as the package ships them.
 
     The files are copied, not re-saved: their transparency is kept, and the pipeline's ingest
     composites it over the dataset's ``background`` (white by default) itself
@@ -198,9 +199,11 @@ def export_emoji(dest: Path, limit: int, *, cache: Path = CACHE) -> Path:
         if not files:
             raise BenchError(f"{tarball}: no {prefix}*.png")
         names = sorted(files)
-        for name in names if limit <= 0 else names[:limit]:
+        if 0 < limit < len(names):  # evenly spaced over the name order: not just the keycaps and flags
+            names = [names[i * len(names) // limit] for i in range(limit)]
+        for name in names:
             (tmp / name).write_bytes(files[name])
-        return len(names) if limit <= 0 else min(limit, len(names))
+        return len(names)
 
     return _export_atomically(dest, record, write)
 
@@ -278,7 +281,9 @@ class Sizes:
 
 
 FULL = Sizes(budgets=(300.0, 600.0), seeds=(0,), overrides=())
-QUICK = Sizes(budgets=(3.0, 6.0), seeds=(0,), overrides=("evaluate.num_samples=40", "evaluate.bootstrap=10"))
+# The smoke test trains two families (a plain GAN, and resgan's EMA + DiffAugment path) to stay near 2-3 minutes.
+QUICK = Sizes(budgets=(3.0, 6.0), seeds=(0,), overrides=("evaluate.num_samples=40", "evaluate.bootstrap=10"),
+              families=("dcgan", "resgan"))
 
 
 def log(msg: str) -> None:
@@ -435,7 +440,7 @@ def run(ctx: Any) -> dict[str, Any]:
                     values = [r[metric] for r in runs]
                     sd = statistics.stdev(values) if len(values) > 1 else 0.0
                     rows.append(row(group, f"{family} {metric} ({better} is better; ± {sd:.3g}; {steps:.0f} steps, "
-                                           f"{shown / 1000:.1f}k images)",
+                                           f"{shown:,.0f} images shown)",
                                     statistics.mean(values), metric if metric == "fid" else "share",
                                     baseline=floor[metric], baseline_label="real data (floor)"))
     notes = [
@@ -483,6 +488,10 @@ def run(ctx: Any) -> dict[str, Any]:
     return doc
 
 
+def _budget(seconds: float) -> str:
+    return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
+
+
 def publish_zoo(doc: dict[str, Any], grids: Path, budgets: tuple[float, ...], results_dir: Path, *,
                 figures: bool = True) -> Path:
     """Copy the grids to ``results_dir/datasets/`` and write ``results_dir/datasets.md``: per
@@ -511,7 +520,7 @@ def publish_zoo(doc: dict[str, Any], grids: Path, budgets: tuple[float, ...], re
             f"floor) scores FID {floor['fid']:.1f}, precision {floor['precision']:.2f}, recall "
             f"{floor['recall']:.2f} under the same protocol (`{floor['protocol']}`).",
             "",
-            "| family | " + " | ".join(f"{b / 60:g} min" for b in budgets) + " |",
+            "| family | " + " | ".join(_budget(b) for b in budgets) + " |",
             "|" + " --- |" * (len(budgets) + 1),
         ]
         for family, per in per_family.items():
@@ -524,7 +533,7 @@ def publish_zoo(doc: dict[str, Any], grids: Path, budgets: tuple[float, ...], re
                              f"{statistics.mean(r['precision'] for r in runs):.2f} / "
                              f"{statistics.mean(r['recall'] for r in runs):.2f}<br>"
                              f"{statistics.mean(r['steps'] for r in runs):.0f} steps, "
-                             f"{statistics.mean(r['images_shown'] for r in runs) / 1000:.0f}k images")
+                             f"{statistics.mean(r['images_shown'] for r in runs):,.0f} images shown")
             lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
     path = results_dir / "datasets.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
