@@ -18,6 +18,7 @@ BENCHMARKS: dict[str, str] = {
     "scale": "bench.scale",
     "quality": "bench.quality",
     "datasets": "bench.datasets",
+    "memory": "bench.memory",
 }
 
 
