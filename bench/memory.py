@@ -176,7 +176,7 @@ def run_sampled(argv: list[str], cwd: Path, env: dict[str, str], log_file: Path,
     return {"seconds": seconds, "returncode": proc.returncode, "peak_rss_mib": peak["rss"] / 2**20,
             "peak_at_s": peak["at_s"], "peak_processes": peak["processes"], "stopped_at_s": stopped["sent_at_s"],
             "other_cores": span["other_cores"], "output_tail": output.splitlines()[-3:],
-            "last_progress": next((line.strip() for line in reversed(output.splitlines()) if " step " in line), None)}
+            "last_progress": next((line.strip() for line in reversed(output.splitlines()) if "step" in line), None)}
 
 
 # --- the benchmark --------------------------------------------------------------------------------------
