@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Literal
+from typing import Any, Iterable, Iterator, Literal
 
 import numpy as np
 import pandas as pd
@@ -158,3 +158,18 @@ def load_prepared(root: Path | str, split: Split = "all") -> PreparedData:
         digest=meta["digest"] if split == "all" else content_digest(manifest, shape),
         root=root,
     )
+
+
+def iter_prepared(root: Path | str, split: Split = "all") -> Iterator[tuple[np.ndarray, Any]]:
+    """``(uint8 [C, H, W] image, manifest row as a named tuple)`` of a prepared dataset in manifest order, reading one
+    shard at a time: memory stays at one shard (``SHARD_BYTES``) whatever the dataset's size."""
+    root = Path(root)
+    manifest = pd.read_parquet(root / "manifest.parquet")
+    if split != "all":
+        manifest = manifest[manifest["split"] == split].reset_index(drop=True)
+    loaded, shard = -1, None
+    for row in manifest.itertuples(index=False):
+        if row.shard != loaded:  # the writers fill shards in manifest order: each is read once
+            loaded, shard = int(row.shard), None
+            shard = np.load(root / f"shard-{loaded:05d}.npy")
+        yield shard[int(row.offset)], row
