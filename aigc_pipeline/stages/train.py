@@ -40,7 +40,8 @@ from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.export import save_generator
 from aigc_pipeline.models.registry import generator_spec, resolve_hparams
 from aigc_pipeline.training import distributed
-from aigc_pipeline.training.budget import Budget, Estimate, format_duration, plan_warning, resolve_budget
+from aigc_pipeline.training.budget import (Budget, Estimate, format_duration, plan_warning, resolve_budget,
+                                           resolve_model)
 from aigc_pipeline.training.loop import Callbacks, train
 from aigc_pipeline.training.speed import resolve_device
 
@@ -96,14 +97,17 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
             raise ConfigError(f"train.conditional: dataset '{cfg.dataset}' at {data} is not labelled "
                               "(every image needs a class); set train.conditional=false")
         num_classes = len(prepared.classes)
-    arch = Arch(family=tcfg.model, size=prepared.images.shape[-1], channels=prepared.images.shape[1],
-                latent_dim=tcfg.latent_dim, width=tcfg.width, num_classes=num_classes)
-    hp = resolve_hparams(tcfg)
-    budget = plan_budget(cfg, train_images=len(prepared.images), size=arch.size)
-    # The length as a number, for the checkpoint key, FID over training and the trainer; ``cfg``
-    # stays the settings (auto included), as model.json's ``train`` and the MLflow params record them.
-    resolved = dataclasses.replace(cfg, train=dataclasses.replace(tcfg, epochs=budget.epochs))
+    size, device = prepared.images.shape[-1], resolve_device(tcfg.device)
+    family = resolve_model(tcfg.model, size=size, device=device.type)
+    budget = plan_budget(cfg, family=family, train_images=len(prepared.images), size=size)
+    # The family and length as the auto settings resolved, for the checkpoint key, the recipe, FID
+    # over training and the trainer; ``cfg`` stays the settings, as model.json's ``train`` and the
+    # MLflow params record them (beside the resolved values).
+    resolved = dataclasses.replace(cfg, train=dataclasses.replace(tcfg, model=family, epochs=budget.epochs))
     tcfg = resolved.train
+    arch = Arch(family=family, size=size, channels=prepared.images.shape[1], latent_dim=tcfg.latent_dim,
+                width=tcfg.width, num_classes=num_classes)
+    hp = resolve_hparams(tcfg)
     key_cfg = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _OPERATIONAL}
     run_key = config_digest({"train": key_cfg, "arch": arch.__dict__, "data": prepared.digest})[:16]
     ckpt_dir = Path(checkpoints) / run_key
@@ -111,7 +115,6 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
     # publishes the grids of the epochs an interrupted process finished.
     grid_dir = ckpt_dir / "samples"
     show = not quiet and dist_info.is_main
-    device = resolve_device(tcfg.device)
     progress = Progress(tcfg.epochs, enabled=show, budget=budget, device=device.type,
                         fid_points=_fid_points(resolved) if reference is not None else 0)
     fid_progress = None
@@ -125,7 +128,7 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
         from aigc_pipeline.tracking import live
 
         if live.enabled():
-            tracker = live.TrainingRun(project_dir, cfg, key=run_key, hparams=resolved_settings(hp, budget))
+            tracker = live.TrainingRun(project_dir, cfg, key=run_key, hparams=resolved_settings(hp, budget, family))
 
     def on_start(info: dict[str, Any]) -> None:
         progress.start(info)
@@ -206,14 +209,14 @@ def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, b
             result.family.generator,
             arch,
             {
-                "model": cfg.train.model,
+                "model": arch.family,  # the family trained (train.model, or what its auto resolved to)
                 "dataset": cfg.dataset,
                 "data_digest": digest,
                 "classes": classes,
                 "steps": result.steps,
                 "train": dataclasses.asdict(cfg.train),  # the settings, as params.yaml says them
                 # With the values used where the config says auto (the recipe's lr/betas, the length).
-                "hparams": resolved_settings(hp, budget),
+                "hparams": resolved_settings(hp, budget, arch.family),
                 "budget": {"kimg": budget.kimg, "images": budget.images, "steps": budget.steps,
                            "epochs": budget.epochs, "source": budget.source, "requested_kimg": budget.requested_kimg},
                 "speed": result.speed,
@@ -236,11 +239,12 @@ def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, b
             atomic_write_text(tmp / "fid_progress.csv", fid_csv)
 
 
-def plan_budget(cfg: Config, *, train_images: int, size: int) -> Budget:
-    """The length ``train.epochs``/``train.kimg`` resolve to on ``train_images`` images of ``size`` px."""
+def plan_budget(cfg: Config, *, family: str, train_images: int, size: int) -> Budget:
+    """The length ``train.epochs``/``train.kimg`` resolve to for ``family`` on ``train_images``
+    images of ``size`` px."""
     tcfg = cfg.train
     try:
-        return resolve_budget(family=tcfg.model, size=size, train_images=train_images, batch_size=tcfg.batch_size,
+        return resolve_budget(family=family, size=size, train_images=train_images, batch_size=tcfg.batch_size,
                               epochs=tcfg.epochs, kimg=tcfg.kimg)
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
@@ -248,10 +252,11 @@ def plan_budget(cfg: Config, *, train_images: int, size: int) -> Budget:
         raise ConfigError(str(e)) from None
 
 
-def resolved_settings(hp: Hparams, budget: Budget) -> dict[str, Any]:
-    """The settings training used where params.yaml may say auto: the recipe's (lr, betas, ...) and
-    the length (``epochs``, ``kimg``: images shown / 1000). model.json's ``hparams``; MLflow params."""
-    return {**dataclasses.asdict(hp), "epochs": budget.epochs, "kimg": budget.kimg}
+def resolved_settings(hp: Hparams, budget: Budget, family: str) -> dict[str, Any]:
+    """The settings training used where params.yaml may say auto: the family, the recipe's (lr,
+    betas, ...) and the length (``epochs``, ``kimg``: images shown / 1000). model.json's
+    ``hparams``; the MLflow params."""
+    return {"model": family, **dataclasses.asdict(hp), "epochs": budget.epochs, "kimg": budget.kimg}
 
 
 def _fid_points(cfg: Config) -> int:

@@ -67,6 +67,7 @@ class TrainingRun:
     def __init__(self, project_dir: Path | str, cfg: Config, *, key: str, hparams: Mapping[str, Any]) -> None:
         self.project_dir, self.cfg, self.key = Path(project_dir), cfg, key
         self.params = runs.flat_params(cfg, resolved=dict(hparams))
+        self.family = hparams.get("model")  # what train.model (perhaps auto) resolved to
         self.run_id: str | None = None
         self.step = 0
         self.resumed_from = 0
@@ -114,7 +115,7 @@ class TrainingRun:
 
         client = self._client
         self.resumed_from = self.step = int(info.get("resumed_from") or 0)
-        tags = {**runs.run_tags(self.cfg, "train"), runs.TRAIN_KEY_TAG: self.key,
+        tags = {**runs.run_tags(self.cfg, "train", self.family), runs.TRAIN_KEY_TAG: self.key,
                 runs.TRAINING_TAG: "live", "aigc.resumed_from": str(self.resumed_from),
                 "aigc.speed": str(info.get("speed", ""))[:500]}
         previous = client.search_runs([self._experiment_id],

@@ -72,14 +72,14 @@ class RunClaimError(AigcError, RuntimeError):
 
 
 # train.* settings that may say "auto": the model's recipe decides (aigc_pipeline.models.registry.recipe_for).
-RESOLVED_KEYS = ("lr", "beta1", "beta2", "epochs", "kimg")
+RESOLVED_KEYS = ("model", "lr", "beta1", "beta2", "epochs", "kimg")
 
 
 def flat_params(cfg: Config, resolved: dict[str, Any] | None = None) -> dict[str, str]:
     """The active dataset's entry and every stage section, as dotted keys -> strings.
 
-    With ``resolved`` (the settings training used, model.json's ``hparams``), ``train.lr``,
-    ``train.beta1``, ``train.beta2``, ``train.epochs`` and ``train.kimg`` hold the values used, so a
+    With ``resolved`` (the settings training used, model.json's ``hparams``), ``train.model``,
+    ``train.lr``, ``train.beta1``, ``train.beta2``, ``train.epochs`` and ``train.kimg`` hold the values used, so a
     params diff shows the real difference between two families' recipes and lengths; the setting
     itself (``auto``, ``None`` or a number) stays beside them as ``train.lr_setting`` etc.
     """
@@ -167,10 +167,11 @@ def find_run(client: Any, experiment_id: str, weights_sha256: str, params: Mappi
     return None
 
 
-def run_tags(cfg: Config, stage: str) -> dict[str, str]:
-    """Tags every stage sets on the run: dataset, family, the stage, the Prefect flow run."""
-    tags = {"aigc.dataset": cfg.dataset, "aigc.model": cfg.train.model, "aigc.family": cfg.train.model,
-            STAGE_TAG: stage}
+def run_tags(cfg: Config, stage: str, family: str | None = None) -> dict[str, str]:
+    """Tags every stage sets on the run: dataset, family (``family``: what ``train.model: auto``
+    resolved to), the stage, the Prefect flow run."""
+    tags = {"aigc.dataset": cfg.dataset, "aigc.model": family or cfg.train.model,
+            "aigc.family": family or cfg.train.model, STAGE_TAG: stage}
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = os.environ[FLOW_RUN_ENV]
     return tags
@@ -226,7 +227,7 @@ def create_run_from_files(client: Any, experiment_id: str, cfg: Config, project_
     inputs, losses, per-epoch stats, FID over training and the sample grids at their global steps."""
     from aigc_pipeline.tracking.datasets import log_dataset_inputs
 
-    tags = {**run_tags(cfg, stage), "mlflow.runName": f"{cfg.model_name}-{weights[:8]}",
+    tags = {**run_tags(cfg, stage, params.get("train.model")), "mlflow.runName": f"{cfg.model_name}-{weights[:8]}",
             TRAINING_TAG: "from model folder"}
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     try:

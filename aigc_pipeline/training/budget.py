@@ -8,7 +8,8 @@ record. ``train.epochs``, when set, wins over ``train.kimg``.
 
 ``train.kimg: auto`` reads :data:`AUTO_KIMG`: per image size, per family, the length that
 ``bench/`` measured as worth training on this project's reference CPU (bench/RESULTS.md says
-which run). A size without an entry takes the nearest measured size's value.
+which run); ``train.model: auto`` reads :data:`AUTO_MODEL`, the family measured best for the size
+on the device. A size without an entry takes the nearest measured size's value.
 
 Importable with the standard library alone (the plan is shown before torch has done anything).
 """
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 # Image side -> family -> kimg. 8 px: the default that `make run` trained before kimg existed
 # (180 epochs of 22 batches of 64 over the 1,437 training digits = 253.44 kimg), for every family
@@ -24,6 +26,13 @@ from dataclasses import dataclass
 AUTO_KIMG: dict[int, dict[str, float]] = {
     8: {"dcgan": 253.44, "sngan": 253.44, "resgan": 253.44, "vae": 253.44, "ddpm": 253.44},
     32: {"dcgan": 250.0, "sngan": 250.0, "resgan": 150.0, "vae": 250.0, "ddpm": 100.0},
+}
+
+# Image side -> device type -> the family ``train.model: auto`` trains (bench/results/quality.md at 8 px,
+# bench/results/datasets.md at 32 px). No GPU has measured them yet: a GPU takes the CPU's choice.
+AUTO_MODEL: dict[int, dict[str, str]] = {
+    8: {"cpu": "resgan"},
+    32: {"cpu": "resgan"},
 }
 
 # Plans longer than this on a CPU get a warning naming what shortens them.
@@ -61,12 +70,26 @@ class Budget:
 
 def auto_kimg(family: str, size: int) -> tuple[float, int]:
     """``(kimg, measured size)`` that ``train.kimg: auto`` stands for with ``family`` at ``size`` px."""
-    measured = min(AUTO_KIMG, key=lambda s: (abs(math.log2(s) - math.log2(size)), -s))
+    measured = _nearest_size(AUTO_KIMG, size)
     table = AUTO_KIMG[measured]
     if family not in table:
         raise KeyError(f"train.kimg: auto has no value for model {family!r} (known: {', '.join(table)}); "
                        "set train.kimg or train.epochs")
     return table[family], measured
+
+
+def _nearest_size(table: dict[int, Any], size: int) -> int:
+    """The measured size nearest to ``size`` on a log scale (the larger one on a tie)."""
+    return min(table, key=lambda s: (abs(math.log2(s) - math.log2(size)), -s))
+
+
+def resolve_model(model: str, *, size: int, device: str) -> str:
+    """The family ``train.model`` names: itself, or for ``auto`` the table's choice for ``size`` px
+    on ``device`` (``cpu``, ``cuda``; a device type without an entry takes the CPU's choice)."""
+    if model != "auto":
+        return model
+    choices = AUTO_MODEL[_nearest_size(AUTO_MODEL, size)]
+    return choices.get(device, choices["cpu"])
 
 
 def resolve_budget(*, family: str, size: int, train_images: int, batch_size: int, epochs: int | None,

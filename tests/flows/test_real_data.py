@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -15,14 +16,17 @@ import yaml
 from PIL import Image
 
 from aigc_pipeline.config import load_config
+from aigc_pipeline.training.budget import resolve_model
 from tests.conftest import QUICK, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
 NAME = "mnist"
 FIXTURE = "tests/data/mnist-small"
-# The flow tests' quick settings, with two epochs (of the 480 training digits: 30 steps) and no
-# FID over training (the evaluate stage's FID is what this test checks).
-SETTINGS = [s for s in QUICK if not s.startswith("train.epochs=")] + ["train.epochs=2", "evaluate.progress_every=0"]
+# The flow tests' quick settings, with the length as kimg, not epochs: 0.96 kimg of the 480 training
+# digits in batches of 32 = 2 epochs, 30 steps; no FID over training (the evaluate stage's FID is
+# what this test checks).
+SETTINGS = [s for s in QUICK if not s.startswith("train.epochs=")] + [
+    "train.epochs=null", "train.kimg=0.96", "evaluate.progress_every=0"]
 
 
 def _ok(proc) -> str:
@@ -37,17 +41,26 @@ def test_mnist_files_added_at_32_px_train_evaluate_and_register(tmp_path: Path) 
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["datasets"][NAME] == {"source": "image-folder", "path": FIXTURE, "labels": "folders",
                                         "size": 32, "channels": 1}
-    out = _ok(run_cli(project, "aigc", "run", "--dataset", NAME, *[a for s in SETTINGS for a in ("--set", s)]))
+    out = _ok(run_cli(project, "aigc", "run", "--dataset", NAME, "--model", "auto",
+                      *[a for s in SETTINGS for a in ("--set", s)]))
 
     cfg = load_config(project)
-    assert cfg.dataset == NAME and cfg.train.epochs == 2
-    family = cfg.train.model
+    assert (cfg.dataset, cfg.train.model, cfg.train.epochs, cfg.train.kimg) == (NAME, "auto", None, 0.96)
+    family = resolve_model("auto", size=32, device="cpu")  # what train.model: auto trains at 32 px here
+    folder = f"{NAME}-auto"  # DVC's paths say the setting (models/${dataset}-${train.model}); model.json the family
     report = json.loads((project / "data" / "prepared" / NAME / "report.json").read_text())
     assert report["accepted"] == 600 and not report["rejected"], report
     assert report["per_class"] == {str(d): 60 for d in range(10)}
 
-    arch = json.loads((project / "models" / f"{NAME}-{family}" / "model.json").read_text())["arch"]
-    assert (arch["family"], arch["size"], arch["channels"]) == (family, 32, 1)
+    meta = json.loads((project / "models" / folder / "model.json").read_text())
+    assert (meta["arch"]["family"], meta["arch"]["size"], meta["arch"]["channels"]) == (family, 32, 1)
+    assert meta["model"] == meta["hparams"]["model"] == family and meta["train"]["model"] == "auto"
+    assert meta["budget"] == {"kimg": 0.96, "images": 960, "steps": 30, "epochs": 2, "source": "train.kimg",
+                              "requested_kimg": 0.96}
+    assert meta["steps"] == 30
+    # The plan before the wait, then its time estimate after the warm-up (the stage's own lines).
+    assert "train plan: 0.96 kimg (0.96 kimg asked, train.kimg) = 30 steps = 2 epochs of 15 batches of 32" in out
+    assert re.search(r"train plan: .*; estimated .* left on cpu \(.* s/step over \d+ warm-up steps\)", out), out[-3000:]
 
     metrics = json.loads((project / "eval" / NAME / "metrics.json").read_text())
     assert math.isfinite(metrics["fid"]) and metrics["fid"] > 0
@@ -62,5 +75,15 @@ def test_mnist_files_added_at_32_px_train_evaluate_and_register(tmp_path: Path) 
         assert grid.mode == "L"
         assert grid.size == (per_row * (32 + 2) + 2, rows * (32 + 2) + 2)
     assert f"{NAME} v1 ({family}): FID" in out, out[-3000:]
-    receipt = json.loads((project / "registry" / f"{NAME}-{family}.json").read_text())
+    receipt = json.loads((project / "registry" / f"{folder}.json").read_text())
     assert receipt["name"] == NAME and receipt["family"] == family
+    # MLflow: the run's params hold the resolved family and length beside the settings.
+    from aigc_pipeline.tracking.store import use_store
+    import mlflow
+
+    with use_store(project, cfg.register.experiment):
+        run = mlflow.get_run(receipt["run_id"])
+    params = run.data.params
+    assert (params["train.model"], params["train.model_setting"]) == (family, "auto")
+    assert (params["train.kimg"], params["train.kimg_setting"], params["train.epochs"]) == ("0.96", "0.96", "2")
+    assert run.data.tags["aigc.family"] == family

@@ -9,8 +9,8 @@ import pytest
 from aigc_pipeline.config import load_config
 from aigc_pipeline.errors import ConfigError
 from aigc_pipeline.stages.train import Progress, plan_budget
-from aigc_pipeline.training.budget import (AUTO_KIMG, CPU_WARNING_SECONDS, auto_kimg, format_duration,
-                                           plan_warning, resolve_budget)
+from aigc_pipeline.training.budget import (AUTO_KIMG, AUTO_MODEL, CPU_WARNING_SECONDS, auto_kimg, format_duration,
+                                           plan_warning, resolve_budget, resolve_model)
 from flows.stage_logs import EPOCH_LINE, PLAN_LINE
 from tests.conftest import REPO
 
@@ -41,15 +41,23 @@ def test_auto_takes_the_nearest_measured_size_and_says_so() -> None:
         auto_kimg("nope", 32)
 
 
+def test_model_auto_picks_the_tables_family_for_the_size_and_device() -> None:
+    assert resolve_model("dcgan", size=32, device="cpu") == "dcgan"  # a family is itself
+    assert resolve_model("auto", size=8, device="cpu") == AUTO_MODEL[8]["cpu"]
+    assert resolve_model("auto", size=32, device="cpu") == AUTO_MODEL[32]["cpu"]
+    assert resolve_model("auto", size=64, device="cpu") == AUTO_MODEL[32]["cpu"]  # nearest measured size
+    assert resolve_model("auto", size=32, device="cuda") == AUTO_MODEL[32].get("cuda", AUTO_MODEL[32]["cpu"])
+
+
 def test_the_stage_resolves_from_params_and_names_the_key(tmp_path) -> None:
     cfg = load_config(REPO, ["train.epochs=null", "train.kimg=auto"])
-    assert plan_budget(cfg, train_images=1437, size=8).epochs == 180
+    assert plan_budget(cfg, family="resgan", train_images=1437, size=8).epochs == 180
     with pytest.raises(ConfigError, match="train.kimg: must be > 0"):
         load_config(REPO, ["train.kimg=0"])
     with pytest.raises(ConfigError, match="train.epochs: must be >= 1"):
         load_config(REPO, ["train.epochs=0"])
     with pytest.raises(ConfigError, match="larger than the training set"):
-        plan_budget(load_config(REPO, ["train.batch_size=64"]), train_images=10, size=8)
+        plan_budget(load_config(REPO, ["train.batch_size=64"]), family="dcgan", train_images=10, size=8)
 
 
 def test_plan_warning_only_for_long_cpu_plans_and_names_what_shortens_them() -> None:
