@@ -64,7 +64,8 @@ class Budget:
 
     def describe(self) -> str:
         asked = f"{self.requested_kimg:g} kimg asked, " if self.requested_kimg is not None else ""
-        return (f"{self.kimg:g} kimg ({asked}{self.source}) = {self.steps} steps = {self.epochs} epochs of "
+        epochs = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
+        return (f"{self.kimg:g} kimg ({asked}{self.source}) = {self.steps} steps = {epochs} of "
                 f"{self.steps_per_epoch} batches of {self.batch_size}")
 
 
