@@ -1,6 +1,6 @@
 """Normalise raw pixels to the dataset's channel count and size.
 
-Rules (documented in the README):
+Rules (documented in docs/datasets.md):
 - channels: grayscale -> RGB repeats the channel; RGB -> grayscale uses ITU-R 601 luma (PIL's "L").
 - size: the shorter side is scaled to ``size`` (bilinear when enlarging; when shrinking, a box
   reduction by an integer factor down to no less than twice the target, then bicubic with

@@ -1,6 +1,6 @@
 """Decode, validate and normalise one image file; every bad file becomes a rejection with a reason.
 
-Rules (for the README):
+Rules (documented in docs/datasets.md):
 
 **Which files are read.** In a folder or an archive, files whose name has an image extension
 (:data:`IMAGE_EXTENSIONS`, case-insensitive) are decoded; other files are listed in

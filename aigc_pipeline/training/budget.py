@@ -70,13 +70,15 @@ class Budget:
 
 
 def auto_kimg(family: str, size: int) -> tuple[float, int]:
-    """``(kimg, measured size)`` that ``train.kimg: auto`` stands for with ``family`` at ``size`` px."""
-    measured = _nearest_size(AUTO_KIMG, size)
-    table = AUTO_KIMG[measured]
-    if family not in table:
-        raise KeyError(f"train.kimg: auto has no value for model {family!r} (known: {', '.join(table)}); "
+    """``(kimg, measured size)`` that ``train.kimg: auto`` stands for with ``family`` at ``size`` px:
+    the value measured at the nearest size that has one for ``family``."""
+    sizes = {s: t for s, t in AUTO_KIMG.items() if family in t}
+    if not sizes:
+        known = sorted({f for t in AUTO_KIMG.values() for f in t})
+        raise KeyError(f"train.kimg: auto has no value for model {family!r} (known: {', '.join(known)}); "
                        "set train.kimg or train.epochs")
-    return table[family], measured
+    measured = _nearest_size(sizes, size)
+    return sizes[measured][family], measured
 
 
 def _nearest_size(table: dict[int, Any], size: int) -> int:
