@@ -108,6 +108,9 @@ def _scores(metrics: dict[str, float]) -> str:
     text = f"FID {metrics['fid']:.2f}" + (f" ± {metrics['fid_std']:.2f}" if "fid_std" in metrics else "")
     if "floor_fid" in metrics and "fid_ratio" in metrics:
         text += f" (floor {metrics['floor_fid']:.2f} = {metrics['fid_ratio']:.2f}x)"
+    if "fid_inf" in metrics:
+        text += f", FID-inf {metrics['fid_inf']:.2f}" + (f" ± {metrics['fid_inf_std']:.2f}"
+                                                          if "fid_inf_std" in metrics else "")
     for k in ("precision", "recall"):
         if k in metrics:
             text += f", {k} {metrics[k]:.3f}" + (f" (real {metrics['floor_' + k]:.3f})" if f"floor_{k}" in metrics else "")
@@ -128,7 +131,9 @@ def _cmd_fid(args: argparse.Namespace) -> Any:
         print(json.dumps(result, indent=2))
         return result
     std = f" ± {result['fid_std']:.3f} (bootstrap sd)" if result["fid_std"] is not None else ""
-    print(f"FID {result['fid']:.4f}{std}  KID {result['kid']:.5f} ± {result['kid_std']:.5f}  "
+    inf = (f"  FID-inf {result['fid_inf']:.4f} ± {result['fid_inf_std']:.4f}" if result.get("fid_inf") is not None
+           else "")
+    print(f"FID {result['fid']:.4f}{std}{inf}  KID {result['kid']:.5f} ± {result['kid_std']:.5f}  "
           f"precision {result['precision']:.4f}  recall {result['recall']:.4f}")
     print(f"protocol {result['protocol']['id']}: {result['protocol']['num_samples']} images of {args.dir_a} vs "
           f"{result['protocol']['num_reference']} of {args.dir_b}")
@@ -234,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("fid", help="FID, KID, precision/recall between two image folders (the pipeline's protocol)")
     p.add_argument("dir_a", help="folder of images, e.g. your samples (the 'generated' side)")
     p.add_argument("dir_b", help="folder of reference images (its statistics are cached by content)")
-    p.add_argument("--json", action="store_true", help="print a JSON object (fid, fid_std, kid, precision, recall, protocol)")
+    p.add_argument("--json", action="store_true", help="print a JSON object (fid, fid_std, fid_inf, kid, precision, recall, protocol)")
     p.add_argument("--size", type=int, help="resize every image to SIZE x SIZE first (shorter side + centre crop)")
     p.add_argument("--weights", help="Inception state dict file, or 'download' (default: evaluate.inception_weights, "
                    "the file `aigc weights fetch` stored, torch-fidelity's checked hub file, or the offline conversion)")

@@ -25,7 +25,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.features import (FEATURE_EXTRACTOR, FEATURE_LAYER, LOGITS_LAYER, UInt8Images,
                                                extract_features, parse_device)
-from aigc_pipeline.evaluation.frechet import bootstrap_fid, frechet_distance
+from aigc_pipeline.evaluation.frechet import bootstrap_fid, fid_infinity, frechet_distance
 from aigc_pipeline.evaluation.inception import InceptionWeights
 from aigc_pipeline.evaluation.reference import ReferenceStats, reference_cache_name, reference_statistics
 
@@ -57,6 +57,7 @@ def compute_fidelity_metrics(
     isc: bool = False,
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
+    extrapolate: bool = False,
     cache: bool = True,
     cache_dir: Path | None = None,
     verbose: bool = False,
@@ -76,7 +77,8 @@ def compute_fidelity_metrics(
         isc: also compute Inception Score of ``generated``; only possible when
             ``weights.has_logits``, otherwise ``isc_unavailable`` explains why.
         bootstrap: FID over this many resamplings of the generated features (0 = none).
-        bootstrap_seed: seed of the resampling.
+        bootstrap_seed: seed of the resampling (and of FID-infinity's subsets).
+        extrapolate: also FID-infinity (:func:`~aigc_pipeline.evaluation.frechet.fid_infinity`).
         cache: read/write the reference statistics cache (off: same numbers, computed afresh).
         cache_dir: root of the evaluation cache; default :func:`default_cache_dir`.
         verbose: let torch-fidelity print progress to stderr.
@@ -84,7 +86,8 @@ def compute_fidelity_metrics(
     Returns:
         ``fid``; ``kid_mean``, ``kid_std``, ``kid_subset_size`` if ``kid``; ``precision``, ``recall``
         if ``prc``; ``isc_mean``, ``isc_std`` or ``isc_unavailable`` (a reason string) if ``isc``;
-        ``fid_bootstrap`` (``replicas``, ``seed``, ``mean``, ``std``) if ``bootstrap``; always
+        ``fid_bootstrap`` (``replicas``, ``seed``, ``mean``, ``std``) if ``bootstrap``; ``fid_inf``
+        (``value``, ``std``, ``slope``, ``sizes``, ``means``) if ``extrapolate``; always
         ``extractor`` (name, weights_sha256, weights_source, has_logits), ``num_generated``,
         ``num_reference``, ``reference_cached`` (statistics read from the cache).
 
@@ -124,7 +127,7 @@ def compute_fidelity_metrics(
     gen = extract_features(generated, weights, batch_size=batch_size, device=device, logits=compute_isc,
                            verbose=verbose)
     result = metrics_from_features(gen, ref, kid=kid, prc=prc, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
-                                   device=device)
+                                   extrapolate=extrapolate, device=device)
     if compute_isc:
         isc_raw = isc_features_to_metric(gen[LOGITS_LAYER], splits=_ISC_SPLITS)
         result["isc_mean"] = float(isc_raw[KEY_METRIC_ISC_MEAN])
@@ -151,10 +154,11 @@ def metrics_from_features(
     prc: bool = False,
     bootstrap: int = 0,
     bootstrap_seed: int = 0,
+    extrapolate: bool = False,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """FID (+ KID, precision/recall, bootstrap) from generated features and reference statistics,
-    with torch-fidelity's settings (KID: 100 subsets, cubic kernel; precision/recall: k=3)."""
+    """FID (+ KID, precision/recall, bootstrap, FID-infinity) from generated features and reference
+    statistics, with torch-fidelity's settings (KID: 100 subsets, cubic kernel; precision/recall: k=3)."""
     feats = generated[FEATURE_LAYER]
     n, m = len(feats), len(reference.features)
     result: dict[str, Any] = {"fid": frechet_distance(feats, reference.mu, reference.sigma)}
@@ -172,6 +176,10 @@ def metrics_from_features(
     if bootstrap:
         b = bootstrap_fid(feats, reference.mu, reference.sigma, replicas=bootstrap, seed=bootstrap_seed)
         result["fid_bootstrap"] = {"replicas": b.replicas, "seed": b.seed, "mean": b.mean, "std": b.std}
+    if extrapolate:
+        e = fid_infinity(feats, reference.mu, reference.sigma, seed=bootstrap_seed)
+        result["fid_inf"] = {"value": e.value, "std": e.std, "slope": e.slope, "sizes": list(e.sizes),
+                             "means": list(e.means)}
     return result
 
 

@@ -72,24 +72,27 @@ def compare_folders(
     bootstrap: int = 100,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """FID, KID, precision/recall (and the FID's bootstrap spread) of DIR_A against DIR_B, with the
-    protocol; keys ``fid``, ``fid_std``, ``kid``, ``kid_std``, ``precision``, ``recall``, ``protocol``."""
+    """FID, KID, precision/recall (and the FID's bootstrap spread, FID-infinity) of DIR_A against
+    DIR_B, with the protocol; keys ``fid``, ``fid_std``, ``fid_inf``, ``fid_inf_std``, ``kid``,
+    ``kid_std``, ``precision``, ``recall``, ``protocol``."""
     a, b = load_folder(dir_a, size=size), load_folder(dir_b, size=size)
     digest = pixel_digest(b)
     scores = compute_fidelity_metrics(a, b, reference_key=f"dir-{digest[:16]}", weights=weights,
                                       batch_size=batch_size, device=device, kid=True, prc=True, isc=len(a) >= 10,
-                                      bootstrap=bootstrap, bootstrap_seed=seed)
+                                      bootstrap=bootstrap, bootstrap_seed=seed, extrapolate=len(a) >= 4)
     # The side of square images; the larger side otherwise (the exact shapes are recorded too).
     protocol = Protocol(scores["extractor"]["name"], weights.sha256, len(a), "dir", digest, len(b),
                         int(max(a.shape[-2:])))
     out: dict[str, Any] = {
         "fid": scores["fid"],
         "fid_std": scores.get("fid_bootstrap", {}).get("std"),
+        "fid_inf": scores.get("fid_inf", {}).get("value"),
+        "fid_inf_std": scores.get("fid_inf", {}).get("std"),
         "kid": scores["kid_mean"],
         "kid_std": scores["kid_std"],
         "precision": scores["precision"],
         "recall": scores["recall"],
-        "metric_names": {k: metric_key(k, protocol.id) for k in ("fid", "kid", "precision", "recall")},
+        "metric_names": {k: metric_key(k, protocol.id) for k in ("fid", "fid_inf", "kid", "precision", "recall")},
         "protocol": {**protocol.to_dict(), "dir_a": str(dir_a), "dir_b": str(dir_b),
                      "shape_a": list(a.shape[1:]), "shape_b": list(b.shape[1:])},
         "extractor": scores["extractor"],

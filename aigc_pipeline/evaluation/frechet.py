@@ -72,6 +72,48 @@ def bootstrap_fid(
     return Bootstrap(replicas, seed, float(np.mean(values)), float(np.std(values, ddof=1)), values)
 
 
+@dataclass(frozen=True)
+class Extrapolated:
+    """FID-infinity (Chong and Forsyth, CVPR 2020): FID of random subsets of the generated features
+    at several sizes N, a least-squares line in 1/N, and its intercept: the FID an infinite
+    generated sample would score against the same reference statistics."""
+
+    value: float  # the intercept: FID at 1/N = 0
+    std: float  # the intercept's standard error from the fit (draws of one feature set: a lower bound)
+    slope: float  # FID points per 1/N: the generated sample's own bias at N is about slope / N
+    sizes: tuple[int, ...]
+    means: tuple[float, ...]  # mean FID of the draws at each size
+
+
+def fid_infinity(features: torch.Tensor | np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, seed: int,
+                 points: int = 5, draws: int = 10, smallest: float = 0.3) -> Extrapolated:
+    """FID-infinity of ``features`` [n, D]: ``points`` sizes evenly spaced from ``smallest`` * n to n,
+    ``draws`` subsets (without replacement) at each size but the whole set, one line fitted to every
+    (1/N, FID) pair. It removes the dependence on the generated sample count only: the reference
+    statistics (their size included) are part of the protocol, as for FID itself."""
+    x = _as_float64(features)
+    n = len(x)
+    sizes = tuple(sorted({int(round(v)) for v in np.linspace(max(2, smallest * n), n, points)}))
+    if len(sizes) < 2:
+        raise ValueError(f"FID-infinity needs at least two sample sizes; {n} features give {sizes}")
+    ref = _Reference(mu, sigma)
+    rng = np.random.default_rng(seed)
+    inv, fids, means = [], [], []
+    for size in sizes:
+        values = [_distance(x[rng.choice(n, size, replace=False)] if size < n else x, ref)
+                  for _ in range(draws if size < n else 1)]
+        inv += [1.0 / size] * len(values)
+        fids += values
+        means.append(float(np.mean(values)))
+    a, b = np.asarray(inv), np.asarray(fids)
+    slope, intercept = np.polyfit(a, b, 1)
+    residual = b - (intercept + slope * a)
+    s2 = float(residual @ residual) / max(len(b) - 2, 1)
+    sxx = float(((a - a.mean()) ** 2).sum())
+    std = float(np.sqrt(s2 * (1.0 / len(b) + a.mean() ** 2 / sxx)))
+    return Extrapolated(float(intercept), std, float(slope), sizes, tuple(means))
+
+
 def _as_float64(features: torch.Tensor | np.ndarray) -> np.ndarray:
     x = features.numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
     if x.ndim != 2 or len(x) < 2:

@@ -85,6 +85,7 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
         isc=True,
         bootstrap=ecfg.bootstrap,
         bootstrap_seed=ecfg.seed,
+        extrapolate=True,
     )
     protocol = Protocol(
         extractor=scores["extractor"]["name"],
@@ -121,6 +122,13 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
         details["bootstrap"] = {"replicas": boot["replicas"], "seed": boot["seed"], "fid_mean": boot["mean"]}
     else:
         details["bootstrap"] = {"replicas": 0}
+    inf = scores["fid_inf"]
+    metrics["fid_inf"], metrics["fid_inf_std"] = inf["value"], inf["std"]
+    details["fid_inf"] = {"sizes": inf["sizes"], "means": inf["means"], "slope": inf["slope"],
+                          "what": "FID-infinity (Chong and Forsyth 2020): FID of random subsets of the samples at "
+                                  "these sizes, a line in 1/N, its intercept; fid_inf_std is the fit's standard error. "
+                                  "Free of the generated sample count only: the reference side (its size included) "
+                                  "and the floor still apply"}
     if "isc_mean" in scores:
         metrics["isc"], metrics["isc_std"] = scores["isc_mean"], scores["isc_std"]
     else:

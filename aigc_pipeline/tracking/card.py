@@ -23,6 +23,8 @@ MAX_DESCRIPTION = 5000  # MLflow's model version description column (VARCHAR(500
 _LABELS = {
     "fid": "FID (lower is better)",
     "fid_std": "FID bootstrap standard deviation (measurement noise)",
+    "fid_inf": "FID-infinity (FID extrapolated to infinitely many samples; Chong and Forsyth 2020)",
+    "fid_inf_std": "FID-infinity fit's standard error",
     "kid": "KID (lower is better)",
     "kid_std": "KID standard deviation over subsets",
     "precision": "precision (share of samples inside the real manifold)",
