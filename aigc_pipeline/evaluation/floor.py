@@ -38,7 +38,7 @@ from aigc_pipeline.io import atomic_write_json
 
 __all__ = ["Floor", "FLOOR_SPLIT", "data_floor", "floor_images"]
 
-_FORMAT = 1
+_FORMAT = 2  # 2: with FID-infinity
 # The split the floor's real images come from, for each reference split.
 FLOOR_SPLIT = {"eval": "train", "train": "eval", "all": "train"}
 
@@ -56,6 +56,7 @@ class Floor:
     split: str  # where they came from
     overlaps_reference: bool  # True for reference_split "all": optimistic
     key: str  # content key of the cache entry
+    fid_inf: float | None = None  # FID-infinity of the same real images (aigc_pipeline.evaluation.frechet)
     from_cache: bool = False
 
     def to_dict(self) -> dict[str, Any]:
@@ -106,9 +107,9 @@ def data_floor(
         return Floor(**doc["floor"], from_cache=True)
     scores = compute_fidelity_metrics(chosen, reference, reference_key=reference_key, weights=weights,
                                       batch_size=batch_size, device=device, kid=True, prc=True, bootstrap=bootstrap,
-                                      bootstrap_seed=seed, cache_dir=cache_dir)
+                                      bootstrap_seed=seed, extrapolate=True, cache_dir=cache_dir)
     floor = Floor(fid=scores["fid"], fid_std=(scores.get("fid_bootstrap") or {}).get("std"), kid=scores["kid_mean"],
                   precision=scores["precision"], recall=scores["recall"], num_samples=len(chosen), split=split,
-                  overlaps_reference=reference_split == "all", key=key)
+                  overlaps_reference=reference_split == "all", key=key, fid_inf=scores["fid_inf"]["value"])
     atomic_write_json(path, {"settings": settings, "floor": floor.to_dict()})
     return floor

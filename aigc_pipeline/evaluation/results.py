@@ -40,8 +40,8 @@ MORE_METRICS = "more_metrics"
 # Metrics named after the Inception protocol in MLflow (``fid_<protocol id>``); floor_* too: the
 # floor is measured under the same protocol.
 PROTOCOL_METRICS = ("fid", "fid_std", "fid_inf", "fid_inf_std", "kid", "kid_std", "precision", "recall", "isc",
-                    "isc_std",
-                    "floor_fid", "floor_fid_std", "floor_kid", "floor_precision", "floor_recall", "fid_ratio")
+                    "isc_std", "floor_fid", "floor_fid_std", "floor_fid_inf", "floor_kid", "floor_precision",
+                    "floor_recall", "fid_ratio")
 # Metrics named after the classifier protocol.
 CLASSIFIER_METRICS = ("classifier_score", "classifier_label_accuracy")
 

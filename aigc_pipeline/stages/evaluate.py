@@ -102,7 +102,8 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
         "precision": scores["precision"], "recall": scores["recall"],
     }
     if floor is not None:
-        metrics.update(floor_fid=floor.fid, floor_fid_std=floor.fid_std, floor_kid=floor.kid,
+        metrics.update(floor_fid=floor.fid, floor_fid_std=floor.fid_std, floor_fid_inf=floor.fid_inf,
+                       floor_kid=floor.kid,
                        floor_precision=floor.precision, floor_recall=floor.recall,
                        fid_ratio=scores["fid"] / floor.fid if floor.fid > 0 else None)
     meta = read_model_meta(model)

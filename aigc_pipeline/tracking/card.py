@@ -35,8 +35,8 @@ _LABELS = {
     "classifier_label_accuracy": "label accuracy of class-conditional samples",
     "classifier_accuracy": "the classifier's accuracy on the real eval split",
 }
-_FLOOR = {"fid": "floor_fid", "fid_std": "floor_fid_std", "kid": "floor_kid", "precision": "floor_precision",
-          "recall": "floor_recall"}
+_FLOOR = {"fid": "floor_fid", "fid_std": "floor_fid_std", "fid_inf": "floor_fid_inf", "kid": "floor_kid",
+          "precision": "floor_precision", "recall": "floor_recall"}
 
 
 def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, params: Mapping[str, str],

@@ -237,8 +237,8 @@ def rollback(client: Any, name: str, *, reason: str | None = None, user: str | N
 
 
 # Short metric names shown per version (the evaluation's own names; see evaluation.results).
-SUMMARY_METRICS = ("fid", "fid_std", "fid_inf", "fid_inf_std", "floor_fid", "fid_ratio", "kid", "precision", "recall",
-                   "floor_precision", "floor_recall")
+SUMMARY_METRICS = ("fid", "fid_std", "fid_inf", "fid_inf_std", "floor_fid", "floor_fid_inf", "fid_ratio", "kid",
+                   "precision", "recall", "floor_precision", "floor_recall")
 
 
 def list_models(client: Any) -> list[dict[str, Any]]:
