@@ -4,6 +4,7 @@ task run's log without being printed twice, and the progress artifact moves whil
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any, Iterator
 
@@ -36,6 +37,7 @@ def test_stage_lines_reach_the_run_log_and_progress_moves_while_training(
     from prefect.runtime import task_run
 
     from aigc_pipeline.stages.train import Progress
+    from aigc_pipeline.training.budget import resolve_budget
     from flows.stage_logs import TrainingProgress, stage_output
 
     @task(task_run_name="train")
@@ -44,9 +46,11 @@ def test_stage_lines_reach_the_run_log_and_progress_moves_while_training(
         tracker = TrainingProgress("digits-training", "digits-resgan", every=0.0)
         seen, ids = [], []
         with stage_output("train", on_line=tracker.line):
-            progress = Progress(4)
+            budget = resolve_budget(family="resgan", size=8, train_images=16, batch_size=8, epochs=4, kimg="auto")
+            progress = Progress(4, budget=budget)
             progress.start({"resumed_from": 0, "total_steps": 8, "speed": "cpu", "data_placement": "device",
                             "world_size": 1})
+            plan = (_progress_of(tracker.artifact_id), tracker.artifact_id)  # the plan, before the first step
             for epoch in range(1, 5):
                 progress.step(2 * epoch, 8, epoch)
                 progress.epoch(epoch, {"loss_d": 0.25 * epoch, "images_per_s": 50.0})
@@ -56,7 +60,7 @@ def test_stage_lines_reach_the_run_log_and_progress_moves_while_training(
             print("evaluate: FID 3.100 [incv3-test]")  # stdout too
             assert sys.stderr.__class__.__name__ == "LineTee"
         assert sys.stderr.__class__.__name__ != "LineTee"  # restored
-        return {"seen": seen, "ids": ids, "task_run_id": str(task_run.id)}
+        return {"seen": seen, "ids": ids, "plan": plan, "task_run_id": str(task_run.id)}
 
     @flow(name="stage-logs-test")
     def f() -> dict[str, Any]:
@@ -65,8 +69,12 @@ def test_stage_lines_reach_the_run_log_and_progress_moves_while_training(
     state = f(return_state=True)
     result = state.result()
     assert [p for p, _ in result["seen"]] == [25.0, 50.0, 75.0, 100.0]
-    assert result["seen"][1][1] == "Training digits-resgan: epoch 2/4, step 4/8"
-    assert len(set(result["ids"])) == 1  # one artifact, updated in place
+    # The epoch line's time left reaches the artifact (this fake epoch takes no time: 0 s).
+    assert re.fullmatch(r"Training digits-resgan: epoch 2/4, step 4/8, about \d+ s left", result["seen"][1][1])
+    # The artifact exists from the plan on, before the first step, and is the one the epochs update.
+    assert result["plan"][0] == (0.0, "Training digits-resgan: 0.064 kimg (train.epochs) = 8 steps = 4 epochs of "
+                                      "2 batches of 8; measuring a warm-up for the time estimate")
+    assert len(set(result["ids"]) | {result["plan"][1]}) == 1  # one artifact, updated in place
 
     from prefect.logging.handlers import APILogHandler
 
