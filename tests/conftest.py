@@ -26,6 +26,7 @@ QUICK = [
     "datasets.digits.limit=200",
     "augment.copies=1",  # the default adds none for the 8 px digits; the tests exercise the augment stage
     "datasets.digits.size=16",
+    "train.model=resgan",  # the 8 px default's family, whatever train.model: auto picks at 16 px
     "train.epochs=1",
     "train.batch_size=32",
     "train.width=16",

@@ -94,7 +94,7 @@ def test_augment_keeps_originals_adds_seeded_copies(cfg: Config, prepared: Path,
 
 def test_train_writes_model_folder(model: Path) -> None:
     meta = json.loads((model / "model.json").read_text())
-    assert meta["arch"]["size"] == 16 and meta["model"] == load_config(REPO).train.model
+    assert meta["arch"]["size"] == 16 and meta["model"] == load_config(REPO, QUICK).train.model
     assert (model / "generator.safetensors").exists() and (model / "samples.png").exists()
     assert (model / "samples" / "epoch-001.png").exists()
     header = (model / "history.csv").read_text().splitlines()[0]
