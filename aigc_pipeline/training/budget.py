@@ -20,19 +20,25 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-# Image side -> family -> kimg. 8 px: the default that `make run` trained before kimg existed
-# (180 epochs of 22 batches of 64 over the 1,437 training digits = 253.44 kimg), for every family
-# (bench/results/quality.md measures them at equal wall-clock budgets). 32 px: bench/results/datasets.md.
+# Image side -> family -> kimg, measured on this project's reference CPU (2-core AMD EPYC, fp32).
+# 8 px: the length `make run` trained before kimg existed (180 epochs of 22 batches of 64 over the
+# 1,437 training digits = 253.44 kimg) for every family; bench/results/quality.md measures them at
+# equal wall-clock budgets. 32 px: what each family trained in the 10 minutes of
+# `python -m bench datasets` on 5,000 MNIST digits (bench/results/datasets.md), where FID was still
+# falling. A family not measured at a size takes the value of the nearest size it was measured at.
 AUTO_KIMG: dict[int, dict[str, float]] = {
     8: {"dcgan": 253.44, "sngan": 253.44, "resgan": 253.44, "vae": 253.44, "ddpm": 253.44},
-    32: {"dcgan": 250.0, "sngan": 250.0, "resgan": 150.0, "vae": 250.0, "ddpm": 100.0},
+    32: {"dcgan": 130.752, "sngan": 148.608},
 }
 
-# Image side -> device type -> the family ``train.model: auto`` trains (bench/results/quality.md at 8 px,
-# bench/results/datasets.md at 32 px). No GPU has measured them yet: a GPU takes the CPU's choice.
+# Image side -> device type -> the family ``train.model: auto`` trains. 8 px: resgan, the best GAN
+# after 4 minutes in bench/results/quality.md (ddpm scores better but samples with 50 network
+# passes). 32 px: sngan, ahead of dcgan on both real datasets of bench/results/datasets.md after
+# 5 and 10 minutes (resgan, vae and ddpm unmeasured there: resgan trains at about a third of
+# dcgan's images/s at 32 px). No GPU has measured them yet: a GPU takes the CPU's choice.
 AUTO_MODEL: dict[int, dict[str, str]] = {
     8: {"cpu": "resgan"},
-    32: {"cpu": "resgan"},
+    32: {"cpu": "sngan"},
 }
 
 # Plans longer than this on a CPU get a warning naming what shortens them.

@@ -34,9 +34,14 @@ def test_kimg_rounds_up_to_whole_epochs_and_epochs_wins() -> None:
 
 def test_auto_takes_the_nearest_measured_size_and_says_so() -> None:
     assert auto_kimg("dcgan", 16)[1] in AUTO_KIMG
-    b = resolve_budget(family="resgan", size=64, train_images=5000, batch_size=64, epochs=None, kimg="auto")
-    assert b.source == "train.kimg auto (resgan, 32 px) for 64 px"
-    assert b.requested_kimg == AUTO_KIMG[32]["resgan"]
+    b = resolve_budget(family="sngan", size=64, train_images=5000, batch_size=64, epochs=None, kimg="auto")
+    assert b.source == "train.kimg auto (sngan, 32 px) for 64 px"
+    assert b.requested_kimg == AUTO_KIMG[32]["sngan"]
+    # A family measured at 8 px only takes its 8 px value at 32 px, and says so.
+    unmeasured = [f for f in AUTO_KIMG[8] if f not in AUTO_KIMG[32]]
+    if unmeasured:
+        c = resolve_budget(family=unmeasured[0], size=32, train_images=5000, batch_size=64, epochs=None, kimg="auto")
+        assert c.source == f"train.kimg auto ({unmeasured[0]}, 8 px) for 32 px"
     with pytest.raises(KeyError, match="no value for model 'nope'"):
         auto_kimg("nope", 32)
 
