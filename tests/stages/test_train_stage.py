@@ -87,16 +87,23 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(family: s
     init = build_family(arch, resolve_hparams(cfg.train)).generator.state_dict()
     a = load_file(str(tmp_path / "one" / "generator.safetensors"))
     b = load_file(str(tmp_path / "two" / "generator.safetensors"))
-    # Stated tolerance: every logged loss and gradient norm within 1e-5 (relative, or absolute near 0) at every step
-    # (measured: ~1e-7), the weights within 0.3% of the distance training moved them. Measured:
-    # dcgan/sngan/vae ~1e-5; resgan 1.03e-3 and ddpm 1.24e-3, all of it in biases that a
-    # normalisation follows (ddpm's worst: up_blocks.2 conv1 biases before GroupNorm), whose true
-    # gradient is zero: Adam scales their rounding noise up to learning-rate-sized steps. With
-    # per-process batch norm statistics instead of global ones: 0.3-40% and losses up to 30% apart.
+    # What data parallelism determines is checked tightly: the first two steps' losses and gradient
+    # norms (the first step's forward and backward on the global batch, with global batch-norm
+    # statistics and each rank's rows of the global noise and augmentation; the second step after
+    # the first all-reduced update) agree to 1e-5 (measured ~1e-7 on AMD EPYC and on Intel Xeon).
+    # With per-process batch-norm statistics instead, the first step's losses already differ by
+    # percents (and up to 30% later): a real data-parallel bug fails here.
     h1, h2 = pd.read_csv(tmp_path / "one" / "history.csv"), pd.read_csv(tmp_path / "two" / "history.csv")
     assert list(h1.columns) == list(h2.columns)
-    np.testing.assert_allclose(h1.to_numpy(), h2.to_numpy(), rtol=1e-5, atol=1e-5)
-    assert _moved_apart(a, b, init) < 3e-3
+    np.testing.assert_allclose(h1.to_numpy()[:2], h2.to_numpy()[:2], rtol=1e-5, atol=1e-5)
+    # The rest of the trajectory is bounded, not matched: float32 sums in another order (one process
+    # vs two, and other CPU kernels) drift, and Adam turns the rounding noise of biases ahead of a
+    # normalisation (whose true gradient is zero) into learning-rate-sized steps. Measured drift by
+    # step 10: AMD EPYC ~1e-7 (dcgan, sngan, vae), ~1e-3 relative in resgan/ddpm weights; Intel Xeon
+    # (AMX) dcgan: 6e-4 at step 4, 2.2e-3 relative (0.0038 absolute) at step 10. Bounds: 2e-2, ten
+    # times the worst drift measured and well under the per-process-statistics error.
+    np.testing.assert_allclose(h1.to_numpy(), h2.to_numpy(), rtol=2e-2, atol=2e-2)
+    assert _moved_apart(a, b, init) < 2e-2
 
 
 class _Terminal(io.StringIO):
