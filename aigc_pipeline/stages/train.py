@@ -418,7 +418,8 @@ class Progress:
         plan = self.budget.describe() if self.budget is not None else f"{total} steps"
         print(f"{prefix}  train plan: {plan}; estimated {format_duration(self.estimate.seconds)} left on "
               f"{self.device} ({per_step:.3g} s/step over {measured} warm-up steps"
-              + (f", {self.fid_points} FID-over-training points" if self.fid_points else "") + ")",
+              + (f", {self.fid_points} FID-over-training point{'s' if self.fid_points != 1 else ''}"
+                 if self.fid_points else "") + ")",
               file=self.stream, flush=True)
         warning = plan_warning(self.estimate.seconds + (now - self.t0), self.device)
         if warning:
