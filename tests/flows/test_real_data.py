@@ -22,9 +22,9 @@ from tests.conftest import QUICK, copy_project, run_cli
 pytestmark = pytest.mark.slow
 NAME = "mnist"
 FIXTURE = "tests/data/mnist-small"
-# The flow tests' quick settings, with the length as kimg, not epochs: 0.96 kimg of the 480 training
-# digits in batches of 32 = 2 epochs, 30 steps; no FID over training (the evaluate stage's FID is
-# what this test checks).
+# The flow tests' quick settings, with the length as kimg, not epochs (0.96 kimg: a couple of epochs
+# of the augmented training digits in batches of 32); no FID over training (the evaluate stage's FID
+# is what this test checks).
 SETTINGS = [s for s in QUICK if not s.startswith(("train.epochs=", "train.model="))] + [
     "train.epochs=null", "train.kimg=0.96", "evaluate.progress_every=0"]
 
@@ -55,11 +55,19 @@ def test_mnist_files_added_at_32_px_train_evaluate_and_register(tmp_path: Path) 
     meta = json.loads((project / "models" / folder / "model.json").read_text())
     assert (meta["arch"]["family"], meta["arch"]["size"], meta["arch"]["channels"]) == (family, 32, 1)
     assert meta["model"] == meta["hparams"]["model"] == family and meta["train"]["model"] == "auto"
-    assert meta["budget"] == {"kimg": 0.96, "images": 960, "steps": 30, "epochs": 2, "source": "train.kimg",
-                              "requested_kimg": 0.96}
-    assert meta["steps"] == 30
+    # 0.96 kimg over the augmented training set (the train split plus one copy each) in batches of 32:
+    # whole epochs of its full batches, as many as 960 images need.
+    train_images = json.loads((project / "data" / "augmented" / NAME / "meta.json").read_text())["count"]
+    per_epoch = train_images // 32
+    epochs = math.ceil(960 / (per_epoch * 32))
+    steps = epochs * per_epoch
+    assert epochs >= 1 and steps * 32 >= 960
+    assert meta["budget"] == {"kimg": steps * 32 / 1000, "images": steps * 32, "steps": steps, "epochs": epochs,
+                              "source": "train.kimg", "requested_kimg": 0.96}
+    assert meta["steps"] == steps
     # The plan before the wait, then its time estimate after the warm-up (the stage's own lines).
-    assert "train plan: 0.96 kimg (0.96 kimg asked, train.kimg) = 30 steps = 2 epochs of 15 batches of 32" in out
+    assert (f"train plan: {steps * 32 / 1000:g} kimg (0.96 kimg asked, train.kimg) = {steps} steps = {epochs} "
+            f"epoch{'s' if epochs != 1 else ''} of {per_epoch} batches of 32") in out, out[-3000:]
     assert re.search(r"train plan: .*; estimated .* left on cpu \(.* s/step over \d+ warm-up steps\)", out), out[-3000:]
 
     metrics = json.loads((project / "eval" / NAME / "metrics.json").read_text())
@@ -85,5 +93,6 @@ def test_mnist_files_added_at_32_px_train_evaluate_and_register(tmp_path: Path) 
         run = mlflow.get_run(receipt["run_id"])
     params = run.data.params
     assert (params["train.model"], params["train.model_setting"]) == (family, "auto")
-    assert (params["train.kimg"], params["train.kimg_setting"], params["train.epochs"]) == ("0.96", "0.96", "2")
+    assert (params["train.kimg"], params["train.kimg_setting"]) == (str(steps * 32 / 1000), "0.96")
+    assert (params["train.epochs"], params["train.epochs_setting"]) == (str(epochs), "None")
     assert run.data.tags["aigc.family"] == family
