@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from aigc_pipeline import remote, workspace
-from tests.conftest import BIN, MODEL_DIR, QUICK, copy_project
+from aigc_pipeline.config import load_config
+from tests.conftest import BIN, QUICK, copy_project
 
 pytestmark = pytest.mark.slow  # real DVC repositories and commands
 
@@ -37,7 +38,9 @@ def test_plan_inputs_and_outputs_come_from_dvc_yaml(project: Path) -> None:
         ["ingest@digits", "augment@digits", "train", "evaluate", "register"]
     assert workspace.stage_plan(project, "train") == ["ingest@digits", "augment@digits", "train"]
     assert workspace.stage_inputs(project, "train") == ["data/augmented/digits", "data/prepared/digits"]
-    assert workspace.stage_inputs(project, "evaluate") == ["data/prepared/digits", f"models/{MODEL_DIR}"]
+    # The project's own params.yaml (not QUICK) names the model folder: models/${dataset}-${train.model}.
+    model_dir = load_config(project).model_name
+    assert workspace.stage_inputs(project, "evaluate") == ["data/prepared/digits", f"models/{model_dir}"]
     # The evaluation is per dataset (one metrics file whatever the family: dvc metrics diff compares them).
     assert workspace.stage_outputs(project, "evaluate") == ["eval/digits/samples.png", "eval/digits/evaluation.json",
                                                             "eval/digits/metrics.json"]
