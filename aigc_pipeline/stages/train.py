@@ -115,13 +115,13 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
     # publishes the grids of the epochs an interrupted process finished.
     grid_dir = ckpt_dir / "samples"
     show = not quiet and dist_info.is_main
-    progress = Progress(tcfg.epochs, enabled=show, budget=budget, device=device.type,
-                        fid_points=_fid_points(resolved) if reference is not None else 0)
     fid_progress = None
     if reference is not None and dist_info.is_main:
         from aigc_pipeline.evaluation.progress import progress_hook  # torch-fidelity only when asked for
 
         fid_progress = progress_hook(resolved, reference, arch, device=device)
+    fid_points = sum(fid_progress.due(e) for e in range(1, tcfg.epochs + 1)) if fid_progress is not None else 0
+    progress = Progress(tcfg.epochs, enabled=show, budget=budget, device=device.type, fid_points=fid_points)
 
     tracker = None
     if project_dir is not None and dist_info.is_main:
@@ -257,12 +257,6 @@ def resolved_settings(hp: Hparams, budget: Budget, family: str) -> dict[str, Any
     betas, ...) and the length (``epochs``, ``kimg``: images shown / 1000). model.json's
     ``hparams``; the MLflow params."""
     return {"model": family, **dataclasses.asdict(hp), "epochs": budget.epochs, "kimg": budget.kimg}
-
-
-def _fid_points(cfg: Config) -> int:
-    """FID-over-training points the training will measure (every ``progress_every`` epochs and the last)."""
-    every, epochs = cfg.evaluate.progress_every, cfg.train.epochs
-    return 0 if every <= 0 or not epochs else len({e for e in range(every, epochs + 1, every)} | {epochs})
 
 
 def _csv(rows: list[dict[str, float]]) -> str:
