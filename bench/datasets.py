@@ -389,11 +389,12 @@ def run(ctx: Any) -> dict[str, Any]:
         for family in sizes.families or ds.families:
             results[ds_name][family] = {b: [] for b in sizes.budgets}
             for seed in sizes.seeds:
-                cfg = load_config(proj, [*overrides, f"dataset={ds_name}", f"train.model={family}",
-                                         f"train.seed={seed}", f"train.epochs={UNBOUNDED_EPOCHS}", *PINNED,
-                                         *FAMILY_SETTINGS[family]])
+                # The bench's pins first, so that `--set` (a recipe being measured) wins over them.
+                cfg = load_config(proj, [*PINNED, *FAMILY_SETTINGS[family], *overrides, f"dataset={ds_name}",
+                                         f"train.model={family}", f"train.seed={seed}",
+                                         f"train.epochs={UNBOUNDED_EPOCHS}"])
                 hp = resolve_hparams(cfg.train)
-                settings[family] = {"overrides": [*PINNED, *FAMILY_SETTINGS[family]], "lr": hp.lr,
+                settings[family] = {"overrides": [*PINNED, *FAMILY_SETTINGS[family], *overrides], "lr": hp.lr,
                                     "betas": [hp.beta1, hp.beta2], "batch_size": cfg.train.batch_size,
                                     "width": cfg.train.width, "latent_dim": cfg.train.latent_dim}
                 out = work / "runs" / f"{ds_name}-{family}-{seed}"
