@@ -103,11 +103,11 @@ def _cmd_status(args: argparse.Namespace) -> Any:
 
 def _scores(metrics: dict[str, float]) -> str:
     """``FID 25.4 ± 0.6 (floor 19.1 = 1.33x), precision 0.667, recall 0.730``; what is there of it."""
+    from aigc_pipeline.evaluation.metrics import fid_text
+
     if "fid" not in metrics:
         return "no evaluation metrics"
-    text = f"FID {metrics['fid']:.2f}" + (f" ± {metrics['fid_std']:.2f}" if "fid_std" in metrics else "")
-    if "floor_fid" in metrics and "fid_ratio" in metrics:
-        text += f" (floor {metrics['floor_fid']:.2f} = {metrics['fid_ratio']:.2f}x)"
+    text = fid_text(metrics)
     if "fid_inf" in metrics:
         text += f", FID-inf {metrics['fid_inf']:.2f}" + (f" ± {metrics['fid_inf_std']:.2f}"
                                                           if "fid_inf_std" in metrics else "")
@@ -139,6 +139,27 @@ def _cmd_fid(args: argparse.Namespace) -> Any:
           f"{result['protocol']['num_reference']} of {args.dir_b}")
     if "isc_unavailable" in result:
         print(f"Inception Score unavailable: {result['isc_unavailable']}")
+    return result
+
+
+def _cmd_copies(args: argparse.Namespace) -> Any:
+    from aigc_pipeline.config import PARAMS_FILE
+    from aigc_pipeline.evaluation.folders import copies_in_folders
+    from aigc_pipeline.evaluation.inception import resolve_inception_weights
+    from aigc_pipeline.evaluation.metrics import copying_text
+
+    has_params = (Path(args.project) / PARAMS_FILE).exists()
+    configured = args.weights or (config_of(args).evaluate.inception_weights if has_params else None)
+    result = copies_in_folders(path_arg(args, args.generated), path_arg(args, args.train),
+                               path_arg(args, args.heldout) if args.heldout else None,
+                               weights=resolve_inception_weights(configured), size=args.size,
+                               batch_size=args.batch_size, device=args.device, seed=args.seed)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return result
+    print(f"{copying_text(result)}; calibrated on {result['calibration']} ({result['num_heldout']} images)")
+    for pair in result["most_copied"]:
+        print(f"  {pair['generated']} ~ {pair['train']} (distance / threshold {pair['distance_over_threshold']:.3f})")
     return result
 
 
@@ -249,6 +270,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the bootstrap")
     add_common(p)
     p.set_defaults(handler=_cmd_fid)
+
+    p = sub.add_parser("copies", help="data copying: are the images of GENERATED closer to images of TRAIN than "
+                       "unseen real images are? (the evaluation's check, for any folders)")
+    p.add_argument("generated", help="folder of images, e.g. your samples")
+    p.add_argument("train", help="folder of the training images")
+    p.add_argument("--heldout", help="folder of real images the model never saw (calibration; default: TRAIN, each "
+                   "image left out of its own search)")
+    p.add_argument("--json", action="store_true", help="print a JSON object (copy_share, copy_ct, exact_copies, "
+                   "floor_*, spaces, most_copied)")
+    p.add_argument("--size", type=int, help="resize every image to SIZE x SIZE first (shorter side + centre crop)")
+    p.add_argument("--weights", help="Inception state dict file, or 'download' (default: as `aigc fid`)")
+    p.add_argument("--batch-size", type=int, default=50, help="images per Inception pass (default 50)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out halves and k-means")
+    add_common(p)
+    p.set_defaults(handler=_cmd_copies)
 
     p = sub.add_parser("weights", help="Inception weights for the evaluation")
     wsub = p.add_subparsers(dest="weights_command", required=True)

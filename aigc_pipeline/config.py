@@ -179,6 +179,7 @@ class EvaluateConfig:
     classifier_score: bool = True  # labelled datasets: score with a classifier trained on the real train split
     progress_every: int = 3  # FID over training every this many epochs (and at the last); 0 = off
     progress_samples: int = 64  # generated images per FID-over-training point (part of its metric name)
+    copy_check: bool = True  # data copying: samples' nearest training images against held-out real ones
 
     def __post_init__(self) -> None:
         _check(self.num_samples >= 4, "num_samples", "must be >= 4 (precision/recall uses 3 nearest neighbours)")
@@ -199,6 +200,8 @@ class RegisterConfig:
     max_fid_ratio: float | None = 3.0  # quality bar: FID <= this x the data's floor FID; None = no bar
     min_precision: float | None = None  # quality bar: precision >= this; None = no minimum
     min_recall: float | None = None  # quality bar: recall >= this; None = no minimum
+    max_copy_share: float | None = None  # refuse when more samples than this share copy training images; None = off
+    min_copy_ct: float | None = None  # refuse when the data-copying statistic C_T is below this; None = off
     max_images_per_request: int = 1024  # the served model refuses (HTTP 400) a request for more images in all
     max_images_per_row: int = 256  # ... or a row asking for more than this many
 
@@ -207,9 +210,9 @@ class RegisterConfig:
         _check(self.gate_noise_sigmas >= 0, "gate_noise_sigmas", "must be >= 0")
         _check(self.max_fid_ratio is None or self.max_fid_ratio >= 1.0, "max_fid_ratio",
                "must be >= 1 (the floor is what real data scores) or null (no bar)")
-        for name in ("min_precision", "min_recall"):
+        for name in ("min_precision", "min_recall", "max_copy_share"):
             value = getattr(self, name)
-            _check(value is None or 0.0 <= value <= 1.0, name, "must be in [0, 1] or null (no minimum)")
+            _check(value is None or 0.0 <= value <= 1.0, name, "must be in [0, 1] or null (no bar)")
         _check(self.model_name is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_name) is not None,
                "model_name", "must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
         _check(self.max_images_per_request >= 1, "max_images_per_request", "must be >= 1")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from aigc_pipeline.errors import AigcError, ConfigError
+from aigc_pipeline.evaluation.metrics import entries
 
 if TYPE_CHECKING:
     from aigc_pipeline.config import Config
@@ -135,7 +136,9 @@ def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOu
     serving = f"champion: v{champion}" if champion else "NO CHAMPION: no version has passed the gate yet"
     line = (
         f"{receipt['name']} v{receipt['version']} ({family}): FID {receipt['fid']:.3f}{noise}{against} [{protocol}], "
-        f"{verdict} ({receipt['reason']}); {serving}. MLflow: {receipt['tracking_uri']} (run {receipt['run_id']})"
+        f"{verdict} ({receipt['reason']}); {serving}. "
+        + (f"Cost: {receipt['compute']}. " if receipt.get("compute") else "")
+        + f"MLflow: {receipt['tracking_uri']} (run {receipt['run_id']})"
     )
     return {"line": line, "receipt": receipt, "metrics": scored.metrics, "details": scored.details,
             "champion_version": champion, "evaluation_dir": str(evaluation_dir)}
@@ -154,6 +157,7 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"# {r['name']} v{r['version']} ({r.get('family') or d.get('model')})",
         "",
         f"- **decision**: {decision} ({r['reason']})",
+        f"- **compute**: {r.get('compute') or 'not recorded'}",
         f"- **serving**: " + (f"`models:/{r['name']}@champion` = v{champion}" if champion
                               else "no champion: no version has passed the gate yet"),
         f"- **FID**: {r['fid']:.4f}" + (f" ± {std:.4f} (bootstrap sd)" if isinstance(std, (int, float)) else "")
@@ -165,11 +169,11 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         "| metric | this model | real data (the floor) |",
         "| --- | ---: | ---: |",
     ]
-    for key, label in (("fid", "FID"), ("kid", "KID"), ("precision", "precision"), ("recall", "recall")):
-        value, floor = m.get(key), m.get(f"floor_{key}")
+    for entry in entries("table"):
+        value, floor = m.get(entry.name), m.get(entry.floor) if entry.floor else None
         if isinstance(value, (int, float)):
-            lines.append(f"| {label} | {value:.4f} | " + (f"{floor:.4f}" if isinstance(floor, (int, float)) else "")
-                         + " |")
+            lines.append(f"| {entry.row} | {value:.4f} | "
+                         + (f"{floor:.4f}" if isinstance(floor, (int, float)) else "") + " |")
     if isinstance(m.get("fid_ratio"), (int, float)):
         lines += ["", f"FID is **{m['fid_ratio']:.2f}x** the data's floor."]
     lines.append("")

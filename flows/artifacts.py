@@ -28,6 +28,8 @@ from urllib.parse import quote
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from aigc_pipeline.evaluation.metrics import copying_text, entries
+from aigc_pipeline.evaluation.results import COPIES_GRID
 from aigc_pipeline.pipeline import summary_markdown
 from flows.describe import artifact_key
 
@@ -40,8 +42,6 @@ TRAINING_VIEW = "workflowType=machine_learning"
 GRID_FILE = "samples.png"  # the evaluation's sample grid, beside its metrics.json
 GRID_MIN_WIDTH = 384  # smaller grids are enlarged (nearest neighbour, integer factor) to be legible
 LINEAGE_PREFIXES = ("git.", "dvc.", "prefect.", "aigc.run_ref", "aigc.data_digest")
-TABLE_METRICS = (("fid", "FID", "lower is better"), ("kid", "KID", "lower is better"),
-                 ("precision", "precision", "higher is better"), ("recall", "recall", "higher is better"))
 
 
 def mlflow_ui(tracking_uri: str) -> str:
@@ -119,20 +119,32 @@ def samples_markdown(summary: dict[str, Any], grid: Path) -> str:
     ])
 
 
+def copies_markdown(summary: dict[str, Any], grid: Path) -> str:
+    """The data-copying grid, inline, with the copying figures beside real data's."""
+    r, copying = summary["receipt"], summary["details"].get("copying") or {}
+    return "\n".join([
+        f"# {r['name']} v{r['version']}: data copying",
+        "",
+        f"![{r['name']} v{r['version']} copies]({grid_data_uri(grid)})",
+        "",
+        f"Top row: the samples nearest a training image (Inception features); bottom row: that training image. "
+        f"{copying_text(summary['metrics'])}. {copying.get('what', '')}",
+    ])
+
+
 def metrics_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
     """One row per metric: this model, the data's floor and model/floor (FID: how far from perfect)."""
     m = summary["metrics"]
     rows = []
-    for key, label, better in TABLE_METRICS:
-        value, floor = m.get(key), m.get(f"floor_{key}")
+    for entry in entries("table"):
+        value, floor = m.get(entry.name), m.get(entry.floor) if entry.floor else None
         if not isinstance(value, (int, float)):
             continue
         has_floor = isinstance(floor, (int, float))
-        # KID's unbiased estimate of real-vs-real hovers around 0 (even below): no ratio for it.
-        ratio = round(float(value) / float(floor), 2) if has_floor and floor > 0 and key != "kid" else None
-        rows.append({"metric": label, "model": round(float(value), 4),
+        ratio = round(float(value) / float(floor), 2) if has_floor and floor > 0 and entry.ratio else None
+        rows.append({"metric": entry.row, "model": round(float(value), 4),
                      "floor (real data)": round(float(floor), 4) if has_floor else None,
-                     "model / floor": ratio, "better": better})
+                     "model / floor": ratio, "better": f"{entry.better} is better" if entry.better else None})
     return rows
 
 
@@ -148,6 +160,10 @@ def publish(summary: dict[str, Any], *, extra: dict[str, str] | None = None) -> 
                              description=summary["line"])
     create_markdown_artifact(markdown=samples_markdown(summary, Path(summary["evaluation_dir"]) / GRID_FILE),
                              key=key("samples"), description=f"{version}: the evaluation's sample grid")
+    copies = Path(summary["evaluation_dir"]) / COPIES_GRID
+    if copies.is_file() and isinstance(summary["metrics"].get("copy_share"), (int, float)):
+        create_markdown_artifact(markdown=copies_markdown(summary, copies), key=key("copies"),
+                                 description=f"{version}: the samples nearest a training image, beside it")
     create_table_artifact(table=metrics_table(summary), key=key("metrics"),
                           description=f"{version}: metrics against the data's floor under protocol "
                                       f"{(summary['details'].get('protocol') or {}).get('id')}")

@@ -61,6 +61,7 @@ def compute_fidelity_metrics(
     cache: bool = True,
     cache_dir: Path | None = None,
     verbose: bool = False,
+    keep_features: bool = False,
 ) -> dict[str, Any]:
     """Compute FID between ``generated`` and ``reference`` (and KID / precision-recall / IS on request).
 
@@ -82,6 +83,7 @@ def compute_fidelity_metrics(
         cache: read/write the reference statistics cache (off: same numbers, computed afresh).
         cache_dir: root of the evaluation cache; default :func:`default_cache_dir`.
         verbose: let torch-fidelity print progress to stderr.
+        keep_features: also return the generated images' features (``features``, float32 [N, 2048]).
 
     Returns:
         ``fid``; ``kid_mean``, ``kid_std``, ``kid_subset_size`` if ``kid``; ``precision``, ``recall``
@@ -143,6 +145,8 @@ def compute_fidelity_metrics(
     result["num_generated"] = n
     result["num_reference"] = m
     result["reference_cached"] = ref.from_cache
+    if keep_features:
+        result["features"] = gen[FEATURE_LAYER]
     return result
 
 

@@ -21,17 +21,23 @@ from aigc_pipeline.evaluation.inception import InceptionWeights
 from aigc_pipeline.evaluation.protocol import Protocol, metric_key
 from aigc_pipeline.evaluation.reference import pixel_digest
 
-__all__ = ["IMAGE_SUFFIXES", "compare_folders", "load_folder"]
+__all__ = ["IMAGE_SUFFIXES", "compare_folders", "copies_in_folders", "image_files", "load_folder"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files directly in ``folder``, sorted by name (the order of :func:`load_folder`)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise EvaluationError(f"{folder}: not a folder of images")
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
 def load_folder(folder: Path, *, size: int | None = None) -> np.ndarray:
     """uint8 [N, C, H, W] of the images directly in ``folder`` (sorted by name; C is 1 or 3)."""
     folder = Path(folder)
-    if not folder.is_dir():
-        raise EvaluationError(f"{folder}: not a folder of images")
-    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+    files = image_files(folder)
     if len(files) < 2:
         raise EvaluationError(f"{folder}: {len(files)} image(s) ({', '.join(IMAGE_SUFFIXES)}); FID needs at least 2")
     images: list[Image.Image] = []
@@ -105,3 +111,51 @@ def compare_folders(
     if "fid_bootstrap" in scores:
         out["bootstrap"] = {k: scores["fid_bootstrap"][k] for k in ("replicas", "seed", "mean")}
     return out
+
+
+def copies_in_folders(
+    generated: Path,
+    train: Path,
+    heldout: Path | None = None,
+    *,
+    weights: InceptionWeights,
+    size: int | None = None,
+    batch_size: int = 50,
+    device: str = "cpu",
+    seed: int = 0,
+    shown: int = 8,
+) -> dict[str, Any]:
+    """The data-copying check (:mod:`aigc_pipeline.evaluation.copying`) of the images in ``generated``
+    against those in ``train``, calibrated on ``heldout`` (None: on ``train``, each image left out of
+    its own search). Keys: the copying figures, how they were measured, and the ``most_copied``
+    samples with their nearest training image (file names) and distance."""
+    from aigc_pipeline.evaluation.copying import copying_report
+    from aigc_pipeline.evaluation.features import FEATURE_LAYER, extract_features
+    from aigc_pipeline.evaluation.reference import reference_statistics
+
+    g, t = load_folder(generated, size=size), load_folder(train, size=size)
+    h = load_folder(heldout, size=size) if heldout is not None else None
+    if g.shape[1:] != t.shape[1:]:
+        raise EvaluationError(f"{generated} holds {g.shape[1]}x{g.shape[2]}x{g.shape[3]} images but {train} "
+                              f"{t.shape[1]}x{t.shape[2]}x{t.shape[3]}: pass --size N to bring both to one size")
+
+    def cached(images: np.ndarray) -> Any:  # a folder's features, cached by its pixels
+        return reference_statistics(images, reference_key=f"dir-{pixel_digest(images)[:16]}", weights=weights,
+                                    batch_size=batch_size, device=device).features
+
+    features = extract_features(g, weights, batch_size=batch_size, device=device)[FEATURE_LAYER]
+    report = copying_report(features, g, cached(t), t, cached(h) if h is not None else None, h, seed=seed)
+    g_names, t_names = image_files(generated), image_files(train)
+    order = np.argsort(report.ratios, kind="stable")[:shown]
+    return {
+        **report.metrics(),
+        **report.details(),
+        "calibration": "held-out folder" if heldout is not None else "the training folder, each image left out "
+                       "of its own search (pass --heldout for images the model never saw)",
+        "most_copied": [{"generated": g_names[i].name, "train": t_names[report.nearest[i]].name,
+                         "distance": float(report.distances[i]),
+                         "distance_over_threshold": float(report.ratios[i])} for i in order],
+        "folders": {"generated": str(generated), "train": str(train),
+                    "heldout": str(heldout) if heldout is not None else None},
+        "weights_sha256": weights.sha256,
+    }

@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from aigc_pipeline.evaluation.metrics import copying_text
 from aigc_pipeline.evaluation.protocol import protocol_differences
 from aigc_pipeline.evaluation.results import Evaluation
 
@@ -73,9 +74,11 @@ def check_evaluation(evaluation: Evaluation, model_meta: Mapping[str, Any] | Non
 
 
 def quality_bar(evaluation: Evaluation, *, max_fid_ratio: float | None, min_precision: float | None = None,
-                min_recall: float | None = None) -> list[str]:
+                min_recall: float | None = None, max_copy_share: float | None = None,
+                min_copy_ct: float | None = None) -> list[str]:
     """Why the candidate is below the absolute quality bar (``register.max_fid_ratio``,
-    ``min_precision``, ``min_recall``), each reason with its numbers; [] if it passes or no bar is set."""
+    ``min_precision``, ``min_recall``) or copies its training data (``register.max_copy_share``,
+    ``min_copy_ct``), each reason with its numbers; [] if it passes or no bar is set."""
     m = evaluation.metrics
     failures = []
     if max_fid_ratio is not None:
@@ -92,6 +95,29 @@ def quality_bar(evaluation: Evaluation, *, max_fid_ratio: float | None, min_prec
             floor = m.get(f"floor_{name}")
             seen = f"; real data: {floor:.3f}" if _finite(floor) else ""
             failures.append(f"{name} {value:.3f} < register.min_{name} {minimum:g}{seen}")
+    failures += _copying(evaluation, max_copy_share, min_copy_ct)
+    return failures
+
+
+def _copying(evaluation: Evaluation, max_share: float | None, min_ct: float | None) -> list[str]:
+    """Why the candidate copies its training data, with its figures and real data's; [] if it does not."""
+    m = evaluation.metrics
+    if max_share is None and min_ct is None:
+        return []
+    share, ct = m.get("copy_share"), m.get("copy_ct")
+    if not _finite(share):
+        why = (evaluation.details.get("copying") or {}).get("unavailable", "not measured (evaluate.copy_check off?)")
+        return [f"data copying unavailable ({why}): register.max_copy_share / min_copy_ct cannot be checked"]
+    figures = copying_text(m)
+    failures = []
+    if max_share is not None and share > max_share:
+        failures.append(f"copies its training data: {figures}; copy_share above register.max_copy_share {max_share:g}")
+    if min_ct is not None:
+        if not _finite(ct):
+            why = (evaluation.details.get("copying") or {}).get("ct_unavailable") or "not measured"
+            failures.append(f"C_T unavailable ({why}): register.min_copy_ct cannot be checked")
+        elif ct < min_ct:
+            failures.append(f"copies its training data: {figures}; C_T below register.min_copy_ct {min_ct:g}")
     return failures
 
 

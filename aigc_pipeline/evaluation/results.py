@@ -1,7 +1,7 @@
 """An evaluation's two files, the contract between the evaluate stage and everything that reads it.
 
-- ``metrics.json``: the headline numbers (:data:`HEADLINE`: ``fid``, ``fid_std``, ``fid_ratio``,
-  ``floor_fid``, ``kid``, ``precision``, ``recall``, and ``isc`` when computable) under short names
+- ``metrics.json``: the headline numbers (the metric table's ``headline`` entries:
+  :mod:`aigc_pipeline.evaluation.metrics`) under short names
   that sort and compare: the DVC metric, what ``dvc metrics show/diff`` and ``dvc exp show``
   print. Few enough that their table fits a 120-column terminal.
 - ``evaluation.json``: how they were measured: the protocol (its id names every metric in MLflow
@@ -26,24 +26,22 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from aigc_pipeline.errors import DataError
+from aigc_pipeline.evaluation.metrics import names, protocol_names
 from aigc_pipeline.evaluation.protocol import metric_key
 from aigc_pipeline.io import atomic_write_json
 
-__all__ = ["DETAILS_FILE", "METRICS_FILE", "HEADLINE", "MORE_METRICS", "PROTOCOL_METRICS", "CLASSIFIER_METRICS",
-           "Evaluation", "read_evaluation", "write_evaluation"]
+__all__ = ["COPIES_GRID", "DETAILS_FILE", "METRICS_FILE", "MORE_METRICS", "SAMPLES_GRID", "Evaluation",
+           "read_evaluation", "write_evaluation"]
 
 METRICS_FILE = "metrics.json"
 DETAILS_FILE = "evaluation.json"
-# The numbers in metrics.json (the DVC metric); every other number goes to evaluation.json's MORE_METRICS.
-HEADLINE = ("fid", "fid_std", "fid_ratio", "floor_fid", "kid", "precision", "recall", "isc")
+# metrics.json holds the table's headline numbers (the DVC metric); every other number goes to
+# evaluation.json's MORE_METRICS. Metrics are named after the Inception protocol in MLflow
+# (``fid_<protocol id>``; the floor's too: it is measured under the same protocol) or the
+# classifier's, as their entry in aigc_pipeline.evaluation.metrics says.
 MORE_METRICS = "more_metrics"
-# Metrics named after the Inception protocol in MLflow (``fid_<protocol id>``); floor_* too: the
-# floor is measured under the same protocol.
-PROTOCOL_METRICS = ("fid", "fid_std", "fid_inf", "fid_inf_std", "kid", "kid_std", "precision", "recall", "isc",
-                    "isc_std", "floor_fid", "floor_fid_std", "floor_fid_inf", "floor_kid", "floor_precision",
-                    "floor_recall", "fid_ratio")
-# Metrics named after the classifier protocol.
-CLASSIFIER_METRICS = ("classifier_score", "classifier_label_accuracy")
+SAMPLES_GRID = "samples.png"  # the evaluation's first 64 samples
+COPIES_GRID = "copies.png"  # the samples nearest a training image (top row) above that image (bottom row)
 
 
 @dataclass(frozen=True)
@@ -71,8 +69,9 @@ class Evaluation:
     def protocol_names(self) -> dict[str, str]:
         """Short name -> protocol-named key (``fid`` -> ``fid_incv3-…_32px``) of every metric present."""
         out = {}
-        for names, pid in ((PROTOCOL_METRICS, self.protocol_id), (CLASSIFIER_METRICS, self.classifier_id)):
-            for name in names:
+        for group, pid in ((protocol_names("inception"), self.protocol_id),
+                           (protocol_names("classifier"), self.classifier_id)):
+            for name in group:
                 if pid and self.value(name) is not None:
                     out[name] = metric_key(name, pid)
         return out
@@ -85,10 +84,14 @@ class Evaluation:
 
 def write_evaluation(out: Path, metrics: Mapping[str, float | None], details: Mapping[str, Any]) -> None:
     """Write both files atomically (details first: a reader of metrics.json finds its details):
-    the :data:`HEADLINE` numbers to metrics.json, the others to evaluation.json's ``more_metrics``."""
+    the metric table's headline numbers to metrics.json, the others to evaluation.json's ``more_metrics``."""
+    unknown = sorted(set(metrics) - set(names()))
+    if unknown:  # a metric outside the table would reach no reader: add its entry first
+        raise ValueError(f"metrics {unknown} have no entry in aigc_pipeline/evaluation/metrics.py's METRICS")
     numbers = {k: float(v) for k, v in metrics.items() if v is not None}
-    headline = {k: v for k, v in numbers.items() if k in HEADLINE}
-    more = {k: v for k, v in numbers.items() if k not in HEADLINE}
+    headline_names = names("headline")
+    headline = {k: v for k, v in numbers.items() if k in headline_names}
+    more = {k: v for k, v in numbers.items() if k not in headline_names}
     atomic_write_json(Path(out) / DETAILS_FILE, {**details, MORE_METRICS: more})
     atomic_write_json(Path(out) / METRICS_FILE, headline)
 

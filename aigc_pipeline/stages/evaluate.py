@@ -14,19 +14,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from aigc_pipeline.compute import Meter, compute_metrics
 from aigc_pipeline.config import Config
 from aigc_pipeline.data.prepared import load_prepared
 from aigc_pipeline.errors import DataError
 from aigc_pipeline.evaluation.classifier import classifier_score, label_accuracy, load_or_train_classifier
+from aigc_pipeline.evaluation.copying import CopyReport, copying_report
 from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics
 from aigc_pipeline.evaluation.floor import FLOOR_SPLIT, Floor, data_floor
+from aigc_pipeline.evaluation.metrics import copying_text
 from aigc_pipeline.evaluation.inception import InceptionWeights, resolve_inception_weights
 from aigc_pipeline.evaluation.protocol import ClassifierProtocol, Protocol
-from aigc_pipeline.evaluation.results import Evaluation, write_evaluation
+from aigc_pipeline.evaluation.results import COPIES_GRID, SAMPLES_GRID, Evaluation, write_evaluation
 from aigc_pipeline.images import save_grid
 from aigc_pipeline.models.export import class_labels, generate, load_generator, read_model_meta
 from aigc_pipeline.training.loop import resolve_device
+
+
+COPIES_SHOWN = 8  # sample/training-image pairs in the copies grid
 
 
 @dataclass(frozen=True)
@@ -59,7 +67,7 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
     (:func:`log_to_run`).
     """
     ecfg = cfg.evaluate
-    t0 = time.perf_counter()
+    t0, meter = time.perf_counter(), Meter()
     device = resolve_device(ecfg.device)
     real = load_prepared(reference, ecfg.reference_split)
     generator, arch = load_generator(model, device)
@@ -86,6 +94,7 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
         bootstrap=ecfg.bootstrap,
         bootstrap_seed=ecfg.seed,
         extrapolate=True,
+        keep_features=ecfg.copy_check,
     )
     protocol = Protocol(
         extractor=scores["extractor"]["name"],
@@ -156,10 +165,23 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
             metrics["classifier_label_accuracy"] = label_accuracy(probs, labels.numpy())
     elif ecfg.classifier_score:
         details["classifier_score_unavailable"] = "the dataset has no class labels to train a classifier on"
+    copies = None
+    if ecfg.copy_check:
+        copies, details["copying"] = _copying(cfg, reference, fake, scores["features"], weights=weights,
+                                              device=str(device), out=Path(out))
+    else:
+        details["copying"] = {"unavailable": "evaluate.copy_check is off"}
+    if copies is not None:
+        metrics.update(copies.metrics())
+        if not quiet:
+            print(f"  evaluate: {copying_line(copies)}", file=sys.stderr, flush=True)
+    else:
+        # copies.png is a DVC output: blank tiles when there is nothing to show (evaluation.json says why).
+        save_grid(np.zeros((2 * COPIES_SHOWN, *fake.shape[1:]), np.uint8), Path(out) / COPIES_GRID, nrow=COPIES_SHOWN)
     details["metric_names"] = Evaluation({k: v for k, v in metrics.items() if v is not None}, details).protocol_names()
 
     # Separate DVC outputs (metrics are not cached), each written atomically; metrics last.
-    save_grid(fake[:64], Path(out) / "samples.png")
+    save_grid(fake[:64], Path(out) / SAMPLES_GRID)
     write_evaluation(Path(out), metrics, details)
     seconds = time.perf_counter() - t0
     result = EvaluateResult(out=out, fid=scores["fid"], fid_std=fid_std, kid=scores["kid_mean"],
@@ -169,14 +191,17 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
     if not quiet:
         print(f"  evaluate: {summary_line(result)} in {seconds:.1f}s", file=sys.stderr, flush=True)
     if project_dir is not None:
-        run_id = log_to_run(cfg, Path(model), Path(out), project_dir=Path(project_dir))
+        run_id = log_to_run(cfg, Path(model), Path(out), project_dir=Path(project_dir),
+                            compute={**meter.read(), "device": str(device)})
         if not quiet:
             print(f"  evaluate: logged to MLflow run {run_id}", file=sys.stderr, flush=True)
     return result
 
 
-def log_to_run(cfg: Config, model: Path, evaluation: Path, *, project_dir: Path) -> str:
-    """Log the evaluation in ``evaluation`` to the MLflow run of the model in ``model``; returns its id."""
+def log_to_run(cfg: Config, model: Path, evaluation: Path, *, project_dir: Path,
+               compute: dict[str, Any] | None = None) -> str:
+    """Log the evaluation in ``evaluation`` to the MLflow run of the model in ``model`` (and what the
+    evaluation cost, ``compute``: :mod:`aigc_pipeline.compute`); returns its id."""
     import mlflow
     from mlflow import MlflowClient
 
@@ -195,6 +220,8 @@ def log_to_run(cfg: Config, model: Path, evaluation: Path, *, project_dir: Path)
         client.update_run(run_id, status="RUNNING")  # while it is written to, as a resumed run is
         try:
             runs.log_evaluation(client, run_id, scored, evaluation, step=int(meta.get("steps") or 0))
+            for key, value in compute_metrics(compute, "evaluate").items() if compute else ():
+                client.log_metric(run_id, key, value)
             client.set_tag(run_id, runs.STAGE_TAG, "evaluate")
         except BaseException:
             client.set_terminated(run_id, status="FAILED")
@@ -218,6 +245,38 @@ def _floor(cfg: Config, reference: Path, real_reference: Any, *, weights: Incept
         return None, {"unavailable": str(exc)}
     return floor, {**floor.to_dict(), "what": "real images not in the reference split, scored like the model's "
                    "samples: what a perfect model would get under this protocol"}
+
+
+def _copying(cfg: Config, reference: Path, fake: Any, features: Any, *, weights: InceptionWeights, device: str,
+             out: Path) -> tuple[CopyReport | None, dict[str, Any]]:
+    """The data-copying check of the samples ``fake`` (features ``features``) against the prepared
+    dataset's train split, calibrated on its eval split (:mod:`aigc_pipeline.evaluation.copying`);
+    writes the grid of the most-copied samples. (None, {"unavailable": why}) when a split is too small."""
+    from aigc_pipeline.evaluation.reference import reference_statistics
+
+    ecfg = cfg.evaluate
+    try:
+        train, heldout = load_prepared(reference, "train"), load_prepared(reference, "eval")
+        feats = {}
+        for name, part in (("train", train), ("eval", heldout)):
+            if len(part.images) < 2:
+                raise EvaluationError(f"the {name} split of {reference} holds {len(part.images)} image(s)")
+            # Content-keyed like the reference statistics: computed once per dataset version.
+            feats[name] = reference_statistics(part.images, reference_key=f"{part.digest}-{name}", weights=weights,
+                                               batch_size=ecfg.batch_size, device=device).features
+        report = copying_report(features, fake, feats["train"], train.images, feats["eval"], heldout.images,
+                                seed=ecfg.seed)
+    except (DataError, EvaluationError) as exc:
+        return None, {"unavailable": f"data-copying check not computed: {exc}"}
+    shown = np.argsort(report.ratios, kind="stable")[:COPIES_SHOWN]
+    save_grid(np.concatenate([fake[shown], train.images[report.nearest[shown]]]), out / COPIES_GRID, nrow=len(shown))
+    return report, {**report.details(), "grid": f"{COPIES_GRID}: top row the {len(shown)} samples nearest a training "
+                    "image, bottom row that training image"}
+
+
+def copying_line(report: CopyReport) -> str:
+    """One line of the copying figures beside real data's."""
+    return f"data copying: {copying_text(report.metrics())}"
 
 
 def summary_line(r: EvaluateResult) -> str:

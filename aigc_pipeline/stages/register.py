@@ -36,6 +36,7 @@ from typing import Any
 
 import yaml
 
+from aigc_pipeline.compute import COMPUTE_TAG, compute_metrics, describe, read_compute
 from aigc_pipeline.config import Config
 from aigc_pipeline.errors import DataError
 from aigc_pipeline.evaluation.gate import CHALLENGER, CHAMPION, Score, Verdict, check_evaluation, decide, quality_bar
@@ -63,6 +64,7 @@ class RegisterResult:
     floor_fid: float | None = None  # the data's own FID under the same protocol
     fid_ratio: float | None = None  # fid / floor_fid
     champion_version: str | None = None  # who holds the champion alias after this registration (None: nobody)
+    compute: str | None = None  # what training it cost ("trained in 3.1 CPU-minutes (...)"); None: not recorded
 
 
 def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_dir: Path = Path(".")) -> RegisterResult:
@@ -80,7 +82,8 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
     rcfg = cfg.register
     problems = check_evaluation(scored, meta)
     below_bar = [] if problems else quality_bar(scored, max_fid_ratio=rcfg.max_fid_ratio,
-                                                 min_precision=rcfg.min_precision, min_recall=rcfg.min_recall)
+                                                 min_precision=rcfg.min_precision, min_recall=rcfg.min_recall,
+                                                 max_copy_share=rcfg.max_copy_share, min_copy_ct=rcfg.min_copy_ct)
     pid = scored.protocol_id or "none"
     candidate = None if problems else Score(float(scored.metrics["fid"]), scored.value("fid_std"))
     key = _registration_key(name, Path(model), Path(evaluation), dataclasses.asdict(rcfg))
@@ -105,9 +108,10 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
             registry.discard_version(client, name, str(earlier.version), alias=rcfg.champion_alias)
 
         lineage = _lineage(project_dir)
+        compute = read_compute(Path(model))
         tags = {"aigc.dataset": cfg.dataset, "aigc.model": meta["model"], "aigc.family": meta["model"],
                 "aigc.data_digest": meta["data_digest"], **runs.protocol_tags(scored), **_config_tags(meta),
-                **lineage}
+                **lineage, **({COMPUTE_TAG: describe(compute)} if compute else {})}
         params = flat_params(cfg, resolved=meta.get("hparams"))
         ui = ui_url(uri)
         digest = runs.evaluation_digest(Path(evaluation))
@@ -120,11 +124,14 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
             if client.get_run(run_id).data.tags.get(runs.EVALUATION_TAG) != digest:  # evaluate ran without MLflow
                 runs.log_evaluation(client, run_id, scored, Path(evaluation), step=int(meta.get("steps") or 0))
             _log_plots(client, run_id, Path(model))
+            if compute:
+                mlflow.log_metrics(compute_metrics(compute, "train"))
             if problems:
                 mlflow.set_tag("aigc.problems", "; ".join(problems)[:5000])
             mlflow.log_artifact(str(Path(model) / "samples.png"), "training")
             with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
-                info, description = _log_model(Path(tmp), Path(model), meta, name=name, evaluation=scored,
+                info, description = _log_model(Path(tmp), Path(model), {**meta, "compute": compute}, name=name,
+                                               evaluation=scored,
                                                params=params, lineage=lineage, problems=problems, run_id=run_id,
                                                ui=ui, limits={"max_images_per_request": rcfg.max_images_per_request,
                                                               "max_images_per_row": rcfg.max_images_per_row})
@@ -157,7 +164,8 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                             fid=float("nan") if fid is None else fid,
                             fid_std=candidate.fid_std if candidate else None, protocol=pid, reused=False,
                             family=meta["model"], floor_fid=scored.value("floor_fid"),
-                            fid_ratio=scored.value("fid_ratio"), champion_version=champion_now)
+                            fid_ratio=scored.value("fid_ratio"), champion_version=champion_now,
+                            compute=tags.get(COMPUTE_TAG))
     return _finish(receipt, result)
 
 
@@ -245,7 +253,8 @@ def _result_from_version(client: Any, mv: Any, uri: str, scored: Evaluation, rcf
                           fid_std=metrics.get(metric_key("fid_std", pid)), protocol=pid, reused=reused,
                           family=tags.get("aigc.family", tags.get("aigc.model", "")),
                           floor_fid=scored.value("floor_fid"), fid_ratio=scored.value("fid_ratio"),
-                          champion_version=registry.alias_version(client, mv.name, rcfg.champion_alias))
+                          champion_version=registry.alias_version(client, mv.name, rcfg.champion_alias),
+                          compute=tags.get(COMPUTE_TAG))
 
 
 def _registration_key(name: str, model: Path, evaluation: Path, settings: dict[str, Any]) -> str:
@@ -312,8 +321,11 @@ def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, evalu
     from aigc_pipeline.tracking.card import CARD_FILE, model_card
     from aigc_pipeline.tracking.datasets import artifact_url
 
-    pictures = (("Evaluation samples", "evaluation/samples.png"), ("Training samples (fixed noise, last grid)",
-                                                                    "training/samples.png"))
+    pictures = [("Evaluation samples", "evaluation/samples.png"), ("Training samples (fixed noise, last grid)",
+                                                                    "training/samples.png")]
+    if evaluation.value("copy_share") is not None:
+        pictures.append(("Data copying: the samples nearest a training image (top) above that image (bottom)",
+                         "evaluation/copies.png"))
 
     weights = tmp / "generator"
     weights.mkdir()

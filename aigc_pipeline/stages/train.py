@@ -31,6 +31,7 @@ from typing import Any, Callable, TextIO
 
 import numpy as np
 
+from aigc_pipeline.compute import COMPUTE_FILE, Meter
 from aigc_pipeline.config import Config, config_digest
 from aigc_pipeline.data.prepared import load_prepared
 from aigc_pipeline.errors import ConfigError, DataError, TrainingDiverged
@@ -89,6 +90,7 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
     if tcfg.devices > 1 and not distributed.under_torchrun():
         return _launch_data_parallel(cfg, data, out, checkpoints, reference=reference, quiet=quiet,
                                      project_dir=project_dir)
+    meter = Meter()
     dist_info = distributed.init_from_env(resolve_device(tcfg.device).type)
     prepared = load_prepared(data)
     num_classes = 0
@@ -191,8 +193,11 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
         final = {k: v for k, v in result.history[-1].items() if k != "step"}
         if dist_info.is_main:
             fid_csv = fid_progress.csv_text() if fid_progress is not None and fid_progress.rows else None
+            compute = {**meter.read(), "device": result.speed, "devices": dist_info.world,
+                       "images_shown": result.steps * tcfg.batch_size, "steps": result.steps,
+                       "resumed_from_step": result.resumed_from}
             _write_model(out, result, arch, cfg, hp, budget, prepared.digest, list(prepared.classes), final, grid_dir,
-                         fid_csv)
+                         fid_csv, compute)
         if tracker is not None:
             tracker.finish(model=out, steps=result.steps, stopped=result.stopped)
     return TrainStageResult(out=out, model=tcfg.model, steps=result.steps, resumed_from=result.resumed_from,
@@ -202,7 +207,8 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
 
 
 def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, budget: Budget, digest: str,
-                 classes: list[str], final: dict[str, float], grid_dir: Path, fid_csv: str | None) -> None:
+                 classes: list[str], final: dict[str, float], grid_dir: Path, fid_csv: str | None,
+                 compute: dict[str, Any]) -> None:
     with atomic_dir(out) as tmp:
         save_generator(
             tmp,
@@ -235,6 +241,7 @@ def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, b
         atomic_write_text(tmp / "epochs.csv", _csv(result.epoch_log))
         # Wall-clock figures of the epochs this process ran: the one output that is not reproducible.
         atomic_write_text(tmp / TIMING_FILE, _csv(result.timing))
+        atomic_write_json(tmp / COMPUTE_FILE, compute)  # what this training cost (not reproducible either)
         if fid_csv is not None:  # FID over training (every point: they travel in the checkpoints)
             atomic_write_text(tmp / "fid_progress.csv", fid_csv)
 

@@ -15,28 +15,13 @@ from __future__ import annotations
 import math
 from typing import Any, Mapping, Sequence
 
+from aigc_pipeline.compute import describe
+from aigc_pipeline.evaluation.metrics import entries
 from aigc_pipeline.evaluation.results import Evaluation
 
 CARD_FILE = "model_card.md"
 MAX_DESCRIPTION = 5000  # MLflow's model version description column (VARCHAR(5000))
 
-_LABELS = {
-    "fid": "FID (lower is better)",
-    "fid_std": "FID bootstrap standard deviation (measurement noise)",
-    "fid_inf": "FID-infinity (FID extrapolated to infinitely many samples; Chong and Forsyth 2020)",
-    "fid_inf_std": "FID-infinity fit's standard error",
-    "kid": "KID (lower is better)",
-    "kid_std": "KID standard deviation over subsets",
-    "precision": "precision (share of samples inside the real manifold)",
-    "recall": "recall (share of real images covered by samples)",
-    "isc": "Inception Score",
-    "isc_std": "Inception Score std over splits",
-    "classifier_score": "classifier score (NOT Inception Score; see below)",
-    "classifier_label_accuracy": "label accuracy of class-conditional samples",
-    "classifier_accuracy": "the classifier's accuracy on the real eval split",
-}
-_FLOOR = {"fid": "floor_fid", "fid_std": "floor_fid_std", "fid_inf": "floor_fid_inf", "kid": "floor_kid",
-          "precision": "floor_precision", "recall": "floor_recall"}
 
 
 def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, params: Mapping[str, str],
@@ -71,6 +56,8 @@ def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, pa
         f"- training data digest (augmented set): `{meta.get('data_digest')}`",
         f"- trained for {meta.get('steps')} steps; final losses: "
         + ", ".join(f"{k} {v:.4f}" for k, v in (meta.get("final_losses") or {}).items()),
+        "- compute: " + (describe(meta["compute"]) if meta.get("compute") else "not recorded (a model from before "
+                         "compute.json)"),
     ]
     protocol = evaluation.details.get("protocol") or {}
     pid = protocol.get("id")
@@ -87,11 +74,11 @@ def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, pa
             "| metric | this model | real data |",
             "|---|---:|---:|",
         ]
-        for key, label in _LABELS.items():
-            value = evaluation.value(key)
+        for entry in entries("card"):
+            value = evaluation.value(entry.name)
             if value is not None:
-                floor = evaluation.value(_FLOOR[key]) if key in _FLOOR else None
-                lines.append(f"| {label} | {_fmt(value)} | {_fmt(floor) if floor is not None else ''} |")
+                floor = evaluation.value(entry.floor) if entry.floor else None
+                lines.append(f"| {entry.label} | {_fmt(value)} | {_fmt(floor) if floor is not None else ''} |")
         ratio = evaluation.value("fid_ratio")
         if ratio is not None:
             lines += ["", f"FID is **{ratio:.2f}x** the data's floor."]

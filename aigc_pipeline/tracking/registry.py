@@ -26,6 +26,7 @@ from typing import Any, Iterator, Mapping
 
 from aigc_pipeline.errors import AigcError
 from aigc_pipeline.evaluation.gate import REJECTED, Score
+from aigc_pipeline.evaluation.metrics import names
 from aigc_pipeline.evaluation.protocol import metric_key
 
 HISTORY_TAG = "aigc.champion_history"
@@ -236,10 +237,6 @@ def rollback(client: Any, name: str, *, reason: str | None = None, user: str | N
     return Change(name, alias, target, current, f"rolled back by {user}: {why}")
 
 
-# Short metric names shown per version (the evaluation's own names; see evaluation.results).
-SUMMARY_METRICS = ("fid", "fid_std", "fid_inf", "fid_inf_std", "floor_fid", "floor_fid_inf", "fid_ratio", "kid",
-                   "precision", "recall", "floor_precision", "floor_recall")
-
 
 def list_models(client: Any) -> list[dict[str, Any]]:
     """Registered models: aliases, champion history, and for the latest and each aliased version
@@ -274,7 +271,7 @@ def _version_summary(client: Any, mv: Any, aliases: dict[str, str]) -> dict[str,
         "decision": tags.get(DECISION_TAG),
         "reason": tags.get("aigc.decision_reason"),
         "protocol": tags.get("aigc.protocol"),
-        "metrics": {k: metrics[k] for k in SUMMARY_METRICS if k in metrics and math.isfinite(metrics[k])},
+        "metrics": {k: metrics[k] for k in names("summary") if k in metrics and math.isfinite(metrics[k])},
     }
 
 

@@ -332,7 +332,7 @@ def log_evaluation(client: Any, run_id: str, scored: Any, evaluation: Path, *, s
     the two files and the sample grid (an artifact, and an image at ``step``)."""
     from mlflow.entities import Metric, RunTag
 
-    from aigc_pipeline.evaluation.results import DETAILS_FILE, METRICS_FILE
+    from aigc_pipeline.evaluation.results import COPIES_GRID, DETAILS_FILE, METRICS_FILE, SAMPLES_GRID
 
     now = int(time.time() * 1000)
     values = {k: v for k, v in scored.metrics.items()
@@ -346,10 +346,13 @@ def log_evaluation(client: Any, run_id: str, scored: Any, evaluation: Path, *, s
                      tags=[RunTag(k, v) for k, v in tags.items()])
     client.log_artifact(run_id, str(Path(evaluation) / METRICS_FILE))
     client.log_artifact(run_id, str(Path(evaluation) / DETAILS_FILE))
-    grid = Path(evaluation) / "samples.png"
+    grid = Path(evaluation) / SAMPLES_GRID
     if grid.is_file():
         client.log_artifact(run_id, str(grid), "evaluation")
         log_grid(client, run_id, grid, EVALUATION_KEY, step)
+    copies = Path(evaluation) / COPIES_GRID
+    if copies.is_file() and scored.value("copy_share") is not None:  # blank tiles otherwise
+        client.log_artifact(run_id, str(copies), "evaluation")
 
 
 def _read_csv(path: Path) -> list[dict[str, str]]:

@@ -105,6 +105,11 @@ def test_train_writes_model_folder(model: Path) -> None:
     # Wall-clock figures apart (they are not reproducible; everything else is).
     timing = (model / "timing.csv").read_text().splitlines()
     assert timing[0] == "epoch,seconds,images_per_s" and len(timing) == 2 and float(timing[1].split(",")[2]) > 0
+    # What it cost: wall and CPU seconds of the stage, the device, the images shown.
+    compute = json.loads((model / "compute.json").read_text())
+    assert compute["wall_seconds"] > float(timing[1].split(",")[1]) and compute["cpu_seconds"] > 0
+    assert compute["device"] == meta["speed"] and compute["devices"] == 1 and compute["resumed_from_step"] == 0
+    assert compute["images_shown"] == 10 * 32 == compute["steps"] * 32
     # FID over training, named with its small sample count; one epoch = the last one, so measured.
     rows = (model / "fid_progress.csv").read_text().splitlines()
     assert re.fullmatch(r"epoch,fid_progress_incv3-[0-9a-f]{8}_fx[0-9a-f]{6}_n16_eval-[0-9a-f]{8}_16px", rows[0]), rows
@@ -322,6 +327,43 @@ def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, ev
     mlmodel = (local / "MLmodel").read_text()
     assert "loader_module: mlflow.pyfunc.loaders.code_model" in mlmodel and "python_model.pkl" not in mlmodel
     assert "input_example.json" in files and '"name": "label", "required": false' in mlmodel
+
+
+def test_a_model_that_replays_its_training_images_is_refused_by_the_copying_gate(
+        cfg: Config, model: Path, prepared: Path, evaluation: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # The honest (if weak) one-epoch model: figures beside real data's, no exact copies.
+    honest = read_evaluation(evaluation)
+    # (floor_copy_ct too when the held-out half holds 20 images: here it has fewer)
+    assert {"copy_share", "copy_ct", "exact_copies", "floor_copy_share"} <= set(honest.metrics)
+    assert honest.metrics["exact_copies"] == 0 and honest.metrics["copy_share"] <= 0.5
+    assert honest.details["copying"]["spaces"].keys() == {"inception", "pixels"}
+    assert Image.open(evaluation / "copies.png").size[0] > 8 * 16
+    # A "model" whose samples are its training images.
+    train_images = load_prepared(prepared, "train").images
+    monkeypatch.setattr(evaluate, "generate", lambda *a, **k: train_images[: cfg.evaluate.num_samples].copy())
+    copier = evaluate.run(cfg, model, prepared, tmp_path / "copier", quiet=True)
+    scored = read_evaluation(tmp_path / "copier")
+    assert scored.metrics["copy_share"] == 1.0 and scored.metrics["exact_copies"] == cfg.evaluate.num_samples
+    assert copier.fid < honest.metrics["fid"]  # what FID alone would reward
+    barred = load_config(REPO, [*QUICK, "register.max_copy_share=0.2"])
+    project = tmp_path / "mlproject"
+    project.mkdir()
+    refused = register.run(barred, model, tmp_path / "copier", tmp_path / "copier.json", project_dir=project)
+    assert refused.decision == "rejected" and refused.champion_version is None
+    assert "copies its training data: copy_share 1.000 (real data" in refused.reason
+    assert f"{cfg.evaluate.num_samples} exact copies" in refused.reason
+    passed = register.run(barred, model, evaluation, tmp_path / "honest.json", project_dir=project)
+    assert "copies" not in passed.reason and passed.decision == "champion"
+    # What the version cost, on the receipt, the version, the run and the card.
+    assert re.fullmatch(r"trained in \d+\.\d CPU-minutes \(\d+\.\d wall-minutes on cpu.*; 320 images shown\)",
+                        passed.compute), passed.compute
+    client = _client(project)
+    version = client.get_model_version(NAME, passed.version)
+    assert version.tags["aigc.compute"] == passed.compute and "- compute: trained in" in version.description
+    run_metrics = client.get_run(passed.run_id).data.metrics
+    assert run_metrics["compute.train_cpu_s"] > 0 and run_metrics["compute.images_shown"] == 320
+    assert json.loads((tmp_path / "honest.json").read_text())["compute"] == passed.compute
 
 
 def test_the_quality_bar_rejects_weak_candidates_with_their_numbers(model: Path, evaluation: Path,

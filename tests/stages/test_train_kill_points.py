@@ -8,7 +8,7 @@ finishes. The points are exact, not timed: the child process patches one functio
 or the trainer to SIGKILL itself right there (mid-epoch after a step, at an epoch's last step
 before its record, after an epoch's callbacks, in the middle of writing a checkpoint, a grid or
 the model folder, right after a checkpoint, during FID over training, after the last checkpoint).
-Only ``timing.csv`` (wall-clock seconds) may differ, by design."""
+Only ``timing.csv`` and ``compute.json`` (wall-clock and CPU seconds) may differ, by design."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def _train(work: Path, name: str, point: str = "none", at: int = 0) -> subproces
 
 def _outputs(model: Path) -> dict[str, bytes]:
     return {str(p.relative_to(model)): p.read_bytes() for p in sorted(model.rglob("*"))
-            if p.is_file() and p.name != "timing.csv"}
+            if p.is_file() and p.name not in ("timing.csv", "compute.json")}
 
 
 def test_twenty_kills_then_a_rerun_write_what_an_uninterrupted_training_writes(tmp_path: Path) -> None:

@@ -42,8 +42,8 @@ def test_plan_inputs_and_outputs_come_from_dvc_yaml(project: Path) -> None:
     model_dir = load_config(project).model_name
     assert workspace.stage_inputs(project, "evaluate") == ["data/prepared/digits", f"models/{model_dir}"]
     # The evaluation is per dataset (one metrics file whatever the family: dvc metrics diff compares them).
-    assert workspace.stage_outputs(project, "evaluate") == ["eval/digits/samples.png", "eval/digits/evaluation.json",
-                                                            "eval/digits/metrics.json"]
+    assert workspace.stage_outputs(project, "evaluate") == ["eval/digits/samples.png", "eval/digits/copies.png",
+                                                            "eval/digits/evaluation.json", "eval/digits/metrics.json"]
     with pytest.raises(workspace.WorkspaceError, match="no stage 'nope' \\(stages: ingest@digits, augment@digits, train, evaluate, register\\)"):
         workspace.stage_plan(project, "nope")
 
