@@ -42,7 +42,8 @@ def repro_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_aigc_run_registers_a_champion_and_summarises(flow_project: tuple[Path, str]) -> None:
     project, out = flow_project
     assert re.search(rf"{MODEL} v1 \(\w+\): FID [\d.]+ ± [\d.]+, floor [\d.]+ = [\d.]+x \[incv3-\w+_n24_eval-\w+_16px\], "
-                     rf"champion .*; champion: v1\.", out), out[-3000:]
+                     rf"champion .*; champion: v1\. Cost: trained in [\d.]+ CPU-minutes \([\d.]+ wall-minutes on cpu",
+                     out), out[-3000:]
     status = json.loads(_ok(run_cli(project, "aigc", "status", "--json")))
     assert status["tracking_uri"] == f"sqlite:///{project}/mlflow/mlflow.db"
     (model,) = [m for m in status["models"] if m["name"] == MODEL]
@@ -92,14 +93,18 @@ def test_the_prefect_run_says_what_it_trained(flow_project: tuple[Path, str]) ->
     assert out.count("train epoch 1/1") == 1, out[-3000:]
     assert {k: t for k, (t, _) in artifacts.items()} == {
         f"{MODEL}-summary": "markdown", f"{MODEL}-samples": "markdown", f"{MODEL}-metrics": "table",
-        f"{MODEL}-mlflow-run": "markdown", f"{MODEL}-training": "progress"}
+        f"{MODEL}-mlflow-run": "markdown", f"{MODEL}-training": "progress", f"{MODEL}-copies": "markdown"}
     assert artifacts[f"{MODEL}-training"][1] == 100
     samples = artifacts[f"{MODEL}-samples"][1]
     (uri,) = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", samples)
     with Image.open(io.BytesIO(base64.b64decode(uri))) as grid:
         assert grid.width >= 384 and grid.height > 0
+    copies = artifacts[f"{MODEL}-copies"][1]
+    assert "Top row: the samples nearest a training image" in copies and "copy_share" in copies
+    assert len(re.findall(r"\(data:image/png;base64,[A-Za-z0-9+/=]+\)", copies)) == 1
     rows = {r["metric"]: r for r in json.loads(artifacts[f"{MODEL}-metrics"][1])}
-    assert set(rows) == {"FID", "KID", "precision", "recall"}
+    assert set(rows) == {"FID", "KID", "precision", "recall", "copying share", "copying C_T", "exact copies"}
+    assert rows["copying share"]["floor (real data)"] is not None and rows["exact copies"]["model"] == 0
     assert rows["FID"]["model / floor"] == pytest.approx(rows["FID"]["model"] / rows["FID"]["floor (real data)"],
                                                           abs=0.01)
 
