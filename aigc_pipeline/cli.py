@@ -103,7 +103,7 @@ def _cmd_status(args: argparse.Namespace) -> Any:
 
 def _scores(metrics: dict[str, float]) -> str:
     """``FID 25.4 ± 0.6 (floor 19.1 = 1.33x), precision 0.667, recall 0.730``; what is there of it."""
-    from aigc_pipeline.evaluation.metrics import fid_text
+    from aigc_pipeline.evaluation.metrics import copying_text, fid_text
 
     if "fid" not in metrics:
         return "no evaluation metrics"
@@ -114,6 +114,8 @@ def _scores(metrics: dict[str, float]) -> str:
     for k in ("precision", "recall"):
         if k in metrics:
             text += f", {k} {metrics[k]:.3f}" + (f" (real {metrics['floor_' + k]:.3f})" if f"floor_{k}" in metrics else "")
+    if "copy_share" in metrics:
+        text += f"; {copying_text(metrics)}"
     return text
 
 

@@ -1,7 +1,7 @@
 """What a model cost: wall-clock and CPU (or GPU) seconds, the device, the images shown.
 
-Each stage measures itself with a :class:`Meter` (wall clock, and this process's CPU time over
-all its threads: ``time.process_time``; worker processes are not in it). The train stage writes
+Each stage measures itself with a :class:`Meter` (wall clock, and CPU time: this process's over
+all its threads, plus its finished child processes', e.g. torchrun's workers). The train stage writes
 ``compute.json`` into the model folder (like ``timing.csv``, not reproducible by nature, so it is
 left out of the byte-identical checks); the evaluate stage logs its own to the MLflow run; the
 register stage puts the training's on the run (``compute.*`` metrics), the model version (tag
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,10 +22,18 @@ from typing import Any, Mapping
 
 from aigc_pipeline.errors import DataError
 
-__all__ = ["COMPUTE_FILE", "COMPUTE_TAG", "Meter", "compute_metrics", "describe", "read_compute"]
+__all__ = ["COMPUTE_FILE", "COMPUTE_TAG", "RUN_COMPUTE_TAG", "Meter", "compute_metrics", "describe", "read_compute",
+           "run_totals"]
 
 COMPUTE_FILE = "compute.json"
 COMPUTE_TAG = "aigc.compute"  # on the run and the model version: describe() of the training
+RUN_COMPUTE_TAG = "aigc.compute_run"  # the same, for every stage the pipeline run executed
+
+
+def _cpu_now() -> float:
+    """CPU seconds of this process (all threads) and of its finished child processes (torchrun's workers)."""
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
 
 
 @dataclass
@@ -32,10 +41,10 @@ class Meter:
     """Wall-clock and CPU seconds since it was made."""
 
     wall0: float = field(default_factory=time.perf_counter)
-    cpu0: float = field(default_factory=time.process_time)
+    cpu0: float = field(default_factory=_cpu_now)
 
     def read(self) -> dict[str, float]:
-        return {"wall_seconds": time.perf_counter() - self.wall0, "cpu_seconds": time.process_time() - self.cpu0}
+        return {"wall_seconds": time.perf_counter() - self.wall0, "cpu_seconds": _cpu_now() - self.cpu0}
 
 
 def accelerator_seconds(record: Mapping[str, Any]) -> float | None:
@@ -54,6 +63,12 @@ def compute_metrics(record: Mapping[str, Any], stage: str) -> dict[str, float]:
     if record.get("images_shown") is not None:
         out["compute.images_shown"] = float(record["images_shown"])
     return out
+
+
+def run_totals(stages: list[Mapping[str, Any]]) -> dict[str, float]:
+    """Wall and CPU seconds of the stages a run executed (each ``{"stage", "wall_seconds", "cpu_seconds"}``)."""
+    return {"wall_seconds": sum(float(s["wall_seconds"]) for s in stages),
+            "cpu_seconds": sum(float(s["cpu_seconds"]) for s in stages)}
 
 
 def describe(record: Mapping[str, Any]) -> str:

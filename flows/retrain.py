@@ -22,7 +22,8 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from aigc_pipeline.pipeline import StageOutcome, dataset_stages, require_champion, run_stage, summarize
+from aigc_pipeline.pipeline import (StageOutcome, dataset_stages, record_run_cost, require_champion, run_stage,
+                                    summarize)
 from aigc_pipeline.stages.register import FLOW_RUN_ENV
 from flows import describe
 from flows.stage_logs import TrainingProgress, stage_output
@@ -82,10 +83,12 @@ def register(project_dir: str) -> StageOutcome:
 
 
 @task(name="publish-summary", task_run_name="publish-summary", cache_policy=NO_CACHE)
-def publish_summary(project_dir: str, registered: StageOutcome, scored: StageOutcome) -> dict:
+def publish_summary(project_dir: str, registered: StageOutcome, scored: StageOutcome,
+                    stages: list[StageOutcome] | None = None) -> dict:
     from flows import artifacts
 
-    summary = summarize(project_dir, registered, scored)
+    summary = summarize(project_dir, registered, scored, stages or [])
+    record_run_cost(summary)  # what this run's stages cost, on the MLflow run and the version
     summary["links"] = artifacts.publish(summary)  # summary, samples, metrics table, MLflow link
     get_run_logger().info(summary["line"])  # FID, floor, protocol, decision and its reason
     return summary
@@ -105,11 +108,10 @@ def retrain(project_dir: str = ".", dataset: str | None = None, model: str | Non
     ``None`` keeps params.yaml's value. Fails (after publishing the summary) when the registered
     model has no champion: nothing would serve."""
     info = apply_params(project_dir, dataset, model, list(overrides or []))
-    for stage in dataset_stages(project_dir):
-        PER_DATASET[stage.partition("@")[0]](project_dir, stage)
-    train(project_dir, info)
+    ran = [PER_DATASET[stage.partition("@")[0]](project_dir, stage) for stage in dataset_stages(project_dir)]
+    ran.append(train(project_dir, info))
     scored = evaluate(project_dir)
     registered = register(project_dir)
-    summary = publish_summary(project_dir, registered, scored)
+    summary = publish_summary(project_dir, registered, scored, [*ran, scored, registered])
     check_champion(summary)
     return summary

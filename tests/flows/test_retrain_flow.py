@@ -42,14 +42,25 @@ def repro_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 def test_aigc_run_registers_a_champion_and_summarises(flow_project: tuple[Path, str]) -> None:
     project, out = flow_project
     assert re.search(rf"{MODEL} v1 \(\w+\): FID [\d.]+ ± [\d.]+, floor [\d.]+ = [\d.]+x \[incv3-\w+_n24_eval-\w+_16px\], "
-                     rf"champion .*; champion: v1\. Cost: trained in [\d.]+ CPU-minutes \([\d.]+ wall-minutes on cpu",
-                     out), out[-3000:]
+                     rf"champion .*; champion: v1\. Cost: trained in [\d.]+ CPU-minutes \([\d.]+ wall-minutes on cpu"
+                     rf".*\. This run: [\d.]+ wall-minutes, [\d.]+ CPU-minutes in 5 stages \(ingest@digits [\d.]+, "
+                     rf"augment@digits [\d.]+, train [\d.]+, evaluate [\d.]+, register [\d.]+ wall-minutes\)", out), out[-3000:]
     status = json.loads(_ok(run_cli(project, "aigc", "status", "--json")))
     assert status["tracking_uri"] == f"sqlite:///{project}/mlflow/mlflow.db"
     (model,) = [m for m in status["models"] if m["name"] == MODEL]
     assert model["aliases"] == {"champion": "1"}
     assert any(k.startswith("fid_incv3-") for k in model["metrics"]) and "floor_fid" in model["metrics"]
     assert model["versions"]["1"]["aliases"] == ["champion"] and model["versions"]["1"]["metrics"]["fid_ratio"] > 0
+    # What it cost: the training's and the whole run's, on the run and the version.
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking_uri=status["tracking_uri"], registry_uri=status["tracking_uri"])
+    version = client.get_model_version(MODEL, "1")
+    assert version.tags["aigc.compute"].startswith("trained in ") and "in 5 stages" in version.tags["aigc.compute_run"]
+    run_metrics = client.get_run(version.run_id).data.metrics
+    assert run_metrics["compute.run_wall_s"] >= run_metrics["compute.stage.train_wall_s"] >= run_metrics[
+        "compute.train_wall_s"] > 0
+    assert run_metrics["compute.stage.ingest_digits_cpu_s"] > 0 and run_metrics["compute.evaluate_cpu_s"] > 0
     # The flow published its summary as a Prefect artifact (read from the embedded server's database).
     import sqlite3
 
