@@ -60,8 +60,7 @@ def test_metrics_show_and_diff_fit_and_compare_the_families(experiments: Path) -
     changed = _fits(_ok(run_cli(experiments, "dvc", "metrics", "diff")))  # HEAD (resgan) vs workspace (sngan)
     diff = _fits(_ok(run_cli(experiments, "dvc", "metrics", "diff", "--all")))  # unchanged ones too
     header, row = show
-    assert header.split() == ["Path", "fid", "fid_inf", "fid_ratio", "fid_std", "floor_fid", "kid", "precision",
-                              "recall"]
+    assert header.split() == ["Path", "fid", "fid_ratio", "fid_std", "floor_fid", "kid", "precision", "recall"]
     assert row.split()[0] == "eval/digits/metrics.json" and all(float(v) == float(v) for v in row.split()[1:])
     assert diff[0].split() == ["Path", "Metric", "HEAD", "workspace", "Change"]
     rows = {line.split()[1]: line.split()[2:] for line in diff[1:]}
