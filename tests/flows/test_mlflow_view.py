@@ -186,7 +186,8 @@ def test_the_version_description_is_the_model_card_and_its_images_are_served(vie
     # resolves against the UI page (http://host:port/#/models/...).
     relative = re.findall(r"!\[[^]]*\]\((get-artifact\?[^)]+)\)", description)
     assert relative == [f"get-artifact?path=evaluation/samples.png&run_uuid={run_id}",
-                        f"get-artifact?path=training/samples.png&run_uuid={run_id}"]
+                        f"get-artifact?path=training/samples.png&run_uuid={run_id}",
+                        f"get-artifact?path=evaluation/copies.png&run_uuid={run_id}"]
     # Markdown artifacts go through react-markdown, which shows a URL without a scheme as text:
     # the logged cards link the UI's absolute address.
     base = f"http://127.0.0.1:{port}"
