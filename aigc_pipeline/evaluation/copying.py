@@ -90,21 +90,36 @@ class CopyReport:
                         "held-out images scored the same way"}
 
 
+def _rows(x: torch.Tensor, start: int) -> torch.Tensor:
+    """Rows ``start:start + _CHUNK`` in float64; uint8 pixels become [0, 1] values."""
+    chunk = x[start:start + _CHUNK].double()
+    return chunk / 255.0 if x.dtype == torch.uint8 else chunk
+
+
 def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor,
                        exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distance from each row of ``queries`` to its nearest row of ``keys``, and that row's
-    index; ``exclude[i]`` (when given, >= 0) is a row of ``keys`` that query ``i`` may not pick (itself)."""
-    keys64 = keys.double()
+    index; ``exclude[i]`` (when given, >= 0) is a row of ``keys`` that query ``i`` may not pick (itself).
+    Exact float64 distances, a chunk of rows of each side at a time (uint8 pixel rows are read as
+    [0, 1]): a 50k-image 64 px RGB training set is never held in floating point at once."""
     dist, idx = [], []
-    for start in range(0, len(queries), _CHUNK):
-        d = torch.cdist(queries[start:start + _CHUNK].double(), keys64)
+    for q in range(0, len(queries), _CHUNK):
+        query = _rows(queries, q)
+        best_d = torch.full((len(query),), torch.inf, dtype=torch.float64)
+        best_i = torch.zeros(len(query), dtype=torch.int64)
+        own = None
         if exclude is not None:
-            own = torch.from_numpy(np.asarray(exclude[start:start + _CHUNK], dtype=np.int64))
-            rows = torch.nonzero(own >= 0).flatten()
-            d[rows, own[rows]] = torch.inf
-        best = d.min(dim=1)
-        dist.append(best.values)
-        idx.append(best.indices)
+            own = torch.from_numpy(np.asarray(exclude[q:q + _CHUNK], dtype=np.int64))
+        for k in range(0, len(keys), _CHUNK):
+            d = torch.cdist(query, _rows(keys, k), compute_mode="donot_use_mm_for_euclid_dist")
+            if own is not None:
+                rows = torch.nonzero((own >= k) & (own < k + _CHUNK)).flatten()
+                d[rows, own[rows] - k] = torch.inf
+            values, indices = d.min(dim=1)
+            better = values < best_d
+            best_d[better], best_i[better] = values[better], indices[better] + k
+        dist.append(best_d)
+        idx.append(best_i)
     return torch.cat(dist).numpy(), torch.cat(idx).numpy()
 
 
@@ -161,7 +176,8 @@ def _c_t_in(samples: torch.Tensor, samples_own: np.ndarray | None, heldout: torc
 
 
 def _flat_pixels(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images).reshape(len(images), -1)).float() / 255.0
+    """uint8 rows (read as [0, 1] by :func:`nearest_neighbours`, a chunk at a time)."""
+    return torch.from_numpy(np.ascontiguousarray(images).reshape(len(images), -1))
 
 
 def copying_report(samples: torch.Tensor, sample_pixels: np.ndarray, train: torch.Tensor, train_pixels: np.ndarray,

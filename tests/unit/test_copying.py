@@ -111,3 +111,18 @@ def test_every_copying_metric_is_in_the_metric_table_and_one_outside_it_is_refus
         write_evaluation(tmp_path, {"fid": 1.0, "copy_ratio": 0.5}, {})
     assert not (tmp_path / "metrics.json").exists()
     assert copying_text({"copy_share": 0.1}) == "copy_share 0.100, C_T n/a"
+
+
+def test_nearest_neighbours_is_exact_across_chunks_and_reads_uint8_pixels_as_unit_values() -> None:
+    g = torch.Generator().manual_seed(0)
+    queries, keys = torch.randn(2500, 7, generator=g), torch.randn(3000, 7, generator=g)  # > 2 chunks each
+    dist, idx = nearest_neighbours(queries, keys)
+    full = torch.cdist(queries.double(), keys.double())
+    assert np.allclose(dist, full.min(1).values.numpy(), rtol=0, atol=1e-12) and (idx == full.argmin(1).numpy()).all()
+    own = np.arange(2500)  # each of the first 2500 keys may not pick itself, wherever its chunk
+    dist, idx = nearest_neighbours(keys[:2500], keys, own)
+    full = torch.cdist(keys[:2500].double(), keys.double())
+    full[torch.arange(2500), torch.arange(2500)] = torch.inf
+    assert np.allclose(dist, full.min(1).values.numpy(), rtol=0, atol=1e-12) and (idx == full.argmin(1).numpy()).all()
+    pixels = torch.tensor([[0, 255], [255, 255]], dtype=torch.uint8)
+    assert nearest_neighbours(pixels[:1], pixels[1:])[0].tolist() == [1.0]
