@@ -261,8 +261,10 @@ def _copying(cfg: Config, reference: Path, fake: Any, features: Any, *, weights:
         for name, part in (("train", train), ("eval", heldout)):
             if len(part.images) < 2:
                 raise EvaluationError(f"the {name} split of {reference} holds {len(part.images)} image(s)")
-            # Content-keyed like the reference statistics: computed once per dataset version.
-            feats[name] = reference_statistics(part.images, reference_key=f"{part.digest}-{name}", weights=weights,
+            # The reference statistics' own cache entries (same label: the split's digest, as the FID's
+            # reference uses): the eval split's features are read, not computed again; the train
+            # split's are computed once per dataset version.
+            feats[name] = reference_statistics(part.images, reference_key=part.digest, weights=weights,
                                                batch_size=ecfg.batch_size, device=device).features
         report = copying_report(features, fake, feats["train"], train.images, feats["eval"], heldout.images,
                                 seed=ecfg.seed)
