@@ -25,8 +25,8 @@ from aigc_pipeline.evaluation.copying import CopyReport, copying_report
 from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics
 from aigc_pipeline.evaluation.floor import FLOOR_SPLIT, Floor, data_floor
-from aigc_pipeline.evaluation.metrics import copying_text
 from aigc_pipeline.evaluation.inception import InceptionWeights, resolve_inception_weights
+from aigc_pipeline.evaluation.metrics import copying_text
 from aigc_pipeline.evaluation.protocol import ClassifierProtocol, Protocol
 from aigc_pipeline.evaluation.results import COPIES_GRID, SAMPLES_GRID, Evaluation, write_evaluation
 from aigc_pipeline.images import save_grid
