@@ -12,7 +12,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -69,7 +69,14 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
     ecfg = cfg.evaluate
     t0, meter = time.perf_counter(), Meter()
     device = resolve_device(ecfg.device)
-    real = load_prepared(reference, ecfg.reference_split)
+    loaded: dict[str, Any] = {}
+
+    def split(name: str) -> Any:  # each split of the prepared set read once: the reference, floor and copying share them
+        if name not in loaded:
+            loaded[name] = load_prepared(reference, name)
+        return loaded[name]
+
+    real = split(ecfg.reference_split)
     generator, arch = load_generator(model, device)
     if (arch.channels, arch.size) != real.images.shape[1:3]:
         raise DataError(
@@ -105,7 +112,7 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
         num_reference=len(real.images),
         size=arch.size,
     )
-    floor, floor_details = _floor(cfg, reference, real, weights=weights, device=str(device))
+    floor, floor_details = _floor(cfg, split, real, weights=weights, device=str(device))
     metrics: dict[str, float | None] = {
         "fid": scores["fid"], "kid": scores["kid_mean"], "kid_std": scores["kid_std"],
         "precision": scores["precision"], "recall": scores["recall"],
@@ -167,8 +174,8 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
         details["classifier_score_unavailable"] = "the dataset has no class labels to train a classifier on"
     copies = None
     if ecfg.copy_check:
-        copies, details["copying"] = _copying(cfg, reference, fake, scores["features"], weights=weights,
-                                              device=str(device), out=Path(out))
+        copies, details["copying"] = _copying(cfg, split, fake, scores["features"], weights=weights,
+                                              device=str(device), out=Path(out), reference=Path(reference))
     else:
         details["copying"] = {"unavailable": "evaluate.copy_check is off"}
     if copies is not None:
@@ -230,14 +237,14 @@ def log_to_run(cfg: Config, model: Path, evaluation: Path, *, project_dir: Path,
     return run_id
 
 
-def _floor(cfg: Config, reference: Path, real_reference: Any, *, weights: InceptionWeights,
+def _floor(cfg: Config, split_of: Callable[[str], Any], real_reference: Any, *, weights: InceptionWeights,
            device: str) -> tuple[Floor | None, dict[str, Any]]:
     """The data's floor under this evaluation's protocol (cached by content) and its description;
     (None, {"unavailable": why}) when the split it is drawn from is too small."""
     ecfg = cfg.evaluate
     split = FLOOR_SPLIT[ecfg.reference_split]
     try:
-        pool = load_prepared(reference, split)
+        pool = split_of(split)
         floor = data_floor(pool.images, real_reference.images, split=split, reference_split=ecfg.reference_split,
                            reference_key=real_reference.digest, num_samples=ecfg.num_samples, seed=ecfg.seed,
                            weights=weights, bootstrap=ecfg.bootstrap, batch_size=ecfg.batch_size, device=device)
@@ -247,8 +254,8 @@ def _floor(cfg: Config, reference: Path, real_reference: Any, *, weights: Incept
                    "samples: what a perfect model would get under this protocol"}
 
 
-def _copying(cfg: Config, reference: Path, fake: Any, features: Any, *, weights: InceptionWeights, device: str,
-             out: Path) -> tuple[CopyReport | None, dict[str, Any]]:
+def _copying(cfg: Config, split_of: Callable[[str], Any], fake: Any, features: Any, *, weights: InceptionWeights,
+             device: str, out: Path, reference: Path) -> tuple[CopyReport | None, dict[str, Any]]:
     """The data-copying check of the samples ``fake`` (features ``features``) against the prepared
     dataset's train split, calibrated on its eval split (:mod:`aigc_pipeline.evaluation.copying`);
     writes the grid of the most-copied samples. (None, {"unavailable": why}) when a split is too small."""
@@ -256,7 +263,7 @@ def _copying(cfg: Config, reference: Path, fake: Any, features: Any, *, weights:
 
     ecfg = cfg.evaluate
     try:
-        train, heldout = load_prepared(reference, "train"), load_prepared(reference, "eval")
+        train, heldout = split_of("train"), split_of("eval")
         feats = {}
         for name, part in (("train", train), ("eval", heldout)):
             if len(part.images) < 2:
