@@ -10,6 +10,7 @@ implementation, and nothing here reaches up into ``flows/``.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -132,7 +133,15 @@ def _cmd_train(args: argparse.Namespace) -> Any:
     r = train.run(config_of(args), path_arg(args, args.data), path_arg(args, args.out),
                   path_arg(args, args.checkpoints), reference=reference, project_dir=Path(args.project))
     resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from else ""
-    print(f"train: {r.model} {r.steps} steps{resumed}, {r.images_per_second:.0f} images/s ({r.speed}); -> {r.out}")
+    took = ""
+    if math.isfinite(r.seconds):
+        from aigc_pipeline.training.budget import format_duration
+
+        took = f" in {format_duration(r.seconds)}"
+        if math.isfinite(r.estimated_seconds):
+            took += f" (the plan estimated {format_duration(r.estimated_seconds)})"
+    print(f"train: {r.model} {r.steps} steps{resumed}{took}, {r.images_per_second:.0f} images/s ({r.speed}); "
+          f"-> {r.out}")
     return r
 
 

@@ -25,7 +25,7 @@ from aigc_pipeline.evaluation.features import FEATURE_EXTRACTOR, FEATURE_LAYER, 
 from aigc_pipeline.evaluation.frechet import frechet_distance
 from aigc_pipeline.evaluation.inception import InceptionWeights
 from aigc_pipeline.evaluation.protocol import Protocol, metric_key
-from aigc_pipeline.evaluation.reference import reference_statistics
+from aigc_pipeline.evaluation.reference import cache_path, reference_cache_name, reference_statistics
 from aigc_pipeline.models.base import Arch
 from aigc_pipeline.models.export import generate
 
@@ -72,14 +72,28 @@ class FidProgress:
     def due(self, epoch: int) -> bool:
         return self.every > 0 and (epoch % self.every == 0 or epoch == self.epochs)
 
+    def prepare(self) -> float | None:
+        """The reference statistics, loaded or computed now rather than inside the first point.
+
+        Returns the measured seconds per image of the Inception pass when the statistics had to be
+        computed (the rate the time estimate uses for the points to come), None when they came
+        from the cache.
+        """
+        if self._stats is not None:
+            return None
+        name = reference_cache_name(self.reference, reference_key=self.reference_digest, weights=self.weights)
+        cached = cache_path(name, self.cache_dir).is_file()
+        t0 = time.perf_counter()
+        self._stats = reference_statistics(self.reference, reference_key=self.reference_digest,
+                                           weights=self.weights, batch_size=self.batch_size,
+                                           device=_fidelity_device(self.device), cache_dir=self.cache_dir)
+        return None if cached else (time.perf_counter() - t0) / max(len(self.reference), 1)
+
     def __call__(self, epoch: int, generator: torch.nn.Module) -> None:
         if not self.due(epoch):
             return
         t0 = time.perf_counter()
-        if self._stats is None:
-            self._stats = reference_statistics(self.reference, reference_key=self.reference_digest,
-                                               weights=self.weights, batch_size=self.batch_size,
-                                               device=_fidelity_device(self.device), cache_dir=self.cache_dir)
+        self.prepare()
         images = generate(generator, self.arch, self.samples, seed=self.seed, batch_size=self.batch_size,
                           device=self.device)
         feats = extract_features(images, self.weights, batch_size=self.batch_size,

@@ -110,6 +110,23 @@ def test_progress_prints_the_plan_then_a_warmup_estimate(monkeypatch) -> None:
     assert epoch and epoch.group(5) == format_duration((budget.steps - 22) * 16.0 / 22), lines[-1]
 
 
+def test_a_measured_inception_rate_prices_the_fid_points(monkeypatch) -> None:
+    """When the stage measured Inception's seconds per image (a cold reference pass before
+    training), the FID points to come are priced with it, not with the CPU default."""
+    clock = _Clock()
+    monkeypatch.setattr("aigc_pipeline.stages.train.time.perf_counter", clock)
+    budget = resolve_budget(family="resgan", size=8, train_images=1437, batch_size=64, epochs=None, kimg="auto")
+    progress = Progress(budget.epochs, stream=io.StringIO(), budget=budget, device="cpu", fid_points=4,
+                        fid_samples=64, fid_seconds_per_sample=0.5)
+    progress.start({"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device",
+                    "world_size": 1})
+    for step in range(1, 23):
+        clock.now += 0.5
+        progress.step(step, budget.steps, 1)
+    assert progress.estimate is not None
+    assert progress.estimate.overhead_seconds == pytest.approx(4 * 64 * 0.5)
+
+
 def test_a_long_cpu_plan_is_warned_about() -> None:
     budget = resolve_budget(family="resgan", size=32, train_images=5000, batch_size=64, epochs=100, kimg="auto")
     out = io.StringIO()

@@ -320,3 +320,32 @@ def test_a_failed_cache_write_leaves_no_entry_and_no_temp_file(
     assert list((tmp_path / "fidelity").iterdir()) == []  # neither a partial entry nor a temp file
     result = compute_fidelity_metrics(images, images, reference_key="atomic", weights=weights, cache_dir=tmp_path)
     assert not result["reference_cached"] and len(_cache_files(tmp_path)) == 1
+
+
+def test_fid_over_training_prepares_its_reference_before_the_first_point(
+    weights: InceptionWeights, tmp_path: Path, extraction_calls: list[int]
+) -> None:
+    """The train stage prepares the reference statistics before training: a cold cache is one
+    measured Inception pass (its seconds per image price the points to come in the time
+    estimate), a warm one a load (no rate); either way the first point does not pass the
+    reference through Inception again."""
+    from aigc_pipeline.evaluation.progress import FidProgress
+    from aigc_pipeline.models.base import Arch
+    from aigc_pipeline.models.registry import build_generator
+
+    arch = Arch(family="dcgan", size=32, channels=3, latent_dim=8, width=8)
+    reference = _noise(N_IMAGES, seed=11)
+
+    def hook() -> FidProgress:
+        return FidProgress(reference, reference_digest="prep-test", reference_split="eval", arch=arch,
+                           weights=weights, every=1, epochs=1, samples=4, seed=0, cache_dir=tmp_path)
+
+    cold = hook()
+    rate = cold.prepare()
+    assert rate is not None and rate > 0
+    assert extraction_calls == [N_IMAGES] and len(_cache_files(tmp_path)) == 1
+    assert cold.prepare() is None and extraction_calls == [N_IMAGES]  # prepared once
+    cold(1, build_generator(arch, {}).eval())
+    assert extraction_calls == [N_IMAGES, 4]  # the point: its 4 samples only
+    warm = hook()
+    assert warm.prepare() is None and extraction_calls == [N_IMAGES, 4]  # from the cache
