@@ -131,7 +131,8 @@ def _cmd_train(args: argparse.Namespace) -> Any:
 
     reference = path_arg(args, args.reference) if args.reference else None
     r = train.run(config_of(args), path_arg(args, args.data), path_arg(args, args.out),
-                  path_arg(args, args.checkpoints), reference=reference, project_dir=Path(args.project))
+                  path_arg(args, args.checkpoints), reference=reference, project_dir=Path(args.project),
+                  observer=getattr(args, "observer", None))
     resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from else ""
     took = ""
     if math.isfinite(r.seconds):
@@ -217,8 +218,12 @@ def add_stage_commands(sub: Any) -> None:
     p.set_defaults(handler=_cmd_register)
 
 
-def execute(parser: argparse.ArgumentParser, argv: list[str], *, stage: str | None = None) -> Any:
+def execute(parser: argparse.ArgumentParser, argv: list[str], *, stage: str | None = None,
+            observer: Any = None) -> Any:
     """Parse ``argv`` (without the program name) and run the command; returns its result.
+
+    ``observer`` goes to the stage function (the train stage's
+    :class:`~aigc_pipeline.stages.train.TrainingObserver`); a command line cannot carry it.
 
     Raises :class:`aigc_pipeline.errors.AigcError` for user errors, :class:`UsageError` for a
     command line that does not parse (naming ``stage``, the dvc.yaml stage it came from, when
@@ -237,12 +242,14 @@ def execute(parser: argparse.ArgumentParser, argv: list[str], *, stage: str | No
             raise
         raise UsageError(f"dvc.yaml stage '{stage}': {e}", command=e.command, status=e.status) from None
     env.set_defaults(args.project)
+    args.observer = observer
     return args.handler(args)
 
 
-def run_stage_command(argv: list[str], *, stage: str) -> Any:
+def run_stage_command(argv: list[str], *, stage: str, observer: Any = None) -> Any:
     """A ``dvc.yaml`` stage's command (``argv`` without ``aigc``): one of the five stage commands, parsed
-    and run in this process; a malformed or other command raises :class:`UsageError` naming ``stage``."""
+    and run in this process, ``observer`` handed to its stage function; a malformed or other command
+    raises :class:`UsageError` naming ``stage``."""
     parser, sub = new_parser()
     add_stage_commands(sub)
-    return execute(parser, argv, stage=stage)
+    return execute(parser, argv, stage=stage, observer=observer)

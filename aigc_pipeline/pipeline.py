@@ -56,8 +56,13 @@ def _env(extra: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] | None = None) -> StageOutcome:
-    """Run stage ``name`` of ``project_dir/dvc.yaml`` if DVC says it is stale, then ``dvc commit`` it."""
+def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] | None = None,
+              observer: Any = None) -> StageOutcome:
+    """Run stage ``name`` of ``project_dir/dvc.yaml`` if DVC says it is stale, then ``dvc commit`` it.
+
+    ``observer`` is handed to the stage function in this process (the train stage's
+    :class:`~aigc_pipeline.stages.train.TrainingObserver`: its plan and epochs).
+    """
     from dvc.repo import Repo
 
     from aigc_pipeline.commands import run_stage_command
@@ -78,7 +83,7 @@ def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] |
         meter = Meter()
         with _env(extra_env or {}):
             # stage=: a malformed cmd raises commands.UsageError naming the stage (argparse would exit).
-            result = run_stage_command(["--project", str(project), *argv[1:]], stage=name)
+            result = run_stage_command(["--project", str(project), *argv[1:]], stage=name, observer=observer)
         repo.commit(f"{project / 'dvc.yaml'}:{name}", force=True)
     return StageOutcome(name, ran=True, outputs=outputs, result=result, compute=meter.read())
 

@@ -86,12 +86,12 @@ def _lineage_env() -> dict[str, str]:
     return {FLOW_RUN_ENV: str(flow_run.id or "")}
 
 
-def _on_line(project: Path, stage: str):
-    """The train stage updates a progress artifact from its per-epoch lines; other stages only log."""
+def _observer(project: Path, stage: str) -> TrainingProgress | None:
+    """The train stage keeps a progress artifact through its observer; other stages only log."""
     if stage != "train":
         return None
     info = describe.resolve(project, [])
-    return TrainingProgress(describe.artifact_key(info.registered_model, "training"), info.model_name).line
+    return TrainingProgress(describe.artifact_key(info.registered_model, "training"), info.model_name)
 
 
 # --- tasks of the cpu flow ---------------------------------------------------------------------
@@ -119,8 +119,8 @@ def restore_recorded(project: Path, stage: str) -> bool:
 # log itself, and needs them to reach the stream (the flows' log_prints would divert them).
 @task(name="run-stage", cache_policy=NO_CACHE, task_run_name="{stage}", log_prints=False)
 def run_local_stage(project: Path, stage: str) -> StageOutcome:
-    with stage_output(stage, on_line=_on_line(project, stage)):
-        return run_stage(project, stage, extra_env=_lineage_env())
+    with stage_output(stage):
+        return run_stage(project, stage, extra_env=_lineage_env(), observer=_observer(project, stage))
 
 
 @task(name="push-outputs", **_io(task_run_name="push {stage}"))
@@ -316,8 +316,9 @@ def run_checkpointed_stage(project: Path, stage: str, key: str, lineage_flow_run
     restored = mirror.restore()
     if restored:
         logger.info("restored checkpoints from the DVC remote: %s", restored)
-    with mirror, stage_output(stage, on_line=_on_line(project, stage)):
-        outcome = run_stage(project, stage, extra_env={FLOW_RUN_ENV: lineage_flow_run_id})
+    with mirror, stage_output(stage):
+        outcome = run_stage(project, stage, extra_env={FLOW_RUN_ENV: lineage_flow_run_id},
+                            observer=_observer(project, stage))
     result = outcome.result
     detail = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else {}
     return {"ran": outcome.ran, "outputs": list(outcome.outputs), "restored_checkpoints": restored,

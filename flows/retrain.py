@@ -29,9 +29,9 @@ from flows import describe
 from flows.stage_logs import TrainingProgress, stage_output
 
 
-def _stage(project_dir: str, name: str, on_line=None) -> StageOutcome:
-    with stage_output(name, on_line=on_line):
-        return run_stage(project_dir, name, extra_env={FLOW_RUN_ENV: str(flow_run.id or "")})
+def _stage(project_dir: str, name: str, observer: TrainingProgress | None = None) -> StageOutcome:
+    with stage_output(name):
+        return run_stage(project_dir, name, extra_env={FLOW_RUN_ENV: str(flow_run.id or "")}, observer=observer)
 
 
 @task(name="params", task_run_name="params", cache_policy=NO_CACHE)
@@ -67,7 +67,7 @@ PER_DATASET = {"ingest": ingest, "augment": augment}
 @task(name="train", task_run_name="train", cache_policy=NO_CACHE)
 def train(project_dir: str, info: describe.RunInfo) -> StageOutcome:
     progress = TrainingProgress(describe.artifact_key(info.registered_model, "training"), info.model_name)
-    return _stage(project_dir, "train", on_line=progress.line)
+    return _stage(project_dir, "train", observer=progress)
 
 
 @task(name="evaluate", task_run_name="evaluate", cache_policy=NO_CACHE)

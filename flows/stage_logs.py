@@ -12,8 +12,10 @@ Only writes from the thread that runs the stage are copied (Prefect's own thread
 stderr too). A training on several processes (``train.devices`` > 1) writes to the file
 descriptor directly, so its per-epoch lines reach the terminal or worker log, not the run log.
 
-:class:`TrainingProgress` reads the train stage's plan and per-epoch lines and keeps a Prefect
-progress artifact at the share of steps done, with the plan and the time left.
+:class:`TrainingProgress` is the train stage's observer (handed to it in this process through
+:func:`aigc_pipeline.pipeline.run_stage`): it keeps a Prefect progress artifact at the share of
+steps done, with the plan and the time left. Nothing here reads the stage's terminal lines
+for their content.
 """
 
 from __future__ import annotations
@@ -29,10 +31,6 @@ from typing import Any, Callable, Iterator, TextIO
 STAGE_LOGGER = "aigc.stage"  # its records go to the Prefect API only; the stage's name is the child
 PACKAGE_LOGGER = "aigc_pipeline"  # the stages' `logging` records (warnings of the evaluation, ...)
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]")
-# aigc_pipeline.stages.train.Progress.epoch: "train epoch 3/180  step 30/1800  loss_d 1.2 ..."
-EPOCH_LINE = re.compile(r"^train epoch (\d+)/(\d+)\s+step (\d+)/(\d+).*?(?:\seta (.+))?$")
-# aigc_pipeline.stages.train.Progress: "train plan: 253.44 kimg (...) = 3960 steps ...; estimated 3 min 10 s left ..."
-PLAN_LINE = re.compile(r"^train plan: (.+)$")
 
 
 def clean_line(raw: str) -> str:
@@ -129,9 +127,9 @@ def _package_records_to_api() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def stage_output(stage: str, *, on_line: Callable[[str], None] | None = None) -> Iterator[None]:
+def stage_output(stage: str) -> Iterator[None]:
     """While the block runs, copy each line the current thread writes to stdout/stderr into the
-    Prefect run's log (logger ``aigc.stage.<stage>``) and pass it to ``on_line``.
+    Prefect run's log (logger ``aigc.stage.<stage>``).
 
     Must be entered in a flow or task run; the streams are restored however the block ends.
     """
@@ -141,13 +139,8 @@ def stage_output(stage: str, *, on_line: Callable[[str], None] | None = None) ->
     run_logger = get_run_logger()
     log = PrefectLogAdapter(_api_logger(stage), extra=dict(getattr(run_logger, "extra", None) or {}))
 
-    def forward(line: str) -> None:
-        log.info(line)
-        if on_line is not None:
-            on_line(line)
-
     out, err = sys.stdout, sys.stderr
-    tees = LineTee(out, forward), LineTee(err, forward)
+    tees = LineTee(out, log.info), LineTee(err, log.info)
     sys.stdout, sys.stderr = tees
     try:
         with _package_records_to_api():
@@ -160,9 +153,10 @@ def stage_output(stage: str, *, on_line: Callable[[str], None] | None = None) ->
 
 class TrainingProgress:
     """A Prefect progress artifact (``key``) at the share of training steps done, created at the
-    train stage's first plan line (its length, then its estimated time once measured) or first
-    per-epoch line, and updated at most every ``every`` seconds (and always at the last step), its
-    description saying the time left. Pass :meth:`line` as ``on_line`` of :func:`stage_output`."""
+    train stage's plan (its length, then its estimated time once measured) or first epoch, and
+    updated at most every ``every`` seconds (and always at the last step), its description saying
+    the time left. The train stage's :class:`~aigc_pipeline.stages.train.TrainingObserver`: pass
+    it as ``observer`` of :func:`aigc_pipeline.pipeline.run_stage`."""
 
     def __init__(self, key: str, model_name: str, *, every: float = 1.0) -> None:
         self.key = key
@@ -170,21 +164,18 @@ class TrainingProgress:
         self.every = every
         self.artifact_id: Any = None
         self.progress: float | None = None  # percent, as last published
-        self.plan = ""  # the train stage's plan line (length, then the estimated time), as last seen
+        self.plan_text = ""  # the train stage's plan (length, then the estimated time), as last heard
         self._last = 0.0
 
-    def line(self, line: str) -> None:
-        plan = PLAN_LINE.match(line)
-        if plan is not None:
-            self.plan = plan.group(1)
-            self._publish(self.progress or 0.0, f"Training {self.model_name}: {self.plan}")
-            return
-        m = EPOCH_LINE.match(line)
-        if m is None:
-            return
-        epoch, epochs, step, total = (int(g) for g in m.groups()[:4])
+    def plan(self, text: str) -> None:
+        self.plan_text = text
+        self._publish(self.progress or 0.0, f"Training {self.model_name}: {text}")
+
+    def epoch(self, epoch: int, epochs: int, step: int, total: int, seconds_left: float | None) -> None:
+        from aigc_pipeline.training.budget import format_duration
+
         percent = 100.0 * step / total if total else 100.0
-        eta = f", about {m.group(5)} left" if m.group(5) and step < total else ""
+        eta = f", about {format_duration(seconds_left)} left" if seconds_left is not None and step < total else ""
         text = f"Training {self.model_name}: epoch {epoch}/{epochs}, step {step}/{total}{eta}"
         now = time.monotonic()
         if self.artifact_id is not None and step < total and now - self._last < self.every:

@@ -27,7 +27,7 @@ import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, Callable, Protocol, TextIO
 
 import numpy as np
 
@@ -67,9 +67,20 @@ class TrainStageResult:
     seconds: float = float("nan")  # the wall time this call's training took
 
 
+class TrainingObserver(Protocol):
+    """What a caller in this process (a Prefect task) is told while the train stage runs."""
+
+    def plan(self, text: str) -> None:
+        """The plan: its length, then with the estimated time once the warm-up was measured."""
+
+    def epoch(self, epoch: int, epochs: int, step: int, total: int, seconds_left: float | None) -> None:
+        """An epoch ended at ``step`` of ``total``; ``seconds_left``: None before the first step."""
+
+
 def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Path | None = None,
         quiet: bool = False, project_dir: Path | None = None,
-        should_stop: Callable[[int], bool] | None = None) -> TrainStageResult:
+        should_stop: Callable[[int], bool] | None = None,
+        observer: TrainingObserver | None = None) -> TrainStageResult:
     """Train on the prepared dataset at ``data``; write the model folder ``out``.
 
     With ``reference`` (a prepared dataset), FID over training is measured every
@@ -83,6 +94,8 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
     (single process only) ends training early but cleanly: the model folder holds the generator
     as it is at that step (``steps`` in model.json says how far it got), and a later run with
     the same config resumes from there (``bench/quality.py`` measures training budgets this way).
+    ``observer`` hears the plan and each epoch (rank 0 of this process only: a data-parallel
+    training launched from here runs its ranks in other processes).
     """
     tcfg = cfg.train
     if tcfg.devices > 1 and should_stop is not None:
@@ -135,7 +148,7 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
                   file=sys.stderr, flush=True)
     progress = Progress(tcfg.epochs, enabled=show, budget=budget, device=device.type, fid_points=fid_points,
                         fid_samples=fid_progress.samples if fid_progress is not None else 0,
-                        fid_seconds_per_sample=fid_rate)
+                        fid_seconds_per_sample=fid_rate, observer=observer if dist_info.is_main else None)
 
     tracker = None
     if project_dir is not None and dist_info.is_main:
@@ -367,9 +380,11 @@ class Progress:
 
     def __init__(self, epochs: int, *, enabled: bool = True, stream: TextIO | None = None,
                  budget: Budget | None = None, device: str = "cpu", fid_points: int = 0,
-                 fid_samples: int = 64, fid_seconds_per_sample: float | None = None) -> None:
+                 fid_samples: int = 64, fid_seconds_per_sample: float | None = None,
+                 observer: TrainingObserver | None = None) -> None:
         self.stream = stream or sys.stderr
         self.enabled = enabled
+        self.observer = observer
         self.tty = enabled and self.stream.isatty()
         self.epochs = epochs
         self.budget = budget
@@ -391,14 +406,16 @@ class Progress:
         self.first_step, self.total = info["resumed_from"], info["total_steps"]
         self.t0 = time.perf_counter()
         self.warmup, self.estimate = None, None
+        plan = f"{self.budget.describe()}; measuring a warm-up for the time estimate" if self.budget else None
+        if plan is not None and self.observer is not None:
+            self.observer.plan(plan)
         if self.enabled:
             resumed = f", resumed from step {info['resumed_from']}" if info["resumed_from"] else ""
             world = f", {info['world_size']} processes" if info["world_size"] > 1 else ""
             print(f"  train: {info['speed']}, data on {info['data_placement']}{world}{resumed}",
                   file=self.stream, flush=True)
-            if self.budget is not None:
-                print(f"  train plan: {self.budget.describe()}; measuring a warm-up for the time estimate",
-                      file=self.stream, flush=True)
+            if plan is not None:
+                print(f"  train plan: {plan}", file=self.stream, flush=True)
 
     def step(self, step: int, total: int, epoch: int) -> None:
         self.step_no, self.total = step, total
@@ -410,7 +427,7 @@ class Progress:
             bar = "#" * int(done * self.WIDTH) + "-" * (self.WIDTH - int(done * self.WIDTH))
             rate = (step - (self.first_step or 0)) / max(now - self.t0, 1e-9)
             print(f"\r  train [{bar}] {step}/{total} epoch {epoch}/{self.epochs}  {rate:.1f} it/s  "
-                  f"eta {self._eta_text(step, now)} ", end="", file=self.stream, flush=True)
+                  f"eta {_duration_or_unknown(self._seconds_left(step, now))} ", end="", file=self.stream, flush=True)
             self.drawn = True
 
     def _measure_warmup(self, step: int, total: int, now: float) -> None:
@@ -427,16 +444,18 @@ class Progress:
         # Steps before the warm-up window are part of the run too (their time has passed already).
         self.estimate = Estimate(per_step, total - step, self.fid_seconds)
         self.planned_seconds = now - self.t0 + self.estimate.seconds
+        plan = self.budget.describe() if self.budget is not None else f"{total} steps"
+        plan += (f"; estimated {format_duration(self.estimate.seconds)} left on {self.device} ({per_step:.3g} s/step "
+                 f"over {measured} warm-up steps"
+                 + (f", {self.fid_points} FID-over-training point{'s' if self.fid_points != 1 else ''}"
+                    if self.fid_points else "") + ")")
+        if self.observer is not None:
+            self.observer.plan(plan)
         if not self.enabled:
             return
         prefix = "\r\033[K" if self.drawn else ""
         self.drawn = False
-        plan = self.budget.describe() if self.budget is not None else f"{total} steps"
-        print(f"{prefix}  train plan: {plan}; estimated {format_duration(self.estimate.seconds)} left on "
-              f"{self.device} ({per_step:.3g} s/step over {measured} warm-up steps"
-              + (f", {self.fid_points} FID-over-training point{'s' if self.fid_points != 1 else ''}"
-                 if self.fid_points else "") + ")",
-              file=self.stream, flush=True)
+        print(f"{prefix}  train plan: {plan}", file=self.stream, flush=True)
         warning = plan_warning(self.estimate.seconds + (now - self.t0), self.device)
         if warning:
             print(f"  train: warning: {warning}", file=self.stream, flush=True)
@@ -445,14 +464,17 @@ class Progress:
         """Seconds since training started (the trainer's ``on_start``)."""
         return time.perf_counter() - self.t0
 
-    def _eta_text(self, step: int, now: float) -> str:
+    def _seconds_left(self, step: int, now: float) -> float | None:
         """Time left, from the average seconds per step since the start (FID points included)."""
         done = step - (self.first_step or 0)
         if done <= 0:
-            return "?"
-        return format_duration((self.total - step) * (now - self.t0) / done)
+            return None
+        return (self.total - step) * (now - self.t0) / done
 
     def epoch(self, epoch: int, stats: dict[str, float]) -> None:
+        left = self._seconds_left(self.step_no, time.perf_counter())
+        if self.observer is not None:
+            self.observer.epoch(epoch, self.epochs, self.step_no, self.total, left)
         if not self.enabled:
             return
         rate = stats.get("images_per_s", float("nan"))
@@ -460,11 +482,14 @@ class Progress:
         losses = "  ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.startswith(("loss", "recon", "kl")))
         prefix = "\r\033[K" if self.drawn else ""
         self.drawn = False
-        eta = self._eta_text(self.step_no, time.perf_counter())
         print(f"{prefix}  train epoch {epoch}/{self.epochs}  step {self.step_no}/{self.total}  {losses}  "
-              f"{rate:.0f} img/s  {lrs}  eta {eta}", file=self.stream, flush=True)
+              f"{rate:.0f} img/s  {lrs}  eta {_duration_or_unknown(left)}", file=self.stream, flush=True)
 
     def close(self) -> None:
         if self.drawn:
             print(file=self.stream, flush=True)
             self.drawn = False
+
+
+def _duration_or_unknown(seconds: float | None) -> str:
+    return "?" if seconds is None else format_duration(seconds)

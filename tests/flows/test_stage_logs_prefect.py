@@ -42,12 +42,13 @@ def test_stage_lines_reach_the_run_log_and_progress_moves_while_training(
 
     @task(task_run_name="train")
     def fake_train() -> dict[str, Any]:
-        # The train stage's real progress printer, as the stage drives it (stderr, one line per epoch).
+        # The train stage's real progress printer, as the stage drives it (stderr, one line per
+        # epoch), with the flow's observer handed to it as run_stage hands it over.
         tracker = TrainingProgress("digits-training", "digits-resgan", every=0.0)
         seen, ids = [], []
-        with stage_output("train", on_line=tracker.line):
+        with stage_output("train"):
             budget = resolve_budget(family="resgan", size=8, train_images=16, batch_size=8, epochs=4, kimg="auto")
-            progress = Progress(4, budget=budget)
+            progress = Progress(4, budget=budget, observer=tracker)
             progress.start({"resumed_from": 0, "total_steps": 8, "speed": "cpu", "data_placement": "device",
                             "world_size": 1})
             plan = (_progress_of(tracker.artifact_id), tracker.artifact_id)  # the plan, before the first step

@@ -11,7 +11,6 @@ from aigc_pipeline.errors import ConfigError
 from aigc_pipeline.stages.train import Progress, plan_budget
 from aigc_pipeline.training.budget import (AUTO_KIMG, AUTO_MODEL, CPU_WARNING_SECONDS, auto_kimg, format_duration,
                                            plan_warning, resolve_budget, resolve_model)
-from flows.stage_logs import EPOCH_LINE, PLAN_LINE
 from tests.conftest import REPO
 
 
@@ -81,14 +80,29 @@ class _Clock:
         return self.now
 
 
+class _Observer:
+    """A TrainingObserver that records what it hears."""
+
+    def __init__(self) -> None:
+        self.plans: list[str] = []
+        self.epochs: list[tuple] = []
+
+    def plan(self, text: str) -> None:
+        self.plans.append(text)
+
+    def epoch(self, epoch: int, epochs: int, step: int, total: int, seconds_left: float | None) -> None:
+        self.epochs.append((epoch, epochs, step, total, seconds_left))
+
+
 def test_progress_prints_the_plan_then_a_warmup_estimate(monkeypatch) -> None:
     """The estimate is the warm-up's seconds per step (the first WARMUP_SKIP steps left out) times
     the steps left plus the FID points to come; the epoch line carries the time left."""
     clock = _Clock()
     monkeypatch.setattr("aigc_pipeline.stages.train.time.perf_counter", clock)
     budget = resolve_budget(family="resgan", size=8, train_images=1437, batch_size=64, epochs=None, kimg="auto")
-    out = io.StringIO()
-    progress = Progress(budget.epochs, stream=out, budget=budget, device="cpu", fid_points=4, fid_samples=64)
+    out, heard = io.StringIO(), _Observer()
+    progress = Progress(budget.epochs, stream=out, budget=budget, device="cpu", fid_points=4, fid_samples=64,
+                        observer=heard)
     progress.start({"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device",
                     "world_size": 1})
     for step in range(1, 23):
@@ -97,8 +111,9 @@ def test_progress_prints_the_plan_then_a_warmup_estimate(monkeypatch) -> None:
         progress.step(step, budget.steps, 1)
     progress.epoch(1, {"loss_d": 0.5, "images_per_s": 128.0})
     lines = [line.strip() for line in out.getvalue().splitlines()]
-    plans = [PLAN_LINE.match(line) for line in lines]
-    assert [m.group(1).split(";")[0] for m in plans if m] == [budget.describe()] * 2, lines
+    # The observer (a Prefect task's progress artifact) hears the plan the terminal shows, twice.
+    assert [line for line in lines if line.startswith("train plan: ")] == [f"train plan: {p}" for p in heard.plans]
+    assert [p.split(";")[0] for p in heard.plans] == [budget.describe()] * 2, lines
     # Warm-up: steps 3..12 (10 steps at 0.5 s; WARMUP_STEPS is 20, WARMUP_SECONDS 5 s reached first).
     assert progress.estimate is not None and progress.estimate.seconds_per_step == pytest.approx(0.5)
     steps_left = budget.steps - 12
@@ -106,8 +121,10 @@ def test_progress_prints_the_plan_then_a_warmup_estimate(monkeypatch) -> None:
     assert f"estimated {format_duration(progress.estimate.seconds)} left on cpu" in lines[2], lines
     # About 33 min on a CPU: no warning.
     assert not any("warning" in line for line in lines)
-    epoch = EPOCH_LINE.match(lines[-1])
-    assert epoch and epoch.group(5) == format_duration((budget.steps - 22) * 16.0 / 22), lines[-1]
+    left = (budget.steps - 22) * 16.0 / 22
+    assert heard.epochs == [(1, budget.epochs, 22, budget.steps, pytest.approx(left))]
+    assert lines[-1].startswith(f"train epoch 1/{budget.epochs}  step 22/{budget.steps}  loss_d 0.5000")
+    assert lines[-1].endswith(f"eta {format_duration(left)}"), lines[-1]
 
 
 def test_a_measured_inception_rate_prices_the_fid_points(monkeypatch) -> None:
