@@ -16,11 +16,11 @@ export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export PYTHONUNBUFFERED := 1
 
-.PHONY: help install run test test-fast bench mlflow-ui prefect-ui screenshots clean
+.PHONY: help install run lint test test-fast bench mlflow-ui prefect-ui screenshots clean
 
 help:
 	@echo "make run        run the whole pipeline (Prefect flow over the DVC stages) on the embedded default"
-	@echo "make test       run the test suite"
+	@echo "make test       run the linters (make lint: ruff), then the test suite"
 	@echo "make bench      run the benchmarks, write bench/results/*.json and bench/RESULTS.md"
 	@echo "make mlflow-ui  MLflow UI on the project's store (http://127.0.0.1:5000)"
 	@echo "make prefect-ui Prefect UI on the project's embedded database (http://127.0.0.1:4200; PREFECT_UI_PORT=P for another)"
@@ -38,7 +38,12 @@ install: $(VENV_STAMP)
 run: install
 	$(RUN) aigc run
 
-test: install
+# ruff (lint, format), configured in pyproject.toml; `make test` runs them first.
+lint: install
+	$(RUN) ruff check .
+	$(RUN) ruff format --check .
+
+test: install lint
 	$(RUN) pytest
 
 test-fast: install

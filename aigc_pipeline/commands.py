@@ -44,19 +44,31 @@ class _Parser(argparse.ArgumentParser):
         # Reached after --help / --version printed their text; error() handles the failures.
         if message:
             print(message, file=sys.stderr, end="")
-        raise UsageError(message.strip() if message else f"{self.prog}: exited with status {status}",
-                         command=self.prog, status=status)
+        raise UsageError(
+            message.strip() if message else f"{self.prog}: exited with status {status}",
+            command=self.prog,
+            status=status,
+        )
 
 
 def add_common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a params.yaml key for this command, e.g. train.epochs=3 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a params.yaml key for this command, e.g. train.epochs=3 (repeatable)",
+    )
 
 
 def add_source_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--labels", metavar="folders|none|COLUMN",
-                   help="folder/archive: class from the first sub-folder (folders) or none; manifest: label column "
-                   "(default: a folder holding only sub-folders is labelled by them, anything else is unlabelled)")
+    p.add_argument(
+        "--labels",
+        metavar="folders|none|COLUMN",
+        help="folder/archive: class from the first sub-folder (folders) or none; manifest: label column "
+        "(default: a folder holding only sub-folders is labelled by them, anything else is unlabelled)",
+    )
     p.add_argument("--size", type=int, help="output side in pixels, a power of two (default 32)")
     p.add_argument("--channels", type=int, help="1 (grayscale) or 3 (RGB) (default 1)")
 
@@ -78,18 +90,31 @@ def _cmd_ingest(args: argparse.Namespace) -> Any:
     from aigc_pipeline.stages import ingest
 
     if args.source is None:
-        for flag, value in (("--labels", args.labels), ("--size", args.size), ("--channels", args.channels),
-                            ("--max-rejected", args.max_rejected)):
+        for flag, value in (
+            ("--labels", args.labels),
+            ("--size", args.size),
+            ("--channels", args.channels),
+            ("--max-rejected", args.max_rejected),
+        ):
             if value is not None:
-                raise ConfigError(f"{flag}: only with `aigc ingest SOURCE`; for a registered dataset use "
-                                  "--set datasets.NAME.KEY=VALUE (or --set ingest.max_rejected_fraction=F)")
-        r = ingest.run(config_of(args), path_arg(args, args.out), dataset=args.dataset, project_dir=Path(args.project),
-                       workers=args.workers)
+                raise ConfigError(
+                    f"{flag}: only with `aigc ingest SOURCE`; for a registered dataset use "
+                    "--set datasets.NAME.KEY=VALUE (or --set ingest.max_rejected_fraction=F)"
+                )
+        r = ingest.run(
+            config_of(args),
+            path_arg(args, args.out),
+            dataset=args.dataset,
+            project_dir=Path(args.project),
+            workers=args.workers,
+        )
     else:
         r = _ingest_source(args)
     skipped = f", {r.skipped} non-image files skipped" if r.skipped else ""
-    print(f"ingest: {r.accepted} images accepted, {r.rejected} rejected, {r.duplicates} duplicates dropped{skipped}; "
-          f"splits {r.splits}; -> {r.out}")
+    print(
+        f"ingest: {r.accepted} images accepted, {r.rejected} rejected, {r.duplicates} duplicates dropped{skipped}; "
+        f"splits {r.splits}; -> {r.out}"
+    )
     return r
 
 
@@ -103,8 +128,9 @@ def _ingest_source(args: argparse.Namespace) -> Any:
     if args.dataset:
         raise ConfigError("give either SOURCE or --dataset NAME, not both")
     source = path_arg(args, args.source)
-    entry = source_entry(source, stored_path=str(source.resolve()), labels=args.labels, size=args.size,
-                         channels=args.channels)
+    entry = source_entry(
+        source, stored_path=str(source.resolve()), labels=args.labels, size=args.size, channels=args.channels
+    )
     dcfg = DatasetConfig.from_dict(entry, prefix="--")  # errors name the flag: "--size: must be a power of two"
     # The project's ingest settings when there is one; the defaults for a folder anywhere.
     has_params = (Path(args.project) / PARAMS_FILE).exists()
@@ -112,10 +138,16 @@ def _ingest_source(args: argparse.Namespace) -> Any:
     max_rejected = icfg.max_rejected_fraction if args.max_rejected is None else args.max_rejected
     if not 0.0 <= max_rejected <= 1.0:
         raise ConfigError(f"--max-rejected: must be in [0, 1], got {max_rejected}")
-    return ingest.prepare(dcfg, path_arg(args, args.out), name=source.name, eval_fraction=icfg.eval_fraction,
-                          max_rejected_fraction=max_rejected, project_dir=Path(args.project), workers=args.workers,
-                          threshold_name="--max-rejected" if args.max_rejected is not None
-                          else "ingest.max_rejected_fraction")
+    return ingest.prepare(
+        dcfg,
+        path_arg(args, args.out),
+        name=source.name,
+        eval_fraction=icfg.eval_fraction,
+        max_rejected_fraction=max_rejected,
+        project_dir=Path(args.project),
+        workers=args.workers,
+        threshold_name="--max-rejected" if args.max_rejected is not None else "ingest.max_rejected_fraction",
+    )
 
 
 def _cmd_augment(args: argparse.Namespace) -> Any:
@@ -130,9 +162,15 @@ def _cmd_train(args: argparse.Namespace) -> Any:
     from aigc_pipeline.stages import train
 
     reference = path_arg(args, args.reference) if args.reference else None
-    r = train.run(config_of(args), path_arg(args, args.data), path_arg(args, args.out),
-                  path_arg(args, args.checkpoints), reference=reference, project_dir=Path(args.project),
-                  observer=getattr(args, "observer", None))
+    r = train.run(
+        config_of(args),
+        path_arg(args, args.data),
+        path_arg(args, args.out),
+        path_arg(args, args.checkpoints),
+        reference=reference,
+        project_dir=Path(args.project),
+        observer=getattr(args, "observer", None),
+    )
     resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from else ""
     took = ""
     if math.isfinite(r.seconds):
@@ -141,16 +179,22 @@ def _cmd_train(args: argparse.Namespace) -> Any:
         took = f" in {format_duration(r.seconds)}"
         if math.isfinite(r.estimated_seconds):
             took += f" (the plan estimated {format_duration(r.estimated_seconds)})"
-    print(f"train: {r.model} {r.steps} steps{resumed}{took}, {r.images_per_second:.0f} images/s ({r.speed}); "
-          f"-> {r.out}")
+    print(
+        f"train: {r.model} {r.steps} steps{resumed}{took}, {r.images_per_second:.0f} images/s ({r.speed}); -> {r.out}"
+    )
     return r
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> Any:
     from aigc_pipeline.stages import evaluate
 
-    r = evaluate.run(config_of(args), path_arg(args, args.model), path_arg(args, args.reference),
-                     path_arg(args, args.out), project_dir=Path(args.project))
+    r = evaluate.run(
+        config_of(args),
+        path_arg(args, args.model),
+        path_arg(args, args.reference),
+        path_arg(args, args.out),
+        project_dir=Path(args.project),
+    )
     isc = f"; IS unavailable: {r.isc_unavailable}" if r.isc_unavailable else ""
     print(f"evaluate: {evaluate.summary_line(r)}{isc}; {r.seconds:.1f} s -> {r.out}")
     return r
@@ -159,8 +203,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> Any:
 def _cmd_register(args: argparse.Namespace) -> Any:
     from aigc_pipeline.stages import register
 
-    r = register.run(config_of(args), path_arg(args, args.model), path_arg(args, args.evaluation),
-                     path_arg(args, args.receipt), project_dir=Path(args.project))
+    r = register.run(
+        config_of(args),
+        path_arg(args, args.model),
+        path_arg(args, args.evaluation),
+        path_arg(args, args.receipt),
+        project_dir=Path(args.project),
+    )
     again = " (already registered by an earlier attempt)" if r.reused else ""
     print(f"register: {r.name} v{r.version}{again}: {r.decision} ({r.reason}); run {r.run_id}")
     return r
@@ -168,22 +217,35 @@ def _cmd_register(args: argparse.Namespace) -> Any:
 
 def new_parser() -> tuple[argparse.ArgumentParser, Any]:
     """The ``aigc`` parser with ``--project``, and its (still empty) sub-command action to add commands to."""
-    parser = _Parser(prog="aigc", description="Generative-model pipeline: ingest, augment, "
-                                     "train, evaluate, register; `aigc run` runs them all as a Prefect flow.")
+    parser = _Parser(
+        prog="aigc",
+        description="Generative-model pipeline: ingest, augment, "
+        "train, evaluate, register; `aigc run` runs them all as a Prefect flow.",
+    )
     parser.add_argument("--project", default=".", help="project root holding params.yaml and dvc.yaml (default: .)")
     return parser, parser.add_subparsers(dest="command", required=True)
 
 
 def add_stage_commands(sub: Any) -> None:
     """Add the five stage commands to ``sub`` (a ``parser.add_subparsers()``)."""
-    p = sub.add_parser("ingest", help="validate and prepare a dataset (a registered one, or any folder/archive/manifest)")
-    p.add_argument("source", nargs="?", help="a folder of images, a .zip/.tar archive or a .csv/.parquet manifest "
-                   "(instead of --dataset; params.yaml is not changed)")
+    p = sub.add_parser(
+        "ingest", help="validate and prepare a dataset (a registered one, or any folder/archive/manifest)"
+    )
+    p.add_argument(
+        "source",
+        nargs="?",
+        help="a folder of images, a .zip/.tar archive or a .csv/.parquet manifest "
+        "(instead of --dataset; params.yaml is not changed)",
+    )
     p.add_argument("--dataset", help="entry of `datasets` in params.yaml (default: `dataset`)")
     p.add_argument("--out", required=True, help="prepared dataset folder to write")
     add_source_options(p)
-    p.add_argument("--max-rejected", type=float, metavar="F",
-                   help="with SOURCE: fail when more than this share is rejected (default: ingest.max_rejected_fraction)")
+    p.add_argument(
+        "--max-rejected",
+        type=float,
+        metavar="F",
+        help="with SOURCE: fail when more than this share is rejected (default: ingest.max_rejected_fraction)",
+    )
     p.add_argument("--workers", type=int, help="decoding processes (default: all CPU cores)")
     add_common(p)
     p.set_defaults(handler=_cmd_ingest)
@@ -198,8 +260,10 @@ def add_stage_commands(sub: Any) -> None:
     p.add_argument("--data", required=True, help="(augmented) prepared dataset folder")
     p.add_argument("--out", required=True, help="model folder to write")
     p.add_argument("--checkpoints", required=True, help="folder for resumable checkpoints")
-    p.add_argument("--reference", help="prepared dataset of real images: measure FID over training against it "
-                   "(evaluate.progress_every)")
+    p.add_argument(
+        "--reference",
+        help="prepared dataset of real images: measure FID over training against it (evaluate.progress_every)",
+    )
     add_common(p)
     p.set_defaults(handler=_cmd_train)
 
@@ -218,8 +282,7 @@ def add_stage_commands(sub: Any) -> None:
     p.set_defaults(handler=_cmd_register)
 
 
-def execute(parser: argparse.ArgumentParser, argv: list[str], *, stage: str | None = None,
-            observer: Any = None) -> Any:
+def execute(parser: argparse.ArgumentParser, argv: list[str], *, stage: str | None = None, observer: Any = None) -> Any:
     """Parse ``argv`` (without the program name) and run the command; returns its result.
 
     ``observer`` goes to the stage function (the train stage's
@@ -235,8 +298,9 @@ def execute(parser: argparse.ArgumentParser, argv: list[str], *, stage: str | No
             # argparse reports these from the top-level parser; name the subcommand they were given to.
             sub_command = getattr(args, "dataset_command", None) or getattr(args, "weights_command", None)
             command = " ".join(["aigc", *(c for c in (args.command, sub_command) if c)])
-            raise UsageError(f"{command}: unrecognized arguments: {' '.join(extra)} (see `{command} --help`)",
-                             command=command)
+            raise UsageError(
+                f"{command}: unrecognized arguments: {' '.join(extra)} (see `{command} --help`)", command=command
+            )
     except UsageError as e:
         if stage is None or e.status == 0:
             raise

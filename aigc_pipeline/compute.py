@@ -16,14 +16,23 @@ import json
 import math
 import resource
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from aigc_pipeline.errors import DataError
 
-__all__ = ["COMPUTE_FILE", "COMPUTE_TAG", "RUN_COMPUTE_TAG", "Meter", "compute_metrics", "describe", "read_compute",
-           "run_totals"]
+__all__ = [
+    "COMPUTE_FILE",
+    "COMPUTE_TAG",
+    "RUN_COMPUTE_TAG",
+    "Meter",
+    "compute_metrics",
+    "describe",
+    "read_compute",
+    "run_totals",
+]
 
 COMPUTE_FILE = "compute.json"
 COMPUTE_TAG = "aigc.compute"  # on the run and the model version: describe() of the training
@@ -57,7 +66,10 @@ def accelerator_seconds(record: Mapping[str, Any]) -> float | None:
 def compute_metrics(record: Mapping[str, Any], stage: str) -> dict[str, float]:
     """MLflow metrics of a stage's record: ``compute.<stage>_wall_s``, ``_cpu_s``, ``_gpu_s`` (on a
     GPU) and, for training, ``compute.images_shown``."""
-    out = {f"compute.{stage}_wall_s": float(record["wall_seconds"]), f"compute.{stage}_cpu_s": float(record["cpu_seconds"])}
+    out = {
+        f"compute.{stage}_wall_s": float(record["wall_seconds"]),
+        f"compute.{stage}_cpu_s": float(record["cpu_seconds"]),
+    }
     if (gpu := accelerator_seconds(record)) is not None:
         out[f"compute.{stage}_gpu_s"] = gpu
     if record.get("images_shown") is not None:
@@ -67,8 +79,10 @@ def compute_metrics(record: Mapping[str, Any], stage: str) -> dict[str, float]:
 
 def run_totals(stages: list[Mapping[str, Any]]) -> dict[str, float]:
     """Wall and CPU seconds of the stages a run executed (each ``{"stage", "wall_seconds", "cpu_seconds"}``)."""
-    return {"wall_seconds": sum(float(s["wall_seconds"]) for s in stages),
-            "cpu_seconds": sum(float(s["cpu_seconds"]) for s in stages)}
+    return {
+        "wall_seconds": sum(float(s["wall_seconds"]) for s in stages),
+        "cpu_seconds": sum(float(s["cpu_seconds"]) for s in stages),
+    }
 
 
 def describe(record: Mapping[str, Any]) -> str:
@@ -82,8 +96,9 @@ def describe(record: Mapping[str, Any]) -> str:
     if record.get("images_shown") is not None:
         parts.append(f"{int(record['images_shown']):,} images shown")
     if record.get("resumed_from_step"):
-        parts.append(f"this session only: resumed at step {int(record['resumed_from_step'])}, the time before "
-                     "is not counted")
+        parts.append(
+            f"this session only: resumed at step {int(record['resumed_from_step'])}, the time before is not counted"
+        )
     return f"{head} ({'; '.join(parts)})"
 
 

@@ -15,9 +15,10 @@ import json
 import re
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 import yaml
 
@@ -64,7 +65,9 @@ class DatasetConfig:
         # Imported when an entry is checked, not with this module: the data layer brings numpy.
         from aigc_pipeline.data.sources import SOURCE_OPTIONS, SOURCE_SPECIFIC_FIELDS, SOURCES, TORCHVISION_VARIANTS
 
-        _check(self.source in SOURCES, "source", f"unknown source {self.source!r} (known: {', '.join(sorted(SOURCES))})")
+        _check(
+            self.source in SOURCES, "source", f"unknown source {self.source!r} (known: {', '.join(sorted(SOURCES))})"
+        )
         spec = SOURCE_OPTIONS[self.source]
         for name in spec.requires:
             _check(getattr(self, name) is not None, name, f"required for source {self.source}")
@@ -74,10 +77,12 @@ class DatasetConfig:
                 users = ", ".join(sorted(s for s, o in SOURCE_OPTIONS.items() if name in o.options)) or "none"
                 _check(unset, name, f"not used by source {self.source} (used by: {users})")
         if self.source == "torchvision":
-            _check(self.variant in TORCHVISION_VARIANTS, "variant", f"must be one of {' | '.join(TORCHVISION_VARIANTS)}")
+            _check(
+                self.variant in TORCHVISION_VARIANTS, "variant", f"must be one of {' | '.join(TORCHVISION_VARIANTS)}"
+            )
 
     @classmethod
-    def from_dict(cls, data: Mapping[str, Any], prefix: str = "") -> "DatasetConfig":
+    def from_dict(cls, data: Mapping[str, Any], prefix: str = "") -> DatasetConfig:
         """Build and validate one entry; errors name ``<prefix><key>`` (e.g. ``datasets.pets.path``)."""
         return _build(cls, data, prefix)
 
@@ -146,7 +151,9 @@ class TrainConfig:
         _check(self.epochs is None or self.epochs >= 1, "epochs", "must be >= 1 (or null: train.kimg sets the length)")
         _check(self.kimg == "auto" or self.kimg > 0, "kimg", "must be > 0 (thousands of images shown) or auto")
         _check(self.devices >= 1, "devices", "must be >= 1")
-        _check(self.batch_size % self.devices == 0, "batch_size", f"must be divisible by train.devices ({self.devices})")
+        _check(
+            self.batch_size % self.devices == 0, "batch_size", f"must be divisible by train.devices ({self.devices})"
+        )
         _check(self.max_grad_norm >= 0, "max_grad_norm", "must be >= 0 (0 = off)")
         _check(self.keep_checkpoints >= 1, "keep_checkpoints", "must be >= 1")
         _check(self.batch_size >= 2, "batch_size", "must be >= 2 (batch norm needs two samples)")
@@ -160,7 +167,9 @@ class TrainConfig:
         _check(1 <= self.sample_grid <= 256, "sample_grid", "must be in 1..256")
         _check(self.sample_every >= 1, "sample_every", "must be >= 1 (epochs between sample grids)")
         _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
-        _check(1 <= self.sampling_steps <= 1000, "sampling_steps", "must be in 1..1000 (the training schedule's timesteps)")
+        _check(
+            1 <= self.sampling_steps <= 1000, "sampling_steps", "must be in 1..1000 (the training schedule's timesteps)"
+        )
         from aigc_pipeline.models.diffaugment import POLICIES
 
         unknown = [p for p in self.diffaugment.split(",") if p and p not in POLICIES]
@@ -208,16 +217,25 @@ class RegisterConfig:
     def __post_init__(self) -> None:
         _check(self.gate_margin >= 0, "gate_margin", "must be >= 0")
         _check(self.gate_noise_sigmas >= 0, "gate_noise_sigmas", "must be >= 0")
-        _check(self.max_fid_ratio is None or self.max_fid_ratio >= 1.0, "max_fid_ratio",
-               "must be >= 1 (the floor is what real data scores) or null (no bar)")
+        _check(
+            self.max_fid_ratio is None or self.max_fid_ratio >= 1.0,
+            "max_fid_ratio",
+            "must be >= 1 (the floor is what real data scores) or null (no bar)",
+        )
         for name in ("min_precision", "min_recall", "max_copy_share"):
             value = getattr(self, name)
             _check(value is None or 0.0 <= value <= 1.0, name, "must be in [0, 1] or null (no bar)")
-        _check(self.model_name is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_name) is not None,
-               "model_name", "must start with a letter or digit and hold only letters, digits, '.', '_', '-'")
+        _check(
+            self.model_name is None or re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", self.model_name) is not None,
+            "model_name",
+            "must start with a letter or digit and hold only letters, digits, '.', '_', '-'",
+        )
         _check(self.max_images_per_request >= 1, "max_images_per_request", "must be >= 1")
-        _check(1 <= self.max_images_per_row <= self.max_images_per_request, "max_images_per_row",
-               f"must be in 1..max_images_per_request ({self.max_images_per_request})")
+        _check(
+            1 <= self.max_images_per_row <= self.max_images_per_request,
+            "max_images_per_row",
+            f"must be in 1..max_images_per_request ({self.max_images_per_request})",
+        )
         _check(self.champion_alias != self.challenger_alias, "challenger_alias", "must differ from champion_alias")
 
 

@@ -11,7 +11,6 @@ from PIL import Image
 
 from aigc_pipeline.io import atomic_write_bytes
 
-
 # Grids are for people: images smaller than this are enlarged (nearest neighbour, an integer
 # factor, so every pixel stays a visible square) before tiling; 8x8 digits become 32x32 cells.
 MIN_CELL = 32

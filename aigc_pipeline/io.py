@@ -10,8 +10,9 @@ import os
 import shutil
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 # mkstemp/mkdtemp create private files; published artifacts get the usual umask-based modes.
 _UMASK = os.umask(0)
@@ -96,8 +97,11 @@ def recover_dir(path: Path | str) -> None:
     parent = path.parent
     if not parent.is_dir():
         return
-    olds = sorted((p for p in parent.glob(f".{path.name}.old-*") if not _owner_alive(p, ".old-")),
-                  key=lambda p: p.stat().st_mtime_ns, reverse=True)
+    olds = sorted(
+        (p for p in parent.glob(f".{path.name}.old-*") if not _owner_alive(p, ".old-")),
+        key=lambda p: p.stat().st_mtime_ns,
+        reverse=True,
+    )
     if olds and not (path.exists() or path.is_symlink()):
         os.replace(olds.pop(0), path)  # the newest previous version: the one that lost its name
         _fsync_dir(parent)

@@ -12,9 +12,10 @@ import contextlib
 import json
 import os
 import shlex
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from aigc_pipeline.compute import RUN_COMPUTE_TAG, Meter, run_totals
 from aigc_pipeline.errors import AigcError, ConfigError
@@ -56,8 +57,9 @@ def _env(extra: dict[str, str]) -> Iterator[None]:
                 os.environ[k] = v
 
 
-def run_stage(project_dir: str | Path, name: str, *, extra_env: dict[str, str] | None = None,
-              observer: Any = None) -> StageOutcome:
+def run_stage(
+    project_dir: str | Path, name: str, *, extra_env: dict[str, str] | None = None, observer: Any = None
+) -> StageOutcome:
     """Run stage ``name`` of ``project_dir/dvc.yaml`` if DVC says it is stale, then ``dvc commit`` it.
 
     ``observer`` is handed to the stage function in this process (the train stage's
@@ -107,8 +109,10 @@ def dataset_stages(project_dir: str | Path) -> list[str]:
     found = [n for n in names if n.partition("@")[0] in PER_DATASET_STAGES and "@" in n]
     missing = [s for s in MODEL_STAGES if s not in names]
     if missing or not found:
-        raise PipelineError(f"{Path(project_dir) / 'dvc.yaml'}: expected per-dataset stages "
-                            f"{'/'.join(PER_DATASET_STAGES)}@NAME and stages {', '.join(MODEL_STAGES)}; found {names}")
+        raise PipelineError(
+            f"{Path(project_dir) / 'dvc.yaml'}: expected per-dataset stages "
+            f"{'/'.join(PER_DATASET_STAGES)}@NAME and stages {', '.join(MODEL_STAGES)}; found {names}"
+        )
     return found
 
 
@@ -119,14 +123,19 @@ def check_dvc_inputs(cfg: Config) -> None:
     """
     for name, dcfg in cfg.datasets.items():
         if dcfg.path is None:
-            hint = " (for sklearn-digits: uv.lock, which pins the scikit-learn that ships the digits)" \
-                if dcfg.source == "sklearn-digits" else ""
-            raise ConfigError(f"datasets.{name}.path: required by dvc.yaml, whose ingest@{name} stage depends "
-                              f"on it{hint}")
+            hint = (
+                " (for sklearn-digits: uv.lock, which pins the scikit-learn that ships the digits)"
+                if dcfg.source == "sklearn-digits"
+                else ""
+            )
+            raise ConfigError(
+                f"datasets.{name}.path: required by dvc.yaml, whose ingest@{name} stage depends on it{hint}"
+            )
 
 
-def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOutcome,
-              stages: Sequence[StageOutcome] = ()) -> dict[str, Any]:
+def summarize(
+    project_dir: str | Path, register: StageOutcome, evaluate: StageOutcome, stages: Sequence[StageOutcome] = ()
+) -> dict[str, Any]:
     """The run's summary from the files the stages left (so it is the same whether they ran or were
     skipped), and what this run's ``stages`` cost (those DVC ran; a skipped one cost nothing)."""
     from aigc_pipeline.evaluation.results import read_evaluation
@@ -152,16 +161,25 @@ def summarize(project_dir: str | Path, register: StageOutcome, evaluate: StageOu
         + (f"This run: {run_cost(ran)}. " if ran else "")
         + f"MLflow: {receipt['tracking_uri']} (run {receipt['run_id']})"
     )
-    return {"line": line, "receipt": receipt, "metrics": scored.metrics, "details": scored.details,
-            "champion_version": champion, "evaluation_dir": str(evaluation_dir), "stages": ran}
+    return {
+        "line": line,
+        "receipt": receipt,
+        "metrics": scored.metrics,
+        "details": scored.details,
+        "champion_version": champion,
+        "evaluation_dir": str(evaluation_dir),
+        "stages": ran,
+    }
 
 
 def run_cost(stages: list[dict[str, Any]]) -> str:
     """``12.0 wall-minutes, 20.1 CPU-minutes in 3 stages (train 9.5, evaluate 2.3, register 0.2 wall-minutes)``."""
     total = run_totals(stages)
     each = ", ".join(f"{s['stage']} {s['wall_seconds'] / 60:.1f}" for s in stages)
-    return (f"{total['wall_seconds'] / 60:.1f} wall-minutes, {total['cpu_seconds'] / 60:.1f} CPU-minutes in "
-            f"{len(stages)} stage{'s' if len(stages) != 1 else ''} ({each} wall-minutes)")
+    return (
+        f"{total['wall_seconds'] / 60:.1f} wall-minutes, {total['cpu_seconds'] / 60:.1f} CPU-minutes in "
+        f"{len(stages)} stage{'s' if len(stages) != 1 else ''} ({each} wall-minutes)"
+    )
 
 
 def record_run_cost(summary: dict[str, Any]) -> None:
@@ -200,9 +218,14 @@ def summary_markdown(summary: dict[str, Any]) -> str:
         f"- **decision**: {decision} ({r['reason']})",
         f"- **compute**: {r.get('compute') or 'not recorded'}"
         + (f"; this run: {run_cost(summary['stages'])}" if summary.get("stages") else ""),
-        f"- **serving**: " + (f"`models:/{r['name']}@champion` = v{champion}" if champion
-                              else "no champion: no version has passed the gate yet"),
-        f"- **FID**: {r['fid']:.4f}" + (f" ± {std:.4f} (bootstrap sd)" if isinstance(std, (int, float)) else "")
+        "- **serving**: "
+        + (
+            f"`models:/{r['name']}@champion` = v{champion}"
+            if champion
+            else "no champion: no version has passed the gate yet"
+        ),
+        f"- **FID**: {r['fid']:.4f}"
+        + (f" ± {std:.4f} (bootstrap sd)" if isinstance(std, (int, float)) else "")
         + f" under protocol `{pid}`",
         f"  - extractor `{p.get('extractor')}`, weights sha256 `{str(p.get('weights_sha256'))[:16]}…`",
         f"  - {p.get('num_samples')} generated vs {p.get('num_reference')} real images ({p.get('reference_split')} "
@@ -214,15 +237,18 @@ def summary_markdown(summary: dict[str, Any]) -> str:
     for entry in entries("table"):
         value, floor = m.get(entry.name), m.get(entry.floor) if entry.floor else None
         if isinstance(value, (int, float)):
-            lines.append(f"| {entry.row} | {value:.4f} | "
-                         + (f"{floor:.4f}" if isinstance(floor, (int, float)) else "") + " |")
+            lines.append(
+                f"| {entry.row} | {value:.4f} | " + (f"{floor:.4f}" if isinstance(floor, (int, float)) else "") + " |"
+            )
     if isinstance(m.get("fid_ratio"), (int, float)):
         lines += ["", f"FID is **{m['fid_ratio']:.2f}x** the data's floor."]
     lines.append("")
     if isinstance(m.get("classifier_score"), (int, float)):
         clf = d.get("classifier") or {}
-        lines.append(f"- **classifier score** (not IS): {m['classifier_score']:.3f} under `{clf.get('id')}` "
-                     f"(classifier accuracy on real eval {m.get('classifier_accuracy', float('nan')):.3f})")
+        lines.append(
+            f"- **classifier score** (not IS): {m['classifier_score']:.3f} under `{clf.get('id')}` "
+            f"(classifier accuracy on real eval {m.get('classifier_accuracy', float('nan')):.3f})"
+        )
     lines += [
         f"- **Inception Score**: {isc}",
         f"- **model / dataset**: {d.get('model')} on {d.get('dataset')}",
@@ -239,10 +265,12 @@ def require_champion(summary: dict[str, Any]) -> None:
     """Raise :class:`NoChampion` (naming the candidate's verdict) when nothing holds the champion alias."""
     if not summary.get("champion_version"):
         r = summary["receipt"]
-        raise NoChampion(f"{r['name']} has no champion: v{r['version']} ({r.get('family')}) was {r['decision']} "
-                         f"({r['reason']}); no version has passed the gate yet, so `models:/{r['name']}@champion` "
-                         "does not resolve. Train longer or another model (train.epochs, train.model), or relax "
-                         "register.max_fid_ratio")
+        raise NoChampion(
+            f"{r['name']} has no champion: v{r['version']} ({r.get('family')}) was {r['decision']} "
+            f"({r['reason']}); no version has passed the gate yet, so `models:/{r['name']}@champion` "
+            "does not resolve. Train longer or another model (train.epochs, train.model), or relax "
+            "register.max_fid_ratio"
+        )
 
 
 def _one(paths: tuple[str, ...], suffix: str) -> str:

@@ -39,7 +39,9 @@ class BatchRandom:
     def _rows(self, x: torch.Tensor, b: int) -> torch.Tensor:
         return x if self.world == 1 else x[self.rank * b : (self.rank + 1) * b]
 
-    def randn(self, shape: tuple[int, ...], *, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    def randn(
+        self, shape: tuple[int, ...], *, device: torch.device, dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
         b = shape[0]
         x = torch.randn((b * self.world, *shape[1:]), generator=self.generator, device=device, dtype=dtype)
         return self._rows(x, b)

@@ -44,8 +44,10 @@ def _remote(project: Path):
         try:
             return repo.cloud.get_remote()
         except NoRemoteError:
-            raise RemoteError(f"{project}: no default DVC remote; a distributed run exchanges data only through "
-                              "one: `dvc remote add -d storage s3://bucket/path` and commit .dvc/config") from None
+            raise RemoteError(
+                f"{project}: no default DVC remote; a distributed run exchanges data only through "
+                "one: `dvc remote add -d storage s3://bucket/path` and commit .dvc/config"
+            ) from None
 
 
 def pull_stage_inputs(project: Path, stage: str) -> list[str]:
@@ -173,7 +175,7 @@ class CheckpointMirror:
             if not rel.endswith(f"/{_LATEST}"):
                 continue
             folder_remote = rel[: -len(_LATEST) - 1]
-            folder = folder_remote[len(self.prefix) + 1:]
+            folder = folder_remote[len(self.prefix) + 1 :]
             with tempfile.TemporaryDirectory() as tmp:
                 marker = Path(tmp) / _LATEST
                 self.area.fs.get_file(self.area.path(rel), str(marker))
@@ -229,10 +231,11 @@ class CheckpointMirror:
                 self.sync()
             except Exception as e:  # noqa: BLE001 - logged, counted and retried on the next pass
                 self.failures += 1
-                log.warning("checkpoint mirror: upload to %s failed (%s: %s); retrying", self.area.url,
-                            type(e).__name__, e)
+                log.warning(
+                    "checkpoint mirror: upload to %s failed (%s: %s); retrying", self.area.url, type(e).__name__, e
+                )
 
-    def __enter__(self) -> "CheckpointMirror":
+    def __enter__(self) -> CheckpointMirror:
         self._stop.clear()
         self._thread = threading.Thread(target=self._loop, name="checkpoint-mirror", daemon=True)
         self._thread.start()

@@ -138,8 +138,9 @@ def git(project: Path, *args: str) -> str:
     """Run git in ``project``; returns stdout; raises :class:`WorkspaceError` with git's output."""
     proc = subprocess.run(["git", *args], cwd=project, capture_output=True, text=True)
     if proc.returncode != 0:
-        raise WorkspaceError(f"git {' '.join(args)} in {project} failed ({proc.returncode}): "
-                             f"{(proc.stderr or proc.stdout).strip()}")
+        raise WorkspaceError(
+            f"git {' '.join(args)} in {project} failed ({proc.returncode}): {(proc.stderr or proc.stdout).strip()}"
+        )
     return proc.stdout.strip()
 
 
@@ -207,6 +208,8 @@ def assert_runs_own_code(project: Path) -> None:
 
     here = Path(aigc_pipeline.__file__).resolve().parent
     if Path(project).resolve() not in here.parents:
-        raise WorkspaceError(f"this flow run imported aigc_pipeline from {here}, not from its clone {project}: "
-                             "start the worker from an environment where the clone's code comes first "
-                             "(the deployment's pull step sets the working directory to the clone)")
+        raise WorkspaceError(
+            f"this flow run imported aigc_pipeline from {here}, not from its clone {project}: "
+            "start the worker from an environment where the clone's code comes first "
+            "(the deployment's pull step sets the working directory to the clone)"
+        )

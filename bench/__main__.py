@@ -20,21 +20,40 @@ from bench.registry import BENCHMARKS, Context
 
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``python -m bench``."""
-    p = argparse.ArgumentParser(prog="python -m bench", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("names", nargs="*", metavar="NAME",
-                   help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}")
-    p.add_argument("--quick", action="store_true",
-                   help="smoke-test profile (small data, short training, few evaluation samples)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="params.yaml override for every project copy (repeatable); makes the profile 'custom'")
-    p.add_argument("--dvc-repeats", type=int, default=3, help="pipeline: repeats of the dvc repro/status/version timings")
+    p = argparse.ArgumentParser(
+        prog="python -m bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "names", nargs="*", metavar="NAME", help=f"benchmarks to run (default: all): {', '.join(BENCHMARKS)}"
+    )
+    p.add_argument(
+        "--quick", action="store_true", help="smoke-test profile (small data, short training, few evaluation samples)"
+    )
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="params.yaml override for every project copy (repeatable); makes the profile 'custom'",
+    )
+    p.add_argument(
+        "--dvc-repeats", type=int, default=3, help="pipeline: repeats of the dvc repro/status/version timings"
+    )
     p.add_argument("--no-cli-run", action="store_true", help="pipeline: skip timing `aigc run` in a subprocess")
-    p.add_argument("--wait-idle", type=float, default=60.0, metavar="SECONDS",
-                   help="before each phase, wait up to this long for other processes to go quiet "
-                   "(default 60; 0 = never wait)")
-    p.add_argument("--results-dir", type=Path, help="where to write <name>.json and RESULTS.md "
-                   "(default: bench/results + bench/RESULTS.md for the default profile, else bench/.work/)")
+    p.add_argument(
+        "--wait-idle",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="before each phase, wait up to this long for other processes to go quiet (default 60; 0 = never wait)",
+    )
+    p.add_argument(
+        "--results-dir",
+        type=Path,
+        help="where to write <name>.json and RESULTS.md "
+        "(default: bench/results + bench/RESULTS.md for the default profile, else bench/.work/)",
+    )
     p.add_argument("--render-only", action="store_true", help="only re-render RESULTS.md from the results folder")
     return p
 
@@ -68,9 +87,16 @@ def main(argv: list[str] | None = None) -> int:
 
     failed = []
     for name in args.names or list(BENCHMARKS):
-        ctx = Context(name=name, profile=profile, quick=args.quick, overrides=tuple(args.overrides),
-                      work=WORK_DIR / f"{name}-{profile}", dvc_repeats=args.dvc_repeats,
-                      cli_run=not args.no_cli_run, wait_idle=args.wait_idle)
+        ctx = Context(
+            name=name,
+            profile=profile,
+            quick=args.quick,
+            overrides=tuple(args.overrides),
+            work=WORK_DIR / f"{name}-{profile}",
+            dvc_repeats=args.dvc_repeats,
+            cli_run=not args.no_cli_run,
+            wait_idle=args.wait_idle,
+        )
         try:
             doc = importlib.import_module(BENCHMARKS[name]).run(ctx)
             target = report.publish(doc, results_dir, markdown)

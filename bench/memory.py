@@ -63,6 +63,7 @@ def log(msg: str) -> None:
 
 # --- data -----------------------------------------------------------------------------------------
 
+
 def _make_image(i: int):
     """Image ``i``: a seeded two-colour gradient with 3-8 random shapes; a function of ``i`` only."""
     import numpy as np
@@ -98,8 +99,7 @@ def generate(count: int) -> tuple[Path, dict]:
     import multiprocessing
     import shutil
 
-    spec = {"version": SPEC_VERSION, "count": count, "size": SIZE, "mode": "RGB", "format": "PNG",
-            "shapes": [3, 8]}
+    spec = {"version": SPEC_VERSION, "count": count, "size": SIZE, "mode": "RGB", "format": "PNG", "shapes": [3, 8]}
     digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:12]
     root = WORK_DIR / "memory-images" / f"{count}-{digest}"
     marker = root.with_name(root.name + ".complete.json")  # beside the folder: nothing extra inside it
@@ -115,8 +115,7 @@ def generate(count: int) -> tuple[Path, dict]:
     ranges = [(str(tmp), s, min(s + step, count)) for s in range(0, count, step)]
     with multiprocessing.get_context("fork").Pool(os.cpu_count() or 1) as pool:
         total = sum(pool.imap_unordered(_write_range, ranges))
-    stats = {**spec, "bytes": total, "mean_kib": total / count / 1024,
-             "generated_in_s": time.perf_counter() - started}
+    stats = {**spec, "bytes": total, "mean_kib": total / count / 1024, "generated_in_s": time.perf_counter() - started}
     if root.exists():
         shutil.rmtree(root)
     os.replace(tmp, root)
@@ -127,8 +126,10 @@ def generate(count: int) -> tuple[Path, dict]:
 
 # --- a sampled subprocess -----------------------------------------------------------------------------
 
-def run_sampled(argv: list[str], cwd: Path, env: dict[str, str], log_file: Path,
-                stop_after: float | None = None) -> dict[str, Any]:
+
+def run_sampled(
+    argv: list[str], cwd: Path, env: dict[str, str], log_file: Path, stop_after: float | None = None
+) -> dict[str, Any]:
     """Run ``argv``, sampling its process tree's summed RSS; with ``stop_after``, SIGTERM it after that
     many seconds (then SIGKILL 60 s later). Returns wall time, peak RSS and whether it was stopped."""
     from bench.workspace import cpu_snapshot, cpu_span
@@ -173,13 +174,21 @@ def run_sampled(argv: list[str], cwd: Path, env: dict[str, str], log_file: Path,
     if proc.returncode != 0 and stopped["sent_at_s"] is None:
         tail = "\n".join(output.splitlines()[-20:])
         raise BenchError(f"{' '.join(argv)} exited with {proc.returncode}:\n{tail}")
-    return {"seconds": seconds, "returncode": proc.returncode, "peak_rss_mib": peak["rss"] / 2**20,
-            "peak_at_s": peak["at_s"], "peak_processes": peak["processes"], "stopped_at_s": stopped["sent_at_s"],
-            "other_cores": span["other_cores"], "output_tail": output.splitlines()[-3:],
-            "last_progress": next((line.strip() for line in reversed(output.splitlines()) if "step" in line), None)}
+    return {
+        "seconds": seconds,
+        "returncode": proc.returncode,
+        "peak_rss_mib": peak["rss"] / 2**20,
+        "peak_at_s": peak["at_s"],
+        "peak_processes": peak["processes"],
+        "stopped_at_s": stopped["sent_at_s"],
+        "other_cores": span["other_cores"],
+        "output_tail": output.splitlines()[-3:],
+        "last_progress": next((line.strip() for line in reversed(output.splitlines()) if "step" in line), None),
+    }
 
 
 # --- the benchmark --------------------------------------------------------------------------------------
+
 
 def _k(n: int) -> str:
     return f"{n // 1000}k" if n % 1000 == 0 else str(n)
@@ -196,8 +205,16 @@ def _count(folder: Path, split: str = "all") -> int:
 def run(ctx: Any) -> dict[str, Any]:
     """Entry point for ``python -m bench memory`` (see :mod:`bench.registry`)."""
     from bench.report import SCHEMA_VERSION, row
-    from bench.workspace import (BIN, copy_project, fresh_dir, import_from_snapshot, isolate_environment,
-                                 load_average, result_doc, wait_for_quiet)
+    from bench.workspace import (
+        BIN,
+        copy_project,
+        fresh_dir,
+        import_from_snapshot,
+        isolate_environment,
+        load_average,
+        result_doc,
+        wait_for_quiet,
+    )
 
     counts = QUICK_COUNTS if ctx.quick else COUNTS
     train_cap = QUICK_TRAIN_SECONDS if ctx.quick else TRAIN_SECONDS
@@ -206,8 +223,11 @@ def run(ctx: Any) -> dict[str, Any]:
     revision = import_from_snapshot(work / "source")  # also puts the snapshot on PYTHONPATH for the CLI
     data = {n: generate(n) for n in counts}
     project = copy_project(work / "project", work / "source", ctx.overrides)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PREFECT_HOME": str(project / ".prefect")}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PREFECT_HOME": str(project / ".prefect"),
+    }
     env.pop("MLFLOW_TRACKING_URI", None)
     aigc = str(BIN / "aigc")
     load_before = load_average()
@@ -216,28 +236,59 @@ def run(ctx: Any) -> dict[str, Any]:
         name = f"mem{_k(n)}"
         folder = data[n][0]
         commands = {
-            "dataset add": [aigc, "dataset", "add", name, str(folder), "--size", str(SIZE),
-                            "--channels", str(CHANNELS)],
+            "dataset add": [
+                aigc,
+                "dataset",
+                "add",
+                name,
+                str(folder),
+                "--size",
+                str(SIZE),
+                "--channels",
+                str(CHANNELS),
+            ],
             "ingest": [aigc, "ingest", "--dataset", name, "--out", f"data/prepared/{name}"],
             "augment": [aigc, "augment", "--data", f"data/prepared/{name}", "--out", f"data/augmented/{name}"],
-            "train": [aigc, "train", "--data", f"data/augmented/{name}", "--out", f"models/{name}-dcgan",
-                      "--checkpoints", f"checkpoints/{name}-dcgan", "--reference", f"data/prepared/{name}",
-                      "--set", f"dataset={name}", *(x for s in TRAIN_SETTINGS for x in ("--set", s))],
+            "train": [
+                aigc,
+                "train",
+                "--data",
+                f"data/augmented/{name}",
+                "--out",
+                f"models/{name}-dcgan",
+                "--checkpoints",
+                f"checkpoints/{name}-dcgan",
+                "--reference",
+                f"data/prepared/{name}",
+                "--set",
+                f"dataset={name}",
+                *(x for s in TRAIN_SETTINGS for x in ("--set", s)),
+            ],
         }
         records[n] = {}
         for stage, argv in commands.items():
             waited = wait_for_quiet(ctx.wait_idle, CONTENDED_CORES, log=log) if ctx.wait_idle > 0 else None
             log(f"{name} {stage}: {' '.join(argv[1:])}")
-            rec = run_sampled(argv, project, env, work / "logs" / f"{name}-{stage.replace(' ', '-')}.log",
-                              stop_after=train_cap if stage == "train" else None)
+            rec = run_sampled(
+                argv,
+                project,
+                env,
+                work / "logs" / f"{name}-{stage.replace(' ', '-')}.log",
+                stop_after=train_cap if stage == "train" else None,
+            )
             rec["waited"] = waited
             records[n][stage] = rec
-            log(f"{name} {stage}: {rec['seconds']:.1f} s, peak RSS {rec['peak_rss_mib']:.0f} MiB over "
+            log(
+                f"{name} {stage}: {rec['seconds']:.1f} s, peak RSS {rec['peak_rss_mib']:.0f} MiB over "
                 f"{rec['peak_processes']} processes (at {rec['peak_at_s']:.1f} s)"
-                + (f"; stopped by SIGTERM at {rec['stopped_at_s']:.0f} s" if rec["stopped_at_s"] else ""))
-        rec_counts = {"files": n, "prepared": _count(project / "data" / "prepared" / name),
-                      "train_split": _count(project / "data" / "prepared" / name, "train"),
-                      "augmented": _count(project / "data" / "augmented" / name)}
+                + (f"; stopped by SIGTERM at {rec['stopped_at_s']:.0f} s" if rec["stopped_at_s"] else "")
+            )
+        rec_counts = {
+            "files": n,
+            "prepared": _count(project / "data" / "prepared" / name),
+            "train_split": _count(project / "data" / "prepared" / name, "train"),
+            "augmented": _count(project / "data" / "augmented" / name),
+        }
         if rec_counts["prepared"] != n:
             raise BenchError(f"{name}: ingest kept {rec_counts['prepared']} of {n} generated images")
         records[n]["counts"] = rec_counts
@@ -248,22 +299,55 @@ def run(ctx: Any) -> dict[str, Any]:
     array = {n: n * CHANNELS * SIZE * SIZE / mib for n in counts}
     train_array = {n: records[n]["counts"]["augmented"] * CHANNELS * SIZE * SIZE / mib for n in counts}
     rows: list[dict] = []
-    g_peak = (f"Peak RSS of the process tree (MiB; {_k(large)} vs {_k(small)} images; expected growth about "
-              f"the uint8 data, {array[large] - array[small]:.0f} MiB, not a multiple of it)")
+    g_peak = (
+        f"Peak RSS of the process tree (MiB; {_k(large)} vs {_k(small)} images; expected growth about "
+        f"the uint8 data, {array[large] - array[small]:.0f} MiB, not a multiple of it)"
+    )
     for stage in ("ingest", "augment", "train"):
-        rows.append(row(g_peak, f"{stage}, {_k(large)} images", records[large][stage]["peak_rss_mib"], "MiB",
-                        baseline=records[small][stage]["peak_rss_mib"], baseline_label=f"{stage}, {_k(small)} images"))
+        rows.append(
+            row(
+                g_peak,
+                f"{stage}, {_k(large)} images",
+                records[large][stage]["peak_rss_mib"],
+                "MiB",
+                baseline=records[small][stage]["peak_rss_mib"],
+                baseline_label=f"{stage}, {_k(small)} images",
+            )
+        )
     g_growth = "Growth of the peak against the data's uint8 array (MiB; measured in this run)"
+
+    def growth_of(stage: str) -> tuple[float, float]:
+        """(peak at large minus at small, the uint8 array's growth that stage holds)."""
+        grown = records[large][stage]["peak_rss_mib"] - records[small][stage]["peak_rss_mib"]
+        held = train_array if stage == "train" else array
+        return grown, held[large] - held[small]
+
     for stage in ("ingest", "augment", "train"):
-        growth = records[large][stage]["peak_rss_mib"] - records[small][stage]["peak_rss_mib"]
-        expected = array[large] - array[small] if stage != "train" else train_array[large] - train_array[small]
-        rows.append(row(g_growth, f"{stage}: peak at {_k(large)} minus peak at {_k(small)}", growth, "MiB",
-                        baseline=expected, baseline_label=("uint8 array growth, all images" if stage != "train"
-                                                           else "uint8 array growth, training set")))
+        growth, expected = growth_of(stage)
+        rows.append(
+            row(
+                g_growth,
+                f"{stage}: peak at {_k(large)} minus peak at {_k(small)}",
+                growth,
+                "MiB",
+                baseline=expected,
+                baseline_label=(
+                    "uint8 array growth, all images" if stage != "train" else "uint8 array growth, training set"
+                ),
+            )
+        )
     g_time = "Wall time of the command (s; train: stopped at the cap when not done)"
     for stage in STAGES:
-        rows.append(row(g_time, f"{stage}, {_k(large)} images", records[large][stage]["seconds"], "s",
-                        baseline=records[small][stage]["seconds"], baseline_label=f"{stage}, {_k(small)} images"))
+        rows.append(
+            row(
+                g_time,
+                f"{stage}, {_k(large)} images",
+                records[large][stage]["seconds"],
+                "s",
+                baseline=records[small][stage]["seconds"],
+                baseline_label=f"{stage}, {_k(small)} images",
+            )
+        )
 
     notes = [
         f"Data: {_k(small)} and {_k(large)} generated 64x64 RGB PNG files (seeded gradients with 3-8 random "
@@ -272,10 +356,13 @@ def run(ctx: Any) -> dict[str, Any]:
         f"{large * 3 * 64 * 64:,} bytes); training split (what augment writes and train loads, augment.copies "
         f"as in params.yaml) {records[small]['counts']['augmented']} / {records[large]['counts']['augmented']} "
         f"images = {train_array[small]:.0f} / {train_array[large]:.0f} MiB; a float32 copy would be 4x that.",
-        "Growth per stage (peak at large minus at small) vs the uint8 array growth: " + "; ".join(
+        "Growth per stage (peak at large minus at small) vs the uint8 array growth: "
+        + "; ".join(
             f"{stage} {records[large][stage]['peak_rss_mib'] - records[small][stage]['peak_rss_mib']:.0f} MiB "
-            f"({(records[large][stage]['peak_rss_mib'] - records[small][stage]['peak_rss_mib']) / (array[large] - array[small] if stage != 'train' else train_array[large] - train_array[small]):.2f}x "
-            f"the array growth)" for stage in ("ingest", "augment", "train"))
+            f"({growth_of(stage)[0] / growth_of(stage)[1]:.2f}x "
+            f"the array growth)"
+            for stage in ("ingest", "augment", "train")
+        )
         + ". Target: at most about 1x (plus augmented copies), not a multiple.",
         "Each command is the project's CLI (.venv/bin/aigc) in a subprocess, in one fresh project copy; peak RSS "
         f"is the largest summed RSS of the process and all its descendants, sampled every {SAMPLE_SECONDS * 1000:.0f} "
@@ -284,20 +371,42 @@ def run(ctx: Any) -> dict[str, Any]:
         "(evaluate.progress_every=0): with it the hook would also hold the reference split in memory (20% of the "
         "images) and run Inception at the end of the epoch, which the small set reaches and the large one does not.",
         f"train is stopped with SIGTERM after {train_cap:.0f} s when its one epoch is not done by then: "
-        + "; ".join(f"{_k(n)}: " + (f"stopped at {records[n]['train']['stopped_at_s']:.0f} s"
-                                     if records[n]["train"]["stopped_at_s"] else "finished")
-                    + f", peak reached at {records[n]['train']['peak_at_s']:.0f} s" for n in counts)
+        + "; ".join(
+            f"{_k(n)}: "
+            + (
+                f"stopped at {records[n]['train']['stopped_at_s']:.0f} s"
+                if records[n]["train"]["stopped_at_s"]
+                else "finished"
+            )
+            + f", peak reached at {records[n]['train']['peak_at_s']:.0f} s"
+            for n in counts
+        )
         + ". The whole training set is loaded before the first step, so the peak is that of a full epoch's "
         "steady state once steps run; the last progress line before the stop: "
-        + " | ".join(f"{_k(n)}: {(records[n]['train']['last_progress'] or 'none (still starting)')[:160]}"
-                     for n in counts)
+        + " | ".join(
+            f"{_k(n)}: {(records[n]['train']['last_progress'] or 'none (still starting)')[:160]}" for n in counts
+        )
         + ". The end of an epoch (sample grid, model export) is not covered when the cap stops it.",
         f"Load average (1/5/15 min) before {load_before}, after {load_after} on {os.cpu_count()} CPUs. Other "
-        "processes' CPU use per command (average cores): " + ", ".join(
-            f"{_k(n)} {stage} {records[n][stage]['other_cores']:.2f}" for n in counts for stage in STAGES
-            if records[n][stage]["other_cores"] is not None) + " (memory figures hardly depend on it; times do).",
+        "processes' CPU use per command (average cores): "
+        + ", ".join(
+            f"{_k(n)} {stage} {records[n][stage]['other_cores']:.2f}"
+            for n in counts
+            for stage in STAGES
+            if records[n][stage]["other_cores"] is not None
+        )
+        + " (memory figures hardly depend on it; times do).",
     ]
-    return result_doc(ctx, schema_version=SCHEMA_VERSION, name=NAME, title=TITLE,
-                      command="python -m bench memory", rows=rows, notes=notes, project=revision,
-                      overrides=ctx.overrides, data={str(n): stats for n, (_, stats) in data.items()},
-                      measurements={str(n): records[n] for n in counts})
+    return result_doc(
+        ctx,
+        schema_version=SCHEMA_VERSION,
+        name=NAME,
+        title=TITLE,
+        command="python -m bench memory",
+        rows=rows,
+        notes=notes,
+        project=revision,
+        overrides=ctx.overrides,
+        data={str(n): stats for n, (_, stats) in data.items()},
+        measurements={str(n): records[n] for n in counts},
+    )

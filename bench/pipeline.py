@@ -24,15 +24,29 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from bench import COMMAND, BenchError
 from bench.report import SCHEMA_VERSION, row
-from bench.workspace import (BIN, Timed, copy_project, cpu_snapshot, cpu_span, fresh_dir, isolate_environment,
-                             load_average, machine_info, run_timed, snapshot_source, use_source, utc_now,
-                             wait_for_quiet)
+from bench.workspace import (
+    BIN,
+    Timed,
+    copy_project,
+    cpu_snapshot,
+    cpu_span,
+    fresh_dir,
+    isolate_environment,
+    load_average,
+    machine_info,
+    run_timed,
+    snapshot_source,
+    use_source,
+    utc_now,
+    wait_for_quiet,
+)
 
 NAME = "pipeline"
 TITLE = "Pipeline: stage commands vs. Prefect flow vs. no-op `dvc repro`"
@@ -53,9 +67,18 @@ QUICK_OVERRIDES = (
 )
 
 # Imported before any timing so that the first measured stage does not pay for them.
-HEAVY_MODULES = ("torch", "torch_fidelity", "mlflow", "dvc.repo", "aigc_pipeline.commands",
-                 "aigc_pipeline.stages.ingest", "aigc_pipeline.stages.augment", "aigc_pipeline.stages.train",
-                 "aigc_pipeline.stages.evaluate", "aigc_pipeline.stages.register")
+HEAVY_MODULES = (
+    "torch",
+    "torch_fidelity",
+    "mlflow",
+    "dvc.repo",
+    "aigc_pipeline.commands",
+    "aigc_pipeline.stages.ingest",
+    "aigc_pipeline.stages.augment",
+    "aigc_pipeline.stages.train",
+    "aigc_pipeline.stages.evaluate",
+    "aigc_pipeline.stages.register",
+)
 
 
 # Exported by mlflow.set_tracking_uri / set_registry_uri in this process; never meant for another copy.
@@ -159,16 +182,23 @@ def run_direct(project: Path, opts: Options, label: str) -> dict[str, Any]:
             cpu[name] = cpu_span(before, cpu_snapshot())
             stages[name] = cpu[name]["wall_s"]
             opts.log(f"{label}: {name}: {stages[name]:.2f} s{_contention(cpu[name])}")
-    return {"project": str(project), "stages": stages, "total": sum(stages.values()),
-            "fid": _check_outputs(project, commands), "cpu": cpu}
+    return {
+        "project": str(project),
+        "stages": stages,
+        "total": sum(stages.values()),
+        "fid": _check_outputs(project, commands),
+        "cpu": cpu,
+    }
 
 
 def _contention(span: dict) -> str:
     if span.get("other_cores") is None:
         return ""
     sub = max(0.0, span["own_cpu_s"] - span["process_cpu_s"])  # rounding can dip below zero
-    return (f" (CPU-s: this process {span['process_cpu_s']:.1f}, its subprocesses {sub:.1f}; "
-            f"other processes kept {span['other_cores']:.2f} cores busy)")
+    return (
+        f" (CPU-s: this process {span['process_cpu_s']:.1f}, its subprocesses {sub:.1f}; "
+        f"other processes kept {span['other_cores']:.2f} cores busy)"
+    )
 
 
 @contextlib.contextmanager
@@ -221,6 +251,7 @@ def run_flow(project: Path, opts: Options) -> dict[str, Any]:
             span["ran"] = bool(outcome.ran)
             spans.append(span)
             return outcome
+
         return wrapper
 
     def time_run_command(run_command: Callable) -> Callable:
@@ -231,11 +262,15 @@ def run_flow(project: Path, opts: Options) -> dict[str, Any]:
             finally:
                 if "span" in current:
                     current["span"]["command_seconds"] += time.perf_counter() - t0
+
         return wrapper
 
     opts.log(f"flow: retrain(project_dir={project}) with the embedded Prefect server")
-    with (in_project(project), _patched(retrain_module, "run_stage", time_run_stage),
-          _patched(stage_commands, "run_stage_command", time_run_command)):
+    with (
+        in_project(project),
+        _patched(retrain_module, "run_stage", time_run_stage),
+        _patched(stage_commands, "run_stage_command", time_run_command),
+    ):
         call = cpu_snapshot()
         summary = retrain_module.retrain(project_dir=str(project))
         flow_cpu = cpu_span(call, cpu_snapshot())
@@ -244,8 +279,10 @@ def run_flow(project: Path, opts: Options) -> dict[str, Any]:
 
     names = list(commands)
     if [s["stage"] for s in spans] != names:
-        raise BenchError(f"flow ran stages {[s['stage'] for s in spans]}, expected {names} "
-                         "(did flows/retrain.py stop calling run_stage?)")
+        raise BenchError(
+            f"flow ran stages {[s['stage'] for s in spans]}, expected {names} "
+            "(did flows/retrain.py stop calling run_stage?)"
+        )
     if not all(s["ran"] for s in spans):
         skipped = [s["stage"] for s in spans if not s["ran"]]
         raise BenchError(f"flow skipped {skipped} in a fresh copy; its time is not comparable to the direct run")
@@ -273,25 +310,34 @@ def run_flow(project: Path, opts: Options) -> dict[str, Any]:
 
 def _subprocess_env(project: Path) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in MLFLOW_URI_VARS}
-    return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-            "PREFECT_HOME": str(project / ".prefect")}
+    return {**env, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "PREFECT_HOME": str(project / ".prefect")}
 
 
 def run_cli(project: Path, opts: Options) -> dict[str, Any]:
     """Time ``aigc run`` in a subprocess: interpreter, imports, embedded server and the flow."""
     opts.log(f"cli: aigc run in {project}")
-    timed = run_timed([str(BIN / "aigc"), "run"], project, env=_subprocess_env(project),
-                      log=opts.work / "logs" / "aigc-run.log")
+    timed = run_timed(
+        [str(BIN / "aigc"), "run"], project, env=_subprocess_env(project), log=opts.work / "logs" / "aigc-run.log"
+    )
     opts.log(f"cli: {timed.seconds:.2f} s")
     commands = _stage_commands(project)
     _assert_dvc_clean(project, opts, "after `aigc run`")
-    return {"project": str(project), "total": timed.seconds, "fid": _check_outputs(project, commands),
-            "last_line": timed.output.strip().splitlines()[-1] if timed.output.strip() else ""}
+    return {
+        "project": str(project),
+        "total": timed.seconds,
+        "fid": _check_outputs(project, commands),
+        "last_line": timed.output.strip().splitlines()[-1] if timed.output.strip() else "",
+    }
 
 
 def _dvc(project: Path, opts: Options, *args: str, log_name: str) -> Timed:
-    return run_timed([str(BIN / "dvc"), *args], project, env=_subprocess_env(project),
-                     log=opts.work / "logs" / f"{log_name}.log", timeout=300)
+    return run_timed(
+        [str(BIN / "dvc"), *args],
+        project,
+        env=_subprocess_env(project),
+        log=opts.work / "logs" / f"{log_name}.log",
+        timeout=300,
+    )
 
 
 def _assert_dvc_clean(project: Path, opts: Options, when: str) -> None:
@@ -323,11 +369,16 @@ def run_dvc(project: Path, opts: Options) -> dict[str, Any]:
             missing = sorted(set(stages) - set(unchanged))
             raise BenchError(f"`dvc repro` after the flow did not skip {missing}:\n{repro.output}")
         samples["repro"].append(repro.seconds)
-        opts.log(f"dvc #{i + 1}: repro {repro.seconds:.2f} s, status {status.seconds:.2f} s, "
-                 f"version {samples['version'][-1]:.2f} s")
+        opts.log(
+            f"dvc #{i + 1}: repro {repro.seconds:.2f} s, status {status.seconds:.2f} s, "
+            f"version {samples['version'][-1]:.2f} s"
+        )
     _assert_dvc_clean(project, opts, "after the no-op `dvc repro` runs")
-    return {"project": str(project), "samples": samples,
-            "median": {k: statistics.median(v) for k, v in samples.items()}}
+    return {
+        "project": str(project),
+        "samples": samples,
+        "median": {k: statistics.median(v) for k, v in samples.items()},
+    }
 
 
 def _import_heavy_modules() -> float:
@@ -350,8 +401,10 @@ def measure(opts: Options) -> dict[str, Any]:
     source = work / "source"
     revision = snapshot_source(source)
     use_source(source)
-    opts.log(f"source snapshot of {revision['git_commit'][:12]}"
-             f"{' + uncommitted changes' if revision['dirty'] else ''} in {source}")
+    opts.log(
+        f"source snapshot of {revision['git_commit'][:12]}"
+        f"{' + uncommitted changes' if revision['dirty'] else ''} in {source}"
+    )
     load_before = load_average()
     began = time.perf_counter()
     imports = _import_heavy_modules()
@@ -384,9 +437,17 @@ def measure(opts: Options) -> dict[str, Any]:
     load_after = load_average()
     opts.log(f"done in {time.perf_counter() - began:.0f} s; load {load_after}")
 
-    timings = {"imports_in_process": imports, "cold": cold, "direct": direct, "flow": flow,
-               "cli": cli_run, "dvc": dvc, "phases_cpu": phases, "waits_for_quiet": waits,
-               "bench_wall_seconds": time.perf_counter() - began}
+    timings = {
+        "imports_in_process": imports,
+        "cold": cold,
+        "direct": direct,
+        "flow": flow,
+        "cli": cli_run,
+        "dvc": dvc,
+        "phases_cpu": phases,
+        "waits_for_quiet": waits,
+        "bench_wall_seconds": time.perf_counter() - began,
+    }
     return {
         "schema_version": SCHEMA_VERSION,
         "name": NAME if opts.profile.name == "default" else f"{NAME}-{opts.profile.name}",
@@ -396,8 +457,11 @@ def measure(opts: Options) -> dict[str, Any]:
         "machine": machine_info(),
         "project": revision,
         "profile": {"name": opts.profile.name, "overrides": list(overrides), "params": _params(flow_project)},
-        "environment": {"set": {k: v for k, v in isolated.items() if not k.startswith("GIT_")},
-                        "load_average_before": load_before, "load_average_after": load_after},
+        "environment": {
+            "set": {k: v for k, v in isolated.items() if not k.startswith("GIT_")},
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+        },
         "rows": _rows(timings),
         "notes": _notes(timings, load_before, load_after),
         "timings": timings,
@@ -409,34 +473,89 @@ def _rows(t: dict[str, Any]) -> list[dict[str, Any]]:
     g1 = "Stage commands, in-process (`commands.run_stage_command`, arguments from dvc.yaml)"
     rows = [row(g1, f"{name}, warm cache", secs, "s") for name, secs in direct["stages"].items()]
     rows.append(row(g1, "total, warm cache", direct["total"], "s"))
-    rows.append(row(g1, "evaluate, cold cache (first run)", cold["stages"]["evaluate"], "s",
-                    baseline=direct["stages"]["evaluate"], baseline_label="evaluate, warm"))
-    rows.append(row(g1, "total, cold cache (first run)", cold["total"], "s",
-                    baseline=direct["total"], baseline_label="total, warm"))
+    rows.append(
+        row(
+            g1,
+            "evaluate, cold cache (first run)",
+            cold["stages"]["evaluate"],
+            "s",
+            baseline=direct["stages"]["evaluate"],
+            baseline_label="evaluate, warm",
+        )
+    )
+    rows.append(
+        row(
+            g1,
+            "total, cold cache (first run)",
+            cold["total"],
+            "s",
+            baseline=direct["total"],
+            baseline_label="total, warm",
+        )
+    )
 
     g2 = "Prefect flow `retrain(project_dir)`, in-process, embedded server (warm cache)"
     overhead = flow["total"] - direct["total"]
-    rows.append(row(g2, "flow total (server start included)", flow["total"], "s",
-                    baseline=direct["total"], baseline_label="stage commands, warm"))
+    rows.append(
+        row(
+            g2,
+            "flow total (server start included)",
+            flow["total"],
+            "s",
+            baseline=direct["total"],
+            baseline_label="stage commands, warm",
+        )
+    )
     rows.append(row(g2, "Prefect flow overhead (flow − direct)", overhead, "s"))
     rows.append(row(g2, "… start: flow call → first stage (server start, runs created)", flow["startup"], "s"))
     rows.append(row(g2, "… DVC per stage: status check + `dvc commit` (Σ)", flow["dvc_bookkeeping"], "s"))
     rows.append(row(g2, "… Prefect between/after stages (task runs, teardown)", flow["orchestration"], "s"))
-    rows.append(row(g2, "… stage commands inside the flow − the same commands direct",
-                    sum(flow["stage_commands"].values()) - direct["total"], "s"))
+    rows.append(
+        row(
+            g2,
+            "… stage commands inside the flow − the same commands direct",
+            sum(flow["stage_commands"].values()) - direct["total"],
+            "s",
+        )
+    )
     for name, secs in flow["stages"].items():
-        rows.append(row(g2, f"task `{name}` (DVC check + command + commit)", secs, "s",
-                        baseline=direct["stages"][name], baseline_label="direct"))
+        rows.append(
+            row(
+                g2,
+                f"task `{name}` (DVC check + command + commit)",
+                secs,
+                "s",
+                baseline=direct["stages"][name],
+                baseline_label="direct",
+            )
+        )
     if cli_run is not None:
-        rows.append(row(g2, "`aigc run` subprocess, end to end (imports included)", cli_run["total"], "s",
-                        baseline=direct["total"], baseline_label="stage commands, warm"))
+        rows.append(
+            row(
+                g2,
+                "`aigc run` subprocess, end to end (imports included)",
+                cli_run["total"],
+                "s",
+                baseline=direct["total"],
+                baseline_label="stage commands, warm",
+            )
+        )
 
     g3 = "No-op `dvc repro` after the flow (median of repeats, subprocess)"
     m = dvc["median"]
-    rows.append(row(g3, "`dvc repro` (every stage unchanged)", m["repro"], "s",
-                    baseline=m["status"], baseline_label="`dvc status`"))
-    rows.append(row(g3, "`dvc repro` vs. DVC start-up", m["repro"], "s",
-                    baseline=m["version"], baseline_label="`dvc version`"))
+    rows.append(
+        row(
+            g3,
+            "`dvc repro` (every stage unchanged)",
+            m["repro"],
+            "s",
+            baseline=m["status"],
+            baseline_label="`dvc status`",
+        )
+    )
+    rows.append(
+        row(g3, "`dvc repro` vs. DVC start-up", m["repro"], "s", baseline=m["version"], baseline_label="`dvc version`")
+    )
     rows.append(row(g3, "`dvc status`", m["status"], "s", baseline=m["version"], baseline_label="`dvc version`"))
     return rows
 
@@ -445,9 +564,11 @@ def _server_note(flow: dict[str, Any]) -> str:
     start, whole = flow["startup_cpu"], flow["flow_cpu"]
     server_start = start["own_cpu_s"] - start["process_cpu_s"]
     server_all = whole["own_cpu_s"] - whole["process_cpu_s"]
-    return (f"CPU during the flow: before the first stage ({start['wall_s']:.1f} s wall) Prefect's server "
-            f"subprocess used {server_start:.1f} CPU-s and this process {start['process_cpu_s']:.1f} CPU-s; over "
-            f"the whole flow the server used {server_all:.1f} CPU-s of {whole['own_cpu_s']:.1f} CPU-s in all.")
+    return (
+        f"CPU during the flow: before the first stage ({start['wall_s']:.1f} s wall) Prefect's server "
+        f"subprocess used {server_start:.1f} CPU-s and this process {start['process_cpu_s']:.1f} CPU-s; over "
+        f"the whole flow the server used {server_all:.1f} CPU-s of {whole['own_cpu_s']:.1f} CPU-s in all."
+    )
 
 
 def _notes(t: dict[str, Any], load_before: list[float], load_after: list[float]) -> list[str]:
@@ -471,38 +592,57 @@ def _notes(t: dict[str, Any], load_before: list[float], load_after: list[float])
         "Prefect's server.",
         _server_note(flow),
         f"FID check (same seeds): cold {cold['fid']:.3f}, direct {direct['fid']:.3f}, flow {flow['fid']:.3f}"
-        + (f", `aigc run` {cli_run['fid']:.3f}" if cli_run else "") + ".",
+        + (f", `aigc run` {cli_run['fid']:.3f}" if cli_run else "")
+        + ".",
         f"`dvc status --json` was asserted `{{}}` after the flow and after the no-op repros; every "
         f"`dvc repro` said each stage didn't change ({len(dvc['samples']['repro'])} repeats, interleaved with "
         f"`dvc status` and `dvc version`).",
         f"Load average (1/5/15 min) before {load_before}, after {load_after} on "
         f"{os.cpu_count()} CPUs; another process sharing the CPUs inflates every figure.",
     ]
-    busy = [f"{label} {span['other_cores']:.2f}" for label, span in t["phases_cpu"].items()
-            if span.get("other_cores") is not None]
+    busy = [
+        f"{label} {span['other_cores']:.2f}"
+        for label, span in t["phases_cpu"].items()
+        if span.get("other_cores") is not None
+    ]
     if busy:
-        notes.append("CPU used by other processes (not this benchmark or its subprocesses, from /proc/stat), "
-                     "average cores busy per phase: " + ", ".join(busy) + f" (of {os.cpu_count()}).")
-    contended = [f"{run} {stage} ({span['other_cores']:.2f} cores)"
-                 for run in ("cold", "direct", "flow") for stage, span in t[run]["cpu"].items()
-                 if span.get("other_cores") is not None and span["other_cores"] >= CONTENDED_CORES
-                 and span["wall_s"] >= 1.0]
+        notes.append(
+            "CPU used by other processes (not this benchmark or its subprocesses, from /proc/stat), "
+            "average cores busy per phase: " + ", ".join(busy) + f" (of {os.cpu_count()})."
+        )
+    contended = [
+        f"{run} {stage} ({span['other_cores']:.2f} cores)"
+        for run in ("cold", "direct", "flow")
+        for stage, span in t[run]["cpu"].items()
+        if span.get("other_cores") is not None and span["other_cores"] >= CONTENDED_CORES and span["wall_s"] >= 1.0
+    ]
     if contended:
-        notes.append(f"Other processes kept >= {CONTENDED_CORES} cores busy during: " + ", ".join(contended)
-                     + "; those figures are inflated (torch's threads slow down sharply when a core is taken).")
+        notes.append(
+            f"Other processes kept >= {CONTENDED_CORES} cores busy during: "
+            + ", ".join(contended)
+            + "; those figures are inflated (torch's threads slow down sharply when a core is taken)."
+        )
     if cli_run is None:
         notes.append("`aigc run` in a subprocess was not measured (--no-cli-run).")
     if t["waits_for_quiet"]:
-        waited = ", ".join(f"{label} {w['waited_s']:.0f} s{'' if w['quiet'] else ' (gave up: still busy)'}"
-                           for label, w in t["waits_for_quiet"].items())
-        notes.append(f"Before each phase the benchmark waited for other processes to use < {CONTENDED_CORES} "
-                     f"cores: {waited}.")
+        waited = ", ".join(
+            f"{label} {w['waited_s']:.0f} s{'' if w['quiet'] else ' (gave up: still busy)'}"
+            for label, w in t["waits_for_quiet"].items()
+        )
+        notes.append(
+            f"Before each phase the benchmark waited for other processes to use < {CONTENDED_CORES} cores: {waited}."
+        )
     return notes
 
 
 def run(ctx: Any) -> dict[str, Any]:
     """Entry point for ``python -m bench pipeline`` (see :mod:`bench.registry`)."""
     overrides = (QUICK_OVERRIDES if ctx.quick else ()) + tuple(ctx.overrides)
-    opts = Options(profile=Profile(ctx.profile, overrides), work=ctx.work, dvc_repeats=ctx.dvc_repeats,
-                   cli_run=ctx.cli_run, wait_idle=ctx.wait_idle)
+    opts = Options(
+        profile=Profile(ctx.profile, overrides),
+        work=ctx.work,
+        dvc_repeats=ctx.dvc_repeats,
+        cli_run=ctx.cli_run,
+        wait_idle=ctx.wait_idle,
+    )
     return measure(opts)

@@ -22,9 +22,10 @@ import shutil
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench import RESULTS_DIR, BenchError
 from bench.report import SCHEMA_VERSION, row, write_text_atomic
@@ -109,27 +110,58 @@ def run(ctx: Any) -> dict[str, Any]:
     for family in MODELS:
         results[family] = {b: [] for b in sizes.budgets}
         for seed in sizes.seeds:
-            cfg = load_config(repo_params, [*overrides, f"train.model={family}", f"train.seed={seed}",
-                                            f"train.epochs={UNBOUNDED_EPOCHS}", *FAMILY_SETTINGS[family]])
+            cfg = load_config(
+                repo_params,
+                [
+                    *overrides,
+                    f"train.model={family}",
+                    f"train.seed={seed}",
+                    f"train.epochs={UNBOUNDED_EPOCHS}",
+                    *FAMILY_SETTINGS[family],
+                ],
+            )
             hp = resolve_hparams(cfg.train)
-            settings[family] = {"overrides": list(FAMILY_SETTINGS[family]), "lr": hp.lr, "betas": [hp.beta1, hp.beta2],
-                                "batch_size": cfg.train.batch_size, "width": cfg.train.width,
-                                "latent_dim": cfg.train.latent_dim}
+            settings[family] = {
+                "overrides": list(FAMILY_SETTINGS[family]),
+                "lr": hp.lr,
+                "betas": [hp.beta1, hp.beta2],
+                "batch_size": cfg.train.batch_size,
+                "width": cfg.train.width,
+                "latent_dim": cfg.train.latent_dim,
+            }
             out = work / "runs" / f"{family}-{seed}"
             spent = 0.0
             for budget in sizes.budgets:
+
                 def train_then_score() -> dict[str, float]:
                     nonlocal spent
                     stop, total = _stopper(budget, spent)
-                    result = train_stage.run(cfg, augmented, out / f"model-{budget:g}s", out / "checkpoints",
-                                             quiet=True, project_dir=work, should_stop=stop)
+                    result = train_stage.run(
+                        cfg,
+                        augmented,
+                        out / f"model-{budget:g}s",
+                        out / "checkpoints",
+                        quiet=True,
+                        project_dir=work,
+                        should_stop=stop,
+                    )
                     spent = total()
-                    scored = evaluate.run(cfg, out / f"model-{budget:g}s", prepared, out / f"eval-{budget:g}s",
-                                          quiet=True)
-                    return {"fid": scored.fid, "fid_std": scored.fid_std, "precision": scored.precision,
-                            "recall": scored.recall, "floor_fid": scored.floor.fid,
-                            "floor_precision": scored.floor.precision, "floor_recall": scored.floor.recall,
-                            "steps": result.steps, "train_s": spent, "protocol": scored.protocol.id}
+                    scored = evaluate.run(
+                        cfg, out / f"model-{budget:g}s", prepared, out / f"eval-{budget:g}s", quiet=True
+                    )
+                    return {
+                        "fid": scored.fid,
+                        "fid_std": scored.fid_std,
+                        "precision": scored.precision,
+                        "recall": scored.recall,
+                        "floor_fid": scored.floor.fid,
+                        "floor_precision": scored.floor.precision,
+                        "floor_recall": scored.floor.recall,
+                        "steps": result.steps,
+                        "train_s": spent,
+                        "protocol": scored.protocol.id,
+                    }
+
                 measured = phases(f"{family} seed {seed} to {budget:g} s", train_then_score)
                 results[family][budget].append(measured)
                 if seed == sizes.seeds[0]:
@@ -138,19 +170,33 @@ def run(ctx: Any) -> dict[str, Any]:
     conditional: dict[str, dict[str, float]] = {}
     budget = sizes.budgets[-1]
     for family in CONDITIONAL:
-        cfg = load_config(repo_params, [*overrides, f"train.model={family}", "train.conditional=true",
-                                        f"train.epochs={UNBOUNDED_EPOCHS}", *FAMILY_SETTINGS[family]])
+        cfg = load_config(
+            repo_params,
+            [
+                *overrides,
+                f"train.model={family}",
+                "train.conditional=true",
+                f"train.epochs={UNBOUNDED_EPOCHS}",
+                *FAMILY_SETTINGS[family],
+            ],
+        )
         out = work / "runs" / f"{family}-conditional"
 
         def conditional_run() -> dict[str, float]:
             stop, _ = _stopper(budget, 0.0)
-            result = train_stage.run(cfg, augmented, out / "model", out / "checkpoints", quiet=True,
-                                     project_dir=work, should_stop=stop)
+            result = train_stage.run(
+                cfg, augmented, out / "model", out / "checkpoints", quiet=True, project_dir=work, should_stop=stop
+            )
             evaluate.run(cfg, out / "model", prepared, out / "eval", quiet=True)
             scored = read_evaluation(out / "eval")
-            return {"label_accuracy": scored.value("classifier_label_accuracy"),
-                    "classifier_accuracy": scored.value("classifier_accuracy"), "fid": scored.value("fid"),
-                    "fid_ratio": scored.value("fid_ratio"), "steps": result.steps}
+            return {
+                "label_accuracy": scored.value("classifier_label_accuracy"),
+                "classifier_accuracy": scored.value("classifier_accuracy"),
+                "fid": scored.value("fid"),
+                "fid_ratio": scored.value("fid_ratio"),
+                "steps": result.steps,
+            }
+
         conditional[family] = phases(f"{family} conditional to {budget:g} s", conditional_run)
         shutil.copy2(out / "eval" / "samples.png", grids / f"{family}-conditional-{budget:g}s.png")
 
@@ -160,23 +206,41 @@ def run(ctx: Any) -> dict[str, Any]:
         raise BenchError("the evaluations were made under different protocols: not comparable")
     rows: list[dict[str, Any]] = []
     for budget in sizes.budgets:
-        group = (f"After {budget:g} s of training on this CPU (mean ± sd over {len(sizes.seeds)} seed(s); "
-                 f"baseline: real data, the floor)")
+        group = (
+            f"After {budget:g} s of training on this CPU (mean ± sd over {len(sizes.seeds)} seed(s); "
+            f"baseline: real data, the floor)"
+        )
         for family in MODELS:
             runs = results[family][budget]
             steps = statistics.mean(r["steps"] for r in runs)
             for metric, better in (("fid", "lower"), ("precision", "higher"), ("recall", "higher")):
                 values = [r[metric] for r in runs]
                 sd = statistics.stdev(values) if len(values) > 1 else 0.0
-                rows.append(row(group, f"{family} {metric} ({better} is better; ± {sd:.3g}; {steps:.0f} steps)",
-                                statistics.mean(values), metric if metric == "fid" else "share",
-                                baseline=floor[metric], baseline_label="real data (floor)"))
-    group = (f"Class-conditional (train.conditional: true), after {budget:g} s, seed 0: share of samples the digit "
-             "classifier assigns to the requested class")
+                rows.append(
+                    row(
+                        group,
+                        f"{family} {metric} ({better} is better; ± {sd:.3g}; {steps:.0f} steps)",
+                        statistics.mean(values),
+                        metric if metric == "fid" else "share",
+                        baseline=floor[metric],
+                        baseline_label="real data (floor)",
+                    )
+                )
+    group = (
+        f"Class-conditional (train.conditional: true), after {budget:g} s, seed 0: share of samples the digit "
+        "classifier assigns to the requested class"
+    )
     for family, c in conditional.items():
-        rows.append(row(group, f"{family} ({c['steps']} steps; FID {c['fid']:.1f}, {c['fid_ratio']:.2f}x the floor)",
-                        c["label_accuracy"], "share", baseline=c["classifier_accuracy"],
-                        baseline_label="the classifier on real eval digits"))
+        rows.append(
+            row(
+                group,
+                f"{family} ({c['steps']} steps; FID {c['fid']:.1f}, {c['fid_ratio']:.2f}x the floor)",
+                c["label_accuracy"],
+                "share",
+                baseline=c["classifier_accuracy"],
+                baseline_label="the classifier on real eval digits",
+            )
+        )
     notes = [
         f"Protocol {protocol}: the evaluate stage as the pipeline runs it (params.yaml's evaluate section"
         f"{', plus ' + ', '.join(sizes.overrides) if sizes.overrides else ''}). The floor: "
@@ -185,24 +249,43 @@ def run(ctx: Any) -> dict[str, Any]:
         "1.0 is as good as real data.",
         "Budgets are wall-clock seconds of the train stage (model building, resuming and the fixed-noise grids "
         "included), on the machine below; each seed is one training evaluated at every budget.",
-        "Families: " + "; ".join(f"{f}: lr {s['lr']:g}, betas {s['betas'][0]:g}/{s['betas'][1]:g}, batch "
-                                 f"{s['batch_size']}, width {s['width']}" + (f" ({', '.join(s['overrides'])})"
-                                                                             if s["overrides"] else "")
-                                 for f, s in settings.items()) + ".",
+        "Families: "
+        + "; ".join(
+            f"{f}: lr {s['lr']:g}, betas {s['betas'][0]:g}/{s['betas'][1]:g}, batch "
+            f"{s['batch_size']}, width {s['width']}" + (f" ({', '.join(s['overrides'])})" if s["overrides"] else "")
+            for f, s in settings.items()
+        )
+        + ".",
         "Sample grids (seed 0, the evaluation's first 64 samples): bench/results/quality/; the table with "
         "pictures: bench/results/quality.md.",
     ]
     contended = phases.contended()
     if contended:
-        notes.append("Other processes kept the CPU busy during: " + "; ".join(contended)
-                     + ". Budgets are wall-clock: re-run on a quiet machine for figures to publish.")
+        notes.append(
+            "Other processes kept the CPU busy during: "
+            + "; ".join(contended)
+            + ". Budgets are wall-clock: re-run on a quiet machine for figures to publish."
+        )
     if ctx.quick:
-        notes.append("--quick profile: a smoke test (seconds of training, one seed, a small sample); "
-                     "its figures prove nothing.")
-    doc = result_doc(ctx, schema_version=SCHEMA_VERSION, name=NAME, title=TITLE, command=COMMAND, rows=rows,
-                     notes=notes, project=project, overrides=overrides,
-                     raw={f: {f"{b:g}": runs for b, runs in per.items()} for f, per in results.items()},
-                     families=settings, conditional=conditional, phases=phases.record, environment=env_vars)
+        notes.append(
+            "--quick profile: a smoke test (seconds of training, one seed, a small sample); its figures prove nothing."
+        )
+    doc = result_doc(
+        ctx,
+        schema_version=SCHEMA_VERSION,
+        name=NAME,
+        title=TITLE,
+        command=COMMAND,
+        rows=rows,
+        notes=notes,
+        project=project,
+        overrides=overrides,
+        raw={f: {f"{b:g}": runs for b, runs in per.items()} for f, per in results.items()},
+        families=settings,
+        conditional=conditional,
+        phases=phases.record,
+        environment=env_vars,
+    )
     if ctx.profile == "default":
         publish_zoo(doc, grids, sizes.budgets, RESULTS_DIR)
     return doc
@@ -235,19 +318,28 @@ def publish_zoo(doc: dict[str, Any], grids: Path, budgets: tuple[float, ...], re
         for b in budgets:
             runs = per[f"{b:g}"]
             fid = statistics.mean(r["fid"] for r in runs)
-            cells.append(f"![{family} {b:g} s](quality/{family}-{b:g}s.png)<br>FID {fid:.1f} "
-                         f"({fid / first['floor_fid']:.2f}x) / {statistics.mean(r['precision'] for r in runs):.2f}"
-                         f" / {statistics.mean(r['recall'] for r in runs):.2f}")
+            cells.append(
+                f"![{family} {b:g} s](quality/{family}-{b:g}s.png)<br>FID {fid:.1f} "
+                f"({fid / first['floor_fid']:.2f}x) / {statistics.mean(r['precision'] for r in runs):.2f}"
+                f" / {statistics.mean(r['recall'] for r in runs):.2f}"
+            )
         lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
     if doc.get("conditional"):
         last = f"{budgets[-1]:g}"
-        lines += ["", f"Class-conditional (`train.conditional: true`), {budgets[-1] / 60:g} min, seed 0; samples cycle "
-                  "through the classes 0-9, and the share is how many of them the digit classifier assigns to the "
-                  "class they were asked for:", "", "| family | samples | requested class | real digits |",
-                  "| --- | --- | ---: | ---: |"]
+        lines += [
+            "",
+            f"Class-conditional (`train.conditional: true`), {budgets[-1] / 60:g} min, seed 0; samples cycle "
+            "through the classes 0-9, and the share is how many of them the digit classifier assigns to the "
+            "class they were asked for:",
+            "",
+            "| family | samples | requested class | real digits |",
+            "| --- | --- | ---: | ---: |",
+        ]
         for family, c in doc["conditional"].items():
-            lines.append(f"| `{family}` | ![{family} conditional](quality/{family}-conditional-{last}s.png) | "
-                         f"{c['label_accuracy']:.2f} | {c['classifier_accuracy']:.2f} |")
+            lines.append(
+                f"| `{family}` | ![{family} conditional](quality/{family}-conditional-{last}s.png) | "
+                f"{c['label_accuracy']:.2f} | {c['classifier_accuracy']:.2f} |"
+            )
     path = results_dir / "quality.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     # The same tables in RESULTS.md (bench/), whose picture paths start one folder up.

@@ -10,23 +10,44 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 from bench import BenchError
 
 SCHEMA_VERSION = 1
-REQUIRED = {"schema_version": int, "name": str, "title": str, "command": str, "date": str,
-            "machine": dict, "rows": list, "notes": list}
+REQUIRED = {
+    "schema_version": int,
+    "name": str,
+    "title": str,
+    "command": str,
+    "date": str,
+    "machine": dict,
+    "rows": list,
+    "notes": list,
+}
 ROW_KEYS = {"group", "metric", "value", "unit", "baseline", "baseline_label", "ratio"}
 
 MACHINE_ORDER = ("cpu_model", "cpu_count", "memory_gib", "python", "torch")
-MACHINE_LABELS = {"cpu_model": "CPU", "cpu_count": "CPUs", "memory_gib": "memory (GiB)",
-                  "python": "Python", "torch": "torch"}
+MACHINE_LABELS = {
+    "cpu_model": "CPU",
+    "cpu_count": "CPUs",
+    "memory_gib": "memory (GiB)",
+    "python": "Python",
+    "torch": "torch",
+}
 
 
-def row(group: str, metric: str, value: float, unit: str, *, baseline: float | None = None,
-        baseline_label: str | None = None) -> dict[str, Any]:
+def row(
+    group: str,
+    metric: str,
+    value: float,
+    unit: str,
+    *,
+    baseline: float | None = None,
+    baseline_label: str | None = None,
+) -> dict[str, Any]:
     """One measured figure; ``ratio`` is ``value / baseline`` when a baseline is given."""
     if (baseline is None) != (baseline_label is None):
         raise BenchError(f"row {metric!r}: give both baseline and baseline_label, or neither")
@@ -35,8 +56,15 @@ def row(group: str, metric: str, value: float, unit: str, *, baseline: float | N
         if not baseline > 0:
             raise BenchError(f"row {metric!r}: baseline {baseline!r} must be > 0 for a ratio")
         ratio = value / baseline
-    return {"group": group, "metric": metric, "value": value, "unit": unit,
-            "baseline": baseline, "baseline_label": baseline_label, "ratio": ratio}
+    return {
+        "group": group,
+        "metric": metric,
+        "value": value,
+        "unit": unit,
+        "baseline": baseline,
+        "baseline_label": baseline_label,
+        "ratio": ratio,
+    }
 
 
 def _finite(x: Any) -> bool:
@@ -112,8 +140,11 @@ def _cell(text: str) -> str:
 
 def _machine_line(machine: dict[str, Any]) -> str:
     parts = [f"{MACHINE_LABELS[k]}: {machine[k]}" for k in MACHINE_ORDER if machine.get(k) is not None]
-    parts += [f"{k}: {v}" for k, v in machine.items()
-              if k not in MACHINE_ORDER and isinstance(v, (str, int, float, bool)) and v is not None]
+    parts += [
+        f"{k}: {v}"
+        for k, v in machine.items()
+        if k not in MACHINE_ORDER and isinstance(v, (str, int, float, bool)) and v is not None
+    ]
     return "; ".join(parts)
 
 

@@ -27,8 +27,18 @@ from typing import Any
 
 from bench import BenchError
 from bench.report import SCHEMA_VERSION, row
-from bench.workspace import (BIN, copy_project, fresh_dir, isolate_environment, load_average, machine_info,
-                             run_timed, snapshot_source, use_source, utc_now)
+from bench.workspace import (
+    BIN,
+    copy_project,
+    fresh_dir,
+    isolate_environment,
+    load_average,
+    machine_info,
+    run_timed,
+    snapshot_source,
+    use_source,
+    utc_now,
+)
 
 NAME = "scale"
 TITLE = "Scale-out: `prefect deployment run` (cpu + gpu pools, MLflow server, DVC remote) vs. `aigc run`"
@@ -47,8 +57,14 @@ def _log(msg: str) -> None:
 def _deploy(cluster: Any) -> float:
     admin = cluster.clone("admin")
     started = time.perf_counter()
-    proc = subprocess.run([str(BIN / "aigc"), "deploy"], cwd=admin, env=cluster.client_env(cluster.base / "admin-home"),
-                          capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(
+        [str(BIN / "aigc"), "deploy"],
+        cwd=admin,
+        env=cluster.client_env(cluster.base / "admin-home"),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if proc.returncode != 0:
         raise BenchError(f"aigc deploy failed:\n{proc.stdout}\n{proc.stderr}")
     return time.perf_counter() - started
@@ -73,7 +89,9 @@ def _flow_runs(cluster: Any, run_id: str) -> dict[str, Any]:
     with temporary_settings({PREFECT_API_URL: cluster.prefect_api}):
         with get_client(sync_client=True) as client:
             parent = client.read_flow_run(uuid.UUID(run_id))
-            trains = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["train"])))
+            trains = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["train"]))
+            )
     children = [r for r in trains if r.parameters.get("lineage_flow_run_id") == run_id]
     return {"parent": parent, "children": children}
 
@@ -99,8 +117,10 @@ def run_distributed(cluster: Any, overrides: tuple[str, ...], label: str) -> dic
         state = runs["parent"].state
         version = _registered(cluster, run_id)
         if version is None and state is not None and state.is_final():
-            raise BenchError(f"{label}: flow run {run_id} ended {state.type.value} without a registered model: "
-                             f"{state.message}\nlogs: {cluster.logs}")
+            raise BenchError(
+                f"{label}: flow run {run_id} ended {state.type.value} without a registered model: "
+                f"{state.message}\nlogs: {cluster.logs}"
+            )
         time.sleep(0.5)
     to_registered = time.perf_counter() - started
     while not (runs := _flow_runs(cluster, run_id))["parent"].state.is_final():
@@ -112,7 +132,9 @@ def run_distributed(cluster: Any, overrides: tuple[str, ...], label: str) -> dic
     (child,) = runs["children"]
     _log(f"{label}: registered after {to_registered:.1f} s, flow completed after {to_completed:.1f} s")
     return {
-        "flow_run_id": run_id, "launch_cli_s": launched, "to_registered_s": to_registered,
+        "flow_run_id": run_id,
+        "launch_cli_s": launched,
+        "to_registered_s": to_registered,
         "to_completed_s": to_completed,
         "cpu_run_pickup_s": (parent.start_time - parent.created).total_seconds(),
         "cpu_run_s": (parent.end_time - parent.start_time).total_seconds(),
@@ -162,9 +184,11 @@ def measure(ctx: Any) -> dict[str, Any]:
     began = time.perf_counter()
     warm = run_direct(source, work, overrides, "warm-up")  # untimed: fills AIGC_CACHE_DIR, page cache
     started = time.perf_counter()
-    cluster = Cluster.start(work / "cluster", source,
-                            worker_env={**WORKER_ENV, "AIGC_CACHE_DIR": isolated["AIGC_CACHE_DIR"],
-                                        "TORCH_HOME": isolated["TORCH_HOME"]})
+    cluster = Cluster.start(
+        work / "cluster",
+        source,
+        worker_env={**WORKER_ENV, "AIGC_CACHE_DIR": isolated["AIGC_CACHE_DIR"], "TORCH_HOME": isolated["TORCH_HOME"]},
+    )
     try:
         servers_s = time.perf_counter() - started
         deploy_s = _deploy(cluster)
@@ -181,8 +205,14 @@ def measure(ctx: Any) -> dict[str, Any]:
     finally:
         cluster.stop()
     load_after = load_average()
-    timings = {"warm_up": warm, "distributed": distributed, "direct": direct, "servers_start_s": servers_s,
-               "deploy_s": deploy_s, "bench_wall_s": time.perf_counter() - began}
+    timings = {
+        "warm_up": warm,
+        "distributed": distributed,
+        "direct": direct,
+        "servers_start_s": servers_s,
+        "deploy_s": deploy_s,
+        "bench_wall_s": time.perf_counter() - began,
+    }
     profile = "default" if ctx.profile == "default" else ctx.profile
     return {
         "schema_version": SCHEMA_VERSION,
@@ -210,19 +240,47 @@ def _rows(t: dict[str, Any], profile: str) -> list[dict[str, Any]]:
     reg = _median(dist, "to_registered_s")
     g1 = f"{profile.capitalize()} profile, warm caches, median of {len(dist)} interleaved pairs"
     rows = [
-        row(g1, "`prefect deployment run` → registered model version", reg, "s",
-            baseline=base, baseline_label="`aigc run` (same stages, embedded)"),
-        row(g1, "… → flow run completed (artifacts published)", _median(dist, "to_completed_s"), "s",
-            baseline=base, baseline_label="`aigc run`"),
-        row(g1, "distribution overhead (registered − `aigc run`)", reg - base, "s",
-            baseline=TARGET_OVERHEAD_S, baseline_label="target"),
+        row(
+            g1,
+            "`prefect deployment run` → registered model version",
+            reg,
+            "s",
+            baseline=base,
+            baseline_label="`aigc run` (same stages, embedded)",
+        ),
+        row(
+            g1,
+            "… → flow run completed (artifacts published)",
+            _median(dist, "to_completed_s"),
+            "s",
+            baseline=base,
+            baseline_label="`aigc run`",
+        ),
+        row(
+            g1,
+            "distribution overhead (registered − `aigc run`)",
+            reg - base,
+            "s",
+            baseline=TARGET_OVERHEAD_S,
+            baseline_label="target",
+        ),
         row(g1, "`aigc run`, end to end", base, "s"),
     ]
     g2 = "Where the distributed run spends its time (medians, from the Prefect API)"
     rows += [
-        row(g2, "cpu pool: created → flow running (poll, process, clone, imports)", _median(dist, "cpu_run_pickup_s"), "s"),
+        row(
+            g2,
+            "cpu pool: created → flow running (poll, process, clone, imports)",
+            _median(dist, "cpu_run_pickup_s"),
+            "s",
+        ),
         row(g2, "cpu pool: retrain flow run, running", _median(dist, "cpu_run_s"), "s"),
-        row(g2, "gpu pool: created → flow running (poll, process, clone, imports)", _median(dist, "gpu_run_pickup_s"), "s"),
+        row(
+            g2,
+            "gpu pool: created → flow running (poll, process, clone, imports)",
+            _median(dist, "gpu_run_pickup_s"),
+            "s",
+        ),
         row(g2, "gpu pool: train flow run, running (pull, train, push, record)", _median(dist, "gpu_run_s"), "s"),
         row(g2, "`prefect deployment run` CLI itself", _median(dist, "launch_cli_s"), "s"),
     ]

@@ -29,7 +29,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from bench import BenchError
 from bench.report import SCHEMA_VERSION, row
@@ -55,10 +55,26 @@ class Sizes:
     checkpoint_steps: int
 
 
-FULL = Sizes(warmup=3, steps=15, rounds=2, option_steps=60, compile=True, seeds=(0, 1, 2),
-             quality_overrides=(), checkpoint_steps=40)
-QUICK = Sizes(warmup=1, steps=4, rounds=1, option_steps=10, compile=False, seeds=(0,),
-              quality_overrides=("train.epochs=1", "evaluate.num_samples=60"), checkpoint_steps=12)
+FULL = Sizes(
+    warmup=3,
+    steps=15,
+    rounds=2,
+    option_steps=60,
+    compile=True,
+    seeds=(0, 1, 2),
+    quality_overrides=(),
+    checkpoint_steps=40,
+)
+QUICK = Sizes(
+    warmup=1,
+    steps=4,
+    rounds=1,
+    option_steps=10,
+    compile=False,
+    seeds=(0,),
+    quality_overrides=("train.epochs=1", "evaluate.num_samples=60"),
+    checkpoint_steps=12,
+)
 
 # The classic example's settings.
 NZ, NGF, NDF, CLASSIC_BATCH, CLASSIC_SIZE, CLASSIC_WORKERS = 100, 64, 64, 128, 64, 2
@@ -80,11 +96,21 @@ def classic_nets(nc: int):
         def __init__(self) -> None:
             super().__init__()
             self.main = nn.Sequential(
-                nn.ConvTranspose2d(NZ, NGF * 8, 4, 1, 0, bias=False), nn.BatchNorm2d(NGF * 8), nn.ReLU(True),
-                nn.ConvTranspose2d(NGF * 8, NGF * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(NGF * 4), nn.ReLU(True),
-                nn.ConvTranspose2d(NGF * 4, NGF * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(NGF * 2), nn.ReLU(True),
-                nn.ConvTranspose2d(NGF * 2, NGF, 4, 2, 1, bias=False), nn.BatchNorm2d(NGF), nn.ReLU(True),
-                nn.ConvTranspose2d(NGF, nc, 4, 2, 1, bias=False), nn.Tanh())
+                nn.ConvTranspose2d(NZ, NGF * 8, 4, 1, 0, bias=False),
+                nn.BatchNorm2d(NGF * 8),
+                nn.ReLU(True),
+                nn.ConvTranspose2d(NGF * 8, NGF * 4, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(NGF * 4),
+                nn.ReLU(True),
+                nn.ConvTranspose2d(NGF * 4, NGF * 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(NGF * 2),
+                nn.ReLU(True),
+                nn.ConvTranspose2d(NGF * 2, NGF, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(NGF),
+                nn.ReLU(True),
+                nn.ConvTranspose2d(NGF, nc, 4, 2, 1, bias=False),
+                nn.Tanh(),
+            )
 
         def forward(self, x):
             return self.main(x)
@@ -93,13 +119,20 @@ def classic_nets(nc: int):
         def __init__(self) -> None:
             super().__init__()
             self.main = nn.Sequential(
-                nn.Conv2d(nc, NDF, 4, 2, 1, bias=False), nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(NDF, NDF * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(NDF * 2), nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(NDF * 2, NDF * 4, 4, 2, 1, bias=False), nn.BatchNorm2d(NDF * 4),
+                nn.Conv2d(nc, NDF, 4, 2, 1, bias=False),
                 nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(NDF * 4, NDF * 8, 4, 2, 1, bias=False), nn.BatchNorm2d(NDF * 8),
+                nn.Conv2d(NDF, NDF * 2, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(NDF * 2),
                 nn.LeakyReLU(0.2, inplace=True),
-                nn.Conv2d(NDF * 8, 1, 4, 1, 0, bias=False), nn.Sigmoid())
+                nn.Conv2d(NDF * 2, NDF * 4, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(NDF * 4),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(NDF * 4, NDF * 8, 4, 2, 1, bias=False),
+                nn.BatchNorm2d(NDF * 8),
+                nn.LeakyReLU(0.2, inplace=True),
+                nn.Conv2d(NDF * 8, 1, 4, 1, 0, bias=False),
+                nn.Sigmoid(),
+            )
 
         def forward(self, x):
             return self.main(x).view(-1, 1).squeeze(1)
@@ -127,11 +160,20 @@ def classic_loop(image_root: Path, device: str, warmup: int, steps: int, log_fil
     import torchvision.transforms as transforms
 
     torch.manual_seed(999)
-    dataset = dset.ImageFolder(root=str(image_root), transform=transforms.Compose([
-        transforms.Resize(CLASSIC_SIZE), transforms.CenterCrop(CLASSIC_SIZE), transforms.ToTensor(),
-        transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))]))
-    dataloader = torch.utils.data.DataLoader(dataset, batch_size=CLASSIC_BATCH, shuffle=True,
-                                             num_workers=CLASSIC_WORKERS)
+    dataset = dset.ImageFolder(
+        root=str(image_root),
+        transform=transforms.Compose(
+            [
+                transforms.Resize(CLASSIC_SIZE),
+                transforms.CenterCrop(CLASSIC_SIZE),
+                transforms.ToTensor(),
+                transforms.Normalize((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+            ]
+        ),
+    )
+    dataloader = torch.utils.data.DataLoader(
+        dataset, batch_size=CLASSIC_BATCH, shuffle=True, num_workers=CLASSIC_WORKERS
+    )
     dev = torch.device(device)
     net_g, net_d = classic_nets(3)
     net_g, net_d = net_g.to(dev), net_d.to(dev)
@@ -168,8 +210,11 @@ def classic_loop(image_root: Path, device: str, warmup: int, steps: int, log_fil
                 err_g.backward()
                 d_g_z2 = output.mean().item()
                 optimizer_g.step()
-                print("[%d][%d/%d] Loss_D: %.4f Loss_G: %.4f D(x): %.4f D(G(z)): %.4f / %.4f"
-                      % (epoch, i, len(dataloader), err_d.item(), err_g.item(), d_x, d_g_z1, d_g_z2), file=out)
+                print(
+                    "[%d][%d/%d] Loss_D: %.4f Loss_G: %.4f D(x): %.4f D(G(z)): %.4f / %.4f"  # noqa: UP031 (as the example prints)
+                    % (epoch, i, len(dataloader), err_d.item(), err_g.item(), d_x, d_g_z1, d_g_z2),
+                    file=out,
+                )
                 done += 1
                 if done == warmup:
                     t0 = time.perf_counter()  # the .item() calls above synchronised the device
@@ -200,14 +245,28 @@ def ours(images, arch_kw: dict[str, Any], batch: int, warmup: int, steps: int, *
         fetches.append((time.perf_counter(), step))
 
     chunk = 1 if speed.get("device", "cpu") == "cpu" else 5  # fetch every step on the CPU (free there)
-    res = train(images, arch=Arch(**arch_kw), hparams=Hparams(2e-4, 0.5, 0.999),
-                epochs=math.ceil((warmup + steps) / per_epoch), batch_size=batch, seed=999, checkpoint_dir=None,
-                checkpoint_every=10**9, log_every=chunk, callbacks=Callbacks(on_metrics=on_metrics), **speed)
+    res = train(
+        images,
+        arch=Arch(**arch_kw),
+        hparams=Hparams(2e-4, 0.5, 0.999),
+        epochs=math.ceil((warmup + steps) / per_epoch),
+        batch_size=batch,
+        seed=999,
+        checkpoint_dir=None,
+        checkpoint_every=10**9,
+        log_every=chunk,
+        callbacks=Callbacks(on_metrics=on_metrics),
+        **speed,
+    )
     after = [f for f in fetches if f[1] >= warmup]
     (t_a, s_a) = after[0]
     (t_b, s_b) = next(f for f in after if f[1] >= warmup + steps)
-    return {"images_per_s": (s_b - s_a) * batch / (t_b - t_a), "seconds": t_b - t_a, "steps": s_b - s_a,
-            "speed": res.speed}
+    return {
+        "images_per_s": (s_b - s_a) * batch / (t_b - t_a),
+        "seconds": t_b - t_a,
+        "steps": s_b - s_a,
+        "speed": res.speed,
+    }
 
 
 def write_image_folder(images, labels, root: Path) -> None:
@@ -235,13 +294,13 @@ def run(ctx: Any) -> dict[str, Any]:
     from aigc_pipeline.config import load_config
     from aigc_pipeline.data.prepared import load_prepared
     from aigc_pipeline.evaluation.results import read_evaluation
+    from aigc_pipeline.models.base import Arch
+    from aigc_pipeline.models.registry import resolve_hparams
     from aigc_pipeline.stages import augment, evaluate, ingest
     from aigc_pipeline.stages import train as train_stage
     from aigc_pipeline.training.checkpoint import list_checkpoints
     from aigc_pipeline.training.loop import Callbacks
     from aigc_pipeline.training.loop import train as train_loop
-    from aigc_pipeline.models.base import Arch
-    from aigc_pipeline.models.registry import resolve_hparams
 
     repo_params = Path(__file__).resolve().parents[1]
     overrides = tuple(ctx.overrides)
@@ -270,57 +329,122 @@ def run(ctx: Any) -> dict[str, Any]:
         label = "CPU" if device == "cpu" else f"GPU: {torch.cuda.get_device_name(0)}"
         runs: dict[str, list[dict[str, float]]] = {"classic": [], "auto": [], "fp32": []}
         for r in range(sizes.rounds):
-            runs["classic"].append(phases(f"{device} classic example, round {r + 1}", lambda: classic_loop(
-                work / "data" / "png64", device, sizes.warmup, sizes.steps, work / f"classic-{device}-{r}.log")))
-            runs["auto"].append(phases(f"{device} our trainer (auto), round {r + 1}", lambda: ours(
-                data64.images, arch64, CLASSIC_BATCH, sizes.warmup, sizes.steps, device=device)))
-            runs["fp32"].append(phases(f"{device} our trainer (fp32), round {r + 1}", lambda: ours(
-                data64.images, arch64, CLASSIC_BATCH, sizes.warmup, sizes.steps, device=device, precision="fp32",
-                channels_last=False)))
+            runs["classic"].append(
+                phases(
+                    f"{device} classic example, round {r + 1}",
+                    lambda: classic_loop(
+                        work / "data" / "png64", device, sizes.warmup, sizes.steps, work / f"classic-{device}-{r}.log"
+                    ),
+                )
+            )
+            runs["auto"].append(
+                phases(
+                    f"{device} our trainer (auto), round {r + 1}",
+                    lambda: ours(data64.images, arch64, CLASSIC_BATCH, sizes.warmup, sizes.steps, device=device),
+                )
+            )
+            runs["fp32"].append(
+                phases(
+                    f"{device} our trainer (fp32), round {r + 1}",
+                    lambda: ours(
+                        data64.images,
+                        arch64,
+                        CLASSIC_BATCH,
+                        sizes.warmup,
+                        sizes.steps,
+                        device=device,
+                        precision="fp32",
+                        channels_last=False,
+                    ),
+                )
+            )
         med = {k: statistics.median(x["images_per_s"] for x in v) for k, v in runs.items()}
         group = f"Throughput, {label} (DCGAN 64x64 RGB, batch {CLASSIC_BATCH}, images/s, higher is better)"
-        rows.append(row(group, f"our trainer, auto ({runs['auto'][0]['speed']})", med["auto"], "images/s",
-                        baseline=med["classic"], baseline_label="classic example loop"))
-        rows.append(row(group, "our trainer, fp32 (data path only)", med["fp32"], "images/s",
-                        baseline=med["classic"], baseline_label="classic example loop"))
+        rows.append(
+            row(
+                group,
+                f"our trainer, auto ({runs['auto'][0]['speed']})",
+                med["auto"],
+                "images/s",
+                baseline=med["classic"],
+                baseline_label="classic example loop",
+            )
+        )
+        rows.append(
+            row(
+                group,
+                "our trainer, fp32 (data path only)",
+                med["fp32"],
+                "images/s",
+                baseline=med["classic"],
+                baseline_label="classic example loop",
+            )
+        )
         rows.append(row(group, "classic PyTorch DCGAN example loop", med["classic"], "images/s"))
         raw[f"throughput_{device}"] = runs
-    notes.append(f"Throughput: {sizes.warmup} warm-up + {sizes.steps} timed steps per run, {sizes.rounds} "
-                 f"interleaved round(s), median; {len(data64.images)} digit images upscaled to 64x64 RGB by the "
-                 f"ingest stage; the classic loop reads them as PNG files through ImageFolder and a "
-                 f"{CLASSIC_WORKERS}-worker DataLoader. torch threads: {torch.get_num_threads()}.")
+    notes.append(
+        f"Throughput: {sizes.warmup} warm-up + {sizes.steps} timed steps per run, {sizes.rounds} "
+        f"interleaved round(s), median; {len(data64.images)} digit images upscaled to 64x64 RGB by the "
+        f"ingest stage; the classic loop reads them as PNG files through ImageFolder and a "
+        f"{CLASSIC_WORKERS}-worker DataLoader. torch threads: {torch.get_num_threads()}."
+    )
     if not torch.cuda.is_available():
         notes.append("No GPU was present: GPU figures are left out.")
 
     # 2. Speed options on this CPU, default model and data.
     cfg = load_config(repo_params, overrides)
     aug = load_prepared(augmented)
-    arch_default = dict(family="dcgan", size=aug.images.shape[-1], channels=aug.images.shape[1],
-                        latent_dim=cfg.train.latent_dim, width=cfg.train.width)
-    options = [("fp32", dict(precision="fp32", channels_last=False)),
-               ("channels_last", dict(precision="fp32", channels_last=True)),
-               ("bf16 autocast", dict(precision="bf16", channels_last=False)),
-               ("bf16 autocast + channels_last", dict(precision="bf16", channels_last=True))]
+    arch_default = dict(
+        family="dcgan",
+        size=aug.images.shape[-1],
+        channels=aug.images.shape[1],
+        latent_dim=cfg.train.latent_dim,
+        width=cfg.train.width,
+    )
+    options = [
+        ("fp32", dict(precision="fp32", channels_last=False)),
+        ("channels_last", dict(precision="fp32", channels_last=True)),
+        ("bf16 autocast", dict(precision="bf16", channels_last=False)),
+        ("bf16 autocast + channels_last", dict(precision="bf16", channels_last=True)),
+    ]
     if sizes.compile:
         options.append(("torch.compile (fp32)", dict(precision="fp32", channels_last=False, compile=True)))
     measured: dict[str, dict[str, float]] = {}
     for name, kw in options:
         t0 = time.perf_counter()
-        measured[name] = phases(f"cpu option {name}", lambda: ours(
-            aug.images, arch_default, cfg.train.batch_size, 10 if kw.get("compile") else 3, sizes.option_steps,
-            device="cpu", **kw))
+        measured[name] = phases(
+            f"cpu option {name}",
+            lambda: ours(
+                aug.images,
+                arch_default,
+                cfg.train.batch_size,
+                10 if kw.get("compile") else 3,
+                sizes.option_steps,
+                device="cpu",
+                **kw,
+            ),
+        )
         measured[name]["total_s"] = time.perf_counter() - t0
     group = f"Speed options on this CPU (dcgan, {arch_default['size']} px digits, batch {cfg.train.batch_size})"
     for name, _ in options:
-        rows.append(row(group, name, measured[name]["images_per_s"], "images/s",
-                        baseline=measured["fp32"]["images_per_s"] if name != "fp32" else None,
-                        baseline_label="fp32" if name != "fp32" else None))
+        rows.append(
+            row(
+                group,
+                name,
+                measured[name]["images_per_s"],
+                "images/s",
+                baseline=measured["fp32"]["images_per_s"] if name != "fp32" else None,
+                baseline_label="fp32" if name != "fp32" else None,
+            )
+        )
     from aigc_pipeline.training.speed import resolve_speed
 
     notes.append(f"`auto` on this machine means: {resolve_speed(torch.device('cpu')).describe()}.")
     if sizes.compile:
-        notes.append(f"torch.compile: {measured['torch.compile (fp32)']['total_s']:.0f} s for the whole short run "
-                     f"(compilation included) vs {measured['fp32']['total_s']:.0f} s eager.")
+        notes.append(
+            f"torch.compile: {measured['torch.compile (fp32)']['total_s']:.0f} s for the whole short run "
+            f"(compilation included) vs {measured['fp32']['total_s']:.0f} s eager."
+        )
     raw["speed_options"] = measured
 
     # 3. Quality at equal budget.
@@ -328,14 +452,18 @@ def run(ctx: Any) -> dict[str, Any]:
     steps_seen = set()
     for seed in sizes.seeds:
         for family in ("dcgan", "sngan"):
+
             def one() -> float:
-                run_cfg = load_config(repo_params, [*overrides, *sizes.quality_overrides, f"train.model={family}",
-                                                    f"train.seed={seed}"])
+                run_cfg = load_config(
+                    repo_params, [*overrides, *sizes.quality_overrides, f"train.model={family}", f"train.seed={seed}"]
+                )
                 out = work / "quality" / f"{family}-{seed}"
-                result = train_stage.run(run_cfg, augmented, out / "model", out / "checkpoints", quiet=True,
-                                         project_dir=work)
+                result = train_stage.run(
+                    run_cfg, augmented, out / "model", out / "checkpoints", quiet=True, project_dir=work
+                )
                 steps_seen.add(result.steps)
                 return evaluate.run(run_cfg, out / "model", prepared, out / "eval", quiet=True).fid
+
             fids[family].append(phases(f"quality {family} seed {seed}", one))
     if len(steps_seen) != 1:
         raise BenchError(f"the two models trained for different numbers of steps: {sorted(steps_seen)}")
@@ -344,13 +472,26 @@ def run(ctx: Any) -> dict[str, Any]:
     mean = {k: statistics.mean(v) for k, v in fids.items()}
     (steps,) = steps_seen
     group = f"Quality at equal budget ({steps} steps, FID, lower is better)"
-    rows.append(row(group, f"sngan FID, mean of {len(sizes.seeds)} seed(s)", mean["sngan"], "FID",
-                    baseline=mean["dcgan"], baseline_label="dcgan, same steps"))
-    notes.append(f"FID protocol {protocol} (evaluate stage, torch-fidelity with the real Inception weights); "
-                 f"per seed: dcgan {[round(x, 2) for x in fids['dcgan']]}, sngan {[round(x, 2) for x in fids['sngan']]}.")
-    notes.append(f"Models trained with params.yaml as committed{' plus ' + ', '.join(sizes.quality_overrides) if sizes.quality_overrides else ''}; "
-                 f"sngan: lr {sngan_hp.lr}, betas {sngan_hp.beta1}/{sngan_hp.beta2}, EMA {cfg.train.ema_decay} "
-                 f"(with warm-up), DiffAugment '{cfg.train.diffaugment}'.")
+    rows.append(
+        row(
+            group,
+            f"sngan FID, mean of {len(sizes.seeds)} seed(s)",
+            mean["sngan"],
+            "FID",
+            baseline=mean["dcgan"],
+            baseline_label="dcgan, same steps",
+        )
+    )
+    notes.append(
+        f"FID protocol {protocol} (evaluate stage, torch-fidelity with the real Inception weights); "
+        f"per seed: dcgan {[round(x, 2) for x in fids['dcgan']]}, sngan {[round(x, 2) for x in fids['sngan']]}."
+    )
+    plus = f" plus {', '.join(sizes.quality_overrides)}" if sizes.quality_overrides else ""
+    notes.append(
+        f"Models trained with params.yaml as committed{plus}; "
+        f"sngan: lr {sngan_hp.lr}, betas {sngan_hp.beta1}/{sngan_hp.beta2}, EMA {cfg.train.ema_decay} "
+        f"(with warm-up), DiffAugment '{cfg.train.diffaugment}'."
+    )
     raw["fid"] = fids
 
     # 4. Checkpoint cost at the default interval, default config.
@@ -358,15 +499,26 @@ def run(ctx: Any) -> dict[str, Any]:
         marks: dict[str, dict[int, float]] = {"progress": {}, "checkpoint": {}}
         folder = fresh_dir(work / "checkpoint-cost" / family)
         every = 4
-        train_loop(aug.images, arch=Arch(**{**arch_default, "family": family}),
-                   hparams=resolve_hparams(load_config(repo_params, [*overrides, f"train.model={family}"]).train),
-                   epochs=max(1, -(-sizes.checkpoint_steps // (len(aug.images) // cfg.train.batch_size))),
-                   batch_size=cfg.train.batch_size, seed=0, checkpoint_dir=folder, checkpoint_every=every,
-                   callbacks=Callbacks(on_progress=lambda s, t, e: marks["progress"].__setitem__(s, time.perf_counter()),
-                                       on_checkpoint=lambda s, p: marks["checkpoint"].__setitem__(s, time.perf_counter())))
+        train_loop(
+            aug.images,
+            arch=Arch(**{**arch_default, "family": family}),
+            hparams=resolve_hparams(load_config(repo_params, [*overrides, f"train.model={family}"]).train),
+            epochs=max(1, -(-sizes.checkpoint_steps // (len(aug.images) // cfg.train.batch_size))),
+            batch_size=cfg.train.batch_size,
+            seed=0,
+            checkpoint_dir=folder,
+            checkpoint_every=every,
+            callbacks=Callbacks(
+                on_progress=lambda s, t, e: marks["progress"].__setitem__(s, time.perf_counter()),
+                on_checkpoint=lambda s, p: marks["checkpoint"].__setitem__(s, time.perf_counter()),
+            ),
+        )
         ckpt = [marks["checkpoint"][s] - marks["progress"][s] for s in marks["checkpoint"]]
-        plain = [marks["progress"][s] - marks["progress"][s - 1] for s in marks["progress"]
-                 if s - 1 in marks["progress"] and s - 1 not in marks["checkpoint"]]
+        plain = [
+            marks["progress"][s] - marks["progress"][s - 1]
+            for s in marks["progress"]
+            if s - 1 in marks["progress"] and s - 1 not in marks["checkpoint"]
+        ]
         size = list_checkpoints(folder)[-1][1].stat().st_size
         return {"checkpoint_s": statistics.median(ckpt), "step_s": statistics.median(plain), "bytes": size}
 
@@ -375,17 +527,41 @@ def run(ctx: Any) -> dict[str, Any]:
         c = phases(f"checkpoint cost {family}", lambda: checkpoint_cost(family))
         share = 100 * c["checkpoint_s"] / (cfg.train.checkpoint_every * c["step_s"])
         rows.append(row(group, f"{family}: share of training time", share, "%"))
-        rows.append(row(group, f"{family}: one checkpoint ({c['bytes'] / 2**20:.1f} MiB)", 1000 * c["checkpoint_s"], "ms",
-                        baseline=1000 * c["step_s"], baseline_label="one training step"))
+        rows.append(
+            row(
+                group,
+                f"{family}: one checkpoint ({c['bytes'] / 2**20:.1f} MiB)",
+                1000 * c["checkpoint_s"],
+                "ms",
+                baseline=1000 * c["step_s"],
+                baseline_label="one training step",
+            )
+        )
         raw[f"checkpoint_{family}"] = c
 
     contended = phases.contended()
     if contended:
-        notes.append("Other processes kept the CPU busy during: " + "; ".join(contended)
-                     + ". Re-run on a quiet machine for figures to publish.")
+        notes.append(
+            "Other processes kept the CPU busy during: "
+            + "; ".join(contended)
+            + ". Re-run on a quiet machine for figures to publish."
+        )
     if ctx.quick:
-        notes.append("--quick profile: a smoke test (few steps, one seed, a 1-epoch training and a "
-                     "60-sample FID); its figures are not comparable with the full run's.")
-    return result_doc(ctx, schema_version=SCHEMA_VERSION, name=NAME, title=TITLE, command=COMMAND, rows=rows,
-                      notes=notes, project=project, overrides=overrides, raw=raw, phases=phases.record,
-                      environment=env_vars)
+        notes.append(
+            "--quick profile: a smoke test (few steps, one seed, a 1-epoch training and a "
+            "60-sample FID); its figures are not comparable with the full run's."
+        )
+    return result_doc(
+        ctx,
+        schema_version=SCHEMA_VERSION,
+        name=NAME,
+        title=TITLE,
+        command=COMMAND,
+        rows=rows,
+        notes=notes,
+        project=project,
+        overrides=overrides,
+        raw=raw,
+        phases=phases.record,
+        environment=env_vars,
+    )

@@ -9,11 +9,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from bench import REPO, WORK_DIR, BenchError
 
@@ -34,8 +35,10 @@ TELEMETRY_OFF = {
 CALLER_VARS = ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME")
 
 GIT_IDENTITY = {
-    "GIT_AUTHOR_NAME": "aigc bench", "GIT_AUTHOR_EMAIL": "bench@aigc.invalid",
-    "GIT_COMMITTER_NAME": "aigc bench", "GIT_COMMITTER_EMAIL": "bench@aigc.invalid",
+    "GIT_AUTHOR_NAME": "aigc bench",
+    "GIT_AUTHOR_EMAIL": "bench@aigc.invalid",
+    "GIT_COMMITTER_NAME": "aigc bench",
+    "GIT_COMMITTER_EMAIL": "bench@aigc.invalid",
 }
 
 
@@ -72,14 +75,16 @@ def isolate_environment(work: Path) -> dict[str, str]:
 
 def project_files() -> list[str]:
     """Files a clone of this repository would hold (tracked + untracked-but-not-ignored), minus bench/."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout.split("\n")
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.split("\n")
     return [f for f in out if f and not f.startswith("bench/") and (REPO / f).is_file()]
 
 
 def _git_head() -> str:
-    return subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, check=True, capture_output=True,
-                          text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.strip()
 
 
 def snapshot_source(dest: Path) -> dict:
@@ -90,8 +95,9 @@ def snapshot_source(dest: Path) -> dict:
     commit, the files that differed from it, and a digest of the copied files.
     """
     head = _git_head()
-    status = subprocess.run(["git", "status", "--porcelain"], cwd=REPO, check=True, capture_output=True,
-                            text=True).stdout
+    status = subprocess.run(
+        ["git", "status", "--porcelain"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout
     changed = [line[3:] for line in status.splitlines() if not line[3:].startswith("bench/")]
     digest = hashlib.sha256()
     for rel in sorted(project_files()):
@@ -101,8 +107,7 @@ def snapshot_source(dest: Path) -> dict:
         digest.update(rel.encode() + b"\0" + target.read_bytes() + b"\0")
     if _git_head() != head:
         raise BenchError("the project got a new commit while it was being snapshotted; run the benchmark again")
-    return {"git_commit": head, "dirty": bool(changed), "changed_files": changed,
-            "source_sha256": digest.hexdigest()}
+    return {"git_commit": head, "dirty": bool(changed), "changed_files": changed, "source_sha256": digest.hexdigest()}
 
 
 def use_source(snapshot: Path) -> None:
@@ -157,8 +162,9 @@ class Timed:
     output: str
 
 
-def run_timed(argv: Sequence[str], cwd: Path, *, env: dict[str, str] | None = None, log: Path | None = None,
-              timeout: float = 1200) -> Timed:
+def run_timed(
+    argv: Sequence[str], cwd: Path, *, env: dict[str, str] | None = None, log: Path | None = None, timeout: float = 1200
+) -> Timed:
     """Run ``argv`` in ``cwd`` and time it (wall clock, process start to exit).
 
     Raises :class:`BenchError` on a non-zero exit or a timeout, with the output's tail; the
@@ -166,8 +172,9 @@ def run_timed(argv: Sequence[str], cwd: Path, *, env: dict[str, str] | None = No
     """
     started = time.perf_counter()
     try:
-        proc = subprocess.run(list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True, timeout=timeout)
+        proc = subprocess.run(
+            list(argv), cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout
+        )
     except subprocess.TimeoutExpired as e:
         raise BenchError(f"{' '.join(argv)} in {cwd} ran past {timeout:.0f} s") from e
     seconds = time.perf_counter() - started
@@ -234,11 +241,22 @@ def load_average() -> list[float]:
 
 def utc_now() -> str:
     """The current UTC time, ISO 8601 to the second."""
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
-def result_doc(ctx: Any, *, schema_version: int, name: str, title: str, command: str, rows: list,
-               notes: list, project: object, overrides: Sequence[str], **extra: object) -> dict:
+def result_doc(
+    ctx: Any,
+    *,
+    schema_version: int,
+    name: str,
+    title: str,
+    command: str,
+    rows: list,
+    notes: list,
+    project: object,
+    overrides: Sequence[str],
+    **extra: object,
+) -> dict:
     """The document a snapshot benchmark returns (``--quick`` marked in the command), with the
     machine and its load at the end; ``extra`` adds the benchmark's own raw figures."""
     return {
@@ -272,7 +290,7 @@ def _proc_stat_fields(pid: str) -> list[str] | None:
             text = f.read()
     except (FileNotFoundError, ProcessLookupError, PermissionError):
         return None  # the process exited (or is not ours to read) between listing and reading
-    return text[text.rindex(")") + 2:].split()  # fields from `state` on; comm may contain spaces
+    return text[text.rindex(")") + 2 :].split()  # fields from `state` on; comm may contain spaces
 
 
 def _descendants_cpu(root: int) -> float:
@@ -323,16 +341,22 @@ def cpu_span(start: CpuSnapshot, end: CpuSnapshot) -> dict[str, float | None]:
     rest of the machine used (``other_cores``: on average, how many CPUs others kept busy)."""
     wall = end.wall - start.wall
     own = end.own - start.own
-    span: dict[str, float | None] = {"wall_s": wall, "process_cpu_s": end.process - start.process,
-                                     "own_cpu_s": own, "other_cpu_s": None, "other_cores": None}
+    span: dict[str, float | None] = {
+        "wall_s": wall,
+        "process_cpu_s": end.process - start.process,
+        "own_cpu_s": own,
+        "other_cpu_s": None,
+        "other_cores": None,
+    }
     if start.machine is not None and end.machine is not None and wall > 0:
         other = max(0.0, (end.machine - start.machine) - own)
         span.update(other_cpu_s=other, other_cores=other / wall)
     return span
 
 
-def wait_for_quiet(max_wait: float, threshold: float, *, window: float = 3.0,
-                   log: Callable[[str], None] | None = None) -> dict[str, float | bool | None]:
+def wait_for_quiet(
+    max_wait: float, threshold: float, *, window: float = 3.0, log: Callable[[str], None] | None = None
+) -> dict[str, float | bool | None]:
     """Wait (up to ``max_wait`` s) until other processes use fewer than ``threshold`` cores over ``window`` s.
 
     On a shared 2-core machine one busy neighbour more than doubles torch's times, so a phase is
@@ -348,8 +372,10 @@ def wait_for_quiet(max_wait: float, threshold: float, *, window: float = 3.0,
         if other is None or other < threshold or waited >= max_wait:
             return {"waited_s": waited, "other_cores": other, "quiet": other is None or other < threshold}
         if log is not None:
-            log(f"other processes keep {other:.2f} cores busy; waiting for a quiet moment "
-                f"({waited:.0f}/{max_wait:.0f} s)")
+            log(
+                f"other processes keep {other:.2f} cores busy; waiting for a quiet moment "
+                f"({waited:.0f}/{max_wait:.0f} s)"
+            )
 
 
 class Phases:
@@ -372,5 +398,8 @@ class Phases:
 
     def contended(self) -> list[str]:
         """The phases during which others used more than ``threshold`` cores, with the figure."""
-        return [f"{k} (others used {v['cpu']['other_cores']:.2f} cores)" for k, v in self.record.items()
-                if (v["cpu"].get("other_cores") or 0) > self.threshold]
+        return [
+            f"{k} (others used {v['cpu']['other_cores']:.2f} cores)"
+            for k, v in self.record.items()
+            if (v["cpu"].get("other_cores") or 0) > self.threshold
+        ]

@@ -71,16 +71,18 @@ def run_details(receipt: dict[str, Any]) -> tuple[str, dict[str, str]]:
     return run.info.experiment_id, dict(run.data.tags)
 
 
-def summary_with_lineage(summary: dict[str, Any], tags: dict[str, str], urls: dict[str, str],
-                         extra: dict[str, str] | None = None) -> str:
+def summary_with_lineage(
+    summary: dict[str, Any], tags: dict[str, str], urls: dict[str, str], extra: dict[str, str] | None = None
+) -> str:
     """The run summary (decision, metrics with protocol) plus dataset version and lineage."""
     lines = [summary_markdown(summary), ""]
     digest = tags.get("aigc.data_digest")
     if digest:
         dataset = summary["details"].get("dataset")  # evaluation.json's (metrics.json holds numbers only)
         lines.append(f"- **dataset version**: `{dataset}` content digest `{digest}`")
-    lines.append(f"- **MLflow**: [experiment]({urls['experiment']}), [run]({urls['run']}), "
-                 f"[model version]({urls['version']})")
+    lines.append(
+        f"- **MLflow**: [experiment]({urls['experiment']}), [run]({urls['run']}), [model version]({urls['version']})"
+    )
     lineage = {k: v for k, v in sorted(tags.items()) if k.startswith(LINEAGE_PREFIXES)}
     lineage.update(extra or {})
     if lineage:
@@ -107,29 +109,36 @@ def samples_markdown(summary: dict[str, Any], grid: Path) -> str:
     """The evaluation's sample grid, inline, with what it was scored as."""
     r, d = summary["receipt"], summary["details"]
     protocol = (d.get("protocol") or {}).get("id", "no protocol")
-    fid = f"FID {r['fid']:.2f}" + (f" (floor {summary['metrics']['floor_fid']:.2f})"
-                                   if isinstance(summary["metrics"].get("floor_fid"), (int, float)) else "")
-    return "\n".join([
-        f"# {r['name']} v{r['version']} ({r.get('family') or d.get('model')}): samples",
-        "",
-        f"![{r['name']} v{r['version']} samples]({grid_data_uri(grid)})",
-        "",
-        f"The evaluation's sample grid (`{grid.name}`), scored {fid} under protocol `{protocol}`; "
-        f"decision: {r.get('decision')} ({r['reason']}).",
-    ])
+    fid = f"FID {r['fid']:.2f}" + (
+        f" (floor {summary['metrics']['floor_fid']:.2f})"
+        if isinstance(summary["metrics"].get("floor_fid"), (int, float))
+        else ""
+    )
+    return "\n".join(
+        [
+            f"# {r['name']} v{r['version']} ({r.get('family') or d.get('model')}): samples",
+            "",
+            f"![{r['name']} v{r['version']} samples]({grid_data_uri(grid)})",
+            "",
+            f"The evaluation's sample grid (`{grid.name}`), scored {fid} under protocol `{protocol}`; "
+            f"decision: {r.get('decision')} ({r['reason']}).",
+        ]
+    )
 
 
 def copies_markdown(summary: dict[str, Any], grid: Path) -> str:
     """The data-copying grid, inline, with the copying figures beside real data's."""
     r, copying = summary["receipt"], summary["details"].get("copying") or {}
-    return "\n".join([
-        f"# {r['name']} v{r['version']}: data copying",
-        "",
-        f"![{r['name']} v{r['version']} copies]({grid_data_uri(grid)})",
-        "",
-        f"Top row: the samples nearest a training image (Inception features); bottom row: that training image. "
-        f"{copying_text(summary['metrics'])}. {copying.get('what', '')}",
-    ])
+    return "\n".join(
+        [
+            f"# {r['name']} v{r['version']}: data copying",
+            "",
+            f"![{r['name']} v{r['version']} copies]({grid_data_uri(grid)})",
+            "",
+            f"Top row: the samples nearest a training image (Inception features); bottom row: that training image. "
+            f"{copying_text(summary['metrics'])}. {copying.get('what', '')}",
+        ]
+    )
 
 
 def metrics_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
@@ -142,9 +151,15 @@ def metrics_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
             continue
         has_floor = isinstance(floor, (int, float))
         ratio = round(float(value) / float(floor), 2) if has_floor and floor > 0 and entry.ratio else None
-        rows.append({"metric": entry.row, "model": round(float(value), 4),
-                     "floor (real data)": round(float(floor), 4) if has_floor else None,
-                     "model / floor": ratio, "better": f"{entry.better} is better" if entry.better else None})
+        rows.append(
+            {
+                "metric": entry.row,
+                "model": round(float(value), 4),
+                "floor (real data)": round(float(floor), 4) if has_floor else None,
+                "model / floor": ratio,
+                "better": f"{entry.better} is better" if entry.better else None,
+            }
+        )
     return rows
 
 
@@ -156,17 +171,31 @@ def publish(summary: dict[str, Any], *, extra: dict[str, str] | None = None) -> 
     urls = links(receipt, experiment_id)
     key = lambda what: artifact_key(receipt["name"], what)  # noqa: E731
     version = f"{receipt['name']} v{receipt['version']}"
-    create_markdown_artifact(markdown=summary_with_lineage(summary, tags, urls, extra), key=key("summary"),
-                             description=summary["line"])
-    create_markdown_artifact(markdown=samples_markdown(summary, Path(summary["evaluation_dir"]) / GRID_FILE),
-                             key=key("samples"), description=f"{version}: the evaluation's sample grid")
+    create_markdown_artifact(
+        markdown=summary_with_lineage(summary, tags, urls, extra), key=key("summary"), description=summary["line"]
+    )
+    create_markdown_artifact(
+        markdown=samples_markdown(summary, Path(summary["evaluation_dir"]) / GRID_FILE),
+        key=key("samples"),
+        description=f"{version}: the evaluation's sample grid",
+    )
     copies = Path(summary["evaluation_dir"]) / COPIES_GRID
     if copies.is_file() and isinstance(summary["metrics"].get("copy_share"), (int, float)):
-        create_markdown_artifact(markdown=copies_markdown(summary, copies), key=key("copies"),
-                                 description=f"{version}: the samples nearest a training image, beside it")
-    create_table_artifact(table=metrics_table(summary), key=key("metrics"),
-                          description=f"{version}: metrics against the data's floor under protocol "
-                                      f"{(summary['details'].get('protocol') or {}).get('id')}")
-    create_link_artifact(link=urls["run"], link_text=f"MLflow run {receipt['run_id']} ({version})",
-                         key=key("mlflow-run"), description=f"{version}: the MLflow run of this flow run")
+        create_markdown_artifact(
+            markdown=copies_markdown(summary, copies),
+            key=key("copies"),
+            description=f"{version}: the samples nearest a training image, beside it",
+        )
+    create_table_artifact(
+        table=metrics_table(summary),
+        key=key("metrics"),
+        description=f"{version}: metrics against the data's floor under protocol "
+        f"{(summary['details'].get('protocol') or {}).get('id')}",
+    )
+    create_link_artifact(
+        link=urls["run"],
+        link_text=f"MLflow run {receipt['run_id']} ({version})",
+        key=key("mlflow-run"),
+        description=f"{version}: the MLflow run of this flow run",
+    )
     return urls

@@ -86,8 +86,10 @@ def ensure_crash_automation(crash_after: float) -> str:
     from prefect.events.schemas.events import ResourceSpecification
 
     if crash_after <= HEARTBEAT_SECONDS:
-        raise DeployError(f"--crash-after {crash_after:g}: must exceed the {HEARTBEAT_SECONDS} s heartbeat "
-                          "interval, or healthy runs would be marked Crashed")
+        raise DeployError(
+            f"--crash-after {crash_after:g}: must exceed the {HEARTBEAT_SECONDS} s heartbeat "
+            "interval, or healthy runs would be marked Crashed"
+        )
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
@@ -96,31 +98,47 @@ def ensure_crash_automation(crash_after: float) -> str:
     automation = Automation(
         name=CRASH_AUTOMATION,
         description="A flow run that stops sending heartbeats lost its worker: mark it Crashed so the "
-                    "retrain flow can retry the stage elsewhere (docs/scaling.md).",
+        "retrain flow can retry the stage elsewhere (docs/scaling.md).",
         trigger=EventTrigger(
             after={"prefect.flow-run.heartbeat"},
-            expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
-                    "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+            expect={
+                "prefect.flow-run.heartbeat",
+                "prefect.flow-run.Completed",
+                "prefect.flow-run.Failed",
+                "prefect.flow-run.Cancelled",
+                "prefect.flow-run.Crashed",
+            },
             match=ResourceSpecification({"prefect.resource.id": ["prefect.flow-run.*"]}),
             for_each={"prefect.resource.id"},
             posture=Posture.Proactive,
             threshold=1,
             within=timedelta(seconds=crash_after),
         ),
-        actions=[ChangeFlowRunState(state=StateType.CRASHED,
-                                    message=f"no heartbeat for {crash_after:g} s: its worker was lost")],
+        actions=[
+            ChangeFlowRunState(
+                state=StateType.CRASHED, message=f"no heartbeat for {crash_after:g} s: its worker was lost"
+            )
+        ],
     ).create()
     return str(automation.id)
 
 
-def deploy(project: Path | str, *, repository: str | None = None, branch: str | None = None,
-           pool_type: str = "process", crash_after: float = 90.0) -> DeployResult:
+def deploy(
+    project: Path | str,
+    *,
+    repository: str | None = None,
+    branch: str | None = None,
+    pool_type: str = "process",
+    crash_after: float = 90.0,
+) -> DeployResult:
     """Create or update everything prefect.yaml describes on the server at ``$PREFECT_API_URL``."""
     project = Path(project).resolve()
     api = os.environ.get("PREFECT_API_URL")
     if not api:
-        raise DeployError("no Prefect server: export PREFECT_API_URL=http://HOST:4200/api (see docs/scaling.md); "
-                          "without it the pipeline runs on the embedded server (`aigc run`)")
+        raise DeployError(
+            "no Prefect server: export PREFECT_API_URL=http://HOST:4200/api (see docs/scaling.md); "
+            "without it the pipeline runs on the embedded server (`aigc run`)"
+        )
     if not (project / PREFECT_FILE).exists():
         raise DeployError(f"{project / PREFECT_FILE}: not found (run from the project root, or pass --project)")
     repository = repository or workspace.origin_url(project)
@@ -128,11 +146,16 @@ def deploy(project: Path | str, *, repository: str | None = None, branch: str | 
     set_variables({REPOSITORY_VAR: repository, BRANCH_VAR: branch})
     pools = ensure_pools(work_pools(project), pool_type)
     automation = ensure_crash_automation(crash_after)
-    proc = subprocess.run([str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
-                          cwd=project, capture_output=True, text=True)
+    proc = subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "--no-prompt", "deploy", "--all"],
+        cwd=project,
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
-        raise DeployError(f"`prefect --no-prompt deploy --all` failed ({proc.returncode}):\n"
-                          f"{(proc.stdout + proc.stderr)[-4000:]}")
+        raise DeployError(
+            f"`prefect --no-prompt deploy --all` failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-4000:]}"
+        )
     return DeployResult(api, repository, branch, pools, deployed_names(project), automation)
 
 

@@ -35,8 +35,11 @@ class RunInfo:
 
 def settings(dataset: str | None, model: str | None, overrides: list[str] | None) -> list[str]:
     """The ``KEY=VALUE`` settings a run's parameters stand for, in the order they apply."""
-    return ([f"dataset={dataset}"] if dataset else []) + ([f"train.model={model}"] if model else []) \
+    return (
+        ([f"dataset={dataset}"] if dataset else [])
+        + ([f"train.model={model}"] if model else [])
         + list(overrides or [])
+    )
 
 
 def resolve(project: str | Path, sets: list[str]) -> RunInfo:

@@ -57,9 +57,13 @@ RETRIES_ENV = "AIGC_IO_RETRIES"  # retries of an I/O step after its first attemp
 def _io(**extra: Any) -> dict[str, Any]:
     """Task options for an I/O step: retries with exponential backoff and jitter, no caching."""
     first = float(os.environ.get(BACKOFF_ENV, "2"))
-    return {"retries": int(os.environ.get(RETRIES_ENV, "3")),
-            "retry_delay_seconds": exponential_backoff(backoff_factor=first),
-            "retry_jitter_factor": 0.5, "cache_policy": NO_CACHE, **extra}
+    return {
+        "retries": int(os.environ.get(RETRIES_ENV, "3")),
+        "retry_delay_seconds": exponential_backoff(backoff_factor=first),
+        "retry_jitter_factor": 0.5,
+        "cache_policy": NO_CACHE,
+        **extra,
+    }
 
 
 class RemoteStageLost(AigcError, RuntimeError):
@@ -106,8 +110,12 @@ def prepare_clone(project: Path, dataset: str | None, model: str | None, overrid
     write_overrides_to_params(project, describe.settings(dataset, model, overrides))
     info = describe.resolve(project, [])
     describe.tag_flow_run(info)
-    return {"commit": workspace.head_commit(project), "dataset": info.dataset, "model": info.model,
-            "model_name": info.model_name}
+    return {
+        "commit": workspace.head_commit(project),
+        "dataset": info.dataset,
+        "model": info.model,
+        "model_name": info.model_name,
+    }
 
 
 @task(name="restore-recorded", **_io(task_run_name="restore {stage}"))
@@ -136,16 +144,26 @@ def record_run(project: Path, message: str) -> str:
     return commit
 
 
-@task(name="run-remote-stage", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5,
-      retry_condition_fn=_only_when_lost, task_run_name="{stage} on {deployment}")
+@task(
+    name="run-remote-stage",
+    cache_policy=NO_CACHE,
+    retries=2,
+    retry_delay_seconds=5,
+    retry_condition_fn=_only_when_lost,
+    task_run_name="{stage} on {deployment}",
+)
 def run_remote_stage(stage: str, deployment: str, commit: str) -> str:
     """Run ``stage`` as a flow run of ``deployment`` on ``commit``; returns that flow run's id."""
     from prefect.deployments import run_deployment
 
     attempt = task_run.run_count
-    child = run_deployment(deployment, parameters={"stage": stage, "lineage_flow_run_id": str(flow_run.id)},
-                           job_variables={"env": {COMMIT_ENV: commit}}, poll_interval=2,
-                           idempotency_key=f"{flow_run.id}:{stage}:{attempt}")
+    child = run_deployment(
+        deployment,
+        parameters={"stage": stage, "lineage_flow_run_id": str(flow_run.id)},
+        job_variables={"env": {COMMIT_ENV: commit}},
+        poll_interval=2,
+        idempotency_key=f"{flow_run.id}:{stage}:{attempt}",
+    )
     state = child.state
     where = f"stage {stage!r} (flow run {child.name} {child.id} of {deployment}, attempt {attempt})"
     if state is not None and state.is_completed():
@@ -164,8 +182,10 @@ def fetch_remote_outputs(project: Path, stage: str, child_flow_run_id: str) -> d
     remote.pull_stage_outputs(project, stage)
     stale = workspace.stale_stages(project, stage)
     if stale:
-        raise workspace.WorkspaceError(f"stage {stage!r} from flow run {child_flow_run_id} does not match this "
-                                       f"clone (dvc status: {stale}): it ran on other inputs")
+        raise workspace.WorkspaceError(
+            f"stage {stage!r} from flow run {child_flow_run_id} does not match this "
+            f"clone (dvc status: {stale}): it ran on other inputs"
+        )
     return record
 
 
@@ -229,8 +249,9 @@ def _receipt(project: Path, outcome: StageOutcome) -> dict[str, Any]:
 
 
 @task(name="publish-artifacts", **_io(task_run_name="publish-artifacts"))
-def publish_artifacts(project: Path, registered: StageOutcome, scored: StageOutcome,
-                      extra: dict[str, str]) -> dict[str, Any]:
+def publish_artifacts(
+    project: Path, registered: StageOutcome, scored: StageOutcome, extra: dict[str, str]
+) -> dict[str, Any]:
     from flows import artifacts
 
     summary = summarize(project, registered, scored)
@@ -247,9 +268,14 @@ def _stage_with(project: Path, plan: list[str], suffix: str) -> str:
 
 
 @flow(name="retrain-at-scale", log_prints=True, flow_run_name=describe.clone_run_name)
-def retrain_at_scale(dataset: str | None = None, model: str | None = None, overrides: list[str] | None = None,
-                     remote_stages: list[str] | None = None, stage_deployment: str = "remote-stage/train",
-                     target: str = "register") -> dict[str, Any]:
+def retrain_at_scale(
+    dataset: str | None = None,
+    model: str | None = None,
+    overrides: list[str] | None = None,
+    remote_stages: list[str] | None = None,
+    stage_deployment: str = "remote-stage/train",
+    target: str = "register",
+) -> dict[str, Any]:
     """Retrain in this clone, with ``remote_stages`` (default ``["train"]``) on ``stage_deployment``'s pool.
 
     ``dataset``/``model`` select ``dataset``/``train.model``; ``overrides`` are more ``KEY=VALUE``
@@ -264,8 +290,15 @@ def retrain_at_scale(dataset: str | None = None, model: str | None = None, overr
     unknown = sorted(set(remote_stages) - set(plan))
     if unknown:
         raise workspace.WorkspaceError(f"remote_stages {unknown} are not stages leading to {register!r}: {plan}")
-    logger.info("%s on %s at %s: stages %s (%s on %s)", run["model_name"], run["dataset"], run["commit"][:12],
-                plan, remote_stages, stage_deployment)
+    logger.info(
+        "%s on %s at %s: stages %s (%s on %s)",
+        run["model_name"],
+        run["dataset"],
+        run["commit"][:12],
+        plan,
+        remote_stages,
+        stage_deployment,
+    )
     outcomes: dict[str, StageOutcome] = {}
     records: dict[str, dict[str, Any]] = {}
     for stage in plan:
@@ -283,15 +316,20 @@ def retrain_at_scale(dataset: str | None = None, model: str | None = None, overr
                 push_outputs(project, stage)
     commit = record_run(project, f"before {register}")
     before = registry_snapshot(project)
-    tags = {"aigc.run_ref": workspace.run_ref(str(flow_run.id)), "git.repository": workspace.origin_url(project),
-            "dvc.remote": remote.RemoteArea(project).url}
+    tags = {
+        "aigc.run_ref": workspace.run_ref(str(flow_run.id)),
+        "git.repository": workspace.origin_url(project),
+        "dvc.remote": remote.RemoteArea(project).url,
+    }
     if os.environ.get("PREFECT_UI_URL"):
         tags["prefect.flow_run_url"] = f"{os.environ['PREFECT_UI_URL'].rstrip('/')}/runs/flow-run/{flow_run.id}"
     outcomes[register] = register_stage(project, register, before, tags)
     record_run(project, f"after {register}")
     evaluation = _stage_with(project, plan, "metrics.json")
-    notes = {f"{stage} (remote)": f"flow run {rec['flow_run_id']}, resumed from step {rec['resumed_from']}"
-             for stage, rec in records.items()}
+    notes = {
+        f"{stage} (remote)": f"flow run {rec['flow_run_id']}, resumed from step {rec['resumed_from']}"
+        for stage, rec in records.items()
+    }
     summary = publish_artifacts(project, outcomes[register], outcomes[evaluation], notes)
     summary["remote_stages"] = records
     summary["commit"] = commit
@@ -317,20 +355,31 @@ def run_checkpointed_stage(project: Path, stage: str, key: str, lineage_flow_run
     if restored:
         logger.info("restored checkpoints from the DVC remote: %s", restored)
     with mirror, stage_output(stage):
-        outcome = run_stage(project, stage, extra_env={FLOW_RUN_ENV: lineage_flow_run_id},
-                            observer=_observer(project, stage))
+        outcome = run_stage(
+            project, stage, extra_env={FLOW_RUN_ENV: lineage_flow_run_id}, observer=_observer(project, stage)
+        )
     result = outcome.result
     detail = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else {}
-    return {"ran": outcome.ran, "outputs": list(outcome.outputs), "restored_checkpoints": restored,
-            "resumed_from": int(detail.get("resumed_from") or 0), "result": detail,
-            "mirror_failures": mirror.failures}
+    return {
+        "ran": outcome.ran,
+        "outputs": list(outcome.outputs),
+        "restored_checkpoints": restored,
+        "resumed_from": int(detail.get("resumed_from") or 0),
+        "result": detail,
+        "mirror_failures": mirror.failures,
+    }
 
 
 @task(name="finish-remote-stage", **_io(task_run_name="record {stage}"))
 def finish_remote_stage(project: Path, stage: str, key: str, ran: dict[str, Any]) -> dict[str, Any]:
     """Leave the stage's dvc.lock entry and result on the remote; drop its mirrored checkpoints."""
-    record = {**ran, "stage": stage, "flow_run_id": str(flow_run.id), "commit": workspace.head_commit(project),
-              "lock": workspace.lock_entry(project, stage)}
+    record = {
+        **ran,
+        "stage": stage,
+        "flow_run_id": str(flow_run.id),
+        "commit": workspace.head_commit(project),
+        "lock": workspace.lock_entry(project, stage),
+    }
     if record["lock"] is None:
         raise workspace.WorkspaceError(f"stage {stage!r} ran but dvc.lock has no entry for it")
     remote.write_record(project, str(flow_run.id), record)
@@ -350,8 +399,10 @@ def remote_stage(stage: str = "train", lineage_flow_run_id: str = "") -> dict[st
     wanted = os.environ.get(COMMIT_ENV, "")
     commit = workspace.head_commit(project)
     if wanted and commit != wanted:
-        raise workspace.WorkspaceError(f"clone is at {commit}, but {COMMIT_ENV}={wanted}: the pull step must "
-                                       f"check out {COMMIT_ENV} (git_clone commit_sha)")
+        raise workspace.WorkspaceError(
+            f"clone is at {commit}, but {COMMIT_ENV}={wanted}: the pull step must "
+            f"check out {COMMIT_ENV} (git_clone commit_sha)"
+        )
     # Same tree -> same key: a lost attempt's checkpoints are found by the retry (and by a re-run
     # of identical inputs), a changed input starts a new folder.
     key = workspace.run_key(stage, workspace.git(project, "rev-parse", "HEAD^{tree}"))

@@ -22,8 +22,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run
 
-from aigc_pipeline.pipeline import (StageOutcome, dataset_stages, record_run_cost, require_champion, run_stage,
-                                    summarize)
+from aigc_pipeline.pipeline import StageOutcome, dataset_stages, record_run_cost, require_champion, run_stage, summarize
 from aigc_pipeline.stages.register import FLOW_RUN_ENV
 from flows import describe
 from flows.stage_logs import TrainingProgress, stage_output
@@ -35,8 +34,7 @@ def _stage(project_dir: str, name: str, observer: TrainingProgress | None = None
 
 
 @task(name="params", task_run_name="params", cache_policy=NO_CACHE)
-def apply_params(project_dir: str, dataset: str | None, model: str | None,
-                 overrides: list[str]) -> describe.RunInfo:
+def apply_params(project_dir: str, dataset: str | None, model: str | None, overrides: list[str]) -> describe.RunInfo:
     """Write the run's settings to params.yaml when they change it (validated first: errors name
     the key), tag the flow run with its dataset and model; returns what the run trains."""
     from aigc_pipeline.config import load_config, write_overrides_to_params
@@ -83,8 +81,9 @@ def register(project_dir: str) -> StageOutcome:
 
 
 @task(name="publish-summary", task_run_name="publish-summary", cache_policy=NO_CACHE)
-def publish_summary(project_dir: str, registered: StageOutcome, scored: StageOutcome,
-                    stages: list[StageOutcome] | None = None) -> dict:
+def publish_summary(
+    project_dir: str, registered: StageOutcome, scored: StageOutcome, stages: list[StageOutcome] | None = None
+) -> dict:
     from flows import artifacts
 
     summary = summarize(project_dir, registered, scored, stages or [])
@@ -100,8 +99,9 @@ def check_champion(summary: dict) -> None:
 
 
 @flow(name="retrain", flow_run_name=describe.retrain_run_name)
-def retrain(project_dir: str = ".", dataset: str | None = None, model: str | None = None,
-            overrides: list[str] | None = None) -> dict:
+def retrain(
+    project_dir: str = ".", dataset: str | None = None, model: str | None = None, overrides: list[str] | None = None
+) -> dict:
     """Set ``dataset``/``train.model`` and the ``KEY=VALUE`` ``overrides`` (as ``aigc run --set``)
     in params.yaml, then ingest@NAME and augment@NAME for every registered dataset (DVC skips those
     up to date), then train -> evaluate -> register on the active dataset; returns the run summary.

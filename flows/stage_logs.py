@@ -26,7 +26,8 @@ import re
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, TextIO
+from collections.abc import Callable, Iterator
+from typing import Any, TextIO
 
 STAGE_LOGGER = "aigc.stage"  # its records go to the Prefect API only; the stage's name is the child
 PACKAGE_LOGGER = "aigc_pipeline"  # the stages' `logging` records (warnings of the evaluation, ...)
@@ -60,7 +61,7 @@ class LineTee:
         self._pending += text
         *lines, rest = self._pending.split("\n")
         # A bar redrawn with "\r" and no newline would grow without bound: keep its last state.
-        self._pending = rest[rest.rfind("\r"):] if "\r" in rest else rest
+        self._pending = rest[rest.rfind("\r") :] if "\r" in rest else rest
         for raw in lines:
             line = clean_line(raw)
             if line:

@@ -13,8 +13,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -40,8 +40,6 @@ QUICK = [
 ]
 
 
-
-
 def _quick_names() -> tuple[str, str]:
     from aigc_pipeline.config import load_config
 
@@ -65,8 +63,10 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
         AIGC_CACHE_DIR=str(base / "aigc-cache"),
-        GIT_AUTHOR_NAME="aigc tests", GIT_AUTHOR_EMAIL="tests@aigc.invalid",
-        GIT_COMMITTER_NAME="aigc tests", GIT_COMMITTER_EMAIL="tests@aigc.invalid",
+        GIT_AUTHOR_NAME="aigc tests",
+        GIT_AUTHOR_EMAIL="tests@aigc.invalid",
+        GIT_COMMITTER_NAME="aigc tests",
+        GIT_COMMITTER_EMAIL="tests@aigc.invalid",
     )
     for var in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL", "PREFECT_HOME"):
         os.environ.pop(var, None)
@@ -92,8 +92,9 @@ def _restore_mlflow_uris():
 
 def project_files() -> list[str]:
     """Files a clone of this repo would hold (tracked + untracked-but-not-ignored)."""
-    out = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True,
-                         capture_output=True, text=True).stdout.split("\n")
+    out = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, check=True, capture_output=True, text=True
+    ).stdout.split("\n")
     return [f for f in out if f and (REPO / f).is_file()]
 
 
@@ -117,10 +118,14 @@ def project(tmp_path: Path) -> Path:
 
 def run_cli(project: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a command from the project's venv (``aigc``, ``dvc``) in ``project``; output captured."""
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-           "PREFECT_HOME": str(project / ".prefect")}
-    return subprocess.run([str(BIN / args[0]), *args[1:]], cwd=project, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "PREFECT_HOME": str(project / ".prefect"),
+    }
+    return subprocess.run(
+        [str(BIN / args[0]), *args[1:]], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 def stop_group(proc: subprocess.Popen) -> None:
@@ -141,13 +146,34 @@ def served_model(model_uri: str, tracking_uri: str, log: Path, *, cwd: Path | No
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "MLFLOW_TRACKING_URI": tracking_uri,
-           "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+        "MLFLOW_TRACKING_URI": tracking_uri,
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    }
     log.parent.mkdir(parents=True, exist_ok=True)
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m", model_uri, "--env-manager", "local",
-                                 "-h", "127.0.0.1", "-p", str(port)], cwd=cwd, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "models",
+                "serve",
+                "-m",
+                model_uri,
+                "--env-manager",
+                "local",
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(port),
+            ],
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180

@@ -33,8 +33,11 @@ def _run_pipeline(project: Path, quick: bool, sets: list[str], mlflow_url: str) 
 
     copy_project(project)
     sets = [a for s in (QUICK if quick else []) + sets for a in ("--set", s)]
-    env = clean_env(PREFECT_HOME=str(project / ".prefect"), AIGC_MLFLOW_UI_URL=mlflow_url,
-                    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
+    env = clean_env(
+        PREFECT_HOME=str(project / ".prefect"),
+        AIGC_MLFLOW_UI_URL=mlflow_url,
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+    )
     print(f"aigc run in {project}{' (QUICK settings)' if quick else ''} ...", file=sys.stderr, flush=True)
     proc = subprocess.run([str(BIN / "aigc"), "run", *sets], cwd=project, env=env)
     if proc.returncode != 0:
@@ -42,10 +45,12 @@ def _run_pipeline(project: Path, quick: bool, sets: list[str], mlflow_url: str) 
 
 
 def _latest_flow_run(prefect_url: str) -> dict[str, Any]:
-    body = json.dumps({"sort": "START_TIME_DESC", "limit": 20,
-                       "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}).encode()
-    request = urllib.request.Request(f"{prefect_url}/api/flow_runs/filter", data=body,
-                                     headers={"Content-Type": "application/json"})
+    body = json.dumps(
+        {"sort": "START_TIME_DESC", "limit": 20, "flow_runs": {"state": {"type": {"any_": ["COMPLETED"]}}}}
+    ).encode()
+    request = urllib.request.Request(
+        f"{prefect_url}/api/flow_runs/filter", data=body, headers={"Content-Type": "application/json"}
+    )
     with urllib.request.urlopen(request, timeout=30) as r:
         runs = json.loads(r.read())
     if not runs:
@@ -116,11 +121,20 @@ def shoot(project: Path, out: Path, *, mlflow_port: int | None = None) -> list[P
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m tools.screenshots", description=__doc__.split("\n")[0])
-    parser.add_argument("--project", type=Path, help="use this project's stores (after `make run`) instead of a "
-                        "fresh run in a temporary copy")
+    parser.add_argument(
+        "--project",
+        type=Path,
+        help="use this project's stores (after `make run`) instead of a fresh run in a temporary copy",
+    )
     parser.add_argument("--quick", action="store_true", help="the fresh run uses the tests' QUICK settings")
-    parser.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                        help="a params.yaml override for the fresh run, as `aigc run --set` (repeatable)")
+    parser.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a params.yaml override for the fresh run, as `aigc run --set` (repeatable)",
+    )
     parser.add_argument("--out", type=Path, default=OUT, help=f"folder for the PNGs (default {OUT})")
     args = parser.parse_args(argv)
     for var in ("DO_NOT_TRACK", "DVC_NO_ANALYTICS"):

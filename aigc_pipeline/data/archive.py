@@ -26,8 +26,8 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from aigc_pipeline.data.files import clean_relpath, folder_label, is_ignored, unsafe_path_reason
 from aigc_pipeline.data.records import EncodedSample, Rejected, Skipped
@@ -103,8 +103,11 @@ def _zip_members(path: Path, labels: str) -> Iterator[EncodedSample | Rejected |
                 continue
             if len(data) > MAX_MEMBER_BYTES:
                 del data
-                yield Rejected(key, f"member too large: more than {MAX_MEMBER_BYTES} bytes once decompressed "
-                                    f"(its header says {info.file_size}); {_TOO_LARGE_HINT}")
+                yield Rejected(
+                    key,
+                    f"member too large: more than {MAX_MEMBER_BYTES} bytes once decompressed "
+                    f"(its header says {info.file_size}); {_TOO_LARGE_HINT}",
+                )
                 continue
             yield EncodedSample(key, label, data=data)
 
@@ -122,8 +125,10 @@ def _zip_refusal(info: zipfile.ZipInfo) -> str | None:
     return None
 
 
-_TOO_LARGE_HINT = ("archive members are read into memory (limit 128 MiB); extract the archive and ingest the "
-                   "folder (files up to 512 MiB)")
+_TOO_LARGE_HINT = (
+    "archive members are read into memory (limit 128 MiB); extract the archive and ingest the "
+    "folder (files up to 512 MiB)"
+)
 
 
 def _tar_members(path: Path, labels: str) -> Iterator[EncodedSample | Rejected | Skipped]:

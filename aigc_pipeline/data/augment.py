@@ -43,8 +43,9 @@ def augment_image(img: np.ndarray, cfg: AugmentConfig, rng: np.random.Generator)
     if cfg.max_rotation:
         out = rotate(out, float(rng.uniform(-cfg.max_rotation, cfg.max_rotation)))
     if out.shape[0] == 3 and (cfg.brightness or cfg.contrast or cfg.saturation):
-        factors = [float(rng.uniform(1 - x, 1 + x)) if x else 1.0
-                   for x in (cfg.brightness, cfg.contrast, cfg.saturation)]
+        factors = [
+            float(rng.uniform(1 - x, 1 + x)) if x else 1.0 for x in (cfg.brightness, cfg.contrast, cfg.saturation)
+        ]
         out = color_jitter(out, *factors)
     return np.ascontiguousarray(out)
 

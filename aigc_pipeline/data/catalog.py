@@ -44,8 +44,10 @@ def infer_source(path: Path) -> str:
         return "archive"
     if path.suffix.lower() in MANIFEST_SUFFIXES:
         return "manifest"
-    raise DataError(f"{path}: cannot tell the source type; expected a folder of images, a .zip/.tar(.gz/.bz2/.xz) "
-                    "archive or a .csv/.parquet manifest")
+    raise DataError(
+        f"{path}: cannot tell the source type; expected a folder of images, a .zip/.tar(.gz/.bz2/.xz) "
+        "archive or a .csv/.parquet manifest"
+    )
 
 
 def source_entry(
@@ -72,7 +74,7 @@ def source_entry(
 
 
 def _guess_folder_labels(root: Path) -> str:
-    """"folders" when the top level holds visible sub-folders and no image file, else "none"."""
+    """ "folders" when the top level holds visible sub-folders and no image file, else "none"."""
     names = [e for e in os.scandir(root) if not is_ignored(e.name)]
     has_dirs = any(e.is_dir(follow_symlinks=False) for e in names)
     has_images = any(e.is_file() and has_image_extension(e.name) for e in names)
@@ -96,8 +98,13 @@ class ScanResult:
 
 def quick_scan(dcfg: DatasetConfig, project_dir: Path) -> ScanResult:
     """Decode the source's items in order until one image is usable; DataError when none is."""
-    spec = DecodeSpec(size=dcfg.size, channels=dcfg.channels, background=dcfg.background,
-                      min_side=dcfg.min_side, max_pixels=dcfg.max_pixels)
+    spec = DecodeSpec(
+        size=dcfg.size,
+        channels=dcfg.channels,
+        background=dcfg.background,
+        min_side=dcfg.min_side,
+        max_pixels=dcfg.max_pixels,
+    )
     rejected: list[dict] = []
     items = get_source(dcfg.source)(dcfg, project_dir)
     try:
@@ -110,7 +117,9 @@ def quick_scan(dcfg: DatasetConfig, project_dir: Path) -> ScanResult:
     finally:
         items.close()
     reasons = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:5])
-    raise DataError(f"{dcfg.path}: no decodable image found" + (f" (rejected {len(rejected)}: {reasons})" if rejected else ""))
+    raise DataError(
+        f"{dcfg.path}: no decodable image found" + (f" (rejected {len(rejected)}: {reasons})" if rejected else "")
+    )
 
 
 def check_dvc_hashable(path: Path) -> None:
@@ -131,15 +140,18 @@ def check_dvc_hashable(path: Path) -> None:
                 bad.append(f"{full.relative_to(path).as_posix()} (FIFO, socket or device)")
     if bad:
         shown = "; ".join(bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
-        raise DataError(f"{path}: DVC hashes a registered folder to tell when to re-ingest it and cannot hash "
-                        f"{shown}: remove them, then add the dataset again")
+        raise DataError(
+            f"{path}: DVC hashes a registered folder to tell when to re-ingest it and cannot hash "
+            f"{shown}: remove them, then add the dataset again"
+        )
 
 
 def check_name(name: str) -> None:
     """A dataset name usable as a params.yaml key and in ``--set datasets.NAME.key=...``."""
     if not _NAME.match(name):
-        raise ConfigError(f"datasets.{name}: a dataset name is letters, digits, '-' and '_' (starting with a letter "
-                          "or digit)")
+        raise ConfigError(
+            f"datasets.{name}: a dataset name is letters, digits, '-' and '_' (starting with a letter or digit)"
+        )
 
 
 def add_dataset(project_dir: Path | str, name: str, entry: dict[str, Any], *, force: bool = False) -> Path:

@@ -17,14 +17,21 @@ from __future__ import annotations
 import os
 import re
 import stat
+from collections.abc import Iterator
 from pathlib import Path, PurePosixPath
-from typing import Iterator
 
 from aigc_pipeline.data.records import EncodedSample, Rejected, Skipped
 from aigc_pipeline.data.validate import has_image_extension
 
-_SYSTEM_NAMES = {"__macosx", "thumbs.db", "desktop.ini", "ehthumbs.db", "icon\r", "$recycle.bin",
-                 "system volume information"}
+_SYSTEM_NAMES = {
+    "__macosx",
+    "thumbs.db",
+    "desktop.ini",
+    "ehthumbs.db",
+    "icon\r",
+    "$recycle.bin",
+    "system volume information",
+}
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 

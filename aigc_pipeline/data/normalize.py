@@ -17,7 +17,6 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-
 REDUCING_GAP = 2.0
 
 

@@ -13,9 +13,10 @@ import collections
 import itertools
 import multiprocessing
 import os
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from typing import Callable, Iterable, Iterator, TypeVar
+from typing import TypeVar
 
 from aigc_pipeline.errors import DataError
 
@@ -92,7 +93,9 @@ def ordered_map(
     try:
         while True:
             # Room for one more item: results are taken in order until the budget allows it.
-            while pending and (len(pending) >= 2 * workers or (limit is not None and in_flight + batch_weight >= limit)):
+            while pending and (
+                len(pending) >= 2 * workers or (limit is not None and in_flight + batch_weight >= limit)
+            ):
                 future, first, w = pending.popleft()
                 in_flight -= w
                 yield from _result(future, first, describe)
@@ -123,7 +126,9 @@ def _drain(queue: collections.deque[T]) -> Iterator[T]:
         yield queue.popleft()
 
 
-def _batches(it: Iterator[T], size: int, measure: Callable[[T], int], limit: int | None) -> Iterator[tuple[list[T], int]]:
+def _batches(
+    it: Iterator[T], size: int, measure: Callable[[T], int], limit: int | None
+) -> Iterator[tuple[list[T], int]]:
     """Lists of at most ``size`` items, closed early once they weigh ``limit`` (serial processing)."""
     batch: list[T] = []
     total = 0

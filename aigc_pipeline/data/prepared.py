@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Literal
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -111,8 +112,15 @@ def write_prepared(
     index = {c: i for i, c in enumerate(classes)}
     label_ids = [index[label] if label is not None else -1 for label in columns["label"]]
     manifest = pd.DataFrame(
-        {"key": columns["key"], "sha256": columns["sha256"], "label": columns["label"], "label_id": label_ids,
-         "split": columns["split"], "shard": columns["shard"], "offset": columns["offset"]},
+        {
+            "key": columns["key"],
+            "sha256": columns["sha256"],
+            "label": columns["label"],
+            "label_id": label_ids,
+            "split": columns["split"],
+            "shard": columns["shard"],
+            "offset": columns["offset"],
+        },
         columns=["key", "sha256", "label", "label_id", "split", "shard", "offset"],
     )
     del columns, label_ids

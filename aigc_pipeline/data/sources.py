@@ -26,21 +26,31 @@ Built-in sources (``path`` is relative to the project folder unless absolute):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from aigc_pipeline.data.records import EncodedSample, RawSample, Rejected, SourceItem, Skipped
+from aigc_pipeline.data.records import EncodedSample, RawSample, Rejected, Skipped, SourceItem
 from aigc_pipeline.errors import ConfigError, DataError
 
 if TYPE_CHECKING:  # config.py checks entries against this registry: importing it here would be a cycle
     from aigc_pipeline.config import DatasetConfig
 
 __all__ = [
-    "EncodedSample", "RawSample", "Rejected", "Skipped", "SOURCES", "SOURCE_OPTIONS", "SourceOptions",
-    "get_source", "register_source", "source_path", "TORCHVISION_VARIANTS",
+    "EncodedSample",
+    "RawSample",
+    "Rejected",
+    "Skipped",
+    "SOURCES",
+    "SOURCE_OPTIONS",
+    "SourceOptions",
+    "get_source",
+    "register_source",
+    "source_path",
+    "TORCHVISION_VARIANTS",
 ]
 
 SourceFn = Callable[["DatasetConfig", Path], Iterator[SourceItem]]

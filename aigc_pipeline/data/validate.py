@@ -59,7 +59,7 @@ import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from aigc_pipeline.data.normalize import normalize, normalize_image
-from aigc_pipeline.data.records import Accepted, EncodedSample, Outcome, RawSample, Rejected, SourceItem, Skipped
+from aigc_pipeline.data.records import Accepted, EncodedSample, Outcome, RawSample, Rejected, Skipped, SourceItem
 
 MAX_FILE_BYTES = 512 * 2**20  # an image file over 512 MiB is refused before it is read
 # Archive members are read into this process's memory and shipped to the decoders, so they get
@@ -69,10 +69,30 @@ MAX_FILE_BYTES = 512 * 2**20  # an image file over 512 MiB is refused before it 
 MAX_MEMBER_BYTES = 128 * 2**20
 MEMBER_BYTES_IN_FLIGHT = 128 * 2**20
 DRAFT_GAP = 2  # a JPEG is decoded at no less than this many times the output size (see _draft)
-IMAGE_EXTENSIONS = frozenset({
-    ".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".bmp", ".dib", ".gif", ".tif", ".tiff", ".webp",
-    ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".avif", ".jp2", ".j2k", ".qoi",
-})
+IMAGE_EXTENSIONS = frozenset(
+    {
+        ".png",
+        ".jpg",
+        ".jpeg",
+        ".jpe",
+        ".jfif",
+        ".bmp",
+        ".dib",
+        ".gif",
+        ".tif",
+        ".tiff",
+        ".webp",
+        ".ppm",
+        ".pgm",
+        ".pbm",
+        ".pnm",
+        ".tga",
+        ".avif",
+        ".jp2",
+        ".j2k",
+        ".qoi",
+    }
+)
 _WANTED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "DIB", "GIF", "TIFF", "WEBP", "PPM", "TGA", "AVIF", "JPEG2000", "QOI")
 Image.init()
 # Only decoders that this Pillow build has; never EPS (it shells out to Ghostscript) or exotic ones.

@@ -76,17 +76,29 @@ def load_or_train_classifier(prepared: Path, *, cache_dir: Path | None = None) -
     if train.num_classes < 2 or (train.labels < 0).any():
         return None
     evaluation = load_prepared(prepared, "eval")
-    settings = {"kind": KIND, "version": _VERSION, "max_iter": _MAX_ITER, "max_train": _MAX_TRAIN,
-                "sklearn": _sklearn_version()}
-    key = hashlib.sha256(json.dumps({"train": train.digest, "eval": evaluation.digest, **settings},
-                                    sort_keys=True).encode()).hexdigest()
+    settings = {
+        "kind": KIND,
+        "version": _VERSION,
+        "max_iter": _MAX_ITER,
+        "max_train": _MAX_TRAIN,
+        "sklearn": _sklearn_version(),
+    }
+    key = hashlib.sha256(
+        json.dumps({"train": train.digest, "eval": evaluation.digest, **settings}, sort_keys=True).encode()
+    ).hexdigest()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "classifier" / f"{KIND}-{key}.npz"
     if path.is_file():
         return _load(path, key)
     clf = _train(train, evaluation, key)
     buf = io.BytesIO()
-    np.savez(buf, coef=clf.coef, intercept=clf.intercept, shape=np.array(clf.shape), accuracy=np.array(clf.accuracy),
-             classes=np.array(json.dumps(list(clf.classes))))
+    np.savez(
+        buf,
+        coef=clf.coef,
+        intercept=clf.intercept,
+        shape=np.array(clf.shape),
+        accuracy=np.array(clf.accuracy),
+        classes=np.array(json.dumps(list(clf.classes))),
+    )
     atomic_write_bytes(path, buf.getvalue())
     return clf
 
@@ -109,8 +121,10 @@ def _train(train: PreparedData, evaluation: PreparedData, key: str) -> PixelClas
 
     x, y = _flat(train.images[:_MAX_TRAIN]), train.labels[:_MAX_TRAIN]
     if len(np.unique(y)) < 2:
-        raise EvaluationError(f"{train.root}: the first {_MAX_TRAIN} training images hold a single class; "
-                              "the classifier score needs at least two")
+        raise EvaluationError(
+            f"{train.root}: the first {_MAX_TRAIN} training images hold a single class; "
+            "the classifier score needs at least two"
+        )
     model = LogisticRegression(max_iter=_MAX_ITER).fit(x, y)
     # Rows for every class id 0..K-1, in order, even if a class is missing from the train split.
     k = train.num_classes
@@ -133,10 +147,19 @@ def _train(train: PreparedData, evaluation: PreparedData, key: str) -> PixelClas
 def _load(path: Path, key: str) -> PixelClassifier:
     try:
         with np.load(path, allow_pickle=False) as d:
-            return PixelClassifier(d["coef"], d["intercept"], tuple(int(s) for s in d["shape"]),
-                                   tuple(json.loads(str(d["classes"]))), float(d["accuracy"]), key, from_cache=True)
+            return PixelClassifier(
+                d["coef"],
+                d["intercept"],
+                tuple(int(s) for s in d["shape"]),
+                tuple(json.loads(str(d["classes"]))),
+                float(d["accuracy"]),
+                key,
+                from_cache=True,
+            )
     except (OSError, ValueError, KeyError) as exc:
-        raise EvaluationError(f"cached classifier {path} cannot be read ({exc}); delete the file to retrain it") from exc
+        raise EvaluationError(
+            f"cached classifier {path} cannot be read ({exc}); delete the file to retrain it"
+        ) from exc
 
 
 def _flat(images: np.ndarray) -> np.ndarray:

@@ -73,31 +73,45 @@ class CopyReport:
 
     def metrics(self) -> dict[str, float | None]:
         """The numbers under their metric-table names."""
-        return {"copy_share": self.copy_share, "copy_ct": self.copy_ct, "exact_copies": float(self.exact_copies),
-                "floor_copy_share": self.floor_copy_share, "floor_copy_ct": self.floor_copy_ct}
+        return {
+            "copy_share": self.copy_share,
+            "copy_ct": self.copy_ct,
+            "exact_copies": float(self.exact_copies),
+            "floor_copy_share": self.floor_copy_share,
+            "floor_copy_ct": self.floor_copy_ct,
+        }
 
     def details(self) -> dict[str, Any]:
         """How they were measured, for evaluation.json."""
-        return {"quantile": COPY_QUANTILE, "spaces": self.spaces, "cells": self.cells,
-                "cells_used": self.cells_used, "min_cell_samples": MIN_CELL_SAMPLES, "num_samples": self.num_samples,
-                "num_train": self.num_train, "num_heldout": self.num_heldout, "num_floor": self.num_floor,
-                "ct_unavailable": self.ct_unavailable,
-                "what": f"copy_share: share of samples nearer their nearest training image, in Inception pool3 or "
-                        f"in pixel space (L2), than the {COPY_QUANTILE / 2:g} quantile of held-out real images are "
-                        "in that space; copy_ct: the lower of the two spaces' C_T (Meehan et al. 2020: z-scored "
-                        "Mann-Whitney U per k-means cell of the training features; ~0 generalises, <= -3 copies); "
-                        "exact_copies: samples pixel-identical to a training image; floor_*: the other half of the "
-                        "held-out images scored the same way"}
+        return {
+            "quantile": COPY_QUANTILE,
+            "spaces": self.spaces,
+            "cells": self.cells,
+            "cells_used": self.cells_used,
+            "min_cell_samples": MIN_CELL_SAMPLES,
+            "num_samples": self.num_samples,
+            "num_train": self.num_train,
+            "num_heldout": self.num_heldout,
+            "num_floor": self.num_floor,
+            "ct_unavailable": self.ct_unavailable,
+            "what": f"copy_share: share of samples nearer their nearest training image, in Inception pool3 or "
+            f"in pixel space (L2), than the {COPY_QUANTILE / 2:g} quantile of held-out real images are "
+            "in that space; copy_ct: the lower of the two spaces' C_T (Meehan et al. 2020: z-scored "
+            "Mann-Whitney U per k-means cell of the training features; ~0 generalises, <= -3 copies); "
+            "exact_copies: samples pixel-identical to a training image; floor_*: the other half of the "
+            "held-out images scored the same way",
+        }
 
 
 def _rows(x: torch.Tensor, start: int) -> torch.Tensor:
     """Rows ``start:start + _CHUNK`` in float64; uint8 pixels become [0, 1] values."""
-    chunk = x[start:start + _CHUNK].double()
+    chunk = x[start : start + _CHUNK].double()
     return chunk / 255.0 if x.dtype == torch.uint8 else chunk
 
 
-def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor,
-                       exclude: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbours(
+    queries: torch.Tensor, keys: torch.Tensor, exclude: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Euclidean distance from each row of ``queries`` to its nearest row of ``keys``, and that row's
     index; ``exclude[i]`` (when given, >= 0) is a row of ``keys`` that query ``i`` may not pick (itself).
     Exact float64 distances, a chunk of rows of each side at a time (uint8 pixel rows are read as
@@ -109,7 +123,7 @@ def nearest_neighbours(queries: torch.Tensor, keys: torch.Tensor,
         best_i = torch.zeros(len(query), dtype=torch.int64)
         own = None
         if exclude is not None:
-            own = torch.from_numpy(np.asarray(exclude[q:q + _CHUNK], dtype=np.int64))
+            own = torch.from_numpy(np.asarray(exclude[q : q + _CHUNK], dtype=np.int64))
         for k in range(0, len(keys), _CHUNK):
             d = torch.cdist(query, _rows(keys, k), compute_mode="donot_use_mm_for_euclid_dist")
             if own is not None:
@@ -143,9 +157,16 @@ def _pixel_hashes(images: np.ndarray) -> list[str]:
     return [hashlib.sha256(np.ascontiguousarray(img).tobytes()).hexdigest() for img in images]
 
 
-def _c_t_in(samples: torch.Tensor, samples_own: np.ndarray | None, heldout: torch.Tensor, own: np.ndarray | None,
-            train: torch.Tensor, centres: np.ndarray, train_cells: np.ndarray,
-            assign: tuple[torch.Tensor, torch.Tensor]) -> tuple[float | None, int, str | None]:
+def _c_t_in(
+    samples: torch.Tensor,
+    samples_own: np.ndarray | None,
+    heldout: torch.Tensor,
+    own: np.ndarray | None,
+    train: torch.Tensor,
+    centres: np.ndarray,
+    train_cells: np.ndarray,
+    assign: tuple[torch.Tensor, torch.Tensor],
+) -> tuple[float | None, int, str | None]:
     """C_T of ``samples`` against ``heldout`` (rows in one space) over the k-means cells, each row
     put in a cell by its Inception features (``assign``: the samples', the held-out rows').
     ``samples_own`` / ``own``: each row's index in ``train`` when those rows are training images
@@ -162,15 +183,23 @@ def _c_t_in(samples: torch.Tensor, samples_own: np.ndarray | None, heldout: torc
         # A left-out training row's position among this cell's training rows (-1: not in the cell).
         position = np.full(len(train), -1, dtype=np.int64)
         position[t_in] = np.arange(int(t_in.sum()))
-        d_s = nearest_neighbours(samples[torch.from_numpy(s_in)], cell_train,
-                                 None if samples_own is None else position[samples_own[s_in]])[0]
-        d_h = nearest_neighbours(heldout[torch.from_numpy(h_in)], cell_train,
-                                 None if own is None else position[own[h_in]])[0]
+        d_s = nearest_neighbours(
+            samples[torch.from_numpy(s_in)], cell_train, None if samples_own is None else position[samples_own[s_in]]
+        )[0]
+        d_h = nearest_neighbours(
+            heldout[torch.from_numpy(h_in)], cell_train, None if own is None else position[own[h_in]]
+        )[0]
         zs.append(mann_whitney_z(d_s, d_h))
         weights.append(h_in.mean())
     if not zs:
-        return None, 0, (f"no k-means cell holds {MIN_CELL_SAMPLES} samples and a held-out image "
-                         f"({len(samples)} samples, {len(centres)} cells): score more samples")
+        return (
+            None,
+            0,
+            (
+                f"no k-means cell holds {MIN_CELL_SAMPLES} samples and a held-out image "
+                f"({len(samples)} samples, {len(centres)} cells): score more samples"
+            ),
+        )
     w = np.asarray(weights)
     return float(np.dot(w / w.sum(), zs)), len(zs), None
 
@@ -180,8 +209,16 @@ def _flat_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images).reshape(len(images), -1))
 
 
-def copying_report(samples: torch.Tensor, sample_pixels: np.ndarray, train: torch.Tensor, train_pixels: np.ndarray,
-                   heldout: torch.Tensor | None, heldout_pixels: np.ndarray | None, *, seed: int) -> CopyReport:
+def copying_report(
+    samples: torch.Tensor,
+    sample_pixels: np.ndarray,
+    train: torch.Tensor,
+    train_pixels: np.ndarray,
+    heldout: torch.Tensor | None,
+    heldout_pixels: np.ndarray | None,
+    *,
+    seed: int,
+) -> CopyReport:
     """The copying figures of ``samples`` (Inception features [N, D] and their uint8 pixels) against
     the training images (``train``, ``train_pixels``), calibrated on held-out real images
     (``heldout``, ``heldout_pixels``); ``seed`` draws the held-out halves and seeds k-means. See
@@ -196,16 +233,22 @@ def copying_report(samples: torch.Tensor, sample_pixels: np.ndarray, train: torc
     if (heldout is None) != (heldout_pixels is None):
         raise EvaluationError("held-out images need both their features and their pixels")
     if sample_pixels.shape[1:] != train_pixels.shape[1:]:
-        raise EvaluationError(f"samples are {'x'.join(map(str, sample_pixels.shape[1:]))} images but training "
-                              f"images {'x'.join(map(str, train_pixels.shape[1:]))}: bring both to one size")
+        raise EvaluationError(
+            f"samples are {'x'.join(map(str, sample_pixels.shape[1:]))} images but training "
+            f"images {'x'.join(map(str, train_pixels.shape[1:]))}: bring both to one size"
+        )
     loo = heldout is None
     pool = train if loo else heldout
     if len(pool) < 4:
-        raise EvaluationError(f"the copying check needs at least 4 held-out real images (two halves: the "
-                              f"threshold and the floor), got {len(pool)}")
+        raise EvaluationError(
+            f"the copying check needs at least 4 held-out real images (two halves: the "
+            f"threshold and the floor), got {len(pool)}"
+        )
     if len(train) < 2 or len(samples) < 1:
-        raise EvaluationError(f"the copying check needs samples and at least 2 training images, got "
-                              f"{len(samples)} samples and {len(train)} training images")
+        raise EvaluationError(
+            f"the copying check needs samples and at least 2 training images, got "
+            f"{len(samples)} samples and {len(train)} training images"
+        )
     order = np.random.default_rng(seed).permutation(len(pool))
     half = len(order) // 2
     calib_rows, probe_rows = np.sort(order[:half]), np.sort(order[half:])
@@ -219,9 +262,14 @@ def copying_report(samples: torch.Tensor, sample_pixels: np.ndarray, train: torc
         km = KMeans(n_clusters=cells, n_init=3, random_state=seed).fit(train.double().numpy())
         centres, train_cells = km.cluster_centers_, km.labels_.astype(np.int64)
 
-    spaces = {"inception": (samples, train, pool),
-              "pixels": (_flat_pixels(sample_pixels), _flat_pixels(train_pixels),
-                         _flat_pixels(train_pixels if loo else heldout_pixels))}
+    spaces = {
+        "inception": (samples, train, pool),
+        "pixels": (
+            _flat_pixels(sample_pixels),
+            _flat_pixels(train_pixels),
+            _flat_pixels(train_pixels if loo else heldout_pixels),
+        ),
+    }
     per_space: dict[str, dict[str, Any]] = {}
     # Per sample: its distance to the nearest training image over that space's threshold (< 1: a copy).
     sample_ratio, probe_ratio = np.full(len(samples), np.inf), np.full(len(probe_rows), np.inf)
@@ -237,13 +285,28 @@ def copying_report(samples: torch.Tensor, sample_pixels: np.ndarray, train: torc
         sample_ratio[better], nearest[better], distances[better] = d_s[better] / scale, idx[better], d_s[better]
         probe_ratio = np.minimum(probe_ratio, d_p / scale)
         # C_T: cells from the Inception features (a partition of the training set), distances in this space.
-        ct, used, why = _c_t_in(s_x, None, calib, calib_own, t_x, centres, train_cells,
-                                assign=(samples, pool[torch.from_numpy(calib_rows)]))
-        floor_ct = _c_t_in(probe, probe_own, calib, calib_own, t_x, centres, train_cells,
-                           assign=(pool[torch.from_numpy(probe_rows)], pool[torch.from_numpy(calib_rows)]))[0]
-        per_space[space] = {"threshold": threshold, "copy_share": float(np.mean(d_s < threshold)),
-                            "floor_copy_share": float(np.mean(d_p < threshold)), "copy_ct": ct,
-                            "floor_copy_ct": floor_ct, "cells_used": used, "ct_unavailable": why}
+        ct, used, why = _c_t_in(
+            s_x, None, calib, calib_own, t_x, centres, train_cells, assign=(samples, pool[torch.from_numpy(calib_rows)])
+        )
+        floor_ct = _c_t_in(
+            probe,
+            probe_own,
+            calib,
+            calib_own,
+            t_x,
+            centres,
+            train_cells,
+            assign=(pool[torch.from_numpy(probe_rows)], pool[torch.from_numpy(calib_rows)]),
+        )[0]
+        per_space[space] = {
+            "threshold": threshold,
+            "copy_share": float(np.mean(d_s < threshold)),
+            "floor_copy_share": float(np.mean(d_p < threshold)),
+            "copy_ct": ct,
+            "floor_copy_ct": floor_ct,
+            "cells_used": used,
+            "ct_unavailable": why,
+        }
 
     def lowest(key: str) -> float | None:
         values = [v[key] for v in per_space.values() if v[key] is not None]
@@ -252,9 +315,21 @@ def copying_report(samples: torch.Tensor, sample_pixels: np.ndarray, train: torc
     train_hashes = set(_pixel_hashes(train_pixels))
     exact = sum(h in train_hashes for h in _pixel_hashes(sample_pixels))
     why = next((v["ct_unavailable"] for v in per_space.values() if v["ct_unavailable"]), None)
-    return CopyReport(copy_share=float(np.mean(sample_ratio < 1)), copy_ct=lowest("copy_ct"), exact_copies=int(exact),
-                      floor_copy_share=float(np.mean(probe_ratio < 1)), floor_copy_ct=lowest("floor_copy_ct"),
-                      spaces=per_space, cells=cells, cells_used=min(v["cells_used"] for v in per_space.values()),
-                      num_samples=len(samples), num_train=len(train), num_heldout=len(calib_rows),
-                      num_floor=len(probe_rows), ct_unavailable=why, distances=distances, nearest=nearest,
-                      ratios=sample_ratio)
+    return CopyReport(
+        copy_share=float(np.mean(sample_ratio < 1)),
+        copy_ct=lowest("copy_ct"),
+        exact_copies=int(exact),
+        floor_copy_share=float(np.mean(probe_ratio < 1)),
+        floor_copy_ct=lowest("floor_copy_ct"),
+        spaces=per_space,
+        cells=cells,
+        cells_used=min(v["cells_used"] for v in per_space.values()),
+        num_samples=len(samples),
+        num_train=len(train),
+        num_heldout=len(calib_rows),
+        num_floor=len(probe_rows),
+        ct_unavailable=why,
+        distances=distances,
+        nearest=nearest,
+        ratios=sample_ratio,
+    )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import re
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -30,6 +30,7 @@ __all__ = ["FEATURE_EXTRACTOR", "FEATURE_LAYER", "FEATURE_PASS", "LOGITS_LAYER",
 
 FEATURE_LAYER = "2048"  # pool3: torch-fidelity's default layer for FID, KID and precision/recall
 LOGITS_LAYER = "logits_unbiased"  # torch-fidelity's default layer for Inception Score
+
 
 class UInt8Images(Dataset):
     """Serves uint8 [3, H, W] tensors (1 channel repeated), the only input torch-fidelity accepts."""
@@ -126,4 +127,3 @@ def _cuda_device(index: int | None) -> Iterator[None]:
         return
     with torch.cuda.device(index):
         yield
-

@@ -23,14 +23,27 @@ from torch_fidelity.metric_kid import KEY_METRIC_KID_MEAN, KEY_METRIC_KID_STD, k
 from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 
 from aigc_pipeline.evaluation.errors import EvaluationError
-from aigc_pipeline.evaluation.features import (FEATURE_EXTRACTOR, FEATURE_LAYER, LOGITS_LAYER, UInt8Images,
-                                               extract_features, parse_device)
+from aigc_pipeline.evaluation.features import (
+    FEATURE_EXTRACTOR,
+    FEATURE_LAYER,
+    LOGITS_LAYER,
+    UInt8Images,
+    extract_features,
+    parse_device,
+)
 from aigc_pipeline.evaluation.frechet import bootstrap_fid, fid_infinity, frechet_distance
 from aigc_pipeline.evaluation.inception import InceptionWeights
 from aigc_pipeline.evaluation.reference import ReferenceStats, reference_cache_name, reference_statistics
 
-__all__ = ["FEATURE_EXTRACTOR", "FID_RECOMMENDED_MIN_SAMPLES", "compute_fidelity_metrics", "metrics_from_features",
-           "reference_cache_name", "validate_images", "UInt8Images"]
+__all__ = [
+    "FEATURE_EXTRACTOR",
+    "FID_RECOMMENDED_MIN_SAMPLES",
+    "compute_fidelity_metrics",
+    "metrics_from_features",
+    "reference_cache_name",
+    "validate_images",
+    "UInt8Images",
+]
 
 log = logging.getLogger(__name__)
 
@@ -121,15 +134,34 @@ def compute_fidelity_metrics(
         log.warning(
             "FID from %d generated / %d reference images: below %d (the feature dimension) the covariance "
             "is singular and FID is biased upwards; compare values only within one protocol (10k-50k is standard)",
-            n, m, FID_RECOMMENDED_MIN_SAMPLES,
+            n,
+            m,
+            FID_RECOMMENDED_MIN_SAMPLES,
         )
 
-    ref = reference_statistics(reference, reference_key=reference_key, weights=weights, batch_size=batch_size,
-                               device=device, cache=cache, cache_dir=cache_dir, verbose=verbose)
-    gen = extract_features(generated, weights, batch_size=batch_size, device=device, logits=compute_isc,
-                           verbose=verbose)
-    result = metrics_from_features(gen, ref, kid=kid, prc=prc, bootstrap=bootstrap, bootstrap_seed=bootstrap_seed,
-                                   extrapolate=extrapolate, device=device)
+    ref = reference_statistics(
+        reference,
+        reference_key=reference_key,
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        cache=cache,
+        cache_dir=cache_dir,
+        verbose=verbose,
+    )
+    gen = extract_features(
+        generated, weights, batch_size=batch_size, device=device, logits=compute_isc, verbose=verbose
+    )
+    result = metrics_from_features(
+        gen,
+        ref,
+        kid=kid,
+        prc=prc,
+        bootstrap=bootstrap,
+        bootstrap_seed=bootstrap_seed,
+        extrapolate=extrapolate,
+        device=device,
+    )
     if compute_isc:
         isc_raw = isc_features_to_metric(gen[LOGITS_LAYER], splits=_ISC_SPLITS)
         result["isc_mean"] = float(isc_raw[KEY_METRIC_ISC_MEAN])
@@ -182,8 +214,13 @@ def metrics_from_features(
         result["fid_bootstrap"] = {"replicas": b.replicas, "seed": b.seed, "mean": b.mean, "std": b.std}
     if extrapolate:
         e = fid_infinity(feats, reference.mu, reference.sigma, seed=bootstrap_seed)
-        result["fid_inf"] = {"value": e.value, "std": e.std, "slope": e.slope, "sizes": list(e.sizes),
-                             "means": list(e.means)}
+        result["fid_inf"] = {
+            "value": e.value,
+            "std": e.std,
+            "slope": e.slope,
+            "sizes": list(e.sizes),
+            "means": list(e.means),
+        }
     return result
 
 
@@ -199,9 +236,7 @@ def isc_unavailable_reason(weights: InceptionWeights) -> str:
 def validate_images(name: str, images: object) -> None:
     """Raise :class:`EvaluationError` unless ``images`` is a uint8 array [N >= 2, 1 or 3, H, W]."""
     if not isinstance(images, np.ndarray):
-        raise EvaluationError(
-            f"{name} images must be a numpy array [N, C, H, W] of uint8, got {type(images).__name__}"
-        )
+        raise EvaluationError(f"{name} images must be a numpy array [N, C, H, W] of uint8, got {type(images).__name__}")
     if images.dtype != np.uint8:
         raise EvaluationError(
             f"{name} images must have dtype uint8 (pixel values 0-255), got {images.dtype}; "

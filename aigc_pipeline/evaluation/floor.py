@@ -90,11 +90,20 @@ def data_floor(
     ``split`` the reference does not use); read from the cache when this exact floor was computed."""
     chosen = floor_images(real, num_samples, seed)
     if len(chosen) < 4:
-        raise EvaluationError(f"the data's floor needs at least 4 real images in the {split} split (precision/recall "
-                              f"uses 3 nearest neighbours), it has {len(chosen)}")
-    settings = {"format": _FORMAT, "floor_pixels": pixel_digest(chosen), "reference_pixels": pixel_digest(reference),
-                "weights": weights.sha256, "num_samples": len(chosen), "seed": seed, "bootstrap": bootstrap,
-                "feature_pass": FEATURE_PASS}
+        raise EvaluationError(
+            f"the data's floor needs at least 4 real images in the {split} split (precision/recall "
+            f"uses 3 nearest neighbours), it has {len(chosen)}"
+        )
+    settings = {
+        "format": _FORMAT,
+        "floor_pixels": pixel_digest(chosen),
+        "reference_pixels": pixel_digest(reference),
+        "weights": weights.sha256,
+        "num_samples": len(chosen),
+        "seed": seed,
+        "bootstrap": bootstrap,
+        "feature_pass": FEATURE_PASS,
+    }
     key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "floor" / f"floor-{key[:32]}.json"
     if path.is_file():
@@ -105,11 +114,31 @@ def data_floor(
         if doc.get("settings") != settings:
             raise EvaluationError(f"cached floor {path} was made for other inputs; delete it to recompute")
         return Floor(**doc["floor"], from_cache=True)
-    scores = compute_fidelity_metrics(chosen, reference, reference_key=reference_key, weights=weights,
-                                      batch_size=batch_size, device=device, kid=True, prc=True, bootstrap=bootstrap,
-                                      bootstrap_seed=seed, extrapolate=True, cache_dir=cache_dir)
-    floor = Floor(fid=scores["fid"], fid_std=(scores.get("fid_bootstrap") or {}).get("std"), kid=scores["kid_mean"],
-                  precision=scores["precision"], recall=scores["recall"], num_samples=len(chosen), split=split,
-                  overlaps_reference=reference_split == "all", key=key, fid_inf=scores["fid_inf"]["value"])
+    scores = compute_fidelity_metrics(
+        chosen,
+        reference,
+        reference_key=reference_key,
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        kid=True,
+        prc=True,
+        bootstrap=bootstrap,
+        bootstrap_seed=seed,
+        extrapolate=True,
+        cache_dir=cache_dir,
+    )
+    floor = Floor(
+        fid=scores["fid"],
+        fid_std=(scores.get("fid_bootstrap") or {}).get("std"),
+        kid=scores["kid_mean"],
+        precision=scores["precision"],
+        recall=scores["recall"],
+        num_samples=len(chosen),
+        split=split,
+        overlaps_reference=reference_split == "all",
+        key=key,
+        fid_inf=scores["fid_inf"]["value"],
+    )
     atomic_write_json(path, {"settings": settings, "floor": floor.to_dict()})
     return floor

@@ -59,7 +59,8 @@ def load_folder(folder: Path, *, size: int | None = None) -> np.ndarray:
             continue
         if img.size != images[0].size:
             raise EvaluationError(
-                f"{path}: {img.size[0]}x{img.size[1]} px, but {files[0].name} is {images[0].size[0]}x{images[0].size[1]};"
+                f"{path}: {img.size[0]}x{img.size[1]} px, but {files[0].name} is "
+                f"{images[0].size[0]}x{images[0].size[1]};"
                 " all images of a folder must share one size (or pass --size N to resize them)"
             )
         arr = np.asarray(img, dtype=np.uint8)
@@ -83,12 +84,24 @@ def compare_folders(
     ``kid_std``, ``precision``, ``recall``, ``protocol``."""
     a, b = load_folder(dir_a, size=size), load_folder(dir_b, size=size)
     digest = pixel_digest(b)
-    scores = compute_fidelity_metrics(a, b, reference_key=f"dir-{digest[:16]}", weights=weights,
-                                      batch_size=batch_size, device=device, kid=True, prc=True, isc=len(a) >= 10,
-                                      bootstrap=bootstrap, bootstrap_seed=seed, extrapolate=len(a) >= 4)
+    scores = compute_fidelity_metrics(
+        a,
+        b,
+        reference_key=f"dir-{digest[:16]}",
+        weights=weights,
+        batch_size=batch_size,
+        device=device,
+        kid=True,
+        prc=True,
+        isc=len(a) >= 10,
+        bootstrap=bootstrap,
+        bootstrap_seed=seed,
+        extrapolate=len(a) >= 4,
+    )
     # The side of square images; the larger side otherwise (the exact shapes are recorded too).
-    protocol = Protocol(scores["extractor"]["name"], weights.sha256, len(a), "dir", digest, len(b),
-                        int(max(a.shape[-2:])))
+    protocol = Protocol(
+        scores["extractor"]["name"], weights.sha256, len(a), "dir", digest, len(b), int(max(a.shape[-2:]))
+    )
     out: dict[str, Any] = {
         "fid": scores["fid"],
         "fid_std": scores.get("fid_bootstrap", {}).get("std"),
@@ -99,8 +112,13 @@ def compare_folders(
         "precision": scores["precision"],
         "recall": scores["recall"],
         "metric_names": {k: metric_key(k, protocol.id) for k in ("fid", "fid_inf", "kid", "precision", "recall")},
-        "protocol": {**protocol.to_dict(), "dir_a": str(dir_a), "dir_b": str(dir_b),
-                     "shape_a": list(a.shape[1:]), "shape_b": list(b.shape[1:])},
+        "protocol": {
+            **protocol.to_dict(),
+            "dir_a": str(dir_a),
+            "dir_b": str(dir_b),
+            "shape_a": list(a.shape[1:]),
+            "shape_b": list(b.shape[1:]),
+        },
         "extractor": scores["extractor"],
         "reference_cached": scores["reference_cached"],
     }
@@ -136,12 +154,19 @@ def copies_in_folders(
     g, t = load_folder(generated, size=size), load_folder(train, size=size)
     h = load_folder(heldout, size=size) if heldout is not None else None
     if g.shape[1:] != t.shape[1:]:
-        raise EvaluationError(f"{generated} holds {g.shape[1]}x{g.shape[2]}x{g.shape[3]} images but {train} "
-                              f"{t.shape[1]}x{t.shape[2]}x{t.shape[3]}: pass --size N to bring both to one size")
+        raise EvaluationError(
+            f"{generated} holds {g.shape[1]}x{g.shape[2]}x{g.shape[3]} images but {train} "
+            f"{t.shape[1]}x{t.shape[2]}x{t.shape[3]}: pass --size N to bring both to one size"
+        )
 
     def cached(images: np.ndarray) -> Any:  # a folder's features, cached by its pixels
-        return reference_statistics(images, reference_key=f"dir-{pixel_digest(images)[:16]}", weights=weights,
-                                    batch_size=batch_size, device=device).features
+        return reference_statistics(
+            images,
+            reference_key=f"dir-{pixel_digest(images)[:16]}",
+            weights=weights,
+            batch_size=batch_size,
+            device=device,
+        ).features
 
     features = extract_features(g, weights, batch_size=batch_size, device=device)[FEATURE_LAYER]
     report = copying_report(features, g, cached(t), t, cached(h) if h is not None else None, h, seed=seed)
@@ -150,12 +175,23 @@ def copies_in_folders(
     return {
         **report.metrics(),
         **report.details(),
-        "calibration": "held-out folder" if heldout is not None else "the training folder, each image left out "
-                       "of its own search (pass --heldout for images the model never saw)",
-        "most_copied": [{"generated": g_names[i].name, "train": t_names[report.nearest[i]].name,
-                         "distance": float(report.distances[i]),
-                         "distance_over_threshold": float(report.ratios[i])} for i in order],
-        "folders": {"generated": str(generated), "train": str(train),
-                    "heldout": str(heldout) if heldout is not None else None},
+        "calibration": "held-out folder"
+        if heldout is not None
+        else "the training folder, each image left out "
+        "of its own search (pass --heldout for images the model never saw)",
+        "most_copied": [
+            {
+                "generated": g_names[i].name,
+                "train": t_names[report.nearest[i]].name,
+                "distance": float(report.distances[i]),
+                "distance_over_threshold": float(report.ratios[i]),
+            }
+            for i in order
+        ],
+        "folders": {
+            "generated": str(generated),
+            "train": str(train),
+            "heldout": str(heldout) if heldout is not None else None,
+        },
         "weights_sha256": weights.sha256,
     }

@@ -85,8 +85,16 @@ class Extrapolated:
     means: tuple[float, ...]  # mean FID of the draws at each size
 
 
-def fid_infinity(features: torch.Tensor | np.ndarray, mu: np.ndarray, sigma: np.ndarray, *, seed: int,
-                 points: int = 5, draws: int = 10, smallest: float = 0.3) -> Extrapolated:
+def fid_infinity(
+    features: torch.Tensor | np.ndarray,
+    mu: np.ndarray,
+    sigma: np.ndarray,
+    *,
+    seed: int,
+    points: int = 5,
+    draws: int = 10,
+    smallest: float = 0.3,
+) -> Extrapolated:
     """FID-infinity of ``features`` [n, D]: ``points`` sizes evenly spaced from ``smallest`` * n to n,
     ``draws`` subsets (without replacement) at each size but the whole set, one line fitted to every
     (1/N, FID) pair. It removes the dependence on the generated sample count only: the reference
@@ -100,8 +108,10 @@ def fid_infinity(features: torch.Tensor | np.ndarray, mu: np.ndarray, sigma: np.
     rng = np.random.default_rng(seed)
     inv, fids, means = [], [], []
     for size in sizes:
-        values = [_distance(x[rng.choice(n, size, replace=False)] if size < n else x, ref)
-                  for _ in range(draws if size < n else 1)]
+        values = [
+            _distance(x[rng.choice(n, size, replace=False)] if size < n else x, ref)
+            for _ in range(draws if size < n else 1)
+        ]
         inv += [1.0 / size] * len(values)
         fids += values
         means.append(float(np.mean(values)))

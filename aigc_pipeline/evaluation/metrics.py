@@ -15,8 +15,9 @@ the code that computes it. Standard library only.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 __all__ = ["METRICS", "Metric", "copying_text", "entries", "fid_text", "metric", "names", "protocol_names"]
 
@@ -44,36 +45,110 @@ class Metric:
 
 
 METRICS: tuple[Metric, ...] = (
-    Metric("fid", "FID (lower is better)", "FID", headline=True, floor="floor_fid", better="lower", summary=True, table=True),
-    Metric("fid_std", "FID bootstrap standard deviation (measurement noise)", headline=True, floor="floor_fid_std",
-           summary=True),
-    Metric("fid_inf", "FID-infinity (FID extrapolated to infinitely many samples; Chong and Forsyth 2020)",
-           floor="floor_fid_inf", better="lower", summary=True),  # not headline: `dvc exp show` would pass 120 columns
+    Metric(
+        "fid",
+        "FID (lower is better)",
+        "FID",
+        headline=True,
+        floor="floor_fid",
+        better="lower",
+        summary=True,
+        table=True,
+    ),
+    Metric(
+        "fid_std",
+        "FID bootstrap standard deviation (measurement noise)",
+        headline=True,
+        floor="floor_fid_std",
+        summary=True,
+    ),
+    Metric(
+        "fid_inf",
+        "FID-infinity (FID extrapolated to infinitely many samples; Chong and Forsyth 2020)",
+        floor="floor_fid_inf",
+        better="lower",
+        summary=True,
+    ),  # not headline: `dvc exp show` would pass 120 columns
     Metric("fid_inf_std", "FID-infinity fit's standard error", summary=True),
-    Metric("kid", "KID (lower is better)", "KID", headline=True, floor="floor_kid", better="lower", summary=True, table=True,
-           ratio=False),
+    Metric(
+        "kid",
+        "KID (lower is better)",
+        "KID",
+        headline=True,
+        floor="floor_kid",
+        better="lower",
+        summary=True,
+        table=True,
+        ratio=False,
+    ),
     Metric("kid_std", "KID standard deviation over subsets"),
-    Metric("precision", "precision (share of samples inside the real manifold)", headline=True,
-           floor="floor_precision", better="higher", summary=True, table=True),
-    Metric("recall", "recall (share of real images covered by samples)", headline=True, floor="floor_recall",
-           better="higher", summary=True, table=True),
+    Metric(
+        "precision",
+        "precision (share of samples inside the real manifold)",
+        headline=True,
+        floor="floor_precision",
+        better="higher",
+        summary=True,
+        table=True,
+    ),
+    Metric(
+        "recall",
+        "recall (share of real images covered by samples)",
+        headline=True,
+        floor="floor_recall",
+        better="higher",
+        summary=True,
+        table=True,
+    ),
     Metric("isc", "Inception Score", headline=True, better="higher"),
     Metric("isc_std", "Inception Score std over splits"),
-    Metric("fid_ratio", "FID / the data's floor FID (1.0 = as good as real data)", headline=True, better="lower",
-           summary=True, card=False),
-    Metric("classifier_score", "classifier score (NOT Inception Score; see below)", protocol="classifier",
-           better="higher"),
-    Metric("classifier_label_accuracy", "label accuracy of class-conditional samples", protocol="classifier",
-           better="higher"),
+    Metric(
+        "fid_ratio",
+        "FID / the data's floor FID (1.0 = as good as real data)",
+        headline=True,
+        better="lower",
+        summary=True,
+        card=False,
+    ),
+    Metric(
+        "classifier_score", "classifier score (NOT Inception Score; see below)", protocol="classifier", better="higher"
+    ),
+    Metric(
+        "classifier_label_accuracy",
+        "label accuracy of class-conditional samples",
+        protocol="classifier",
+        better="higher",
+    ),
     Metric("classifier_accuracy", "the classifier's accuracy on the real eval split", protocol=None),
     # Data copying (evaluation.copying): the floor is held-out real images scored the same way.
-    Metric("copy_share", "share of samples copying a training image (nearer to it than 95% of held-out real "
-           "images are to theirs)", "copying share", floor="floor_copy_share", better="lower", summary=True,
-           table=True, ratio=False),
-    Metric("copy_ct", "data-copying statistic C_T (Meehan et al. 2020; ~0 generalises, <= -3 copies)",
-           "copying C_T", floor="floor_copy_ct", summary=True, table=True, ratio=False),
-    Metric("exact_copies", "samples pixel-identical to a training image", "exact copies", protocol=None,
-           better="lower", summary=True, table=True),
+    Metric(
+        "copy_share",
+        "share of samples copying a training image (nearer to it than 95% of held-out real images are to theirs)",
+        "copying share",
+        floor="floor_copy_share",
+        better="lower",
+        summary=True,
+        table=True,
+        ratio=False,
+    ),
+    Metric(
+        "copy_ct",
+        "data-copying statistic C_T (Meehan et al. 2020; ~0 generalises, <= -3 copies)",
+        "copying C_T",
+        floor="floor_copy_ct",
+        summary=True,
+        table=True,
+        ratio=False,
+    ),
+    Metric(
+        "exact_copies",
+        "samples pixel-identical to a training image",
+        "exact copies",
+        protocol=None,
+        better="lower",
+        summary=True,
+        table=True,
+    ),
     # The data's own floor: real images scored like the samples (evaluation.floor).
     Metric("floor_fid", "FID of real data (the floor)", headline=True, summary=True, card=False),
     Metric("floor_fid_std", "the floor's FID bootstrap standard deviation", card=False),

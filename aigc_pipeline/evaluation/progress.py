@@ -59,8 +59,9 @@ class FidProgress:
         self.reference_digest = reference_digest
         self.every, self.epochs, self.samples, self.seed = every, epochs, samples, seed
         self.batch_size, self.device, self.cache_dir = batch_size, torch.device(device), cache_dir
-        self.protocol = Protocol(FEATURE_EXTRACTOR, weights.sha256, samples, reference_split, reference_digest,
-                                 len(reference), arch.size)
+        self.protocol = Protocol(
+            FEATURE_EXTRACTOR, weights.sha256, samples, reference_split, reference_digest, len(reference), arch.size
+        )
         self.rows: list[dict[str, float]] = []
         self._stats = None
 
@@ -84,9 +85,14 @@ class FidProgress:
         name = reference_cache_name(self.reference, reference_key=self.reference_digest, weights=self.weights)
         cached = cache_path(name, self.cache_dir).is_file()
         t0 = time.perf_counter()
-        self._stats = reference_statistics(self.reference, reference_key=self.reference_digest,
-                                           weights=self.weights, batch_size=self.batch_size,
-                                           device=_fidelity_device(self.device), cache_dir=self.cache_dir)
+        self._stats = reference_statistics(
+            self.reference,
+            reference_key=self.reference_digest,
+            weights=self.weights,
+            batch_size=self.batch_size,
+            device=_fidelity_device(self.device),
+            cache_dir=self.cache_dir,
+        )
         return None if cached else (time.perf_counter() - t0) / max(len(self.reference), 1)
 
     def __call__(self, epoch: int, generator: torch.nn.Module) -> None:
@@ -94,10 +100,12 @@ class FidProgress:
             return
         t0 = time.perf_counter()
         self.prepare()
-        images = generate(generator, self.arch, self.samples, seed=self.seed, batch_size=self.batch_size,
-                          device=self.device)
-        feats = extract_features(images, self.weights, batch_size=self.batch_size,
-                                 device=_fidelity_device(self.device))[FEATURE_LAYER]
+        images = generate(
+            generator, self.arch, self.samples, seed=self.seed, batch_size=self.batch_size, device=self.device
+        )
+        feats = extract_features(
+            images, self.weights, batch_size=self.batch_size, device=_fidelity_device(self.device)
+        )[FEATURE_LAYER]
         fid = frechet_distance(feats, self._stats.mu, self._stats.sigma)
         self.rows.append({"epoch": epoch, self.metric: fid, "seconds": time.perf_counter() - t0})
 
@@ -150,9 +158,20 @@ def progress_hook(cfg, reference: Path, arch: Arch, *, device: str | torch.devic
         return None
     real = load_prepared(reference, ecfg.reference_split)
     if tuple(real.images.shape[1:]) != (arch.channels, arch.size, arch.size):
-        raise DataError(f"FID over training: reference {reference} holds images of shape "
-                        f"{tuple(real.images.shape[1:])}, the model makes {(arch.channels, arch.size, arch.size)}")
-    return FidProgress(real.images, reference_digest=real.digest, reference_split=ecfg.reference_split, arch=arch,
-                       weights=resolve_inception_weights(ecfg.inception_weights), every=ecfg.progress_every,
-                       epochs=cfg.train.epochs, samples=ecfg.progress_samples, seed=ecfg.seed,
-                       batch_size=ecfg.batch_size, device=device)
+        raise DataError(
+            f"FID over training: reference {reference} holds images of shape "
+            f"{tuple(real.images.shape[1:])}, the model makes {(arch.channels, arch.size, arch.size)}"
+        )
+    return FidProgress(
+        real.images,
+        reference_digest=real.digest,
+        reference_split=ecfg.reference_split,
+        arch=arch,
+        weights=resolve_inception_weights(ecfg.inception_weights),
+        every=ecfg.progress_every,
+        epochs=cfg.train.epochs,
+        samples=ecfg.progress_samples,
+        seed=ecfg.seed,
+        batch_size=ecfg.batch_size,
+        device=device,
+    )

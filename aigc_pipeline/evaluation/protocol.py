@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from importlib import metadata
-from typing import Any, Mapping
+from typing import Any
 
 # Everything about the Inception feature pass (aigc_pipeline.evaluation.features) that changes the
 # numbers, besides the weights and the images. Not in it: the device and the torch version (a
@@ -71,8 +72,9 @@ def protocol_differences(candidate: Mapping[str, Any], other: Mapping[str, Any])
         mine, theirs = candidate.get(key), other.get(key)
         if mine is None and theirs is None or str(mine) == str(theirs):
             continue
-        out.append(f"{key}: {'(not recorded)' if theirs is None else theirs} -> "
-                   f"{'(not recorded)' if mine is None else mine}")
+        out.append(
+            f"{key}: {'(not recorded)' if theirs is None else theirs} -> {'(not recorded)' if mine is None else mine}"
+        )
     return out
 
 

@@ -64,7 +64,8 @@ def reference_cache_name(
     """Cache name for ``reference``: ``ref-<key>-px<pixels>-w<weights>-<H>x<W>x<C>-tf<version>-fx<pass>``.
 
     ``<pixels>`` is the first 16 hex digits of :func:`pixel_digest`, ``<weights>`` the first 16 of
-    the weights' sha256, ``<pass>`` :func:`feature_pass_digest`. The extractor and layer are appended to form the file name.
+    the weights' sha256, ``<pass>`` :func:`feature_pass_digest`. The extractor and layer are appended
+    to form the file name.
     ``digest`` saves hashing the pixels again when the caller already has it.
     """
     _, channels, height, width = reference.shape
@@ -121,7 +122,9 @@ def reference_statistics(
     path = cache_path(name, cache_dir) if cache else None
     if path is not None and path.is_file():
         return _load(path, meta, name)
-    features = extract_features(reference, weights, batch_size=batch_size, device=device, verbose=verbose)[FEATURE_LAYER]
+    features = extract_features(reference, weights, batch_size=batch_size, device=device, verbose=verbose)[
+        FEATURE_LAYER
+    ]
     stats = fid_features_to_statistics(features)
     if path is not None:
         _save(path, features=features.numpy(), mu=stats["mu"], sigma=stats["sigma"], meta=np.array(json.dumps(meta)))

@@ -21,17 +21,26 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from aigc_pipeline.errors import DataError
 from aigc_pipeline.evaluation.metrics import names, protocol_names
 from aigc_pipeline.evaluation.protocol import metric_key
 from aigc_pipeline.io import atomic_write_json
 
-__all__ = ["COPIES_GRID", "DETAILS_FILE", "METRICS_FILE", "MORE_METRICS", "SAMPLES_GRID", "Evaluation",
-           "read_evaluation", "write_evaluation"]
+__all__ = [
+    "COPIES_GRID",
+    "DETAILS_FILE",
+    "METRICS_FILE",
+    "MORE_METRICS",
+    "SAMPLES_GRID",
+    "Evaluation",
+    "read_evaluation",
+    "write_evaluation",
+]
 
 METRICS_FILE = "metrics.json"
 DETAILS_FILE = "evaluation.json"
@@ -69,8 +78,10 @@ class Evaluation:
     def protocol_names(self) -> dict[str, str]:
         """Short name -> protocol-named key (``fid`` -> ``fid_incv3-…_32px``) of every metric present."""
         out = {}
-        for group, pid in ((protocol_names("inception"), self.protocol_id),
-                           (protocol_names("classifier"), self.classifier_id)):
+        for group, pid in (
+            (protocol_names("inception"), self.protocol_id),
+            (protocol_names("classifier"), self.classifier_id),
+        ):
             for name in group:
                 if pid and self.value(name) is not None:
                     out[name] = metric_key(name, pid)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any, Iterable, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import nn
@@ -54,9 +55,7 @@ class Family(Protocol):
     # with wrapped versions (DistributedDataParallel, compiled) that share the same parameters.
     nets: dict[str, nn.Module]
 
-    def train_step(
-        self, real: torch.Tensor, labels: torch.Tensor | None, rnd: BatchRandom
-    ) -> dict[str, torch.Tensor]:
+    def train_step(self, real: torch.Tensor, labels: torch.Tensor | None, rnd: BatchRandom) -> dict[str, torch.Tensor]:
         """One optimisation step on a batch in [-1, 1] (with its class labels when the
         architecture is conditional); returns detached float32 scalars: the losses, and
         ``grad_norm*`` entries (the gradient norm before each optimizer step), which the

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -82,8 +83,9 @@ class Critic(nn.Module):
     """images [B, C, S, S] (and labels when conditional) -> [B, out_dim]; a discriminator or an
     encoder. A conditional one reads one-hot label planes stacked onto the image channels."""
 
-    def __init__(self, size: int, channels: int, width: int, out_dim: int, *, batchnorm: bool = True,
-                 num_classes: int = 0) -> None:
+    def __init__(
+        self, size: int, channels: int, width: int, out_dim: int, *, batchnorm: bool = True, num_classes: int = 0
+    ) -> None:
         super().__init__()
         self.num_classes = num_classes
         self.net = ConvEncoder(size, channels + num_classes, width, out_dim, batchnorm)

@@ -28,8 +28,13 @@ from aigc_pipeline.randomness import BatchRandom
 
 TRAIN_TIMESTEPS = 1000
 # The noise schedule of Ho et al. (linear betas 1e-4 .. 0.02 over 1000 steps).
-SCHEDULER_CONFIG = {"num_train_timesteps": TRAIN_TIMESTEPS, "beta_start": 1e-4, "beta_end": 0.02,
-                    "beta_schedule": "linear", "prediction_type": "epsilon"}
+SCHEDULER_CONFIG = {
+    "num_train_timesteps": TRAIN_TIMESTEPS,
+    "beta_start": 1e-4,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "prediction_type": "epsilon",
+}
 
 
 def unet_config(arch: Arch) -> dict[str, Any]:
@@ -52,9 +57,14 @@ def unet_config(arch: Arch) -> dict[str, Any]:
 def build_unet(config: dict[str, Any]) -> nn.Module:
     from diffusers import UNet2DModel
 
-    return UNet2DModel(**{**config, "block_out_channels": tuple(config["block_out_channels"]),
-                          "down_block_types": tuple(config["down_block_types"]),
-                          "up_block_types": tuple(config["up_block_types"])})
+    return UNet2DModel(
+        **{
+            **config,
+            "block_out_channels": tuple(config["block_out_channels"]),
+            "down_block_types": tuple(config["down_block_types"]),
+            "up_block_types": tuple(config["up_block_types"]),
+        }
+    )
 
 
 class DDPM:
@@ -71,16 +81,20 @@ class DDPM:
         self.sampling_steps = hp.sampling_steps
         self.modules = {"unet": unet, "unet_ema": ema_copy(unet), "ema_state": EmaCounter()}
         self.nets = dict(self.modules)
-        self.optimizers = {"unet": torch.optim.AdamW(unet.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2),
-                                                     weight_decay=0.0)}
+        self.optimizers = {
+            "unet": torch.optim.AdamW(unet.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=0.0)
+        }
 
     @property
     def generator(self) -> nn.Module:
         return self._sampler(self.modules["unet_ema"], self.arch, self.generator_spec())
 
     def generator_spec(self) -> dict[str, Any]:
-        return {"unet": self.unet_config, "scheduler": SCHEDULER_CONFIG,
-                "sampler": {"kind": "ddim", "steps": self.sampling_steps, "eta": 0.0}}
+        return {
+            "unet": self.unet_config,
+            "scheduler": SCHEDULER_CONFIG,
+            "sampler": {"kind": "ddim", "steps": self.sampling_steps, "eta": 0.0},
+        }
 
     @classmethod
     def build_generator(cls, arch: Arch, spec: dict[str, Any]) -> nn.Module:
@@ -88,8 +102,13 @@ class DDPM:
 
     @staticmethod
     def _sampler(unet: nn.Module, arch: Arch, spec: dict[str, Any]) -> DDIMSampler:
-        return DDIMSampler(unet, spec["scheduler"], sample_shape=(arch.channels, arch.size, arch.size),
-                           steps=int(spec["sampler"]["steps"]), num_classes=arch.num_classes)
+        return DDIMSampler(
+            unet,
+            spec["scheduler"],
+            sample_shape=(arch.channels, arch.size, arch.size),
+            steps=int(spec["sampler"]["steps"]),
+            num_classes=arch.num_classes,
+        )
 
     def train_step(self, real: torch.Tensor, labels: torch.Tensor | None, rnd: BatchRandom) -> dict[str, torch.Tensor]:
         unet, opt = self.nets["unet"], self.optimizers["unet"]

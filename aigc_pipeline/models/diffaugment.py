@@ -10,7 +10,7 @@ parallelism each rank augments its rows of the global batch as a single device w
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F

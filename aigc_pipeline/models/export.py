@@ -23,8 +23,9 @@ WEIGHTS_FILE = "generator.safetensors"
 META_FILE = "model.json"
 
 
-def save_generator(folder: Path, generator: torch.nn.Module, arch: Arch, meta: dict[str, Any],
-                   spec: dict[str, Any] | None = None) -> None:
+def save_generator(
+    folder: Path, generator: torch.nn.Module, arch: Arch, meta: dict[str, Any], spec: dict[str, Any] | None = None
+) -> None:
     """Write the generator's weights and ``model.json`` (arch, the family's generator ``spec`` and
     ``meta``) into ``folder``."""
     state = {k: v.detach().cpu().contiguous() for k, v in generator.state_dict().items()}

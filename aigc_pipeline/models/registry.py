@@ -60,8 +60,12 @@ def recipe_for(name: str) -> Recipe:
 def resolve_hparams(tcfg: TrainConfig) -> Hparams:
     """The family's hyper-parameters from ``train:``, with ``auto`` lr/betas replaced by the model's recipe."""
     recipe = recipe_for(tcfg.model)
-    return Hparams(lr=recipe.lr if tcfg.lr == "auto" else tcfg.lr,
-                   beta1=recipe.beta1 if tcfg.beta1 == "auto" else tcfg.beta1,
-                   beta2=recipe.beta2 if tcfg.beta2 == "auto" else tcfg.beta2,
-                   vae_beta=tcfg.vae_beta, ema_decay=tcfg.ema_decay, diffaugment=tcfg.diffaugment,
-                   sampling_steps=tcfg.sampling_steps)
+    return Hparams(
+        lr=recipe.lr if tcfg.lr == "auto" else tcfg.lr,
+        beta1=recipe.beta1 if tcfg.beta1 == "auto" else tcfg.beta1,
+        beta2=recipe.beta2 if tcfg.beta2 == "auto" else tcfg.beta2,
+        vae_beta=tcfg.vae_beta,
+        ema_decay=tcfg.ema_decay,
+        diffaugment=tcfg.diffaugment,
+        sampling_steps=tcfg.sampling_steps,
+    )

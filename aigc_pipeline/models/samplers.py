@@ -12,7 +12,8 @@ pyfunc's ``seed`` rely on).
 from __future__ import annotations
 
 import copy
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
@@ -28,8 +29,15 @@ class DDIMSampler(nn.Module):
     timestep (Lin et al., 2024: the default "leading" spacing never sees t = T - 1).
     """
 
-    def __init__(self, denoiser: nn.Module, scheduler_config: Mapping[str, Any], *, sample_shape: tuple[int, ...],
-                 steps: int, num_classes: int = 0) -> None:
+    def __init__(
+        self,
+        denoiser: nn.Module,
+        scheduler_config: Mapping[str, Any],
+        *,
+        sample_shape: tuple[int, ...],
+        steps: int,
+        num_classes: int = 0,
+    ) -> None:
         super().__init__()
         self.denoiser = denoiser
         self.scheduler_config = dict(scheduler_config)
@@ -37,7 +45,7 @@ class DDIMSampler(nn.Module):
         self.num_classes = num_classes
         self.steps = check_steps(steps, int(self.scheduler_config.get("num_train_timesteps", MAX_STEPS)))
 
-    def with_steps(self, steps: int) -> "DDIMSampler":
+    def with_steps(self, steps: int) -> DDIMSampler:
         """The same sampler (sharing the denoiser's weights) with another number of steps."""
         other = copy.copy(self)
         other.steps = check_steps(steps, int(self.scheduler_config.get("num_train_timesteps", MAX_STEPS)))
@@ -48,8 +56,9 @@ class DDIMSampler(nn.Module):
 
         if self.num_classes and labels is None:
             raise ValueError("this model is class-conditional: pass a class label for every image")
-        scheduler = DDIMScheduler.from_config(self.scheduler_config, timestep_spacing="trailing", clip_sample=True,
-                                              set_alpha_to_one=False)
+        scheduler = DDIMScheduler.from_config(
+            self.scheduler_config, timestep_spacing="trailing", clip_sample=True, set_alpha_to_one=False
+        )
         scheduler.set_timesteps(self.steps, device=noise.device)
         x = noise
         for t in scheduler.timesteps:

@@ -1,5 +1,5 @@
-"""Convolutional (beta-, optionally class-conditional) VAE: DCGAN-shaped encoder and decoder, Gaussian decoder (sum of squared
-errors), KL weighted by ``train.vae_beta``."""
+"""Convolutional (beta-, optionally class-conditional) VAE: DCGAN-shaped encoder and decoder,
+Gaussian decoder (sum of squared errors), KL weighted by ``train.vae_beta``."""
 
 from __future__ import annotations
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -61,10 +61,15 @@ def run(cfg: Config, prepared: Path, out: Path) -> AugmentResult:
             raise DataError(f"{prepared}: the 'train' split is empty")
         atomic_write_json(
             tmp / "report.json",
-            {"source_digest": meta["digest"], "originals": originals, "count": new_meta["count"],
-             "augment": dataclasses.asdict(acfg),
-             # Colour jitter applies to RGB images only (see aigc_pipeline/data/augment.py).
-             "color_jitter_applied": meta["channels"] == 3 and any((acfg.brightness, acfg.contrast, acfg.saturation))},
+            {
+                "source_digest": meta["digest"],
+                "originals": originals,
+                "count": new_meta["count"],
+                "augment": dataclasses.asdict(acfg),
+                # Colour jitter applies to RGB images only (see aigc_pipeline/data/augment.py).
+                "color_jitter_applied": meta["channels"] == 3
+                and any((acfg.brightness, acfg.contrast, acfg.saturation)),
+            },
         )
         save_grid(np.stack(preview), tmp / "preview.png", nrow=2 * (1 + acfg.copies))
     return AugmentResult(out=out, originals=originals, count=new_meta["count"], digest=new_meta["digest"])

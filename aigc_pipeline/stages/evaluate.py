@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -32,7 +33,6 @@ from aigc_pipeline.evaluation.results import COPIES_GRID, SAMPLES_GRID, Evaluati
 from aigc_pipeline.images import save_grid
 from aigc_pipeline.models.export import class_labels, generate, load_generator, read_model_meta
 from aigc_pipeline.training.loop import resolve_device
-
 
 COPIES_SHOWN = 8  # sample/training-image pairs in the copies grid
 
@@ -57,8 +57,9 @@ class EvaluateResult:
         return self.fid / self.floor.fid if self.floor is not None and self.floor.fid > 0 else None
 
 
-def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = False,
-        project_dir: Path | None = None) -> EvaluateResult:
+def run(
+    cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = False, project_dir: Path | None = None
+) -> EvaluateResult:
     """Score the model in ``model`` against ``reference`` (a prepared dataset); write ``out/metrics.json``
     (numbers only: FID, its bootstrap spread ``fid_std``, KID, precision, recall, the floor's
     ``floor_*`` and ``fid_ratio``, IS when computable, the classifier scores on labelled data) and
@@ -71,7 +72,9 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
     device = resolve_device(ecfg.device)
     loaded: dict[str, Any] = {}
 
-    def split(name: str) -> Any:  # each split of the prepared set read once: the reference, floor and copying share them
+    def split(
+        name: str,
+    ) -> Any:  # each split of the prepared set read once: the reference, floor and copying share them
         if name not in loaded:
             loaded[name] = load_prepared(reference, name)
         return loaded[name]
@@ -86,8 +89,12 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
     fake = generate(generator, arch, ecfg.num_samples, seed=ecfg.seed, batch_size=ecfg.batch_size, device=device)
     weights = resolve_inception_weights(ecfg.inception_weights)
     if not quiet:
-        print(f"  evaluate: {ecfg.num_samples} generated vs {len(real.images)} real ({ecfg.reference_split} split), "
-              f"Inception weights from {weights.source}", file=sys.stderr, flush=True)
+        print(
+            f"  evaluate: {ecfg.num_samples} generated vs {len(real.images)} real ({ecfg.reference_split} split), "
+            f"Inception weights from {weights.source}",
+            file=sys.stderr,
+            flush=True,
+        )
     scores = compute_fidelity_metrics(
         fake,
         real.images,
@@ -114,14 +121,22 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
     )
     floor, floor_details = _floor(cfg, split, real, weights=weights, device=str(device))
     metrics: dict[str, float | None] = {
-        "fid": scores["fid"], "kid": scores["kid_mean"], "kid_std": scores["kid_std"],
-        "precision": scores["precision"], "recall": scores["recall"],
+        "fid": scores["fid"],
+        "kid": scores["kid_mean"],
+        "kid_std": scores["kid_std"],
+        "precision": scores["precision"],
+        "recall": scores["recall"],
     }
     if floor is not None:
-        metrics.update(floor_fid=floor.fid, floor_fid_std=floor.fid_std, floor_fid_inf=floor.fid_inf,
-                       floor_kid=floor.kid,
-                       floor_precision=floor.precision, floor_recall=floor.recall,
-                       fid_ratio=scores["fid"] / floor.fid if floor.fid > 0 else None)
+        metrics.update(
+            floor_fid=floor.fid,
+            floor_fid_std=floor.fid_std,
+            floor_fid_inf=floor.fid_inf,
+            floor_kid=floor.kid,
+            floor_precision=floor.precision,
+            floor_recall=floor.recall,
+            fid_ratio=scores["fid"] / floor.fid if floor.fid > 0 else None,
+        )
     meta = read_model_meta(model)
     details: dict[str, Any] = {
         "protocol": protocol.to_dict(),
@@ -141,11 +156,15 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
         details["bootstrap"] = {"replicas": 0}
     inf = scores["fid_inf"]
     metrics["fid_inf"], metrics["fid_inf_std"] = inf["value"], inf["std"]
-    details["fid_inf"] = {"sizes": inf["sizes"], "means": inf["means"], "slope": inf["slope"],
-                          "what": "FID-infinity (Chong and Forsyth 2020): FID of random subsets of the samples at "
-                                  "these sizes, a line in 1/N, its intercept; fid_inf_std is the fit's standard error. "
-                                  "Free of the generated sample count only: the reference side (its size included) "
-                                  "and the floor still apply"}
+    details["fid_inf"] = {
+        "sizes": inf["sizes"],
+        "means": inf["means"],
+        "slope": inf["slope"],
+        "what": "FID-infinity (Chong and Forsyth 2020): FID of random subsets of the samples at "
+        "these sizes, a line in 1/N, its intercept; fid_inf_std is the fit's standard error. "
+        "Free of the generated sample count only: the reference side (its size included) "
+        "and the floor still apply",
+    }
     if "isc_mean" in scores:
         metrics["isc"], metrics["isc_std"] = scores["isc_mean"], scores["isc_std"]
     else:
@@ -154,8 +173,9 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
     cscore, cprotocol = None, None
     clf = load_or_train_classifier(reference) if ecfg.classifier_score else None
     if clf is not None:
-        cprotocol = ClassifierProtocol(classifier=clf.id, accuracy=clf.accuracy, num_samples=ecfg.num_samples,
-                                       size=arch.size)
+        cprotocol = ClassifierProtocol(
+            classifier=clf.id, accuracy=clf.accuracy, num_samples=ecfg.num_samples, size=arch.size
+        )
         probs = clf.predict_proba(fake)
         cscore = classifier_score(probs)
         metrics["classifier_score"] = cscore
@@ -163,9 +183,9 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
         details["classifier"] = {
             **cprotocol.to_dict(),
             "what": "exp(E KL(p(y|x) || p(y))) under a logistic-regression classifier trained on the real train "
-                    "split's pixels; 1 to the number of classes; not an Inception Score. classifier_accuracy: its "
-                    "accuracy on the real eval split; classifier_label_accuracy (conditional models): the share of "
-                    "samples it assigns to the class they were generated for",
+            "split's pixels; 1 to the number of classes; not an Inception Score. classifier_accuracy: its "
+            "accuracy on the real eval split; classifier_label_accuracy (conditional models): the share of "
+            "samples it assigns to the class they were generated for",
         }
         labels = class_labels(arch, ecfg.num_samples)
         if labels is not None:
@@ -174,8 +194,16 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
         details["classifier_score_unavailable"] = "the dataset has no class labels to train a classifier on"
     copies = None
     if ecfg.copy_check:
-        copies, details["copying"] = _copying(cfg, split, fake, scores["features"], weights=weights,
-                                              device=str(device), out=Path(out), reference=Path(reference))
+        copies, details["copying"] = _copying(
+            cfg,
+            split,
+            fake,
+            scores["features"],
+            weights=weights,
+            device=str(device),
+            out=Path(out),
+            reference=Path(reference),
+        )
     else:
         details["copying"] = {"unavailable": "evaluate.copy_check is off"}
     if copies is not None:
@@ -191,22 +219,34 @@ def run(cfg: Config, model: Path, reference: Path, out: Path, *, quiet: bool = F
     save_grid(fake[:64], Path(out) / SAMPLES_GRID)
     write_evaluation(Path(out), metrics, details)
     seconds = time.perf_counter() - t0
-    result = EvaluateResult(out=out, fid=scores["fid"], fid_std=fid_std, kid=scores["kid_mean"],
-                            precision=scores["precision"], recall=scores["recall"], protocol=protocol,
-                            isc_unavailable=details.get("isc_unavailable"), classifier_score=cscore,
-                            classifier_protocol=cprotocol, seconds=seconds, floor=floor)
+    result = EvaluateResult(
+        out=out,
+        fid=scores["fid"],
+        fid_std=fid_std,
+        kid=scores["kid_mean"],
+        precision=scores["precision"],
+        recall=scores["recall"],
+        protocol=protocol,
+        isc_unavailable=details.get("isc_unavailable"),
+        classifier_score=cscore,
+        classifier_protocol=cprotocol,
+        seconds=seconds,
+        floor=floor,
+    )
     if not quiet:
         print(f"  evaluate: {summary_line(result)} in {seconds:.1f}s", file=sys.stderr, flush=True)
     if project_dir is not None:
-        run_id = log_to_run(cfg, Path(model), Path(out), project_dir=Path(project_dir),
-                            compute={**meter.read(), "device": str(device)})
+        run_id = log_to_run(
+            cfg, Path(model), Path(out), project_dir=Path(project_dir), compute={**meter.read(), "device": str(device)}
+        )
         if not quiet:
             print(f"  evaluate: logged to MLflow run {run_id}", file=sys.stderr, flush=True)
     return result
 
 
-def log_to_run(cfg: Config, model: Path, evaluation: Path, *, project_dir: Path,
-               compute: dict[str, Any] | None = None) -> str:
+def log_to_run(
+    cfg: Config, model: Path, evaluation: Path, *, project_dir: Path, compute: dict[str, Any] | None = None
+) -> str:
     """Log the evaluation in ``evaluation`` to the MLflow run of the model in ``model`` (and what the
     evaluation cost, ``compute``: :mod:`aigc_pipeline.compute`); returns its id."""
     import mlflow
@@ -221,9 +261,17 @@ def log_to_run(cfg: Config, model: Path, evaluation: Path, *, project_dir: Path,
     with use_store(project_dir, cfg.register.experiment) as experiment_id:
         client = MlflowClient()
         ui = ui_url(mlflow.get_tracking_uri())
-        run_id, _ = runs.pipeline_run(client, experiment_id, cfg, project_dir, model, stage="evaluate",
-                                      evaluation=runs.evaluation_digest(evaluation),
-                                      extra_params=runs.evaluation_params(scored), ui=ui)
+        run_id, _ = runs.pipeline_run(
+            client,
+            experiment_id,
+            cfg,
+            project_dir,
+            model,
+            stage="evaluate",
+            evaluation=runs.evaluation_digest(evaluation),
+            extra_params=runs.evaluation_params(scored),
+            ui=ui,
+        )
         client.update_run(run_id, status="RUNNING")  # while it is written to, as a resumed run is
         try:
             runs.log_evaluation(client, run_id, scored, evaluation, step=int(meta.get("steps") or 0))
@@ -237,25 +285,48 @@ def log_to_run(cfg: Config, model: Path, evaluation: Path, *, project_dir: Path,
     return run_id
 
 
-def _floor(cfg: Config, split_of: Callable[[str], Any], real_reference: Any, *, weights: InceptionWeights,
-           device: str) -> tuple[Floor | None, dict[str, Any]]:
+def _floor(
+    cfg: Config, split_of: Callable[[str], Any], real_reference: Any, *, weights: InceptionWeights, device: str
+) -> tuple[Floor | None, dict[str, Any]]:
     """The data's floor under this evaluation's protocol (cached by content) and its description;
     (None, {"unavailable": why}) when the split it is drawn from is too small."""
     ecfg = cfg.evaluate
     split = FLOOR_SPLIT[ecfg.reference_split]
     try:
         pool = split_of(split)
-        floor = data_floor(pool.images, real_reference.images, split=split, reference_split=ecfg.reference_split,
-                           reference_key=real_reference.digest, num_samples=ecfg.num_samples, seed=ecfg.seed,
-                           weights=weights, bootstrap=ecfg.bootstrap, batch_size=ecfg.batch_size, device=device)
+        floor = data_floor(
+            pool.images,
+            real_reference.images,
+            split=split,
+            reference_split=ecfg.reference_split,
+            reference_key=real_reference.digest,
+            num_samples=ecfg.num_samples,
+            seed=ecfg.seed,
+            weights=weights,
+            bootstrap=ecfg.bootstrap,
+            batch_size=ecfg.batch_size,
+            device=device,
+        )
     except (DataError, EvaluationError) as exc:
         return None, {"unavailable": str(exc)}
-    return floor, {**floor.to_dict(), "what": "real images not in the reference split, scored like the model's "
-                   "samples: what a perfect model would get under this protocol"}
+    return floor, {
+        **floor.to_dict(),
+        "what": "real images not in the reference split, scored like the model's "
+        "samples: what a perfect model would get under this protocol",
+    }
 
 
-def _copying(cfg: Config, split_of: Callable[[str], Any], fake: Any, features: Any, *, weights: InceptionWeights,
-             device: str, out: Path, reference: Path) -> tuple[CopyReport | None, dict[str, Any]]:
+def _copying(
+    cfg: Config,
+    split_of: Callable[[str], Any],
+    fake: Any,
+    features: Any,
+    *,
+    weights: InceptionWeights,
+    device: str,
+    out: Path,
+    reference: Path,
+) -> tuple[CopyReport | None, dict[str, Any]]:
     """The data-copying check of the samples ``fake`` (features ``features``) against the prepared
     dataset's train split, calibrated on its eval split (:mod:`aigc_pipeline.evaluation.copying`);
     writes the grid of the most-copied samples. (None, {"unavailable": why}) when a split is too small."""
@@ -271,16 +342,21 @@ def _copying(cfg: Config, split_of: Callable[[str], Any], fake: Any, features: A
             # The reference statistics' own cache entries (same label: the split's digest, as the FID's
             # reference uses): the eval split's features are read, not computed again; the train
             # split's are computed once per dataset version.
-            feats[name] = reference_statistics(part.images, reference_key=part.digest, weights=weights,
-                                               batch_size=ecfg.batch_size, device=device).features
-        report = copying_report(features, fake, feats["train"], train.images, feats["eval"], heldout.images,
-                                seed=ecfg.seed)
+            feats[name] = reference_statistics(
+                part.images, reference_key=part.digest, weights=weights, batch_size=ecfg.batch_size, device=device
+            ).features
+        report = copying_report(
+            features, fake, feats["train"], train.images, feats["eval"], heldout.images, seed=ecfg.seed
+        )
     except (DataError, EvaluationError) as exc:
         return None, {"unavailable": f"data-copying check not computed: {exc}"}
     shown = np.argsort(report.ratios, kind="stable")[:COPIES_SHOWN]
     save_grid(np.concatenate([fake[shown], train.images[report.nearest[shown]]]), out / COPIES_GRID, nrow=len(shown))
-    return report, {**report.details(), "grid": f"{COPIES_GRID}: top row the {len(shown)} samples nearest a training "
-                    "image, bottom row that training image"}
+    return report, {
+        **report.details(),
+        "grid": f"{COPIES_GRID}: top row the {len(shown)} samples nearest a training "
+        "image, bottom row that training image",
+    }
 
 
 def copying_line(report: CopyReport) -> str:
@@ -294,9 +370,13 @@ def summary_line(r: EvaluateResult) -> str:
     floor = ""
     if r.floor is not None and r.fid_ratio is not None:
         floor = f" (floor {r.floor.fid:.1f} = {r.fid_ratio:.2f}x)"
-    line = (f"FID {r.fid:.3f}{noise}{floor}, KID {r.kid:.4f}, precision {r.precision:.3f}, recall {r.recall:.3f} "
-            f"[{r.protocol.id}]")
+    line = (
+        f"FID {r.fid:.3f}{noise}{floor}, KID {r.kid:.4f}, precision {r.precision:.3f}, recall {r.recall:.3f} "
+        f"[{r.protocol.id}]"
+    )
     if r.classifier_score is not None and r.classifier_protocol is not None:
-        line += (f"; classifier score {r.classifier_score:.3f} [{r.classifier_protocol.id}, "
-                 f"classifier accuracy on real eval {r.classifier_protocol.accuracy:.3f}]")
+        line += (
+            f"; classifier score {r.classifier_score:.3f} [{r.classifier_protocol.id}, "
+            f"classifier accuracy on real eval {r.classifier_protocol.accuracy:.3f}]"
+        )
     return line

@@ -21,9 +21,9 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
@@ -98,8 +98,17 @@ def prepare(
     names ``max_rejected_fraction`` (the CLI's ``--max-rejected`` for ad-hoc sources).
     """
     out = Path(out)
-    report: dict = {"dataset": name, "source": dcfg.source, "path": dcfg.path, "status": "failed",
-                    "accepted": 0, "rejected": [], "duplicates": [], "skipped": [], "per_class": {}}
+    report: dict = {
+        "dataset": name,
+        "source": dcfg.source,
+        "path": dcfg.path,
+        "status": "failed",
+        "accepted": 0,
+        "rejected": [],
+        "duplicates": [],
+        "skipped": [],
+        "per_class": {},
+    }
     stats = _Stats()
     failed = failure_report_path(out)
     try:
@@ -110,17 +119,24 @@ def prepare(
                 size=dcfg.size,
                 channels=dcfg.channels,
             )
-            report.update(accepted=meta["count"],
-                          per_class={c: stats.per_class[c] for c in meta["classes"]})
+            report.update(accepted=meta["count"], per_class={c: stats.per_class[c] for c in meta["classes"]})
             _check_usable(name, report, max_rejected_fraction, threshold_name)
-            report.update(status="ok", splits=dict(sorted(stats.splits.items())), digest=meta["digest"],
-                          size=dcfg.size, channels=dcfg.channels)
+            report.update(
+                status="ok",
+                splits=dict(sorted(stats.splits.items())),
+                digest=meta["digest"],
+                size=dcfg.size,
+                channels=dcfg.channels,
+            )
             atomic_write_json(tmp / "report.json", report)
             atomic_write_text(tmp / "card.md", _card(name, dcfg, stats, report))
             save_grid(np.stack(stats.preview), tmp / "preview.png", nrow=8)
     except DataError as e:
-        report.update(error=str(e), accepted=sum(stats.splits.values()),
-                      per_class={c: stats.per_class[c] for c in sorted(stats.per_class)})
+        report.update(
+            error=str(e),
+            accepted=sum(stats.splits.values()),
+            per_class={c: stats.per_class[c] for c in sorted(stats.per_class)},
+        )
         atomic_write_json(failed, report)
         kept = f"; the previous dataset at {out} is unchanged" if out.exists() else ""
         raise DataError(f"{e} (report: {failed}{kept})") from None
@@ -141,8 +157,10 @@ def _check_usable(name: str, report: dict, max_fraction: float, threshold_name: 
     rejected = report["rejected"]
     reasons = "; ".join(f"{r['path']}: {r['reason']}" for r in rejected[:5])
     if report["accepted"] == 0:
-        raise DataError(f"dataset {name!r}: no usable image (rejected {len(rejected)}"
-                        + (f"; first reasons: {reasons})" if rejected else ")"))
+        raise DataError(
+            f"dataset {name!r}: no usable image (rejected {len(rejected)}"
+            + (f"; first reasons: {reasons})" if rejected else ")")
+        )
     share = len(rejected) / (report["accepted"] + len(rejected))
     if share > max_fraction:
         raise DataError(
@@ -184,18 +202,32 @@ def _accepted(
     workers: int | None,
 ) -> Iterator[tuple[np.ndarray, dict]]:
     """Decode and normalise source items in order; record rejected, skipped and duplicate ones in ``report``."""
-    spec = DecodeSpec(size=dcfg.size, channels=dcfg.channels, background=dcfg.background,
-                      min_side=dcfg.min_side, max_pixels=dcfg.max_pixels)
+    spec = DecodeSpec(
+        size=dcfg.size,
+        channels=dcfg.channels,
+        background=dcfg.background,
+        min_side=dcfg.min_side,
+        max_pixels=dcfg.max_pixels,
+    )
     options = SOURCE_OPTIONS.get(dcfg.source)
     # In-memory sources (sklearn-digits, torchvision) only resize small arrays: no worker processes.
     n_workers = (workers or default_workers()) if options and options.decodes_files else 1
     seen: dict[str, str] = {}
     kept = 0
-    with contextlib.closing(get_source(dcfg.source)(dcfg, project_dir)) as items, contextlib.closing(
-        ordered_map(functools.partial(process_chunk, spec=spec), items, workers=n_workers,
-                    describe=lambda item: getattr(item, "key", repr(item)), preload=(process_chunk.__module__,),
-                    weight=in_memory_bytes, budget=MEMBER_BYTES_IN_FLIGHT)
-    ) as outcomes:
+    with (
+        contextlib.closing(get_source(dcfg.source)(dcfg, project_dir)) as items,
+        contextlib.closing(
+            ordered_map(
+                functools.partial(process_chunk, spec=spec),
+                items,
+                workers=n_workers,
+                describe=lambda item: getattr(item, "key", repr(item)),
+                preload=(process_chunk.__module__,),
+                weight=in_memory_bytes,
+                budget=MEMBER_BYTES_IN_FLIGHT,
+            )
+        ) as outcomes,
+    ):
         for outcome in outcomes:
             if dcfg.limit and kept >= dcfg.limit:
                 break
@@ -223,15 +255,16 @@ def _card(name: str, dcfg: DatasetConfig, stats: _Stats, report: dict) -> str:
     std_s = ", ".join(f"{s:.4f}" for s in std)
     classes = "\n".join(f"| {c} | {k} |" for c, k in report["per_class"].items()) or "| (unlabelled) | |"
     skipped = f", {len(report['skipped'])} non-image files skipped" if report["skipped"] else ""
+    dropped = f"{len(report['duplicates'])} exact duplicates dropped"
     return f"""# Dataset card: {name}
 
 - source: `{dcfg.source}`
-- images: {report['accepted']} accepted, {len(report['rejected'])} rejected, {len(report['duplicates'])} exact duplicates dropped{skipped}
+- images: {report["accepted"]} accepted, {len(report["rejected"])} rejected, {dropped}{skipped}
 - size: {dcfg.size}x{dcfg.size}, {dcfg.channels} channel(s), uint8
-- splits (by content hash): {', '.join(f'{k}: {v}' for k, v in sorted(report['splits'].items()))}
+- splits (by content hash): {", ".join(f"{k}: {v}" for k, v in sorted(report["splits"].items()))}
 - pixel mean (0..1, per channel): {mean_s}
 - pixel std (0..1, per channel): {std_s}
-- content digest: `{report['digest']}`
+- content digest: `{report["digest"]}`
 
 | class | images |
 | --- | --- |

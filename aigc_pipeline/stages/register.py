@@ -38,7 +38,6 @@ import yaml
 
 from aigc_pipeline.compute import COMPUTE_TAG, compute_metrics, describe, read_compute
 from aigc_pipeline.config import Config
-from aigc_pipeline.errors import DataError
 from aigc_pipeline.evaluation.gate import CHALLENGER, CHAMPION, Score, Verdict, check_evaluation, decide, quality_bar
 from aigc_pipeline.evaluation.protocol import metric_key
 from aigc_pipeline.evaluation.results import DETAILS_FILE, METRICS_FILE, Evaluation, read_evaluation
@@ -81,9 +80,18 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
     name = cfg.registered_model
     rcfg = cfg.register
     problems = check_evaluation(scored, meta)
-    below_bar = [] if problems else quality_bar(scored, max_fid_ratio=rcfg.max_fid_ratio,
-                                                 min_precision=rcfg.min_precision, min_recall=rcfg.min_recall,
-                                                 max_copy_share=rcfg.max_copy_share, min_copy_ct=rcfg.min_copy_ct)
+    below_bar = (
+        []
+        if problems
+        else quality_bar(
+            scored,
+            max_fid_ratio=rcfg.max_fid_ratio,
+            min_precision=rcfg.min_precision,
+            min_recall=rcfg.min_recall,
+            max_copy_share=rcfg.max_copy_share,
+            min_copy_ct=rcfg.min_copy_ct,
+        )
+    )
     pid = scored.protocol_id or "none"
     candidate = None if problems else Score(float(scored.metrics["fid"]), scored.value("fid_std"))
     key = _registration_key(name, Path(model), Path(evaluation), dataclasses.asdict(rcfg))
@@ -100,25 +108,52 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
             if state == registry.DECIDED:  # killed after the decision: decide again, the champion may have changed
                 version = str(earlier.version)
                 with registry.locked(client, name):
-                    _decide_and_apply(client, name, version, earlier.run_id, scored, candidate=candidate,
-                                      problems=problems, below_bar=below_bar, rcfg=rcfg, again=True)
-                    result = _result_from_version(client, client.get_model_version(name, version), uri, scored, rcfg,
-                                                  reused=True)
+                    _decide_and_apply(
+                        client,
+                        name,
+                        version,
+                        earlier.run_id,
+                        scored,
+                        candidate=candidate,
+                        problems=problems,
+                        below_bar=below_bar,
+                        rcfg=rcfg,
+                        again=True,
+                    )
+                    result = _result_from_version(
+                        client, client.get_model_version(name, version), uri, scored, rcfg, reused=True
+                    )
                 return _finish(receipt, result)
             registry.discard_version(client, name, str(earlier.version), alias=rcfg.champion_alias)
 
         lineage = _lineage(project_dir)
         compute = read_compute(Path(model))
-        tags = {"aigc.dataset": cfg.dataset, "aigc.model": meta["model"], "aigc.family": meta["model"],
-                "aigc.data_digest": meta["data_digest"], **runs.protocol_tags(scored), **_config_tags(meta),
-                **lineage, **({COMPUTE_TAG: describe(compute)} if compute else {})}
+        tags = {
+            "aigc.dataset": cfg.dataset,
+            "aigc.model": meta["model"],
+            "aigc.family": meta["model"],
+            "aigc.data_digest": meta["data_digest"],
+            **runs.protocol_tags(scored),
+            **_config_tags(meta),
+            **lineage,
+            **({COMPUTE_TAG: describe(compute)} if compute else {}),
+        }
         params = flat_params(cfg, resolved=meta.get("hparams"))
         ui = ui_url(uri)
         digest = runs.evaluation_digest(Path(evaluation))
         # The run that trained this model (found by its weights' sha256), or a fresh one holding the
         # training from the model folder: see aigc_pipeline.tracking.runs.
-        run_id, _ = runs.pipeline_run(client, experiment_id, cfg, project_dir, Path(model), stage="register",
-                                      evaluation=digest, extra_params=runs.evaluation_params(scored), ui=ui)
+        run_id, _ = runs.pipeline_run(
+            client,
+            experiment_id,
+            cfg,
+            project_dir,
+            Path(model),
+            stage="register",
+            evaluation=digest,
+            extra_params=runs.evaluation_params(scored),
+            ui=ui,
+        )
         with mlflow.start_run(run_id=run_id, tags={**tags, runs.STAGE_TAG: "register"}):
             log_dataset_inputs(client, run_id, project_dir, cfg.dataset, cfg.evaluate.reference_split, ui=ui)
             if client.get_run(run_id).data.tags.get(runs.EVALUATION_TAG) != digest:  # evaluate ran without MLflow
@@ -130,23 +165,46 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                 mlflow.set_tag("aigc.problems", "; ".join(problems)[:5000])
             mlflow.log_artifact(str(Path(model) / "samples.png"), "training")
             with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
-                info, description = _log_model(Path(tmp), Path(model), {**meta, "compute": compute}, name=name,
-                                               evaluation=scored,
-                                               params=params, lineage=lineage, problems=problems, run_id=run_id,
-                                               ui=ui, limits={"max_images_per_request": rcfg.max_images_per_request,
-                                                              "max_images_per_row": rcfg.max_images_per_row})
+                info, description = _log_model(
+                    Path(tmp),
+                    Path(model),
+                    {**meta, "compute": compute},
+                    name=name,
+                    evaluation=scored,
+                    params=params,
+                    lineage=lineage,
+                    problems=problems,
+                    run_id=run_id,
+                    ui=ui,
+                    limits={
+                        "max_images_per_request": rcfg.max_images_per_request,
+                        "max_images_per_row": rcfg.max_images_per_row,
+                    },
+                )
             version, left = None, "failed"
             try:
                 # Creating the version, deciding and moving its alias: one locked section per registered model,
                 # so two registrations never compare against the same champion (tracking/locks.py).
                 with registry.locked(client, name):
                     try:
-                        mv = mlflow.register_model(info.model_uri, name, tags={**tags, registry.KEY_TAG: key,
-                                                                               registry.STATE_TAG: registry.PENDING})
+                        mv = mlflow.register_model(
+                            info.model_uri,
+                            name,
+                            tags={**tags, registry.KEY_TAG: key, registry.STATE_TAG: registry.PENDING},
+                        )
                         version = str(mv.version)
                         client.update_model_version(name, version, description=description)  # the model card
-                        verdict = _decide_and_apply(client, name, version, run_id, scored, candidate=candidate,
-                                                    problems=problems, below_bar=below_bar, rcfg=rcfg)
+                        verdict = _decide_and_apply(
+                            client,
+                            name,
+                            version,
+                            run_id,
+                            scored,
+                            candidate=candidate,
+                            problems=problems,
+                            below_bar=below_bar,
+                            rcfg=rcfg,
+                        )
                         champion_now = registry.alias_version(client, name, rcfg.champion_alias)
                     except BaseException:
                         if version is not None:
@@ -159,19 +217,40 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                 raise
             mlflow.set_tag("aigc.registration", f"done: version {version}")  # (a rolled-back attempt said otherwise)
     fid = scored.value("fid")
-    result = RegisterResult(name=name, version=version, run_id=run_id, champion=verdict.promote,
-                            decision=verdict.decision, reason=verdict.reason, tracking_uri=uri,
-                            fid=float("nan") if fid is None else fid,
-                            fid_std=candidate.fid_std if candidate else None, protocol=pid, reused=False,
-                            family=meta["model"], floor_fid=scored.value("floor_fid"),
-                            fid_ratio=scored.value("fid_ratio"), champion_version=champion_now,
-                            compute=tags.get(COMPUTE_TAG))
+    result = RegisterResult(
+        name=name,
+        version=version,
+        run_id=run_id,
+        champion=verdict.promote,
+        decision=verdict.decision,
+        reason=verdict.reason,
+        tracking_uri=uri,
+        fid=float("nan") if fid is None else fid,
+        fid_std=candidate.fid_std if candidate else None,
+        protocol=pid,
+        reused=False,
+        family=meta["model"],
+        floor_fid=scored.value("floor_fid"),
+        fid_ratio=scored.value("fid_ratio"),
+        champion_version=champion_now,
+        compute=tags.get(COMPUTE_TAG),
+    )
     return _finish(receipt, result)
 
 
-def _decide_and_apply(client: Any, name: str, version: str, run_id: str, scored: Evaluation, *,
-                      candidate: Score | None, problems: list[str], below_bar: list[str], rcfg: Any,
-                      again: bool = False) -> Verdict:
+def _decide_and_apply(
+    client: Any,
+    name: str,
+    version: str,
+    run_id: str,
+    scored: Evaluation,
+    *,
+    candidate: Score | None,
+    problems: list[str],
+    below_bar: list[str],
+    rcfg: Any,
+    again: bool = False,
+) -> Verdict:
     """Under the registered model's lock: compare ``version`` with the champion as it is now, tag the
     decision on the version and its run, move the alias it calls for, append it to the decision
     history; the version ends ``done``. ``again``: a retry of a version decided before: unless it
@@ -191,16 +270,30 @@ def _decide_and_apply(client: Any, name: str, version: str, run_id: str, scored:
         if again:  # e.g. the challenger alias it took, when it may now beat the champion
             registry.undo_moves(client, name, version, champion_alias=rcfg.champion_alias)
         # Not comparable: the champion's recorded protocol says what differs.
-        champion_protocol = _version_protocol(client, name, champion_version) \
-            if champion_version is not None and champion is None else None
-        verdict = decide(candidate, problems, champion=champion, champion_version=champion_version,
-                         margin=rcfg.gate_margin, noise_sigmas=rcfg.gate_noise_sigmas, protocol_id=pid,
-                         below_bar=below_bar, candidate_protocol=scored.details.get("protocol"),
-                         champion_protocol=champion_protocol)
+        champion_protocol = (
+            _version_protocol(client, name, champion_version)
+            if champion_version is not None and champion is None
+            else None
+        )
+        verdict = decide(
+            candidate,
+            problems,
+            champion=champion,
+            champion_version=champion_version,
+            margin=rcfg.gate_margin,
+            noise_sigmas=rcfg.gate_noise_sigmas,
+            protocol_id=pid,
+            below_bar=below_bar,
+            candidate_protocol=scored.details.get("protocol"),
+            champion_protocol=champion_protocol,
+        )
         new_tags = _decision_tags(verdict)
         if again:
-            stale = [k for k in (client.get_model_version(name, version).tags or {})
-                     if k.startswith("aigc.gate.") and k not in new_tags]
+            stale = [
+                k
+                for k in (client.get_model_version(name, version).tags or {})
+                if k.startswith("aigc.gate.") and k not in new_tags
+            ]
             for k in stale:
                 client.delete_model_version_tag(name, version, k)
                 client.delete_tag(run_id, k)
@@ -239,22 +332,32 @@ def _finish(receipt: Path, result: RegisterResult) -> RegisterResult:
     return result
 
 
-def _result_from_version(client: Any, mv: Any, uri: str, scored: Evaluation, rcfg: Any, *,
-                         reused: bool) -> RegisterResult:
+def _result_from_version(
+    client: Any, mv: Any, uri: str, scored: Evaluation, rcfg: Any, *, reused: bool
+) -> RegisterResult:
     from aigc_pipeline.tracking import registry
 
     tags = mv.tags or {}
     pid = scored.protocol_id or "none"
     metrics = client.get_run(mv.run_id).data.metrics
-    return RegisterResult(name=mv.name, version=str(mv.version), run_id=mv.run_id,
-                          champion=tags.get("aigc.decision") == CHAMPION, decision=tags.get("aigc.decision", "unknown"),
-                          reason=tags.get("aigc.decision_reason", ""), tracking_uri=uri,
-                          fid=metrics.get(metric_key("fid", pid), float("nan")),
-                          fid_std=metrics.get(metric_key("fid_std", pid)), protocol=pid, reused=reused,
-                          family=tags.get("aigc.family", tags.get("aigc.model", "")),
-                          floor_fid=scored.value("floor_fid"), fid_ratio=scored.value("fid_ratio"),
-                          champion_version=registry.alias_version(client, mv.name, rcfg.champion_alias),
-                          compute=tags.get(COMPUTE_TAG))
+    return RegisterResult(
+        name=mv.name,
+        version=str(mv.version),
+        run_id=mv.run_id,
+        champion=tags.get("aigc.decision") == CHAMPION,
+        decision=tags.get("aigc.decision", "unknown"),
+        reason=tags.get("aigc.decision_reason", ""),
+        tracking_uri=uri,
+        fid=metrics.get(metric_key("fid", pid), float("nan")),
+        fid_std=metrics.get(metric_key("fid_std", pid)),
+        protocol=pid,
+        reused=reused,
+        family=tags.get("aigc.family", tags.get("aigc.model", "")),
+        floor_fid=scored.value("floor_fid"),
+        fid_ratio=scored.value("fid_ratio"),
+        champion_version=registry.alias_version(client, mv.name, rcfg.champion_alias),
+        compute=tags.get(COMPUTE_TAG),
+    )
 
 
 def _registration_key(name: str, model: Path, evaluation: Path, settings: dict[str, Any]) -> str:
@@ -269,7 +372,7 @@ def _version_protocol(client: Any, name: str, version: str) -> dict[str, str]:
     """The protocol a registered version was evaluated under, from its ``aigc.protocol.*`` tags."""
     tags = client.get_model_version(name, version).tags or {}
     prefix = "aigc.protocol."
-    protocol = {k[len(prefix):]: v for k, v in tags.items() if k.startswith(prefix)}
+    protocol = {k[len(prefix) :]: v for k, v in tags.items() if k.startswith(prefix)}
     if "aigc.protocol" in tags:
         protocol.setdefault("id", tags["aigc.protocol"])
     return protocol
@@ -279,8 +382,10 @@ def _config_tags(meta: dict[str, Any]) -> dict[str, str]:
     """The family and the training config the version was made with (resolved hyperparameters
     included), as tags of the run and the version: versions of every family share one registered
     model, so these tell them apart."""
-    return {"aigc.train_config": json.dumps(meta.get("train") or {}, sort_keys=True)[:5000],
-            "aigc.hparams": json.dumps(meta.get("hparams") or {}, sort_keys=True)[:5000]}
+    return {
+        "aigc.train_config": json.dumps(meta.get("train") or {}, sort_keys=True)[:5000],
+        "aigc.hparams": json.dumps(meta.get("hparams") or {}, sort_keys=True)[:5000],
+    }
 
 
 def _log_plots(client: Any, run_id: str, model: Path) -> None:
@@ -300,17 +405,32 @@ def _log_plots(client: Any, run_id: str, model: Path) -> None:
         name, rows = read_progress(model / PROGRESS_FILE)
         if rows:
             shutil.copy2(model / PROGRESS_FILE, out / PROGRESS_FILE)
-            (out / "fid_progress.png").write_bytes(line_chart(
-                {name: ([e for e, _ in rows], [v for _, v in rows])},
-                title=f"FID over training (small sample; not comparable with the evaluation's FID)\n{name}",
-                xlabel="epoch", ylabel="FID"))
+            (out / "fid_progress.png").write_bytes(
+                line_chart(
+                    {name: ([e for e, _ in rows], [v for _, v in rows])},
+                    title=f"FID over training (small sample; not comparable with the evaluation's FID)\n{name}",
+                    xlabel="epoch",
+                    ylabel="FID",
+                )
+            )
         if any(out.iterdir()):
             client.log_artifacts(run_id, str(out), "plots")
 
 
-def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, evaluation: Evaluation,
-               params: dict[str, str], lineage: dict[str, str], problems: list[str], run_id: str, ui: str,
-               limits: dict[str, int] | None = None) -> tuple[Any, str]:
+def _log_model(
+    tmp: Path,
+    model: Path,
+    meta: dict[str, Any],
+    *,
+    name: str,
+    evaluation: Evaluation,
+    params: dict[str, str],
+    lineage: dict[str, str],
+    problems: list[str],
+    run_id: str,
+    ui: str,
+    limits: dict[str, int] | None = None,
+) -> tuple[Any, str]:
     """The pyfunc, from code (nothing pickled): safetensors weights + model.json, the model card,
     a copy of this package for the model's code, and its serving ``limits`` as ``model_config``.
     Returns the model info and the card's short form (the version's description), whose images
@@ -321,19 +441,31 @@ def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, evalu
     from aigc_pipeline.tracking.card import CARD_FILE, model_card
     from aigc_pipeline.tracking.datasets import artifact_url
 
-    pictures = [("Evaluation samples", "evaluation/samples.png"), ("Training samples (fixed noise, last grid)",
-                                                                    "training/samples.png")]
+    pictures = [
+        ("Evaluation samples", "evaluation/samples.png"),
+        ("Training samples (fixed noise, last grid)", "training/samples.png"),
+    ]
     if evaluation.value("copy_share") is not None:
-        pictures.append(("Data copying: the samples nearest a training image (top) above that image (bottom)",
-                         "evaluation/copies.png"))
+        pictures.append(
+            (
+                "Data copying: the samples nearest a training image (top) above that image (bottom)",
+                "evaluation/copies.png",
+            )
+        )
 
     weights = tmp / "generator"
     weights.mkdir()
     for f in (WEIGHTS_FILE, META_FILE):
         shutil.copy2(model / f, weights / f)
     card = tmp / CARD_FILE
-    facts = dict(name=name, meta=meta, evaluation=evaluation, params=params,
-                 lineage={**lineage, "mlflow.run_id": run_id}, problems=problems)
+    facts = dict(
+        name=name,
+        meta=meta,
+        evaluation=evaluation,
+        params=params,
+        lineage={**lineage, "mlflow.run_id": run_id},
+        problems=problems,
+    )
     card.write_text(model_card(**facts, images=[(c, artifact_url(ui, run_id, p)) for c, p in pictures]))
     description = model_card(**facts, images=[(c, artifact_url("", run_id, p)) for c, p in pictures], short=True)
     mlflow.log_artifact(str(card))
@@ -347,8 +479,15 @@ def _log_model(tmp: Path, model: Path, meta: dict[str, Any], *, name: str, evalu
         code_paths=[str(code)],
         signature=pyfunc.signature_for(meta["arch"]["channels"], meta["arch"]["size"]),
         input_example=pyfunc.input_example(),
-        model_config=pyfunc.model_config(**(limits or {"max_images_per_request": pyfunc.DEFAULT_MAX_IMAGES_PER_REQUEST,
-                                                     "max_images_per_row": pyfunc.DEFAULT_MAX_IMAGES_PER_ROW})),
+        model_config=pyfunc.model_config(
+            **(
+                limits
+                or {
+                    "max_images_per_request": pyfunc.DEFAULT_MAX_IMAGES_PER_REQUEST,
+                    "max_images_per_row": pyfunc.DEFAULT_MAX_IMAGES_PER_ROW,
+                }
+            )
+        ),
         pip_requirements=_requirements(),
     )
     return info, description
@@ -358,10 +497,17 @@ def _lineage(project_dir: Path) -> dict[str, str]:
     """Git commit, DVC stage hashes from dvc.lock and the Prefect flow run id, when known."""
     tags: dict[str, str] = {}
     try:
-        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project_dir, capture_output=True, text=True, check=True)
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=project_dir, capture_output=True, text=True, check=True
+        )
         tags["git.commit"] = commit.stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=project_dir,
-                               capture_output=True, text=True, check=True)
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=project_dir,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         tags["git.dirty"] = str(bool(dirty.stdout.strip())).lower()
     except (OSError, subprocess.CalledProcessError):
         tags["git.commit"] = "unknown (not a git checkout)"

@@ -15,6 +15,7 @@ registered; an interrupted one (Ctrl-C, SIGTERM) ends it KILLED.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import io
@@ -23,11 +24,11 @@ import os
 import subprocess
 import sys
 import tempfile
-import contextlib
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 
@@ -41,8 +42,7 @@ from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.export import save_generator
 from aigc_pipeline.models.registry import generator_spec, resolve_hparams
 from aigc_pipeline.training import distributed
-from aigc_pipeline.training.budget import (Budget, Estimate, format_duration, plan_warning, resolve_budget,
-                                           resolve_model)
+from aigc_pipeline.training.budget import Budget, Estimate, format_duration, plan_warning, resolve_budget, resolve_model
 from aigc_pipeline.training.loop import Callbacks, train
 from aigc_pipeline.training.speed import resolve_device
 
@@ -77,10 +77,18 @@ class TrainingObserver(Protocol):
         """An epoch ended at ``step`` of ``total``; ``seconds_left``: None before the first step."""
 
 
-def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Path | None = None,
-        quiet: bool = False, project_dir: Path | None = None,
-        should_stop: Callable[[int], bool] | None = None,
-        observer: TrainingObserver | None = None) -> TrainStageResult:
+def run(
+    cfg: Config,
+    data: Path,
+    out: Path,
+    checkpoints: Path,
+    *,
+    reference: Path | None = None,
+    quiet: bool = False,
+    project_dir: Path | None = None,
+    should_stop: Callable[[int], bool] | None = None,
+    observer: TrainingObserver | None = None,
+) -> TrainStageResult:
     """Train on the prepared dataset at ``data``; write the model folder ``out``.
 
     With ``reference`` (a prepared dataset), FID over training is measured every
@@ -101,16 +109,19 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
     if tcfg.devices > 1 and should_stop is not None:
         raise ConfigError("train.devices > 1: stopping at a budget (should_stop) works with one process only")
     if tcfg.devices > 1 and not distributed.under_torchrun():
-        return _launch_data_parallel(cfg, data, out, checkpoints, reference=reference, quiet=quiet,
-                                     project_dir=project_dir)
+        return _launch_data_parallel(
+            cfg, data, out, checkpoints, reference=reference, quiet=quiet, project_dir=project_dir
+        )
     meter = Meter()
     dist_info = distributed.init_from_env(resolve_device(tcfg.device).type)
     prepared = load_prepared(data)
     num_classes = 0
     if tcfg.conditional:
         if not prepared.classes or (prepared.labels < 0).any():
-            raise ConfigError(f"train.conditional: dataset '{cfg.dataset}' at {data} is not labelled "
-                              "(every image needs a class); set train.conditional=false")
+            raise ConfigError(
+                f"train.conditional: dataset '{cfg.dataset}' at {data} is not labelled "
+                "(every image needs a class); set train.conditional=false"
+            )
         num_classes = len(prepared.classes)
     size, device = prepared.images.shape[-1], resolve_device(tcfg.device)
     family = resolve_model(tcfg.model, size=size, device=device.type)
@@ -120,8 +131,14 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
     # MLflow params record them (beside the resolved values).
     resolved = dataclasses.replace(cfg, train=dataclasses.replace(tcfg, model=family, epochs=budget.epochs))
     tcfg = resolved.train
-    arch = Arch(family=family, size=size, channels=prepared.images.shape[1], latent_dim=tcfg.latent_dim,
-                width=tcfg.width, num_classes=num_classes)
+    arch = Arch(
+        family=family,
+        size=size,
+        channels=prepared.images.shape[1],
+        latent_dim=tcfg.latent_dim,
+        width=tcfg.width,
+        num_classes=num_classes,
+    )
     hp = resolve_hparams(tcfg)
     key_cfg = {k: v for k, v in dataclasses.asdict(tcfg).items() if k not in _OPERATIONAL}
     run_key = config_digest({"train": key_cfg, "arch": arch.__dict__, "data": prepared.digest})[:16]
@@ -143,12 +160,22 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
         t0 = time.perf_counter()
         fid_rate = fid_progress.prepare()
         if fid_rate is not None and show:
-            print(f"  train: reference statistics for FID over training: {len(fid_progress.reference)} images in "
-                  f"{format_duration(time.perf_counter() - t0)} (cached; the evaluation reuses them)",
-                  file=sys.stderr, flush=True)
-    progress = Progress(tcfg.epochs, enabled=show, budget=budget, device=device.type, fid_points=fid_points,
-                        fid_samples=fid_progress.samples if fid_progress is not None else 0,
-                        fid_seconds_per_sample=fid_rate, observer=observer if dist_info.is_main else None)
+            print(
+                f"  train: reference statistics for FID over training: {len(fid_progress.reference)} images in "
+                f"{format_duration(time.perf_counter() - t0)} (cached; the evaluation reuses them)",
+                file=sys.stderr,
+                flush=True,
+            )
+    progress = Progress(
+        tcfg.epochs,
+        enabled=show,
+        budget=budget,
+        device=device.type,
+        fid_points=fid_points,
+        fid_samples=fid_progress.samples if fid_progress is not None else 0,
+        fid_seconds_per_sample=fid_rate,
+        observer=observer if dist_info.is_main else None,
+    )
 
     tracker = None
     if project_dir is not None and dist_info.is_main:
@@ -201,12 +228,16 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
                 channels_last=tcfg.channels_last,
                 compile=tcfg.compile,
                 data_placement=tcfg.data_placement,
-                callbacks=Callbacks(on_start=on_start, on_progress=on_progress, on_epoch_end=on_epoch_end,
-                                    on_metrics=tracker.metrics if tracker is not None else None,
-                                    on_epoch_generator=on_epoch_generator if fid_progress is not None else None,
-                                    should_stop=should_stop,
-                                    save_state=fid_progress.state if fid_progress is not None else None,
-                                    restore_state=fid_progress.restore if fid_progress is not None else None),
+                callbacks=Callbacks(
+                    on_start=on_start,
+                    on_progress=on_progress,
+                    on_epoch_end=on_epoch_end,
+                    on_metrics=tracker.metrics if tracker is not None else None,
+                    on_epoch_generator=on_epoch_generator if fid_progress is not None else None,
+                    should_stop=should_stop,
+                    save_state=fid_progress.state if fid_progress is not None else None,
+                    restore_state=fid_progress.restore if fid_progress is not None else None,
+                ),
             )
         except TrainingDiverged as e:
             progress.close()
@@ -218,22 +249,60 @@ def run(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Pat
         final = {k: v for k, v in result.history[-1].items() if k != "step"}
         if dist_info.is_main:
             fid_csv = fid_progress.csv_text() if fid_progress is not None and fid_progress.rows else None
-            compute = {**meter.read(), "device": result.speed, "devices": dist_info.world,
-                       "images_shown": result.steps * tcfg.batch_size, "steps": result.steps,
-                       "resumed_from_step": result.resumed_from}
-            _write_model(out, result, arch, cfg, hp, budget, prepared.digest, list(prepared.classes), final, grid_dir,
-                         fid_csv, compute)
+            compute = {
+                **meter.read(),
+                "device": result.speed,
+                "devices": dist_info.world,
+                "images_shown": result.steps * tcfg.batch_size,
+                "steps": result.steps,
+                "resumed_from_step": result.resumed_from,
+            }
+            _write_model(
+                out,
+                result,
+                arch,
+                cfg,
+                hp,
+                budget,
+                prepared.digest,
+                list(prepared.classes),
+                final,
+                grid_dir,
+                fid_csv,
+                compute,
+            )
         if tracker is not None:
             tracker.finish(model=out, steps=result.steps, stopped=result.stopped)
-    return TrainStageResult(out=out, model=tcfg.model, steps=result.steps, resumed_from=result.resumed_from,
-                            images_per_second=result.images_per_second, final_losses=final, speed=result.speed,
-                            world_size=dist_info.world, stopped=result.stopped, kimg=budget.kimg,
-                            estimated_seconds=progress.planned_seconds, seconds=seconds)
+    return TrainStageResult(
+        out=out,
+        model=tcfg.model,
+        steps=result.steps,
+        resumed_from=result.resumed_from,
+        images_per_second=result.images_per_second,
+        final_losses=final,
+        speed=result.speed,
+        world_size=dist_info.world,
+        stopped=result.stopped,
+        kimg=budget.kimg,
+        estimated_seconds=progress.planned_seconds,
+        seconds=seconds,
+    )
 
 
-def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, budget: Budget, digest: str,
-                 classes: list[str], final: dict[str, float], grid_dir: Path, fid_csv: str | None,
-                 compute: dict[str, Any]) -> None:
+def _write_model(
+    out: Path,
+    result: Any,
+    arch: Arch,
+    cfg: Config,
+    hp: Hparams,
+    budget: Budget,
+    digest: str,
+    classes: list[str],
+    final: dict[str, float],
+    grid_dir: Path,
+    fid_csv: str | None,
+    compute: dict[str, Any],
+) -> None:
     with atomic_dir(out) as tmp:
         save_generator(
             tmp,
@@ -248,8 +317,14 @@ def _write_model(out: Path, result: Any, arch: Arch, cfg: Config, hp: Hparams, b
                 "train": dataclasses.asdict(cfg.train),  # the settings, as params.yaml says them
                 # With the values used where the config says auto (the recipe's lr/betas, the length).
                 "hparams": resolved_settings(hp, budget, arch.family),
-                "budget": {"kimg": budget.kimg, "images": budget.images, "steps": budget.steps,
-                           "epochs": budget.epochs, "source": budget.source, "requested_kimg": budget.requested_kimg},
+                "budget": {
+                    "kimg": budget.kimg,
+                    "images": budget.images,
+                    "steps": budget.steps,
+                    "epochs": budget.epochs,
+                    "source": budget.source,
+                    "requested_kimg": budget.requested_kimg,
+                },
                 "speed": result.speed,
                 "source_size": cfg.active_dataset.size,
                 "final_losses": final,
@@ -276,8 +351,14 @@ def plan_budget(cfg: Config, *, family: str, train_images: int, size: int) -> Bu
     images of ``size`` px."""
     tcfg = cfg.train
     try:
-        return resolve_budget(family=family, size=size, train_images=train_images, batch_size=tcfg.batch_size,
-                              epochs=tcfg.epochs, kimg=tcfg.kimg)
+        return resolve_budget(
+            family=family,
+            size=size,
+            train_images=train_images,
+            batch_size=tcfg.batch_size,
+            epochs=tcfg.epochs,
+            kimg=tcfg.kimg,
+        )
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
     except ValueError as e:
@@ -308,32 +389,67 @@ TIMING_FILE = "timing.csv"
 # Data parallel: this process starts torchrun and reports what rank 0 wrote.
 
 
-def _launch_data_parallel(cfg: Config, data: Path, out: Path, checkpoints: Path, *, reference: Path | None,
-                          quiet: bool, project_dir: Path | None) -> TrainStageResult:
+def _launch_data_parallel(
+    cfg: Config,
+    data: Path,
+    out: Path,
+    checkpoints: Path,
+    *,
+    reference: Path | None,
+    quiet: bool,
+    project_dir: Path | None,
+) -> TrainStageResult:
     import aigc_pipeline
 
     n = cfg.train.devices
     with tempfile.TemporaryDirectory(prefix="aigc-train-") as tmp:
         config_file, result_file = Path(tmp) / "config.json", Path(tmp) / "result.json"
         atomic_write_json(config_file, cfg.to_dict())
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}",
-               "-m", "aigc_pipeline.stages.train_worker", str(config_file), str(Path(data).resolve()),
-               str(Path(out).resolve()), str(Path(checkpoints).resolve()), str(Path(project_dir or ".").resolve()),
-               str(result_file)] + (["--quiet"] if quiet else []) + (["--no-tracking"] if project_dir is None else []) + \
-            (["--reference", str(Path(reference).resolve())] if reference is not None else [])
+        cmd = (
+            [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--standalone",
+                f"--nproc_per_node={n}",
+                "-m",
+                "aigc_pipeline.stages.train_worker",
+                str(config_file),
+                str(Path(data).resolve()),
+                str(Path(out).resolve()),
+                str(Path(checkpoints).resolve()),
+                str(Path(project_dir or ".").resolve()),
+                str(result_file),
+            ]
+            + (["--quiet"] if quiet else [])
+            + (["--no-tracking"] if project_dir is None else [])
+            + (["--reference", str(Path(reference).resolve())] if reference is not None else [])
+        )
         # The workers import the same package as this process, wherever the command runs.
         package_root = str(Path(aigc_pipeline.__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))}
         if not quiet:
             print(f"  train: data parallel on {n} processes: {' '.join(cmd[:6])} ...", file=sys.stderr, flush=True)
-        proc = subprocess.run(cmd, env=env, stdout=sys.stderr if not quiet else subprocess.DEVNULL,
-                              stderr=None if not quiet else subprocess.PIPE, text=True)
+        proc = subprocess.run(
+            cmd,
+            env=env,
+            stdout=sys.stderr if not quiet else subprocess.DEVNULL,
+            stderr=None if not quiet else subprocess.PIPE,
+            text=True,
+        )
         doc = json.loads(result_file.read_text()) if result_file.exists() else {}
     if proc.returncode != 0 or "error" in doc or not doc:
         raise _worker_error(doc, proc.returncode, getattr(proc, "stderr", None))
-    return TrainStageResult(out=Path(doc["out"]), model=doc["model"], steps=doc["steps"],
-                            resumed_from=doc["resumed_from"], images_per_second=doc["images_per_second"],
-                            final_losses=doc["final_losses"], speed=doc["speed"], world_size=doc["world_size"])
+    return TrainStageResult(
+        out=Path(doc["out"]),
+        model=doc["model"],
+        steps=doc["steps"],
+        resumed_from=doc["resumed_from"],
+        images_per_second=doc["images_per_second"],
+        final_losses=doc["final_losses"],
+        speed=doc["speed"],
+        world_size=doc["world_size"],
+    )
 
 
 def _worker_error(doc: dict[str, Any], returncode: int, stderr: str | None) -> Exception:
@@ -378,10 +494,19 @@ class Progress:
     # GPUs: negligible beside training.
     FID_SECONDS_PER_SAMPLE_CPU = 0.13
 
-    def __init__(self, epochs: int, *, enabled: bool = True, stream: TextIO | None = None,
-                 budget: Budget | None = None, device: str = "cpu", fid_points: int = 0,
-                 fid_samples: int = 64, fid_seconds_per_sample: float | None = None,
-                 observer: TrainingObserver | None = None) -> None:
+    def __init__(
+        self,
+        epochs: int,
+        *,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        budget: Budget | None = None,
+        device: str = "cpu",
+        fid_points: int = 0,
+        fid_samples: int = 64,
+        fid_seconds_per_sample: float | None = None,
+        observer: TrainingObserver | None = None,
+    ) -> None:
         self.stream = stream or sys.stderr
         self.enabled = enabled
         self.observer = observer
@@ -412,8 +537,11 @@ class Progress:
         if self.enabled:
             resumed = f", resumed from step {info['resumed_from']}" if info["resumed_from"] else ""
             world = f", {info['world_size']} processes" if info["world_size"] > 1 else ""
-            print(f"  train: {info['speed']}, data on {info['data_placement']}{world}{resumed}",
-                  file=self.stream, flush=True)
+            print(
+                f"  train: {info['speed']}, data on {info['data_placement']}{world}{resumed}",
+                file=self.stream,
+                flush=True,
+            )
             if plan is not None:
                 print(f"  train plan: {plan}", file=self.stream, flush=True)
 
@@ -426,8 +554,13 @@ class Progress:
             done = step / total if total else 1.0
             bar = "#" * int(done * self.WIDTH) + "-" * (self.WIDTH - int(done * self.WIDTH))
             rate = (step - (self.first_step or 0)) / max(now - self.t0, 1e-9)
-            print(f"\r  train [{bar}] {step}/{total} epoch {epoch}/{self.epochs}  {rate:.1f} it/s  "
-                  f"eta {_duration_or_unknown(self._seconds_left(step, now))} ", end="", file=self.stream, flush=True)
+            print(
+                f"\r  train [{bar}] {step}/{total} epoch {epoch}/{self.epochs}  {rate:.1f} it/s  "
+                f"eta {_duration_or_unknown(self._seconds_left(step, now))} ",
+                end="",
+                file=self.stream,
+                flush=True,
+            )
             self.drawn = True
 
     def _measure_warmup(self, step: int, total: int, now: float) -> None:
@@ -445,10 +578,16 @@ class Progress:
         self.estimate = Estimate(per_step, total - step, self.fid_seconds)
         self.planned_seconds = now - self.t0 + self.estimate.seconds
         plan = self.budget.describe() if self.budget is not None else f"{total} steps"
-        plan += (f"; estimated {format_duration(self.estimate.seconds)} left on {self.device} ({per_step:.3g} s/step "
-                 f"over {measured} warm-up steps"
-                 + (f", {self.fid_points} FID-over-training point{'s' if self.fid_points != 1 else ''}"
-                    if self.fid_points else "") + ")")
+        plan += (
+            f"; estimated {format_duration(self.estimate.seconds)} left on {self.device} ({per_step:.3g} s/step "
+            f"over {measured} warm-up steps"
+            + (
+                f", {self.fid_points} FID-over-training point{'s' if self.fid_points != 1 else ''}"
+                if self.fid_points
+                else ""
+            )
+            + ")"
+        )
         if self.observer is not None:
             self.observer.plan(plan)
         if not self.enabled:
@@ -482,8 +621,12 @@ class Progress:
         losses = "  ".join(f"{k} {v:.4f}" for k, v in stats.items() if k.startswith(("loss", "recon", "kl")))
         prefix = "\r\033[K" if self.drawn else ""
         self.drawn = False
-        print(f"{prefix}  train epoch {epoch}/{self.epochs}  step {self.step_no}/{self.total}  {losses}  "
-              f"{rate:.0f} img/s  {lrs}  eta {_duration_or_unknown(left)}", file=self.stream, flush=True)
+        print(
+            f"{prefix}  train epoch {epoch}/{self.epochs}  step {self.step_no}/{self.total}  {losses}  "
+            f"{rate:.0f} img/s  {lrs}  eta {_duration_or_unknown(left)}",
+            file=self.stream,
+            flush=True,
+        )
 
     def close(self) -> None:
         if self.drawn:

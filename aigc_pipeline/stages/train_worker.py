@@ -39,8 +39,15 @@ def main(argv: list[str]) -> int:
     cfg = config_from_dict(json.loads(args.config.read_text()))
     info = distributed.init_from_env(resolve_device(cfg.train.device).type)
     try:
-        result = train.run(cfg, args.data, args.out, args.checkpoints, reference=args.reference, quiet=args.quiet,
-                           project_dir=None if args.no_tracking else args.project)
+        result = train.run(
+            cfg,
+            args.data,
+            args.out,
+            args.checkpoints,
+            reference=args.reference,
+            quiet=args.quiet,
+            project_dir=None if args.no_tracking else args.project,
+        )
     except AigcError as e:
         if info.is_main:
             train.report_for_parent(args.result, None, e)

@@ -13,7 +13,8 @@ artifact links them by the UI's absolute address (:func:`aigc_pipeline.tracking.
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from aigc_pipeline.compute import describe
 from aigc_pipeline.evaluation.metrics import entries
@@ -23,10 +24,17 @@ CARD_FILE = "model_card.md"
 MAX_DESCRIPTION = 5000  # MLflow's model version description column (VARCHAR(5000))
 
 
-
-def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, params: Mapping[str, str],
-               lineage: Mapping[str, str], problems: list[str], images: Sequence[tuple[str, str]] = (),
-               short: bool = False) -> str:
+def model_card(
+    *,
+    name: str,
+    meta: Mapping[str, Any],
+    evaluation: Evaluation,
+    params: Mapping[str, str],
+    lineage: Mapping[str, str],
+    problems: list[str],
+    images: Sequence[tuple[str, str]] = (),
+    short: bool = False,
+) -> str:
     """Markdown for the model in ``meta`` (model.json), registered as ``name``, scored by ``evaluation``.
 
     ``images`` are ``(caption, url)`` pairs shown under the introduction. ``short``: the form for
@@ -39,12 +47,17 @@ def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, pa
         "",
         f"A `{meta.get('model')}` generator for the `{meta.get('dataset')}` dataset: "
         f"{arch.get('channels')}x{arch.get('size')}x{arch.get('size')} images from a {arch.get('latent_dim')}-d latent"
-        + (f", class-conditional over {arch.get('num_classes')} classes" if arch.get("num_classes") else "") + ".",
+        + (f", class-conditional over {arch.get('num_classes')} classes" if arch.get("num_classes") else "")
+        + ".",
         "",
-        f"Use: `mlflow.pyfunc.load_model(\"models:/{name}@champion\").predict(pandas.DataFrame({{\"n\": [16], "
-        "\"seed\": [0]}))` returns uint8 images `[n, C, H, W]`; add a `label` column for a class "
-        "(-1 or missing: classes cycle)" + ("" if not meta.get("generator", {}).get("sampler") else
-                                            ", a `steps` column for the number of sampling steps")
+        f'Use: `mlflow.pyfunc.load_model("models:/{name}@champion").predict(pandas.DataFrame({{"n": [16], '
+        '"seed": [0]}))` returns uint8 images `[n, C, H, W]`; add a `label` column for a class '
+        "(-1 or missing: classes cycle)"
+        + (
+            ""
+            if not meta.get("generator", {}).get("sampler")
+            else ", a `steps` column for the number of sampling steps"
+        )
         + f". Or `aigc sample models:/{name}@champion -n 64 --out grid.png`.",
         "",
     ]
@@ -56,8 +69,8 @@ def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, pa
         f"- training data digest (augmented set): `{meta.get('data_digest')}`",
         f"- trained for {meta.get('steps')} steps; final losses: "
         + ", ".join(f"{k} {v:.4f}" for k, v in (meta.get("final_losses") or {}).items()),
-        "- compute: " + (describe(meta["compute"]) if meta.get("compute") else "not recorded (a model from before "
-                         "compute.json)"),
+        "- compute: "
+        + (describe(meta["compute"]) if meta.get("compute") else "not recorded (a model from before compute.json)"),
     ]
     protocol = evaluation.details.get("protocol") or {}
     pid = protocol.get("id")
@@ -84,8 +97,11 @@ def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, pa
             lines += ["", f"FID is **{ratio:.2f}x** the data's floor."]
         boot = evaluation.details.get("bootstrap") or {}
         if boot.get("replicas"):
-            lines += ["", f"FID noise: {boot['replicas']} bootstrap resamplings of the generated features "
-                      f"(seed {boot.get('seed')}), mean {_fmt(boot.get('fid_mean'))}."]
+            lines += [
+                "",
+                f"FID noise: {boot['replicas']} bootstrap resamplings of the generated features "
+                f"(seed {boot.get('seed')}), mean {_fmt(boot.get('fid_mean'))}.",
+            ]
     else:
         lines.append("No protocol: this evaluation is not usable.")
     details = evaluation.details
@@ -93,13 +109,21 @@ def model_card(*, name: str, meta: Mapping[str, Any], evaluation: Evaluation, pa
         lines += ["", f"Inception Score: unavailable — {details['isc_unavailable']}"]
     if details.get("classifier"):
         c = details["classifier"]
-        lines += ["", f"Classifier score: {c.get('what')}; classifier `{c.get('classifier')}` (protocol "
-                  f"`{c.get('id')}`), accuracy on the real eval split {_fmt(c.get('accuracy'))}."]
+        lines += [
+            "",
+            f"Classifier score: {c.get('what')}; classifier `{c.get('classifier')}` (protocol "
+            f"`{c.get('id')}`), accuracy on the real eval split {_fmt(c.get('accuracy'))}.",
+        ]
     if problems:
         lines += ["", "**Not promotable**: " + "; ".join(problems)]
     shown = {k: v for k, v in params.items() if k.startswith("train.")} if short else params
-    lines += ["", "## Parameters" + (" (training; all of them in the run's params)" if short else ""), "",
-              "| key | value |", "|---|---|"]
+    lines += [
+        "",
+        "## Parameters" + (" (training; all of them in the run's params)" if short else ""),
+        "",
+        "| key | value |",
+        "|---|---|",
+    ]
     lines += [f"| `{k}` | `{v}` |" for k, v in sorted(shown.items())]
     kept = {k: v for k, v in lineage.items() if k.startswith(_SHORT_LINEAGE)} if short else lineage
     lines += ["", "## Lineage", "", "| tag | value |", "|---|---|"]

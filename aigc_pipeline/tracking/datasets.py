@@ -36,8 +36,8 @@ from typing import Any
 
 import mlflow
 import numpy as np
-import yaml
 import pandas as pd
+import yaml
 from mlflow.data.dataset import Dataset
 from mlflow.data.dataset_source_registry import get_dataset_source_from_json
 from mlflow.data.schema import TensorDatasetSchema
@@ -106,8 +106,9 @@ def locked_output(project_dir: Path | str, stage: str) -> tuple[Path, str] | Non
     return (path if path.is_absolute() else Path(project_dir) / path), outs[0]["md5"]
 
 
-def log_prepared_dataset(project_dir: Path | str, name: str, *, context: str = PREPARED,
-                         ui: str | None = None) -> LoggedDataset | None:
+def log_prepared_dataset(
+    project_dir: Path | str, name: str, *, context: str = PREPARED, ui: str | None = None
+) -> LoggedDataset | None:
     """Log dataset ``name``'s prepared folder to the active MLflow run (see the module docstring)."""
     from mlflow import MlflowClient
 
@@ -116,19 +117,23 @@ def log_prepared_dataset(project_dir: Path | str, name: str, *, context: str = P
     run = mlflow.active_run()
     if run is None:
         raise RuntimeError("log_prepared_dataset: no active MLflow run (call it inside mlflow.start_run())")
-    return _log_stage_output(MlflowClient(), run.info.run_id, project_dir, INGEST_STAGE.format(name=name), name,
-                             context=context, ui=ui)
+    return _log_stage_output(
+        MlflowClient(), run.info.run_id, project_dir, INGEST_STAGE.format(name=name), name, context=context, ui=ui
+    )
 
 
-def log_dataset_inputs(client: Any, run_id: str, project_dir: Path | str, dataset: str, reference_split: str,
-                       *, ui: str) -> list[LoggedDataset]:
+def log_dataset_inputs(
+    client: Any, run_id: str, project_dir: Path | str, dataset: str, reference_split: str, *, ui: str
+) -> list[LoggedDataset]:
     """The run's three dataset inputs (training, prepared, evaluation: see the module docstring),
     those not on the run yet; returns what was logged. ``ui`` is the MLflow UI's base URL, for the
     logged card's image link."""
     present = {(i.dataset.name, i.dataset.digest) for i in client.get_run(run_id).inputs.dataset_inputs}
     logged = []
-    for stage, name, context in ((AUGMENT_STAGE.format(name=dataset), f"{dataset}-augmented", TRAINING),
-                                 (INGEST_STAGE.format(name=dataset), dataset, PREPARED)):
+    for stage, name, context in (
+        (AUGMENT_STAGE.format(name=dataset), f"{dataset}-augmented", TRAINING),
+        (INGEST_STAGE.format(name=dataset), dataset, PREPARED),
+    ):
         found = locked_output(project_dir, stage)
         if found is not None and (name, found[1]) not in present:
             logged.append(_log_stage_output(client, run_id, project_dir, stage, name, context=context, ui=ui))
@@ -136,14 +141,20 @@ def log_dataset_inputs(client: Any, run_id: str, project_dir: Path | str, datase
     if prepared is not None:
         split = _split_dataset(prepared[0], f"{dataset}-{reference_split}", reference_split, prepared[1])
         if (split.name, split.digest) not in present:
-            _log_input(client, run_id, split, EVALUATION, {"dvc.stage": INGEST_STAGE.format(name=dataset),
-                                                          "aigc.split": reference_split})
+            _log_input(
+                client,
+                run_id,
+                split,
+                EVALUATION,
+                {"dvc.stage": INGEST_STAGE.format(name=dataset), "aigc.split": reference_split},
+            )
             logged.append(LoggedDataset(name=split.name, digest=split.digest, path=prepared[0], profile=split.profile))
     return logged
 
 
-def _log_stage_output(client: Any, run_id: str, project_dir: Path | str, stage: str, name: str, *, context: str,
-                      ui: str | None) -> LoggedDataset | None:
+def _log_stage_output(
+    client: Any, run_id: str, project_dir: Path | str, stage: str, name: str, *, context: str, ui: str | None
+) -> LoggedDataset | None:
     """Log the prepared-format folder DVC records as ``stage``'s output as input ``name``."""
     found = locked_output(project_dir, stage)
     if found is None:
@@ -151,8 +162,10 @@ def _log_stage_output(client: Any, run_id: str, project_dir: Path | str, stage: 
     path, recorded = found
     current = dvc_md5(path)
     if current != recorded:
-        raise DataError(f"{path}: its content (DVC hash {current}) is not what dvc.lock records for stage {stage} "
-                        f"({recorded}); run `dvc repro` (or `dvc commit {stage}` if the change is intended)")
+        raise DataError(
+            f"{path}: its content (DVC hash {current}) is not what dvc.lock records for stage {stage} "
+            f"({recorded}); run `dvc repro` (or `dvc commit {stage}` if the change is intended)"
+        )
     report = json.loads((path / "report.json").read_text())
     meta = json.loads((path / "meta.json").read_text())
     profile = _profile(report, meta)
@@ -176,15 +189,25 @@ def _profile(report: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """Counts of an ingest report (accepted, rejected, splits, ...) or an augment report (originals, copies)."""
     common = {"size": meta["size"], "channels": meta["channels"], "content_digest": meta["digest"]}
     if "accepted" in report:  # ingest
-        return {"images": report["accepted"], "rejected": len(report["rejected"]),
-                "duplicates": len(report["duplicates"]), "skipped": len(report.get("skipped", [])),
-                "splits": report["splits"], "per_class": report["per_class"], **common}
-    return {"images": meta["count"], "originals": report.get("originals"),
-            "copies": (report.get("augment") or {}).get("copies"), "source_digest": report.get("source_digest"),
-            **common}
+        return {
+            "images": report["accepted"],
+            "rejected": len(report["rejected"]),
+            "duplicates": len(report["duplicates"]),
+            "skipped": len(report.get("skipped", [])),
+            "splits": report["splits"],
+            "per_class": report["per_class"],
+            **common,
+        }
+    return {
+        "images": meta["count"],
+        "originals": report.get("originals"),
+        "copies": (report.get("augment") or {}).get("copies"),
+        "source_digest": report.get("source_digest"),
+        **common,
+    }
 
 
-def _split_dataset(prepared: Path, name: str, split: str, prepared_hash: str) -> "PreparedDataset":
+def _split_dataset(prepared: Path, name: str, split: str, prepared_hash: str) -> PreparedDataset:
     """The ``split`` of a prepared folder as a dataset: its content hash (from the manifest, no pixels read)."""
     meta = json.loads((prepared / "meta.json").read_text())
     manifest = pd.read_parquet(prepared / "manifest.parquet", columns=["sha256", "label", "split"])
@@ -192,13 +215,21 @@ def _split_dataset(prepared: Path, name: str, split: str, prepared_hash: str) ->
         manifest = manifest[manifest["split"] == split]
     digest = content_digest(manifest, (meta["channels"], meta["size"], meta["size"]))
     per_class = {str(k): int(v) for k, v in manifest["label"].value_counts(dropna=False).sort_index().items()}
-    profile = {"images": len(manifest), "split": split, "per_class": per_class, "size": meta["size"],
-               "channels": meta["channels"], "content_digest": digest, "of_prepared": prepared_hash}
-    return PreparedDataset(prepared, name=name, digest=digest[:_MAX_DIGEST], profile=profile,
-                           labelled=bool(meta["classes"]))
+    profile = {
+        "images": len(manifest),
+        "split": split,
+        "per_class": per_class,
+        "size": meta["size"],
+        "channels": meta["channels"],
+        "content_digest": digest,
+        "of_prepared": prepared_hash,
+    }
+    return PreparedDataset(
+        prepared, name=name, digest=digest[:_MAX_DIGEST], profile=profile, labelled=bool(meta["classes"])
+    )
 
 
-def _log_input(client: Any, run_id: str, dataset: "PreparedDataset", context: str, tags: dict[str, str]) -> None:
+def _log_input(client: Any, run_id: str, dataset: PreparedDataset, context: str, tags: dict[str, str]) -> None:
     """Log ``dataset`` as an input of the run; once more if a concurrent run inserted the same dataset first.
 
     MLflow's SQL store looks the dataset up, then inserts it: two runs logging a new dataset at the
@@ -226,8 +257,9 @@ def _log_card(client: Any, run_id: str, card: Path, folder: str, ui: str | None)
 
     text = card.read_text()
     if ui is not None:
-        text = text.replace("![preview](preview.png)",
-                            f"![preview]({artifact_url(ui, run_id, f'{folder}/preview.png')})")
+        text = text.replace(
+            "![preview](preview.png)", f"![preview]({artifact_url(ui, run_id, f'{folder}/preview.png')})"
+        )
     with tempfile.TemporaryDirectory(prefix="aigc-card-") as tmp:
         copy = Path(tmp) / card.name
         copy.write_text(text)

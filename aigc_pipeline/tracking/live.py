@@ -40,8 +40,9 @@ import math
 import os
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from aigc_pipeline.config import Config
 from aigc_pipeline.tracking import runs
@@ -83,7 +84,7 @@ class TrainingRun:
 
     # -- the with block ------------------------------------------------------------------------
 
-    def __enter__(self) -> "TrainingRun":
+    def __enter__(self) -> TrainingRun:
         from mlflow import MlflowClient
 
         from aigc_pipeline.tracking.store import use_store
@@ -115,28 +116,47 @@ class TrainingRun:
 
         client = self._client
         self.resumed_from = self.step = int(info.get("resumed_from") or 0)
-        tags = {**runs.run_tags(self.cfg, "train", self.family), runs.TRAIN_KEY_TAG: self.key,
-                runs.TRAINING_TAG: "live", "aigc.resumed_from": str(self.resumed_from),
-                "aigc.speed": str(info.get("speed", ""))[:500]}
-        previous = client.search_runs([self._experiment_id],
-                                      filter_string=f"tags.`{runs.TRAIN_KEY_TAG}` = '{self.key}'",
-                                      order_by=["attributes.start_time DESC"], max_results=1)
+        tags = {
+            **runs.run_tags(self.cfg, "train", self.family),
+            runs.TRAIN_KEY_TAG: self.key,
+            runs.TRAINING_TAG: "live",
+            "aigc.resumed_from": str(self.resumed_from),
+            "aigc.speed": str(info.get("speed", ""))[:500],
+        }
+        previous = client.search_runs(
+            [self._experiment_id],
+            filter_string=f"tags.`{runs.TRAIN_KEY_TAG}` = '{self.key}'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
         previous = previous[0] if previous else None
-        if (previous is not None and self.resumed_from > 0 and runs.WEIGHTS_TAG not in previous.data.tags
-                and not runs.params_conflict(previous.data.params, self.params)):
+        if (
+            previous is not None
+            and self.resumed_from > 0
+            and runs.WEIGHTS_TAG not in previous.data.tags
+            and not runs.params_conflict(previous.data.params, self.params)
+        ):
             run = mlflow.start_run(run_id=previous.info.run_id, tags=tags, log_system_metrics=True)
             self.run_id = run.info.run_id
             # Held record by record: a process killed between sending an epoch's losses and its
             # grid leaves that step's losses in the run but not its grid.
             self._held = runs.logged_metric_steps(client, self.run_id)
             self._images = runs.logged_image_steps(client, self.run_id, runs.SAMPLES_KEY)
-            last = max((max(s) for k, s in self._held.items() if k.startswith(("train/", "train_epoch/")) and s),
-                       default=0)
-            print(f"  train: continuing MLflow run {self.run_id} (it holds steps up to {last})",
-                  file=sys.stderr, flush=True)
+            last = max(
+                (max(s) for k, s in self._held.items() if k.startswith(("train/", "train_epoch/")) and s), default=0
+            )
+            print(
+                f"  train: continuing MLflow run {self.run_id} (it holds steps up to {last})",
+                file=sys.stderr,
+                flush=True,
+            )
         else:
-            run = mlflow.start_run(experiment_id=self._experiment_id, run_name=f"{self.cfg.model_name}-{self.key[:8]}",
-                                   tags=tags, log_system_metrics=True)
+            run = mlflow.start_run(
+                experiment_id=self._experiment_id,
+                run_name=f"{self.cfg.model_name}-{self.key[:8]}",
+                tags=tags,
+                log_system_metrics=True,
+            )
             self.run_id = run.info.run_id
             if previous is not None and previous.info.status == "RUNNING":
                 client.set_tag(previous.info.run_id, "aigc.superseded_by", self.run_id)
@@ -145,8 +165,14 @@ class TrainingRun:
         from aigc_pipeline.tracking.datasets import log_dataset_inputs
         from aigc_pipeline.tracking.store import ui_url
 
-        log_dataset_inputs(client, self.run_id, self.project_dir, self.cfg.dataset, self.cfg.evaluate.reference_split,
-                           ui=ui_url(mlflow.get_tracking_uri()))
+        log_dataset_inputs(
+            client,
+            self.run_id,
+            self.project_dir,
+            self.cfg.dataset,
+            self.cfg.evaluate.reference_split,
+            ui=ui_url(mlflow.get_tracking_uri()),
+        )
 
     def progress(self, step: int, total: int, epoch: int) -> None:
         """``on_progress``: where training is (the step the epoch records and grids are logged at)."""
@@ -186,8 +212,14 @@ class TrainingRun:
 
         self.send()
         if self.resumed_from > 0:
-            runs.log_training_files(self._client, self.run_id, Path(model), upto=self.resumed_from,
-                                    held=self._held, held_images=self._images)
+            runs.log_training_files(
+                self._client,
+                self.run_id,
+                Path(model),
+                upto=self.resumed_from,
+                held=self._held,
+                held_images=self._images,
+            )
         tags = {runs.WEIGHTS_TAG: sha256_file(Path(model) / WEIGHTS_FILE), "aigc.steps": str(steps)}
         if stopped:
             tags["aigc.stopped_at_step"] = str(steps)
@@ -208,9 +240,10 @@ class TrainingRun:
         try:
             self.send()
             if isinstance(error, TrainingDiverged) and error.history:
-                runs.log_step_metrics(self._client, self.run_id, error.history, after=self._streamed_until,
-                                      held=self._held)
-            tags = {"aigc.error_type": type(error).__name__, "aigc.error": str(error)[:runs._MAX_TAG]}
+                runs.log_step_metrics(
+                    self._client, self.run_id, error.history, after=self._streamed_until, held=self._held
+                )
+            tags = {"aigc.error_type": type(error).__name__, "aigc.error": str(error)[: runs._MAX_TAG]}
             if isinstance(error, TrainingDiverged) and error.step is not None:
                 tags["aigc.failed_step"] = str(error.step)
             for k, v in tags.items():
@@ -218,8 +251,11 @@ class TrainingRun:
         finally:
             mlflow.end_run(status="KILLED" if killed else "FAILED")
             self._ended = True
-        print(f"  train: recorded as {'KILLED' if killed else 'FAILED'} MLflow run {self.run_id}", file=sys.stderr,
-              flush=True)
+        print(
+            f"  train: recorded as {'KILLED' if killed else 'FAILED'} MLflow run {self.run_id}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     # -- batching ------------------------------------------------------------------------------
 
@@ -229,8 +265,9 @@ class TrainingRun:
         now = int(time.time() * 1000)
         # What the run held before this session is not logged again: a resumed training recomputes
         # the steps between its checkpoint and where the killed process had got to.
-        self._pending += [Metric(k, float(v), now, int(step)) for k, v in values.items()
-                          if int(step) not in self._held.get(k, ())]
+        self._pending += [
+            Metric(k, float(v), now, int(step)) for k, v in values.items() if int(step) not in self._held.get(k, ())
+        ]
         if len(self._pending) >= _FLUSH_METRICS or time.monotonic() - self._last_send >= _FLUSH_SECONDS:
             self.send()
 

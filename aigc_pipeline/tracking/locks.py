@@ -40,9 +40,9 @@ import re
 import socket
 import threading
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Mapping
 from urllib.parse import unquote, urlparse
 
 from aigc_pipeline.errors import AigcError
@@ -106,8 +106,10 @@ def plan_lock(store_uri: str, name: str, env: Mapping[str, str] | None = None) -
     if choice.startswith(("postgresql:", "postgres:", "postgresql+")):
         return _postgres_plan(choice, name)
     if choice not in ("auto", FILE, PREFECT):
-        raise RegistryLockError(f"{LOCK_ENV}={choice!r}: expected auto, file, prefect or a postgresql:// URL "
-                                "(the tracking server's backend database)")
+        raise RegistryLockError(
+            f"{LOCK_ENV}={choice!r}: expected auto, file, prefect or a postgresql:// URL "
+            "(the tracking server's backend database)"
+        )
     if choice == PREFECT:
         return _prefect_plan(name, env)
     if choice == FILE or scheme in ("sqlite", "file", ""):
@@ -120,12 +122,14 @@ def plan_lock(store_uri: str, name: str, env: Mapping[str, str] | None = None) -
         f"the registry at {_mask(store_uri)} is shared ({scheme} store), and registered model aliases are only moved "
         f"under a lock every writer reaches: set PREFECT_API_URL (the lock is a Prefect global concurrency limit), or "
         f"{LOCK_ENV}=postgresql://USER@HOST/DB (the tracking server's backend database, for pg_advisory_lock), or "
-        f"{LOCK_ENV}=file if this machine is the only one writing to it")
+        f"{LOCK_ENV}=file if this machine is the only one writing to it"
+    )
 
 
 @contextlib.contextmanager
-def registry_lock(store_uri: str, name: str, *, timeout: float | None = None,
-                  env: Mapping[str, str] | None = None) -> Iterator[LockPlan]:
+def registry_lock(
+    store_uri: str, name: str, *, timeout: float | None = None, env: Mapping[str, str] | None = None
+) -> Iterator[LockPlan]:
     """Hold registered model ``name``'s lock for the ``with`` block (re-entrant within a thread).
 
     Raises :class:`RegistryLockTimeout` after ``timeout`` seconds (default ``lock_timeout()``),
@@ -175,8 +179,9 @@ def _slug(name: str) -> str:
 def _file_plan(store_uri: str, scheme: str, name: str) -> LockPlan:
     if scheme == "sqlite":
         db = urlparse(store_uri).path[1:] if store_uri.startswith("sqlite:///") else ""
-        folder = Path(unquote(db)).resolve().parent / (Path(db).name + ".aigc-locks") if db and db != ":memory:" \
-            else None
+        folder = (
+            Path(unquote(db)).resolve().parent / (Path(db).name + ".aigc-locks") if db and db != ":memory:" else None
+        )
     elif scheme in ("file", ""):
         root = unquote(urlparse(store_uri).path) if scheme == "file" else store_uri
         folder = Path(root).resolve() / ".aigc-locks"
@@ -200,8 +205,10 @@ def _postgres_plan(url: str, name: str) -> LockPlan:
 def _prefect_plan(name: str, env: Mapping[str, str]) -> LockPlan:
     api = _prefect_api_url(env)
     if not api:
-        raise RegistryLockError(f"{LOCK_ENV}=prefect, but no Prefect API is configured: set PREFECT_API_URL to the "
-                                "Prefect server every worker uses")
+        raise RegistryLockError(
+            f"{LOCK_ENV}=prefect, but no Prefect API is configured: set PREFECT_API_URL to the "
+            "Prefect server every worker uses"
+        )
     return LockPlan(PREFECT, name, api, f"prefect:{api}:{limit_name(name)}")
 
 
@@ -235,8 +242,11 @@ def _advisory_key(name: str) -> int:
 
 
 def _holder() -> dict[str, object]:
-    return {"host": socket.gethostname(), "pid": os.getpid(),
-            "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    return {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
 
 
 # --- the three locks ---------------------------------------------------------------------------
@@ -259,7 +269,8 @@ def _file_lock(plan: LockPlan, timeout: float) -> Iterator[None]:
                 if time.monotonic() >= deadline:
                     raise RegistryLockTimeout(
                         f"registered model {plan.name!r}: its lock file {path} is still held after {timeout:g} s "
-                        f"(by {_read_holder(path)}); raise {TIMEOUT_ENV} or stop that process") from None
+                        f"(by {_read_holder(path)}); raise {TIMEOUT_ENV} or stop that process"
+                    ) from None
                 time.sleep(0.05)
         # Who holds it, for the message of whoever times out waiting (not needed for correctness).
         os.ftruncate(fd, 0)
@@ -291,11 +302,19 @@ def _postgres_lock(plan: LockPlan, timeout: float) -> Iterator[None]:
     url = plan.dsn
     key = _advisory_key(plan.name)
     try:
-        conn = psycopg2.connect(url, connect_timeout=30, application_name=f"aigc registry lock {plan.name}"[:63],
-                                keepalives=1, keepalives_idle=30, keepalives_interval=10, keepalives_count=3)
+        conn = psycopg2.connect(
+            url,
+            connect_timeout=30,
+            application_name=f"aigc registry lock {plan.name}"[:63],
+            keepalives=1,
+            keepalives_idle=30,
+            keepalives_interval=10,
+            keepalives_count=3,
+        )
     except psycopg2.OperationalError as exc:
-        raise RegistryLockError(f"registered model {plan.name!r}: cannot connect to {plan.where} for its advisory "
-                                f"lock: {str(exc).strip()}") from exc
+        raise RegistryLockError(
+            f"registered model {plan.name!r}: cannot connect to {plan.where} for its advisory lock: {str(exc).strip()}"
+        ) from exc
     try:
         conn.autocommit = True  # a session-level lock, held across statements until unlocked or disconnected
         with conn.cursor() as cur:
@@ -305,7 +324,8 @@ def _postgres_lock(plan: LockPlan, timeout: float) -> Iterator[None]:
             except psycopg2.errors.LockNotAvailable:
                 raise RegistryLockTimeout(
                     f"registered model {plan.name!r}: advisory lock {key} in {plan.where} is still held after "
-                    f"{timeout:g} s (by {_pg_holder(url, key)}); raise {TIMEOUT_ENV} or end that session") from None
+                    f"{timeout:g} s (by {_pg_holder(url, key)}); raise {TIMEOUT_ENV} or end that session"
+                ) from None
         try:
             yield
         finally:
@@ -326,10 +346,12 @@ def _pg_holder(url: str, key: int) -> str:
     unsigned = key & 0xFFFFFFFFFFFFFFFF
     try:
         with contextlib.closing(psycopg2.connect(url, connect_timeout=10)) as conn, conn.cursor() as cur:
-            cur.execute("SELECT a.pid, a.application_name, a.client_addr, a.backend_start FROM pg_locks l "
-                        "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
-                        "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1",
-                        (unsigned >> 32, unsigned & 0xFFFFFFFF))
+            cur.execute(
+                "SELECT a.pid, a.application_name, a.client_addr, a.backend_start FROM pg_locks l "
+                "JOIN pg_stat_activity a ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.granted "
+                "AND l.classid = %s AND l.objid = %s AND l.objsubid = 1",
+                (unsigned >> 32, unsigned & 0xFFFFFFFF),
+            )
             row = cur.fetchone()
     except psycopg2.Error as exc:
         return f"unknown: {str(exc).strip()}"
@@ -358,12 +380,20 @@ def _prefect_lock(plan: LockPlan, timeout: float) -> Iterator[None]:
             f"Prefect global concurrency limit {limit} on {plan.where} must be active with limit 1 and no slot decay "
             f"to serve as registered model {plan.name!r}'s lock (it is {'active' if found.active else 'inactive'}, "
             f"limit {found.limit}, decay {found.slot_decay_per_second}): "
-            f"`prefect gcl update {limit} --enable --limit 1 --slot-decay-per-second 0`")
+            f"`prefect gcl update {limit} --enable --limit 1 --slot-decay-per-second 0`"
+        )
     with contextlib.ExitStack() as stack:
         try:
-            stack.enter_context(concurrency(limit, occupy=1, timeout_seconds=timeout, strict=True,
-                                            lease_duration=PREFECT_LEASE_SECONDS,
-                                            raise_on_lease_renewal_failure=True))
+            stack.enter_context(
+                concurrency(
+                    limit,
+                    occupy=1,
+                    timeout_seconds=timeout,
+                    strict=True,
+                    lease_duration=PREFECT_LEASE_SECONDS,
+                    raise_on_lease_renewal_failure=True,
+                )
+            )
         except TimeoutError:
             raise RegistryLockTimeout(
                 f"registered model {plan.name!r}: Prefect global concurrency limit {limit} on {plan.where} is still "

@@ -72,5 +72,8 @@ def _already_copied(client: Any, target: str, source: str) -> dict[str, str]:
     except MlflowException:
         return {}
     prefix = f"{source}/v"
-    return {tags[MIGRATED_TAG][len(prefix):]: str(v.version) for v in existing
-            if (tags := v.tags or {}).get(MIGRATED_TAG, "").startswith(prefix)}
+    return {
+        tags[MIGRATED_TAG][len(prefix) :]: str(v.version)
+        for v in existing
+        if (tags := v.tags or {}).get(MIGRATED_TAG, "").startswith(prefix)
+    }

@@ -14,11 +14,12 @@ without re-registering: ``mlflow.pyfunc.load_model(uri, model_config={...})``, o
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
+import mlflow.pyfunc
 import numpy as np
 import pandas as pd
-import mlflow.pyfunc
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
@@ -54,8 +55,9 @@ def serving_limits(config: Mapping[str, Any] | None) -> tuple[int, int]:
     for key, default in zip(_LIMIT_KEYS, (DEFAULT_MAX_IMAGES_PER_REQUEST, DEFAULT_MAX_IMAGES_PER_ROW)):
         value = config.get(key, default)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise MlflowException(f"model_config {key} must be a positive integer, got {value!r}",
-                                  error_code=INVALID_PARAMETER_VALUE)
+            raise MlflowException(
+                f"model_config {key} must be a positive integer, got {value!r}", error_code=INVALID_PARAMETER_VALUE
+            )
         values.append(value)
     return values[0], values[1]
 
@@ -90,7 +92,9 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
                 out.append(generate(self.generator, self.arch, n, seed=seed, label=label, steps=steps))
             except ValueError as e:  # a label the model does not know, steps for a GAN or out of range
                 raise RequestRejected(str(e)) from e
-        return np.concatenate(out) if out else np.empty((0, self.arch.channels, self.arch.size, self.arch.size), np.uint8)
+        return (
+            np.concatenate(out) if out else np.empty((0, self.arch.channels, self.arch.size, self.arch.size), np.uint8)
+        )
 
     def _rows(self, frame: pd.DataFrame) -> list[tuple[int, int, int | None, int | None]]:
         """``(n, seed, label, steps)`` per row, every row and the total checked against the limits."""
@@ -98,28 +102,36 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         if missing:
             raise RequestRejected(f"model input needs columns n and seed; missing {sorted(missing)}")
         if len(frame) > self.max_images_per_request:  # each row asks for at least one image
-            raise RequestRejected(f"{len(frame)} rows: over the limit of {self.max_images_per_request} images per "
-                                  f"request (max_images_per_request){_HOW_TO_RAISE}")
+            raise RequestRejected(
+                f"{len(frame)} rows: over the limit of {self.max_images_per_request} images per "
+                f"request (max_images_per_request){_HOW_TO_RAISE}"
+            )
         rows, total = [], 0
         for i, r in enumerate(frame.itertuples()):
             n, seed = _integer(r.n, f"row {i}: n"), _integer(r.seed, f"row {i}: seed")
             if n < 1:
                 raise RequestRejected(f"row {i}: n must be >= 1, got {n}")
             if n > self.max_images_per_row:
-                raise RequestRejected(f"row {i}: n={n} is over the limit of {self.max_images_per_row} images per row "
-                                      f"(max_images_per_row){_HOW_TO_RAISE}")
+                raise RequestRejected(
+                    f"row {i}: n={n} is over the limit of {self.max_images_per_row} images per row "
+                    f"(max_images_per_row){_HOW_TO_RAISE}"
+                )
             total += n
             if total > self.max_images_per_request:
-                raise RequestRejected(f"the request asks for at least {total} images (rows 0..{i}): over the limit "
-                                      f"of {self.max_images_per_request} images per request "
-                                      f"(max_images_per_request){_HOW_TO_RAISE}")
+                raise RequestRejected(
+                    f"the request asks for at least {total} images (rows 0..{i}): over the limit "
+                    f"of {self.max_images_per_request} images per request "
+                    f"(max_images_per_request){_HOW_TO_RAISE}"
+                )
             rows.append((n, seed, _optional(r, "label", i), _optional(r, "steps", i)))
         return rows
 
 
-_HOW_TO_RAISE = ("; split it into smaller requests, or raise the limit: register.max_images_per_request / "
-                 "register.max_images_per_row in params.yaml when registering, model_config=... in "
-                 "mlflow.pyfunc.load_model, or MLFLOW_PYFUNC_INFERENCE_CONFIG for mlflow models serve")
+_HOW_TO_RAISE = (
+    "; split it into smaller requests, or raise the limit: register.max_images_per_request / "
+    "register.max_images_per_row in params.yaml when registering, model_config=... in "
+    "mlflow.pyfunc.load_model, or MLFLOW_PYFUNC_INFERENCE_CONFIG for mlflow models serve"
+)
 
 
 def _integer(value: Any, what: str) -> int:
@@ -145,8 +157,14 @@ def signature_for(channels: int, size: int):
     from mlflow.types import ColSpec, Schema, TensorSpec
 
     return ModelSignature(
-        inputs=Schema([ColSpec("long", "n"), ColSpec("long", "seed"), ColSpec("long", "label", required=False),
-                       ColSpec("long", "steps", required=False)]),
+        inputs=Schema(
+            [
+                ColSpec("long", "n"),
+                ColSpec("long", "seed"),
+                ColSpec("long", "label", required=False),
+                ColSpec("long", "steps", required=False),
+            ]
+        ),
         outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, channels, size, size))]),
     )
 

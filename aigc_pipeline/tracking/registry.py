@@ -21,8 +21,9 @@ import contextlib
 import getpass
 import math
 import time
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 from aigc_pipeline.errors import AigcError
 from aigc_pipeline.evaluation.gate import REJECTED, Score
@@ -174,8 +175,17 @@ def _join(entries: list[str]) -> str:
     return ",".join(entries)
 
 
-def promote(client: Any, name: str, version: str, *, reason: str, user: str | None = None,
-            alias: str = "champion", challenger_alias: str | None = "challenger", force: bool = False) -> Change:
+def promote(
+    client: Any,
+    name: str,
+    version: str,
+    *,
+    reason: str,
+    user: str | None = None,
+    alias: str = "champion",
+    challenger_alias: str | None = "challenger",
+    force: bool = False,
+) -> Change:
     """Make ``version`` the champion by hand, recording who and why on the version and its run.
 
     A version the gate rejected (diverged, partial or non-finite evaluation) is refused unless
@@ -195,8 +205,12 @@ def promote(client: Any, name: str, version: str, *, reason: str, user: str | No
         if previous == str(version):
             raise RegistryError(f"{name} v{version} is already '{alias}'")
         now = _now()
-        tags = {"aigc.promoted_by": user, "aigc.promoted_reason": reason.strip()[:4000], "aigc.promoted_at": now,
-                "aigc.promoted_from": previous or "none"}
+        tags = {
+            "aigc.promoted_by": user,
+            "aigc.promoted_reason": reason.strip()[:4000],
+            "aigc.promoted_at": now,
+            "aigc.promoted_from": previous or "none",
+        }
         _tag_version_and_run(client, mv, tags)
         move_alias(client, name, alias, str(version), record_history=True)
         if challenger_alias and alias_version(client, name, challenger_alias) == str(version):
@@ -204,8 +218,9 @@ def promote(client: Any, name: str, version: str, *, reason: str, user: str | No
     return Change(name, alias, str(version), previous, f"promoted by {user}: {reason.strip()}")
 
 
-def rollback(client: Any, name: str, *, reason: str | None = None, user: str | None = None,
-             alias: str = "champion") -> Change:
+def rollback(
+    client: Any, name: str, *, reason: str | None = None, user: str | None = None, alias: str = "champion"
+) -> Change:
     """Put the previous champion back: the alias moves to the history entry before the current one
     (skipping versions deleted since), and the current one leaves the history."""
     with locked(client, name):
@@ -220,22 +235,31 @@ def rollback(client: Any, name: str, *, reason: str | None = None, user: str | N
                 break
             del history[-2]  # deleted since it was champion
         if len(history) < 2:
-            raise RegistryError(f"{name}: no previous '{alias}' to roll back to "
-                                f"(history: {','.join(history) or 'empty'})")
+            raise RegistryError(
+                f"{name}: no previous '{alias}' to roll back to (history: {','.join(history) or 'empty'})"
+            )
         target = history[-2]
         now = _now()
         why = (reason or "").strip() or "no reason given"
-        _tag_version_and_run(client, _version(client, name, target),
-                             {"aigc.rollback_from": current, "aigc.rollback_by": user, "aigc.rollback_at": now,
-                              "aigc.rollback_reason": why[:4000]})
-        _tag_version_and_run(client, _version(client, name, current),
-                             {"aigc.rolled_back_by": user, "aigc.rolled_back_at": now,
-                              "aigc.rolled_back_reason": why[:4000]})
+        _tag_version_and_run(
+            client,
+            _version(client, name, target),
+            {
+                "aigc.rollback_from": current,
+                "aigc.rollback_by": user,
+                "aigc.rollback_at": now,
+                "aigc.rollback_reason": why[:4000],
+            },
+        )
+        _tag_version_and_run(
+            client,
+            _version(client, name, current),
+            {"aigc.rolled_back_by": user, "aigc.rolled_back_at": now, "aigc.rolled_back_reason": why[:4000]},
+        )
         # History first (the current champion leaves it), then the one atomic alias move.
         client.set_registered_model_tag(name, HISTORY_TAG, ",".join(history[:-1]))
         client.set_registered_model_alias(name, alias, target)
     return Change(name, alias, target, current, f"rolled back by {user}: {why}")
-
 
 
 def list_models(client: Any) -> list[dict[str, Any]]:
@@ -324,8 +348,9 @@ def find_registration(client: Any, name: str, key: str) -> Any | None:
     return max(found, key=lambda v: int(v.version)) if found else None
 
 
-def undo_moves(client: Any, name: str, version: str, *, champion_alias: str = "champion",
-               fallback: Mapping[str, str] | None = None) -> Restored:
+def undo_moves(
+    client: Any, name: str, version: str, *, champion_alias: str = "champion", fallback: Mapping[str, str] | None = None
+) -> Restored:
     """Put back the aliases ``version`` took, each only if it still points at ``version`` (under the lock).
 
     An alias goes back to the version its ``aigc.alias_moved.ALIAS`` tag recorded (removed if it
@@ -338,7 +363,7 @@ def undo_moves(client: Any, name: str, version: str, *, champion_alias: str = "c
     version = str(version)
     with locked(client, name):
         tags = _version(client, name, version).tags or {}
-        journal = {k[len(MOVED_PREFIX):]: v for k, v in tags.items() if k.startswith(MOVED_PREFIX)}
+        journal = {k[len(MOVED_PREFIX) :]: v for k, v in tags.items() if k.startswith(MOVED_PREFIX)}
         aliases = {a: str(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
         history = champion_history(client, name, champion_alias)
         done = Restored()
@@ -366,8 +391,9 @@ def undo_moves(client: Any, name: str, version: str, *, champion_alias: str = "c
         return done
 
 
-def discard_version(client: Any, name: str, version: str, *, alias: str = "champion",
-                    fallback: Mapping[str, str] | None = None) -> Restored:
+def discard_version(
+    client: Any, name: str, version: str, *, alias: str = "champion", fallback: Mapping[str, str] | None = None
+) -> Restored:
     """Remove a half-registered version so that nothing points at it (under the lock): the aliases
     it moved go back (:func:`undo_moves`; ``alias`` is the champion alias, whose history is the
     last resort), the version leaves the champion history, and the version is deleted."""

@@ -43,8 +43,13 @@ class RollbackReport:
 
     @property
     def changed(self) -> bool:
-        return bool(self.deleted_versions or self.deleted_runs or self.restored_aliases or self.removed_aliases
-                    or self.deleted_model)
+        return bool(
+            self.deleted_versions
+            or self.deleted_runs
+            or self.restored_aliases
+            or self.removed_aliases
+            or self.deleted_model
+        )
 
     def describe(self) -> str:
         if not self.changed:
@@ -61,8 +66,11 @@ class RollbackReport:
         if self.removed_aliases:
             parts.append(f"removed alias(es) {', '.join(self.removed_aliases)}")
         if self.left_aliases:
-            parts.append("left " + ", ".join(f"{a}=v{v}" for a, v in self.left_aliases.items())
-                         + " alone (moved since the failed attempt)")
+            parts.append(
+                "left "
+                + ", ".join(f"{a}=v{v}" for a, v in self.left_aliases.items())
+                + " alone (moved since the failed attempt)"
+            )
         if self.deleted_model:
             parts.append("deleted the registered model it had created")
         return "; ".join(parts)
@@ -93,13 +101,15 @@ def flow_run_mlflow_runs(client: Any, experiment: str, flow_run_id: str) -> list
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return []
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'",
-                              max_results=1000)
+    runs = client.search_runs(
+        [exp.experiment_id], filter_string=f"tags.`{FLOW_RUN_TAG}` = '{flow_run_id}'", max_results=1000
+    )
     return [r.info.run_id for r in runs]
 
 
-def roll_back(client: Any, before: Snapshot, experiment: str, flow_run_id: str, *,
-              champion_alias: str = "champion") -> RollbackReport:
+def roll_back(
+    client: Any, before: Snapshot, experiment: str, flow_run_id: str, *, champion_alias: str = "champion"
+) -> RollbackReport:
     """Remove what flow run ``flow_run_id`` registered and put back the aliases it moved, where they
     still point at its versions (``before``'s aliases only where nothing records more;
     ``champion_alias`` falls back along the champion history)."""
@@ -113,8 +123,9 @@ def roll_back(client: Any, before: Snapshot, experiment: str, flow_run_id: str, 
             versions = client.search_model_versions(f"name='{before.name}'")
             for v in sorted(versions, key=lambda v: int(v.version)):
                 if v.run_id in run_ids:
-                    done = registry.discard_version(client, before.name, str(v.version), alias=champion_alias,
-                                                    fallback=before.aliases)
+                    done = registry.discard_version(
+                        client, before.name, str(v.version), alias=champion_alias, fallback=before.aliases
+                    )
                     report.deleted_versions.append(str(v.version))
                     report.restored_aliases.update(done.restored)
                     report.removed_aliases += done.removed

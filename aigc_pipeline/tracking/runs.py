@@ -44,8 +44,9 @@ import hashlib
 import math
 import os
 import time
+from collections.abc import Container, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Container, Iterable, Mapping
+from typing import Any
 
 from aigc_pipeline.config import Config
 from aigc_pipeline.errors import AigcError
@@ -110,9 +111,16 @@ def log_params(client: Any, run_id: str, params: Mapping[str, str]) -> None:
         client.log_batch(run_id, params=items[i : i + _PARAMS_PER_BATCH])
 
 
-def log_step_metrics(client: Any, run_id: str, rows: Iterable[Mapping[str, Any]], prefix: str = "train/",
-                     *, after: int = 0, upto: float = math.inf,
-                     held: Mapping[str, Container[int]] | None = None) -> None:
+def log_step_metrics(
+    client: Any,
+    run_id: str,
+    rows: Iterable[Mapping[str, Any]],
+    prefix: str = "train/",
+    *,
+    after: int = 0,
+    upto: float = math.inf,
+    held: Mapping[str, Container[int]] | None = None,
+) -> None:
     """Log per-step records (``{"step": s, name: value, ...}``) as metrics ``<prefix><name>`` at
     step ``s``, in batches; only steps in (``after``, ``upto``], and not the (metric, step) pairs
     in ``held`` (metric -> steps the run already holds)."""
@@ -125,8 +133,11 @@ def log_step_metrics(client: Any, run_id: str, rows: Iterable[Mapping[str, Any]]
         step = int(float(row["step"]))
         if not after < step <= upto:
             continue
-        batch += [Metric(f"{prefix}{k}", float(v), now, step) for k, v in row.items()
-                  if k != "step" and v != "" and step not in held.get(f"{prefix}{k}", ())]
+        batch += [
+            Metric(f"{prefix}{k}", float(v), now, step)
+            for k, v in row.items()
+            if k != "step" and v != "" and step not in held.get(f"{prefix}{k}", ())
+        ]
         if len(batch) >= _METRICS_PER_BATCH:
             client.log_batch(run_id, metrics=batch)
             batch = []
@@ -149,12 +160,17 @@ def evaluation_digest(evaluation: Path) -> str:
     return h.hexdigest()
 
 
-def find_run(client: Any, experiment_id: str, weights_sha256: str, params: Mapping[str, str],
-             evaluation: str | None = None) -> Any | None:
+def find_run(
+    client: Any, experiment_id: str, weights_sha256: str, params: Mapping[str, str], evaluation: str | None = None
+) -> Any | None:
     """The newest run that trained the model with these weights and can take ``params`` and
     ``evaluation`` (see the module docstring), or None. Deleted runs are never returned."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.`{WEIGHTS_TAG}` = '{weights_sha256}'",
-                              order_by=["attributes.start_time DESC"], max_results=50)
+    runs = client.search_runs(
+        [experiment_id],
+        filter_string=f"tags.`{WEIGHTS_TAG}` = '{weights_sha256}'",
+        order_by=["attributes.start_time DESC"],
+        max_results=50,
+    )
     for run in runs:
         held = run.data.tags.get(EVALUATION_TAG)
         if held is not None and evaluation is not None and held != evaluation:
@@ -170,16 +186,29 @@ def find_run(client: Any, experiment_id: str, weights_sha256: str, params: Mappi
 def run_tags(cfg: Config, stage: str, family: str | None = None) -> dict[str, str]:
     """Tags every stage sets on the run: dataset, family (``family``: what ``train.model: auto``
     resolved to), the stage, the Prefect flow run."""
-    tags = {"aigc.dataset": cfg.dataset, "aigc.model": family or cfg.train.model,
-            "aigc.family": family or cfg.train.model, STAGE_TAG: stage}
+    tags = {
+        "aigc.dataset": cfg.dataset,
+        "aigc.model": family or cfg.train.model,
+        "aigc.family": family or cfg.train.model,
+        STAGE_TAG: stage,
+    }
     if os.environ.get(FLOW_RUN_ENV):
         tags["prefect.flow_run_id"] = os.environ[FLOW_RUN_ENV]
     return tags
 
 
-def pipeline_run(client: Any, experiment_id: str, cfg: Config, project_dir: Path, model: Path, *,
-                 stage: str, evaluation: str | None = None, extra_params: Mapping[str, str] | None = None,
-                 ui: str) -> tuple[str, bool]:
+def pipeline_run(
+    client: Any,
+    experiment_id: str,
+    cfg: Config,
+    project_dir: Path,
+    model: Path,
+    *,
+    stage: str,
+    evaluation: str | None = None,
+    extra_params: Mapping[str, str] | None = None,
+    ui: str,
+) -> tuple[str, bool]:
     """``(run id, created)``: the run that trained the model in ``model`` (:func:`find_run`), or a
     fresh one filled from the model folder (:func:`create_run_from_files`)."""
     from aigc_pipeline.io import sha256_file
@@ -196,12 +225,15 @@ def pipeline_run(client: Any, experiment_id: str, cfg: Config, project_dir: Path
         if evaluation is None or claim_run(client, run_id, evaluation):
             return run_id, False
         if run_id in tried:  # claimed by another, yet still found: the store did not keep the claim
-            raise RunClaimError(f"MLflow run {run_id}: claimed for another evaluation, yet its param "
-                                f"{EVALUATION_PARAM} does not say so; a store that does not keep params "
-                                "write-once cannot hold concurrent stages (use an SQL store or a tracking server)")
+            raise RunClaimError(
+                f"MLflow run {run_id}: claimed for another evaluation, yet its param "
+                f"{EVALUATION_PARAM} does not say so; a store that does not keep params "
+                "write-once cannot hold concurrent stages (use an SQL store or a tracking server)"
+            )
         tried.add(run_id)
-    run_id = create_run_from_files(client, experiment_id, cfg, project_dir, model, params=params, weights=weights,
-                                   stage=stage, ui=ui)
+    run_id = create_run_from_files(
+        client, experiment_id, cfg, project_dir, model, params=params, weights=weights, stage=stage, ui=ui
+    )
     return run_id, True
 
 
@@ -221,14 +253,27 @@ def claim_run(client: Any, run_id: str, evaluation: str) -> bool:
         raise  # not a lost claim: the store refused for another reason
 
 
-def create_run_from_files(client: Any, experiment_id: str, cfg: Config, project_dir: Path, model: Path, *,
-                          params: Mapping[str, str], weights: str, stage: str, ui: str) -> str:
+def create_run_from_files(
+    client: Any,
+    experiment_id: str,
+    cfg: Config,
+    project_dir: Path,
+    model: Path,
+    *,
+    params: Mapping[str, str],
+    weights: str,
+    stage: str,
+    ui: str,
+) -> str:
     """A new (FINISHED) run holding the training of ``model`` as the live run would: params, dataset
     inputs, losses, per-epoch stats, FID over training and the sample grids at their global steps."""
     from aigc_pipeline.tracking.datasets import log_dataset_inputs
 
-    tags = {**run_tags(cfg, stage, params.get("train.model")), "mlflow.runName": f"{cfg.model_name}-{weights[:8]}",
-            TRAINING_TAG: "from model folder"}
+    tags = {
+        **run_tags(cfg, stage, params.get("train.model")),
+        "mlflow.runName": f"{cfg.model_name}-{weights[:8]}",
+        TRAINING_TAG: "from model folder",
+    }
     run_id = client.create_run(experiment_id, tags=tags).info.run_id
     try:
         log_params(client, run_id, params)  # the claim among them, if any (evaluate.evaluation_sha256)
@@ -248,9 +293,16 @@ def epoch_steps(model: Path) -> dict[int, int]:
     return {int(float(r["epoch"])): int(float(r["step"])) for r in _read_csv(Path(model) / "epochs.csv")}
 
 
-def log_training_files(client: Any, run_id: str, model: Path, *, after: int = 0, upto: float = math.inf,
-                       held: Mapping[str, Container[int]] | None = None,
-                       held_images: Container[int] = frozenset()) -> None:
+def log_training_files(
+    client: Any,
+    run_id: str,
+    model: Path,
+    *,
+    after: int = 0,
+    upto: float = math.inf,
+    held: Mapping[str, Container[int]] | None = None,
+    held_images: Container[int] = frozenset(),
+) -> None:
     """The training records of a model folder as metrics and images at their global steps (steps in
     (``after``, ``upto``]): history.csv, epochs.csv, timing.csv, fid_progress.csv, samples/.
 
@@ -262,13 +314,21 @@ def log_training_files(client: Any, run_id: str, model: Path, *, after: int = 0,
     window = {"after": after, "upto": upto, "held": held}
     log_step_metrics(client, run_id, _read_csv(model / "history.csv"), **window)
     log_step_metrics(client, run_id, _read_csv(model / "epochs.csv"), prefix="train_epoch/", **window)
-    timing = [{"step": steps[int(float(r["epoch"]))], "images_per_s": r["images_per_s"]}
-              for r in _read_csv(model / "timing.csv") if int(float(r["epoch"])) in steps]
+    timing = [
+        {"step": steps[int(float(r["epoch"]))], "images_per_s": r["images_per_s"]}
+        for r in _read_csv(model / "timing.csv")
+        if int(float(r["epoch"])) in steps
+    ]
     log_step_metrics(client, run_id, timing, prefix="train_epoch/", **window)
     name, rows = read_progress(model / PROGRESS_FILE)
     if rows:
-        log_step_metrics(client, run_id, [{"step": steps[e], name: v} for e, v in rows
-                                          if e in steps and math.isfinite(v)], prefix="", **window)
+        log_step_metrics(
+            client,
+            run_id,
+            [{"step": steps[e], name: v} for e, v in rows if e in steps and math.isfinite(v)],
+            prefix="",
+            **window,
+        )
     for epoch, step in sorted(steps.items()):
         grid = model / "samples" / f"epoch-{epoch:03d}.png"
         if grid.is_file() and after < step <= upto and step not in held_images:
@@ -301,15 +361,20 @@ def logged_metric_steps(client: Any, run_id: str) -> dict[str, set[int]]:
     """Metric -> the steps the run holds it at (the run's own metrics; MLflow's ``system/`` ones,
     which it samples on its own clock, are left out)."""
     run = client.get_run(run_id)
-    return {key: {m.step for m in client.get_metric_history(run_id, key)} for key in run.data.metrics
-            if not key.startswith("system/")}
+    return {
+        key: {m.step for m in client.get_metric_history(run_id, key)}
+        for key in run.data.metrics
+        if not key.startswith("system/")
+    }
 
 
 def protocol_tags(scored: Any) -> dict[str, str]:
     """The evaluation's protocol (``aigc.protocol`` and ``aigc.protocol.*``) and classifier as tags."""
     pid = scored.protocol_id or "none"
-    tags = {"aigc.protocol": pid,
-            **{f"aigc.protocol.{k}": str(v) for k, v in (scored.details.get("protocol") or {}).items()}}
+    tags = {
+        "aigc.protocol": pid,
+        **{f"aigc.protocol.{k}": str(v) for k, v in (scored.details.get("protocol") or {}).items()},
+    }
     classifier = scored.details.get("classifier")
     if classifier:
         tags["aigc.classifier_protocol"] = str(classifier.get("id"))
@@ -335,15 +400,21 @@ def log_evaluation(client: Any, run_id: str, scored: Any, evaluation: Path, *, s
     from aigc_pipeline.evaluation.results import COPIES_GRID, DETAILS_FILE, METRICS_FILE, SAMPLES_GRID
 
     now = int(time.time() * 1000)
-    values = {k: v for k, v in scored.metrics.items()
-              if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    values = {
+        k: v
+        for k, v in scored.metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
     values.update(scored.protocol_keys())
     tags = {**protocol_tags(scored), EVALUATION_TAG: evaluation_digest(evaluation)}
     if "isc_unavailable" in scored.details:
         tags["aigc.isc_unavailable"] = str(scored.details["isc_unavailable"])[:_MAX_TAG]
     log_params(client, run_id, evaluation_params(scored))
-    client.log_batch(run_id, metrics=[Metric(k, float(v), now, int(step)) for k, v in sorted(values.items())],
-                     tags=[RunTag(k, v) for k, v in tags.items()])
+    client.log_batch(
+        run_id,
+        metrics=[Metric(k, float(v), now, int(step)) for k, v in sorted(values.items())],
+        tags=[RunTag(k, v) for k, v in tags.items()],
+    )
     client.log_artifact(run_id, str(Path(evaluation) / METRICS_FILE))
     client.log_artifact(run_id, str(Path(evaluation) / DETAILS_FILE))
     grid = Path(evaluation) / SAMPLES_GRID

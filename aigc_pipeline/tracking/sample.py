@@ -13,8 +13,16 @@ class SampleError(AigcError, ValueError):
     """The model URI or the sampling request is unusable; the message says why."""
 
 
-def sample_grid(project_dir: Path | str, model_uri: str, n: int, out: Path, *, seed: int = 0,
-                label: int | None = None, steps: int | None = None) -> tuple[Path, np.ndarray]:
+def sample_grid(
+    project_dir: Path | str,
+    model_uri: str,
+    n: int,
+    out: Path,
+    *,
+    seed: int = 0,
+    label: int | None = None,
+    steps: int | None = None,
+) -> tuple[Path, np.ndarray]:
     """Load ``model_uri`` from the project's MLflow store, generate ``n`` images, write a PNG grid."""
     import mlflow
     import pandas as pd
@@ -29,8 +37,9 @@ def sample_grid(project_dir: Path | str, model_uri: str, n: int, out: Path, *, s
         try:
             model = mlflow.pyfunc.load_model(model_uri)
         except MlflowException as exc:
-            raise SampleError(f"{model_uri}: cannot be loaded ({exc.message}); see `aigc status` for registered "
-                              "models and aliases") from exc
+            raise SampleError(
+                f"{model_uri}: cannot be loaded ({exc.message}); see `aigc status` for registered models and aliases"
+            ) from exc
     request = {"n": [n], "seed": [seed]}
     if label is not None:
         request["label"] = [label]

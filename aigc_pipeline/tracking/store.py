@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 MLFLOW_DIR = "mlflow"
 _URI_VARS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
@@ -42,7 +42,7 @@ def store_root(project_dir: Path | str) -> Path:
     path = Path(project_dir).resolve()
     parts = path.parts
     for i in range(len(parts) - 3):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps") and (Path(*parts[:i]) / ".dvc" / "config").exists():
+        if parts[i : i + 3] == (".dvc", "tmp", "exps") and (Path(*parts[:i]) / ".dvc" / "config").exists():
             return Path(*parts[:i])
     return path
 
@@ -99,8 +99,9 @@ def _create_experiment(experiment: str, location: str | None) -> str:
     from mlflow.exceptions import MlflowException
 
     try:
-        return mlflow.create_experiment(experiment, artifact_location=location,
-                                        tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND})
+        return mlflow.create_experiment(
+            experiment, artifact_location=location, tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+        )
     except MlflowException as exc:
         exp = mlflow.get_experiment_by_name(experiment)
         if exc.error_code != "RESOURCE_ALREADY_EXISTS" or exp is None:

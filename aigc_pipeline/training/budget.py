@@ -71,8 +71,10 @@ class Budget:
     def describe(self) -> str:
         asked = f"{self.requested_kimg:g} kimg asked, " if self.requested_kimg is not None else ""
         epochs = f"{self.epochs} epoch{'s' if self.epochs != 1 else ''}"
-        return (f"{self.kimg:g} kimg ({asked}{self.source}) = {self.steps} steps = {epochs} of "
-                f"{self.steps_per_epoch} batches of {self.batch_size}")
+        return (
+            f"{self.kimg:g} kimg ({asked}{self.source}) = {self.steps} steps = {epochs} of "
+            f"{self.steps_per_epoch} batches of {self.batch_size}"
+        )
 
 
 def auto_kimg(family: str, size: int) -> tuple[float, int]:
@@ -81,8 +83,10 @@ def auto_kimg(family: str, size: int) -> tuple[float, int]:
     sizes = {s: t for s, t in AUTO_KIMG.items() if family in t}
     if not sizes:
         known = sorted({f for t in AUTO_KIMG.values() for f in t})
-        raise KeyError(f"train.kimg: auto has no value for model {family!r} (known: {', '.join(known)}); "
-                       "set train.kimg or train.epochs")
+        raise KeyError(
+            f"train.kimg: auto has no value for model {family!r} (known: {', '.join(known)}); "
+            "set train.kimg or train.epochs"
+        )
     measured = _nearest_size(sizes, size)
     return sizes[measured][family], measured
 
@@ -101,8 +105,9 @@ def resolve_model(model: str, *, size: int, device: str) -> str:
     return choices.get(device, choices["cpu"])
 
 
-def resolve_budget(*, family: str, size: int, train_images: int, batch_size: int, epochs: int | None,
-                   kimg: float | str) -> Budget:
+def resolve_budget(
+    *, family: str, size: int, train_images: int, batch_size: int, epochs: int | None, kimg: float | str
+) -> Budget:
     """The whole epochs that ``train.epochs`` or ``train.kimg`` asks for on ``train_images`` images."""
     if train_images < batch_size:
         raise ValueError(f"train.batch_size={batch_size} is larger than the training set ({train_images} images)")
@@ -116,8 +121,13 @@ def resolve_budget(*, family: str, size: int, train_images: int, batch_size: int
         value, source = float(kimg), "train.kimg"
     per_epoch = steps_per_epoch * batch_size
     wanted = round(value * 1000)  # whole images: 253.44 kimg is exactly 253,440
-    return Budget(epochs=max(1, -(-wanted // per_epoch)), steps_per_epoch=steps_per_epoch, batch_size=batch_size,
-                  source=source, requested_kimg=value)
+    return Budget(
+        epochs=max(1, -(-wanted // per_epoch)),
+        steps_per_epoch=steps_per_epoch,
+        batch_size=batch_size,
+        source=source,
+        requested_kimg=value,
+    )
 
 
 def format_duration(seconds: float) -> str:
@@ -147,6 +157,8 @@ def plan_warning(estimate_seconds: float, device: str) -> str | None:
     """A warning for a CPU plan over :data:`CPU_WARNING_SECONDS`, naming what shortens it; else None."""
     if device != "cpu" or estimate_seconds <= CPU_WARNING_SECONDS:
         return None
-    return (f"this training will take about {format_duration(estimate_seconds)} on this CPU. To shorten it: "
-            "fewer images shown (--set train.kimg=N), a cheaper family (aigc run --model dcgan), a smaller "
-            "image size (datasets.NAME.size), or train on the GPU work pool (`aigc deploy`; docs/scaling.md)")
+    return (
+        f"this training will take about {format_duration(estimate_seconds)} on this CPU. To shorten it: "
+        "fewer images shown (--set train.kimg=N), a cheaper family (aigc run --model dcgan), a smaller "
+        "image size (datasets.NAME.size), or train on the GPU work pool (`aigc deploy`; docs/scaling.md)"
+    )

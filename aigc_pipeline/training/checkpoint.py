@@ -93,7 +93,7 @@ def read_checkpoint(path: Path | str) -> dict[str, Any]:
                 return [dec(v) for v in obj]
             if not isinstance(obj, dict):
                 return obj
-            (tag, value), = obj.items()
+            ((tag, value),) = obj.items()
             if tag == "__tensor__":
                 return f.get_tensor(value)
             if tag == "__dict__":
@@ -151,8 +151,11 @@ def capture_rng_state() -> dict[str, Any]:
             "has_gauss": int(np_state[3]),
             "cached_gaussian": float(np_state[4]),
         },
-        "python": {"version": py_version, "internal": torch.tensor(py_internal, dtype=torch.int64),
-                   "gauss_next": py_gauss},
+        "python": {
+            "version": py_version,
+            "internal": torch.tensor(py_internal, dtype=torch.int64),
+            "gauss_next": py_gauss,
+        },
         "cuda": [],
     }
     if torch.cuda.is_available() and torch.cuda.is_initialized():
@@ -164,8 +167,9 @@ def restore_rng_state(state: dict[str, Any]) -> None:
     """Inverse of :func:`capture_rng_state`."""
     torch.set_rng_state(state["torch"])
     n = state["numpy"]
-    np.random.set_state((n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
+    np.random.set_state(
+        (n["name"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"])
+    )
     p = state["python"]
     random.setstate((p["version"], tuple(int(v) for v in p["internal"].tolist()), p["gauss_next"]))
     cuda = state.get("cuda") or []

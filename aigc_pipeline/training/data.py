@@ -15,7 +15,8 @@ Both placements give the same batches, bit for bit.
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Literal
+from collections.abc import Iterator
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -39,8 +40,15 @@ def choose_placement(nbytes: int, device: torch.device, placement: Placement = "
 class Batches:
     """The training batches of one rank: ``epoch()`` yields (images in [-1, 1], labels or None)."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None, device: torch.device, *,
-                 placement: Placement = "auto", channels_last: bool = False) -> None:
+    def __init__(
+        self,
+        images: np.ndarray,
+        labels: np.ndarray | None,
+        device: torch.device,
+        *,
+        placement: Placement = "auto",
+        channels_last: bool = False,
+    ) -> None:
         self.device = device
         self.placement = choose_placement(images.nbytes, device, placement)
         self.channels_last = channels_last
@@ -59,8 +67,9 @@ class Batches:
             real = real.contiguous(memory_format=torch.channels_last)
         return real
 
-    def epoch(self, order: torch.Tensor, start: int, steps: int, global_batch: int, rank: int = 0,
-              world: int = 1) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def epoch(
+        self, order: torch.Tensor, start: int, steps: int, global_batch: int, rank: int = 0, world: int = 1
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Batches ``start .. steps-1`` of the epoch whose image order is ``order`` (CPU int64).
 
         Batch ``i`` of rank ``r`` holds images ``order[i*B + r*b : i*B + (r+1)*b]`` with
@@ -79,8 +88,9 @@ class Batches:
     def _labels(self, idx: torch.Tensor) -> torch.Tensor | None:
         return self.labels.index_select(0, idx) if self.labels is not None else None
 
-    def _streamed(self, order: torch.Tensor, slices: list[tuple[int, int]], b: int
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
+    def _streamed(
+        self, order: torch.Tensor, slices: list[tuple[int, int]], b: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
         """Gather batch k+1 into a staging buffer (pinned on CUDA) and start its copy (on a side
         CUDA stream) before batch k is handed out; a buffer is refilled only once the copy out of
         it has finished, so the host never waits for the model's compute. On the CPU the same

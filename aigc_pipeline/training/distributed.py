@@ -61,8 +61,9 @@ def current() -> DistInfo:
     """Rank and world size of the initialised default process group, or rank 0 of 1."""
     if not (dist.is_available() and dist.is_initialized()):
         return DistInfo()
-    return DistInfo(rank=dist.get_rank(), world=dist.get_world_size(),
-                    local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank())))
+    return DistInfo(
+        rank=dist.get_rank(), world=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    )
 
 
 class _AllReduceSum(torch.autograd.Function):
@@ -121,8 +122,9 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if type(child) is nn.BatchNorm2d:
-            bn = GlooSyncBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                     child.track_running_stats, device=device)
+            bn = GlooSyncBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats, device=device
+            )
             if child.affine:
                 bn.weight, bn.bias = child.weight, child.bias
             if child.track_running_stats:
@@ -148,8 +150,11 @@ def wrap_ddp(module: nn.Module, device: torch.device) -> nn.Module:
     ids = [device.index] if device.type == "cuda" else None
     ddp = nn.parallel.DistributedDataParallel
     # torch >= 2.15 renamed the option (the old name warns); older releases only know the old one.
-    no_sync = ({"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters
-               else {"broadcast_buffers": False})
+    no_sync = (
+        {"forward_sync_buffers": False}
+        if "forward_sync_buffers" in inspect.signature(ddp).parameters
+        else {"broadcast_buffers": False}
+    )
     return ddp(module, device_ids=ids, **no_sync)
 
 
@@ -160,4 +165,3 @@ def all_reduce_mean(x: torch.Tensor) -> torch.Tensor:
     x = x.clone()
     dist.all_reduce(x)
     return x / dist.get_world_size()
-

@@ -18,9 +18,10 @@ from __future__ import annotations
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,12 +29,15 @@ import torch
 from aigc_pipeline.errors import TrainingDiverged
 from aigc_pipeline.models.base import Arch, Family, Hparams
 from aigc_pipeline.models.registry import build_family
+from aigc_pipeline.randomness import EPOCH_STREAM, SAMPLE_STREAM, STEP_STREAM, BatchRandom, seeded_generator
 from aigc_pipeline.training import distributed
-from aigc_pipeline.training.checkpoint import (capture_rng_state, load_latest_checkpoint, restore_rng_state,
-                                               save_checkpoint)
+from aigc_pipeline.training.checkpoint import (
+    capture_rng_state,
+    load_latest_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
 from aigc_pipeline.training.data import Batches, Placement
-from aigc_pipeline.randomness import (EPOCH_STREAM, SAMPLE_STREAM, STEP_STREAM, BatchRandom,
-                                               seeded_generator)
 from aigc_pipeline.training.speed import Precision, Speed, Toggle, resolve_device, resolve_speed
 
 __all__ = ["Callbacks", "TrainResult", "train", "sample_images", "resolve_device", "seeded_generator"]
@@ -57,7 +61,9 @@ class Callbacks:
     # (epoch, generator in eval mode): e.g. a small FID over training; the mode is restored after.
     on_epoch_generator: Callable[[int, torch.nn.Module], None] | None = None
     on_checkpoint: Callable[[int, Path], None] | None = None  # (step, file) after a checkpoint is written
-    on_start: Callable[[dict[str, Any]], None] | None = None  # run facts: speed settings, placement, world, resumed_from
+    on_start: Callable[[dict[str, Any]], None] | None = (
+        None  # run facts: speed settings, placement, world, resumed_from
+    )
     should_abort: Callable[[], bool] | None = None
     # (step) -> True: stop cleanly after this step: a checkpoint is written, the result returned;
     # training the same configuration again resumes there (e.g. a time budget, a cancellation).
@@ -79,7 +85,9 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # one record per step
     epoch_log: list[dict[str, float]] = field(default_factory=list)  # one record per epoch (reproducible)
     speed: str = ""
-    timing: list[dict[str, float]] = field(default_factory=list)  # per epoch this call ran: wall-clock seconds, images/s
+    timing: list[dict[str, float]] = field(
+        default_factory=list
+    )  # per epoch this call ran: wall-clock seconds, images/s
     stopped: bool = False  # should_stop ended it before the last step (``steps`` is where)
 
 
@@ -133,8 +141,9 @@ def train(
         raise ValueError(f"train.batch_size={batch_size} is larger than the training set ({n} images)")
     steps_per_epoch = n // batch_size  # the last partial batch is dropped: batch norm wants full batches
     total = epochs * steps_per_epoch
-    if arch.num_classes and (labels is None or len(labels) != n or labels.min() < 0
-                             or labels.max() >= arch.num_classes):
+    if arch.num_classes and (
+        labels is None or len(labels) != n or labels.min() < 0 or labels.max() >= arch.num_classes
+    ):
         raise ValueError(f"a conditional model needs a label in 0..{arch.num_classes - 1} for every image")
 
     # Every global random state starts from the seed; checkpoints carry them on from there.
@@ -143,13 +152,21 @@ def train(
     random.seed(seed)
     family = build_family(arch, hparams)
     _prepare_modules(family, dev, speed, dist_info)
-    batches = Batches(images, labels if arch.num_classes else None, dev, placement=data_placement,
-                      channels_last=speed.channels_last)
-    fixed_z = torch.randn(sample_grid, *family.generator.latent_shape,
-                          generator=seeded_generator(seed, SAMPLE_STREAM, 0, "cpu")).to(dev)
+    batches = Batches(
+        images, labels if arch.num_classes else None, dev, placement=data_placement, channels_last=speed.channels_last
+    )
+    fixed_z = torch.randn(
+        sample_grid, *family.generator.latent_shape, generator=seeded_generator(seed, SAMPLE_STREAM, 0, "cpu")
+    ).to(dev)
     fixed_y = (torch.arange(sample_grid) % arch.num_classes).to(dev) if arch.num_classes else None
-    fingerprint = {"arch": dict(arch.__dict__), "hparams": dict(hparams.__dict__), "total_steps": total,
-                   "batch_size": batch_size, "seed": seed, "images": n}
+    fingerprint = {
+        "arch": dict(arch.__dict__),
+        "hparams": dict(hparams.__dict__),
+        "total_steps": total,
+        "batch_size": batch_size,
+        "seed": seed,
+        "images": n,
+    }
 
     start, history, epoch_log, saved_order = 0, [], [], None
     state = load_latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
@@ -165,8 +182,7 @@ def train(
             opt.load_state_dict(state["optimizers"][name])
         start = state["step"]
         names = state["history"]["columns"]
-        history = [{"step": float(row[0]), **dict(zip(names, row[1:].tolist()))}
-                   for row in state["history"]["values"]]
+        history = [{"step": float(row[0]), **dict(zip(names, row[1:].tolist()))} for row in state["history"]["values"]]
         epoch_log = list(state["epochs"])
         saved_order = state["data"]
         if cb.restore_state and state.get("caller") is not None:
@@ -176,8 +192,15 @@ def train(
     if state is not None:
         restore_rng_state(state["rng"])  # last: building the model above drew from the global state
     if cb.on_start:
-        cb.on_start({"speed": speed.describe(), "data_placement": batches.placement, "world_size": dist_info.world,
-                     "resumed_from": resumed_from, "total_steps": total})
+        cb.on_start(
+            {
+                "speed": speed.describe(),
+                "data_placement": batches.placement,
+                "world_size": dist_info.world,
+                "resumed_from": resumed_from,
+                "total_steps": total,
+            }
+        )
 
     pending: list[tuple[int, dict[str, torch.Tensor]]] = []
 
@@ -194,7 +217,7 @@ def train(
                 raise TrainingDiverged(f"training diverged at step {step}: {problem}", step=step, history=history)
             history.append({"step": float(step), **{k: float(v) for k, v in zip(names, row)}})
         if cb.on_metrics:
-            for rec in history[-len(pending):]:
+            for rec in history[-len(pending) :]:
                 cb.on_metrics(int(rec["step"]), {k: v for k, v in rec.items() if k != "step"})
         pending.clear()
 
@@ -250,13 +273,23 @@ def train(
                 flush()
                 seconds = time.perf_counter() - t_epoch  # after flush: the device has finished the epoch
                 rate = (step - epoch_first) * batch_size / seconds if seconds > 0 else float("nan")
-                record = {"epoch": float(epoch + 1), "step": float(step),
-                          **{f"lr_{k}": float(o.param_groups[0]["lr"]) for k, o in family.optimizers.items()},
-                          **_mean_losses(history[-steps_per_epoch:])}
+                record = {
+                    "epoch": float(epoch + 1),
+                    "step": float(step),
+                    **{f"lr_{k}": float(o.param_groups[0]["lr"]) for k, o in family.optimizers.items()},
+                    **_mean_losses(history[-steps_per_epoch:]),
+                }
                 epoch_log.append(record)
                 timing.append({"epoch": float(epoch + 1), "seconds": seconds, "images_per_s": rate})
-                _epoch_callbacks(cb, family, epoch + 1, fixed_z, fixed_y, {**record, "images_per_s": rate},
-                                 grid=(epoch + 1) % sample_every == 0 or epoch + 1 == epochs)
+                _epoch_callbacks(
+                    cb,
+                    family,
+                    epoch + 1,
+                    fixed_z,
+                    fixed_y,
+                    {**record, "images_per_s": rate},
+                    grid=(epoch + 1) % sample_every == 0 or epoch + 1 == epochs,
+                )
             stop = step < total and cb.should_stop is not None and cb.should_stop(step)
             if checkpoint_dir and (step % checkpoint_every == 0 or step == total or stop):
                 save(step, epoch, order)
@@ -266,10 +299,18 @@ def train(
     flush()
     elapsed = time.perf_counter() - t_run
     done = (step - start) * batch_size
-    return TrainResult(family=family, steps=step, epochs=epochs, resumed_from=resumed_from,
-                       images_per_second=done / elapsed if elapsed > 0 and done else float("nan"),
-                       history=history, epoch_log=epoch_log, speed=speed.describe(), timing=timing,
-                       stopped=stopped)
+    return TrainResult(
+        family=family,
+        steps=step,
+        epochs=epochs,
+        resumed_from=resumed_from,
+        images_per_second=done / elapsed if elapsed > 0 and done else float("nan"),
+        history=history,
+        epoch_log=epoch_log,
+        speed=speed.describe(),
+        timing=timing,
+        stopped=stopped,
+    )
 
 
 def _prepare_modules(family: Family, dev: torch.device, speed: Speed, dist_info: distributed.DistInfo) -> None:
@@ -302,8 +343,10 @@ def _divergence(names: list[str], row: np.ndarray, max_grad_norm: float) -> str 
         over = [(k, v) for k, v in zip(names, row) if k.startswith("grad_norm") and v > max_grad_norm]
         if over:
             shown = ", ".join(f"{k}={v:.3g}" for k, v in over)
-            return (f"exploding gradient ({shown}, over train.max_grad_norm={max_grad_norm:g}); "
-                    "lower train.lr (or raise train.max_grad_norm if such norms are expected)")
+            return (
+                f"exploding gradient ({shown}, over train.max_grad_norm={max_grad_norm:g}); "
+                "lower train.lr (or raise train.max_grad_norm if such norms are expected)"
+            )
     return None
 
 
@@ -320,11 +363,21 @@ def _mean_losses(rows: list[dict[str, float]]) -> dict[str, float]:
     return {k: float(np.mean([r[k] for r in rows])) for k in rows[0] if k != "step"}
 
 
-def _epoch_callbacks(cb: Callbacks, family: Family, epoch: int, fixed_z: torch.Tensor,
-                     fixed_y: torch.Tensor | None, stats: dict[str, float], grid: bool) -> None:
+def _epoch_callbacks(
+    cb: Callbacks,
+    family: Family,
+    epoch: int,
+    fixed_z: torch.Tensor,
+    fixed_y: torch.Tensor | None,
+    stats: dict[str, float],
+    grid: bool,
+) -> None:
     if cb.on_epoch_end:
-        cb.on_epoch_end(epoch, sample_images(family.generator, fixed_z, fixed_y) if grid else None,
-                        {k: v for k, v in stats.items() if k not in ("epoch", "step")})
+        cb.on_epoch_end(
+            epoch,
+            sample_images(family.generator, fixed_z, fixed_y) if grid else None,
+            {k: v for k, v in stats.items() if k not in ("epoch", "step")},
+        )
     if cb.on_epoch_generator:
         was_training = family.generator.training
         family.generator.eval()

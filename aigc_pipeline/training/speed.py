@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ContextManager, Literal
+from typing import Literal
 
 import torch
 
@@ -35,7 +36,7 @@ class Speed:
     channels_last: bool
     compile: bool
 
-    def autocast(self) -> ContextManager:
+    def autocast(self) -> AbstractContextManager:
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
@@ -74,8 +75,9 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def resolve_speed(device: torch.device, precision: Precision = "auto", channels_last: Toggle = "auto",
-                  compile: bool = False) -> Speed:
+def resolve_speed(
+    device: torch.device, precision: Precision = "auto", channels_last: Toggle = "auto", compile: bool = False
+) -> Speed:
     """The settings for ``device``; ``auto`` follows the table in this module's docstring.
 
     On CUDA this also allows TF32 for float32 matmuls and convolutions (process-wide).

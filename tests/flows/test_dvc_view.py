@@ -27,7 +27,9 @@ EXP_SHOW = ["dvc", "exp", "show", "--only-changed", "--drop", ".*/"]  # README: 
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return proc.stdout
 
 
@@ -129,7 +131,9 @@ def test_a_temporary_experiment_registers_into_the_project_store(experiments: Pa
     assert "Ran experiment(s)" in out, out[-3000:]
     uri = f"sqlite:///{experiments}/mlflow/mlflow.db"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
-    families = [v.tags["aigc.family"] for v in sorted(client.search_model_versions(f"name='{REGISTERED}'"),
-                                                      key=lambda v: int(v.version))]
+    families = [
+        v.tags["aigc.family"]
+        for v in sorted(client.search_model_versions(f"name='{REGISTERED}'"), key=lambda v: int(v.version))
+    ]
     assert families == ["resgan", "sngan", "dcgan"]
     assert not list((experiments / ".dvc" / "tmp").rglob("mlflow.db"))  # no store left in a copy

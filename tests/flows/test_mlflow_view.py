@@ -24,8 +24,8 @@ import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 import yaml
@@ -39,7 +39,9 @@ EPOCHS = 3  # 10 steps each (330 augmented images, batch 32)
 
 
 def _ok(proc: subprocess.CompletedProcess) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return proc.stdout + proc.stderr
 
 
@@ -75,8 +77,9 @@ def viewed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, int]:
     """A QUICK `dvc repro` (3 epochs, a grid and an FID point every epoch); the MLflow UI address
     the cards link to is a free port, where the tests start a real MLflow server."""
     project = copy_project(tmp_path_factory.mktemp("view") / "project")
-    write_overrides_to_params(project, [*QUICK, f"train.epochs={EPOCHS}", "train.sample_every=1",
-                                        "evaluate.progress_every=1"])
+    write_overrides_to_params(
+        project, [*QUICK, f"train.epochs={EPOCHS}", "train.sample_every=1", "evaluate.progress_every=1"]
+    )
     port = _free_port()
     with _env(MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL="1", AIGC_MLFLOW_UI_URL=f"http://127.0.0.1:{port}"):
         _ok(run_cli(project, "dvc", "repro"))
@@ -112,8 +115,14 @@ def test_one_run_holds_the_training_live_its_evaluation_and_its_registration(vie
     assert len({m.timestamp for m in history["train/loss_d"]}) >= EPOCHS
     # The grids as MLflow images (the charts view's image grid with a step slider).
     images = [a.path for a in client.list_artifacts(run_id, "images")]
-    assert sorted(int(re.match(r"images/samples\+step\+(\d+)\+", p).group(1))
-                  for p in images if p.startswith("images/samples+") and p.endswith(".png")) == steps
+    assert (
+        sorted(
+            int(re.match(r"images/samples\+step\+(\d+)\+", p).group(1))
+            for p in images
+            if p.startswith("images/samples+") and p.endswith(".png")
+        )
+        == steps
+    )
     assert tags["mlflow.loggedImages"] == "True"
     assert any(k.startswith("system/cpu_utilization") for k in history)  # system metrics on
 
@@ -128,8 +137,10 @@ def test_one_run_holds_the_training_live_its_evaluation_and_its_registration(vie
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     inputs = {({t.key: t.value for t in i.tags}["mlflow.data.context"]): i.dataset for i in run.inputs.dataset_inputs}
     assert set(inputs) == {"training", "prepared", "evaluation"}
-    assert inputs["training"].name == "digits-augmented" and inputs["training"].digest == \
-        lock["augment@digits"]["outs"][0]["md5"]
+    assert (
+        inputs["training"].name == "digits-augmented"
+        and inputs["training"].digest == lock["augment@digits"]["outs"][0]["md5"]
+    )
     assert inputs["prepared"].name == "digits" and inputs["prepared"].digest == lock["ingest@digits"]["outs"][0]["md5"]
     assert inputs["evaluation"].name == "digits-eval"
     assert details["protocol"]["reference_digest"].startswith(inputs["evaluation"].digest)
@@ -143,10 +154,25 @@ def _mlflow_server(project: Path, port: int) -> Iterator[str]:
     """A real `mlflow server` over the project's store on 127.0.0.1:``port``."""
     log = project / "mlflow-server.log"
     with open(log, "wb") as out:
-        proc = subprocess.Popen([str(BIN / "mlflow"), "server", "--backend-store-uri",
-                                 f"sqlite:///{project}/mlflow/mlflow.db", "--host", "127.0.0.1", "--port", str(port),
-                                 "--workers", "1"], cwd=project, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"})
+        proc = subprocess.Popen(
+            [
+                str(BIN / "mlflow"),
+                "server",
+                "--backend-store-uri",
+                f"sqlite:///{project}/mlflow/mlflow.db",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            cwd=project,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            env={**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"},
+        )
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 180
@@ -173,21 +199,24 @@ def _fetch_png(url: str) -> tuple[int, int]:
         return Image.open(io.BytesIO(r.read())).size
 
 
-def test_the_version_description_is_the_model_card_and_its_images_are_served(viewed: tuple[Path, int],
-                                                                             tmp_path: Path) -> None:
+def test_the_version_description_is_the_model_card_and_its_images_are_served(
+    viewed: tuple[Path, int], tmp_path: Path
+) -> None:
     project, port = viewed
     client = _client(project)
     version = client.get_model_version_by_alias(REGISTERED, "champion")
     run_id = version.run_id
     description = version.description
     assert description.startswith(f"# Model card: {REGISTERED}\n") and len(description) <= 5000
-    assert f'models:/{REGISTERED}@champion' in description and "## Metrics" in description
+    assert f"models:/{REGISTERED}@champion" in description and "## Metrics" in description
     # MLflow renders descriptions with showdown + sanitize-html: a relative <img src> is kept, and
     # resolves against the UI page (http://host:port/#/models/...).
     relative = re.findall(r"!\[[^]]*\]\((get-artifact\?[^)]+)\)", description)
-    assert relative == [f"get-artifact?path=evaluation/samples.png&run_uuid={run_id}",
-                        f"get-artifact?path=training/samples.png&run_uuid={run_id}",
-                        f"get-artifact?path=evaluation/copies.png&run_uuid={run_id}"]
+    assert relative == [
+        f"get-artifact?path=evaluation/samples.png&run_uuid={run_id}",
+        f"get-artifact?path=training/samples.png&run_uuid={run_id}",
+        f"get-artifact?path=evaluation/copies.png&run_uuid={run_id}",
+    ]
     # Markdown artifacts go through react-markdown, which shows a URL without a scheme as text:
     # the logged cards link the UI's absolute address.
     base = f"http://127.0.0.1:{port}"
@@ -221,10 +250,20 @@ def _train_command(project: Path) -> list[str]:
 
 def _start_training(project: Path, log: Path) -> subprocess.Popen:
     cmd = _train_command(project)
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1"}
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",
+    }
     with open(log, "ab") as out:
-        return subprocess.Popen([str(BIN / cmd[0]), *cmd[1:]], cwd=project, env=env, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            [str(BIN / cmd[0]), *cmd[1:]],
+            cwd=project,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def _training_run(client, key: str | None = None):
@@ -254,8 +293,16 @@ def _max_step(client, run_id: str) -> int:
 def test_training_is_visible_live_and_a_killed_training_continues_its_run(tmp_path: Path) -> None:
     project = copy_project(tmp_path / "project")
     epochs = 12
-    write_overrides_to_params(project, [*QUICK, f"train.epochs={epochs}", "train.sample_every=1",
-                                        "train.checkpoint_every=10", "evaluate.progress_every=0"])
+    write_overrides_to_params(
+        project,
+        [
+            *QUICK,
+            f"train.epochs={epochs}",
+            "train.sample_every=1",
+            "train.checkpoint_every=10",
+            "evaluate.progress_every=0",
+        ],
+    )
     _ok(run_cli(project, "dvc", "repro", "augment@digits"))
     client = _client(project)
     log = project / "train.log"
@@ -283,8 +330,16 @@ def test_training_is_visible_live_and_a_killed_training_continues_its_run(tmp_pa
 
     # 3. The resumed training continues the same run; SIGTERM ends it KILLED.
     proc = _start_training(project, log)
-    _wait(lambda: _max_step(client, run_id) > held and client.get_run(run_id).info.status == "RUNNING"
-          and int(client.get_run(run_id).data.tags["aigc.resumed_from"]) > 0, proc, log, "the run continued")
+    _wait(
+        lambda: (
+            _max_step(client, run_id) > held
+            and client.get_run(run_id).info.status == "RUNNING"
+            and int(client.get_run(run_id).data.tags["aigc.resumed_from"]) > 0
+        ),
+        proc,
+        log,
+        "the run continued",
+    )
     assert [r.info.run_id for r in client.search_runs([run.info.experiment_id])] == [run_id]
     os.killpg(proc.pid, signal.SIGTERM)
     assert proc.wait(timeout=120) == 143
@@ -297,10 +352,15 @@ def test_training_is_visible_live_and_a_killed_training_continues_its_run(tmp_pa
     (final,) = client.search_runs([run.info.experiment_id])
     assert final.info.run_id == run_id and final.info.status == "FINISHED"
     assert [m.step for m in client.get_metric_history(run_id, "train/loss_d")] == list(range(1, 10 * epochs + 1))
-    assert [m.step for m in client.get_metric_history(run_id, "train_epoch/loss_d")] == \
-        [10 * e for e in range(1, epochs + 1)]
-    grids = sorted(int(re.match(r"images/samples\+step\+(\d+)\+", a.path).group(1))
-                   for a in client.list_artifacts(run_id, "images") if a.path.endswith(".png"))
+    assert [m.step for m in client.get_metric_history(run_id, "train_epoch/loss_d")] == [
+        10 * e for e in range(1, epochs + 1)
+    ]
+    grids = sorted(
+        int(re.match(r"images/samples\+step\+(\d+)\+", a.path).group(1))
+        for a in client.list_artifacts(run_id, "images")
+        if a.path.endswith(".png")
+    )
     assert grids == [10 * e for e in range(1, epochs + 1)]
-    assert final.data.tags["aigc.weights_sha256"] == sha256_file(project / "models" / MODEL_DIR /
-                                                                "generator.safetensors")
+    assert final.data.tags["aigc.weights_sha256"] == sha256_file(
+        project / "models" / MODEL_DIR / "generator.safetensors"
+    )

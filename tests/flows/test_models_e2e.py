@@ -24,7 +24,9 @@ def _sets(overrides: list[str]) -> list[str]:
 
 
 def _ok(proc) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return proc.stdout + proc.stderr
 
 
@@ -124,8 +126,9 @@ def test_diverging_training_fails_the_flow_before_register(project: Path) -> Non
     assert "training diverged at step" in output and "FAILED MLflow run" in output
     assert len(client.search_model_versions(f"name='{REGISTERED}'")) == before  # no new version
     assert not (project / "registry" / "digits-dcgan.json").exists()
-    runs = client.search_runs([client.get_experiment_by_name("aigc-pipeline").experiment_id],
-                              filter_string="tags.`aigc.model` = 'dcgan'")
+    runs = client.search_runs(
+        [client.get_experiment_by_name("aigc-pipeline").experiment_id], filter_string="tags.`aigc.model` = 'dcgan'"
+    )
     (failed,) = runs
     assert failed.info.status == "FAILED" and "exploding gradient" in failed.data.tags["aigc.error"]
     assert failed.data.tags["prefect.flow_run_id"]  # recorded from inside the flow's train task

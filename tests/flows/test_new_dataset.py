@@ -23,7 +23,9 @@ AUGMENT = ["augment.max_rotation=10", "augment.brightness=0.2", "augment.saturat
 
 
 def _ok(proc) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return proc.stdout + proc.stderr
 
 
@@ -33,7 +35,9 @@ def _shape(i: int) -> tuple[Image.Image, str]:
     side = int(rng.integers(20, 41))
     img = Image.new("RGB", (side, side), tuple(int(v) for v in rng.integers(0, 256, 3)))
     cls = "circles" if i % 2 else "squares"
-    box = tuple(int(v) for v in (rng.integers(1, 5), rng.integers(1, 5), side - rng.integers(1, 5), side - rng.integers(1, 5)))
+    box = tuple(
+        int(v) for v in (rng.integers(1, 5), rng.integers(1, 5), side - rng.integers(1, 5), side - rng.integers(1, 5))
+    )
     fill = tuple(int(v) for v in rng.integers(0, 256, 3))
     (ImageDraw.Draw(img).ellipse if cls == "circles" else ImageDraw.Draw(img).rectangle)(box, fill=fill)
     return img, cls
@@ -58,11 +62,19 @@ def test_dataset_add_then_aigc_run_registers_its_own_model(added: tuple[Path, st
     project, out = added
     params = yaml.safe_load((project / "params.yaml").read_text())
     assert params["dataset"] == NAME
-    assert params["datasets"][NAME] == {"source": "image-folder", "path": f"data/raw/{NAME}", "labels": "folders",
-                                        "size": 16, "channels": 3}
+    assert params["datasets"][NAME] == {
+        "source": "image-folder",
+        "path": f"data/raw/{NAME}",
+        "labels": "folders",
+        "size": 16,
+        "channels": 3,
+    }
     family = load_config(project).train.model
-    assert re.search(rf"{NAME} v1 \({family}\): FID [\d.]+ ± [\d.]+, floor [\d.]+ = [\d.]+x "
-                     rf"\[incv3-\w+_n24_eval-\w+_16px\], champion", out), out[-3000:]
+    assert re.search(
+        rf"{NAME} v1 \({family}\): FID [\d.]+ ± [\d.]+, floor [\d.]+ = [\d.]+x "
+        rf"\[incv3-\w+_n24_eval-\w+_16px\], champion",
+        out,
+    ), out[-3000:]
     status = json.loads(_ok(run_cli(project, "aigc", "status", "--json")))
     (model,) = [m for m in status["models"] if m["name"] == NAME]  # the dataset's registered model
     assert model["aliases"] == {"champion": "1"}
@@ -76,8 +88,10 @@ def test_dataset_add_then_aigc_run_registers_its_own_model(added: tuple[Path, st
     from aigc_pipeline.tracking.datasets import EVALUATION, PREPARED, TRAINING
 
     uri = f"sqlite:///{project}/mlflow/mlflow.db"
-    inputs = {({t.key: t.value for t in i.tags}["mlflow.data.context"]): i.dataset
-              for i in MlflowClient(tracking_uri=uri).get_run(receipt["run_id"]).inputs.dataset_inputs}
+    inputs = {
+        ({t.key: t.value for t in i.tags}["mlflow.data.context"]): i.dataset
+        for i in MlflowClient(tracking_uri=uri).get_run(receipt["run_id"]).inputs.dataset_inputs
+    }
     assert sorted(inputs) == sorted([TRAINING, PREPARED, EVALUATION])
     lock = yaml.safe_load((project / "dvc.lock").read_text())["stages"]
     prepared = inputs[PREPARED]

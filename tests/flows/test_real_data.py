@@ -26,11 +26,16 @@ FIXTURE = "tests/data/mnist-small"
 # of the augmented training digits in batches of 32); no FID over training (the evaluate stage's FID
 # is what this test checks).
 SETTINGS = [s for s in QUICK if not s.startswith(("train.epochs=", "train.model="))] + [
-    "train.epochs=null", "train.kimg=0.96", "evaluate.progress_every=0"]
+    "train.epochs=null",
+    "train.kimg=0.96",
+    "evaluate.progress_every=0",
+]
 
 
 def _ok(proc) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return proc.stdout + proc.stderr
 
 
@@ -39,10 +44,18 @@ def test_mnist_files_added_at_32_px_train_evaluate_and_register(tmp_path: Path) 
     assert len(list((project / FIXTURE).glob("*/*.png"))) == 600
     _ok(run_cli(project, "aigc", "dataset", "add", NAME, FIXTURE, "--size", "32"))
     params = yaml.safe_load((project / "params.yaml").read_text())
-    assert params["datasets"][NAME] == {"source": "image-folder", "path": FIXTURE, "labels": "folders",
-                                        "size": 32, "channels": 1}
-    out = _ok(run_cli(project, "aigc", "run", "--dataset", NAME, "--model", "auto",
-                      *[a for s in SETTINGS for a in ("--set", s)]))
+    assert params["datasets"][NAME] == {
+        "source": "image-folder",
+        "path": FIXTURE,
+        "labels": "folders",
+        "size": 32,
+        "channels": 1,
+    }
+    out = _ok(
+        run_cli(
+            project, "aigc", "run", "--dataset", NAME, "--model", "auto", *[a for s in SETTINGS for a in ("--set", s)]
+        )
+    )
 
     cfg = load_config(project)
     assert (cfg.dataset, cfg.train.model, cfg.train.epochs, cfg.train.kimg) == (NAME, "auto", None, 0.96)
@@ -62,12 +75,20 @@ def test_mnist_files_added_at_32_px_train_evaluate_and_register(tmp_path: Path) 
     epochs = math.ceil(960 / (per_epoch * 32))
     steps = epochs * per_epoch
     assert epochs >= 1 and steps * 32 >= 960
-    assert meta["budget"] == {"kimg": steps * 32 / 1000, "images": steps * 32, "steps": steps, "epochs": epochs,
-                              "source": "train.kimg", "requested_kimg": 0.96}
+    assert meta["budget"] == {
+        "kimg": steps * 32 / 1000,
+        "images": steps * 32,
+        "steps": steps,
+        "epochs": epochs,
+        "source": "train.kimg",
+        "requested_kimg": 0.96,
+    }
     assert meta["steps"] == steps
     # The plan before the wait, then its time estimate after the warm-up (the stage's own lines).
-    assert (f"train plan: {steps * 32 / 1000:g} kimg (0.96 kimg asked, train.kimg) = {steps} steps = {epochs} "
-            f"epoch{'s' if epochs != 1 else ''} of {per_epoch} batches of 32") in out, out[-3000:]
+    assert (
+        f"train plan: {steps * 32 / 1000:g} kimg (0.96 kimg asked, train.kimg) = {steps} steps = {epochs} "
+        f"epoch{'s' if epochs != 1 else ''} of {per_epoch} batches of 32"
+    ) in out, out[-3000:]
     assert re.search(r"train plan: .*; estimated .* left on cpu \(.* s/step over \d+ warm-up steps\)", out), out[-3000:]
 
     metrics = json.loads((project / "eval" / NAME / "metrics.json").read_text())
@@ -86,8 +107,9 @@ def test_mnist_files_added_at_32_px_train_evaluate_and_register(tmp_path: Path) 
     receipt = json.loads((project / "registry" / f"{folder}.json").read_text())
     assert receipt["name"] == NAME and receipt["family"] == family
     # MLflow: the run's params hold the resolved family and length beside the settings.
-    from aigc_pipeline.tracking.store import use_store
     import mlflow
+
+    from aigc_pipeline.tracking.store import use_store
 
     with use_store(project, cfg.register.experiment):
         run = mlflow.get_run(receipt["run_id"])

@@ -19,7 +19,7 @@ from tests.conftest import BIN, QUICK, REGISTERED, copy_project, run_cli
 pytestmark = pytest.mark.slow
 
 # Two flow runs in one process (one embedded server start): tags for each on the command line.
-SCRIPT = textwrap.dedent('''
+SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
     from prefect import flow
@@ -35,14 +35,26 @@ SCRIPT = textwrap.dedent('''
         state = register_only(sys.argv[1], json.loads(tags), return_state=True)
         print("STATE", state.type.value, flush=True)
         print("STATE", state.type.value, file=sys.stderr, flush=True)  # splits the log by flow run
-''')
+""")
 
 
 def _register(project: Path, *tags: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}", "PREFECT_HOME": str(project / ".prefect"),
-           "AIGC_RETRY_BACKOFF_SECONDS": "0.1", "AIGC_IO_RETRIES": "1", "AIGC_FLOW_RUN_ID": ""}
-    return subprocess.run([sys.executable, "-c", SCRIPT, str(project), *map(json.dumps, tags)], cwd=project, env=env,
-                          capture_output=True, text=True, timeout=600)
+    env = {
+        **os.environ,
+        "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
+        "PREFECT_HOME": str(project / ".prefect"),
+        "AIGC_RETRY_BACKOFF_SECONDS": "0.1",
+        "AIGC_IO_RETRIES": "1",
+        "AIGC_FLOW_RUN_ID": "",
+    }
+    return subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(project), *map(json.dumps, tags)],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def test_failed_registration_is_rolled_back_then_a_good_one_registers(tmp_path: Path) -> None:

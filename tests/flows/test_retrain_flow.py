@@ -19,7 +19,9 @@ MODEL = REGISTERED
 
 
 def _ok(proc) -> str:
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-6000:]}"
+    )
     return proc.stdout + proc.stderr
 
 
@@ -41,10 +43,13 @@ def repro_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 
 def test_aigc_run_registers_a_champion_and_summarises(flow_project: tuple[Path, str]) -> None:
     project, out = flow_project
-    assert re.search(rf"{MODEL} v1 \(\w+\): FID [\d.]+ ± [\d.]+, floor [\d.]+ = [\d.]+x \[incv3-\w+_n24_eval-\w+_16px\], "
-                     rf"champion .*; champion: v1\. Cost: trained in [\d.]+ CPU-minutes \([\d.]+ wall-minutes on cpu"
-                     rf".*\. This run: [\d.]+ wall-minutes, [\d.]+ CPU-minutes in 5 stages \(ingest@digits [\d.]+, "
-                     rf"augment@digits [\d.]+, train [\d.]+, evaluate [\d.]+, register [\d.]+ wall-minutes\)", out), out[-3000:]
+    assert re.search(
+        rf"{MODEL} v1 \(\w+\): FID [\d.]+ ± [\d.]+, floor [\d.]+ = [\d.]+x \[incv3-\w+_n24_eval-\w+_16px\], "
+        rf"champion .*; champion: v1\. Cost: trained in [\d.]+ CPU-minutes \([\d.]+ wall-minutes on cpu"
+        rf".*\. This run: [\d.]+ wall-minutes, [\d.]+ CPU-minutes in 5 stages \(ingest@digits [\d.]+, "
+        rf"augment@digits [\d.]+, train [\d.]+, evaluate [\d.]+, register [\d.]+ wall-minutes\)",
+        out,
+    ), out[-3000:]
     status = json.loads(_ok(run_cli(project, "aigc", "status", "--json")))
     assert status["tracking_uri"] == f"sqlite:///{project}/mlflow/mlflow.db"
     (model,) = [m for m in status["models"] if m["name"] == MODEL]
@@ -58,8 +63,12 @@ def test_aigc_run_registers_a_champion_and_summarises(flow_project: tuple[Path, 
     version = client.get_model_version(MODEL, "1")
     assert version.tags["aigc.compute"].startswith("trained in ") and "in 5 stages" in version.tags["aigc.compute_run"]
     run_metrics = client.get_run(version.run_id).data.metrics
-    assert run_metrics["compute.run_wall_s"] >= run_metrics["compute.stage.train_wall_s"] >= run_metrics[
-        "compute.train_wall_s"] > 0
+    assert (
+        run_metrics["compute.run_wall_s"]
+        >= run_metrics["compute.stage.train_wall_s"]
+        >= run_metrics["compute.train_wall_s"]
+        > 0
+    )
     assert run_metrics["compute.stage.ingest_digits_cpu_s"] > 0 and run_metrics["compute.evaluate_cpu_s"] > 0
     # The flow published its summary as a Prefect artifact (read from the embedded server's database).
     import sqlite3
@@ -83,28 +92,49 @@ def test_the_prefect_run_says_what_it_trained(flow_project: tuple[Path, str]) ->
     with sqlite3.connect(project / ".prefect" / "prefect.db") as db:
         ((run_id, name, tags, parameters),) = db.execute("select id, name, tags, parameters from flow_run").fetchall()
         tasks = {r[0] for r in db.execute("select name from task_run")}
-        logs = [r for r in db.execute("select name, message from log where flow_run_id = ? order by timestamp",
-                                      (run_id,))]
+        logs = [
+            r for r in db.execute("select name, message from log where flow_run_id = ? order by timestamp", (run_id,))
+        ]
         # data is JSON text (sqlite hands a bare number back as a number)
-        artifacts = {k: (t, json.loads(d) if isinstance(d, str) else d)
-                     for k, t, d in db.execute("select key, type, data from artifact")}
+        artifacts = {
+            k: (t, json.loads(d) if isinstance(d, str) else d)
+            for k, t, d in db.execute("select key, type, data from artifact")
+        }
     assert re.fullmatch(r"digits-resgan-\d{8}-\d{6}", name) and f"Flow run {name!r}" in out
     assert json.loads(tags) == ["dataset:digits", "model:resgan"]
-    assert json.loads(parameters) == {"project_dir": str(project), "dataset": "digits", "model": "resgan",
-                                      "overrides": QUICK}
-    assert tasks == {"params", "ingest@digits", "augment@digits", "train", "evaluate", "register", "publish-summary",
-                     "require-champion"}  # no random suffixes
+    assert json.loads(parameters) == {
+        "project_dir": str(project),
+        "dataset": "digits",
+        "model": "resgan",
+        "overrides": QUICK,
+    }
+    assert tasks == {
+        "params",
+        "ingest@digits",
+        "augment@digits",
+        "train",
+        "evaluate",
+        "register",
+        "publish-summary",
+        "require-champion",
+    }  # no random suffixes
     stage_lines = [m for n, m in logs if n.startswith("aigc.stage.")]
     assert any(re.match(r"train epoch 1/1  step 10/10  loss_d ", m) for m in stage_lines), stage_lines
-    assert any(re.match(r"evaluate: FID [\d.]+ .*\(floor [\d.]+ = [\d.]+x\).*\[incv3-\w+_n24_eval-", m)
-               for m in stage_lines), stage_lines
+    assert any(
+        re.match(r"evaluate: FID [\d.]+ .*\(floor [\d.]+ = [\d.]+x\).*\[incv3-\w+_n24_eval-", m) for m in stage_lines
+    ), stage_lines
     assert any(m.startswith(f"register: {MODEL} v1: champion (") for m in stage_lines), stage_lines
     assert any(n == "prefect.task_runs" and m.startswith(f"{MODEL} v1 (resgan): FID ") for n, m in logs)
     # The stages' lines reached the terminal once each (Prefect's console did not print them again).
     assert out.count("train epoch 1/1") == 1, out[-3000:]
     assert {k: t for k, (t, _) in artifacts.items()} == {
-        f"{MODEL}-summary": "markdown", f"{MODEL}-samples": "markdown", f"{MODEL}-metrics": "table",
-        f"{MODEL}-mlflow-run": "markdown", f"{MODEL}-training": "progress", f"{MODEL}-copies": "markdown"}
+        f"{MODEL}-summary": "markdown",
+        f"{MODEL}-samples": "markdown",
+        f"{MODEL}-metrics": "table",
+        f"{MODEL}-mlflow-run": "markdown",
+        f"{MODEL}-training": "progress",
+        f"{MODEL}-copies": "markdown",
+    }
     assert artifacts[f"{MODEL}-training"][1] == 100
     samples = artifacts[f"{MODEL}-samples"][1]
     (uri,) = re.findall(r"\(data:image/png;base64,([A-Za-z0-9+/=]+)\)", samples)
@@ -116,8 +146,9 @@ def test_the_prefect_run_says_what_it_trained(flow_project: tuple[Path, str]) ->
     rows = {r["metric"]: r for r in json.loads(artifacts[f"{MODEL}-metrics"][1])}
     assert set(rows) == {"FID", "KID", "precision", "recall", "copying share", "copying C_T", "exact copies"}
     assert rows["copying share"]["floor (real data)"] is not None and rows["exact copies"]["model"] == 0
-    assert rows["FID"]["model / floor"] == pytest.approx(rows["FID"]["model"] / rows["FID"]["floor (real data)"],
-                                                          abs=0.01)
+    assert rows["FID"]["model / floor"] == pytest.approx(
+        rows["FID"]["model"] / rows["FID"]["floor (real data)"], abs=0.01
+    )
 
 
 def test_after_aigc_run_dvc_is_clean_and_repro_is_a_noop(flow_project: tuple[Path, str]) -> None:

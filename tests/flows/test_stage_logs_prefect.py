@@ -6,7 +6,8 @@ from __future__ import annotations
 import logging
 import re
 import sys
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -30,7 +31,8 @@ def _progress_of(artifact_id: Any) -> tuple[float, str]:
 
 
 def test_stage_lines_reach_the_run_log_and_progress_moves_while_training(
-        harness: None, capfd: pytest.CaptureFixture[str]) -> None:
+    harness: None, capfd: pytest.CaptureFixture[str]
+) -> None:
     from prefect import flow, task
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import LogFilter, LogFilterFlowRunId
@@ -49,8 +51,9 @@ def test_stage_lines_reach_the_run_log_and_progress_moves_while_training(
         with stage_output("train"):
             budget = resolve_budget(family="resgan", size=8, train_images=16, batch_size=8, epochs=4, kimg="auto")
             progress = Progress(4, budget=budget, observer=tracker)
-            progress.start({"resumed_from": 0, "total_steps": 8, "speed": "cpu", "data_placement": "device",
-                            "world_size": 1})
+            progress.start(
+                {"resumed_from": 0, "total_steps": 8, "speed": "cpu", "data_placement": "device", "world_size": 1}
+            )
             plan = (_progress_of(tracker.artifact_id), tracker.artifact_id)  # the plan, before the first step
             for epoch in range(1, 5):
                 progress.step(2 * epoch, 8, epoch)
@@ -73,15 +76,20 @@ def test_stage_lines_reach_the_run_log_and_progress_moves_while_training(
     # The epoch line's time left reaches the artifact (this fake epoch takes no time: 0 s).
     assert re.fullmatch(r"Training digits-resgan: epoch 2/4, step 4/8, about \d+ s left", result["seen"][1][1])
     # The artifact exists from the plan on, before the first step, and is the one the epochs update.
-    assert result["plan"][0] == (0.0, "Training digits-resgan: 0.064 kimg (train.epochs) = 8 steps = 4 epochs of "
-                                      "2 batches of 8; measuring a warm-up for the time estimate")
+    assert result["plan"][0] == (
+        0.0,
+        "Training digits-resgan: 0.064 kimg (train.epochs) = 8 steps = 4 epochs of "
+        "2 batches of 8; measuring a warm-up for the time estimate",
+    )
     assert len(set(result["ids"]) | {result["plan"][1]}) == 1  # one artifact, updated in place
 
     from prefect.logging.handlers import APILogHandler
 
     APILogHandler().flush()  # send what is still queued
     with get_client(sync_client=True) as client:
-        logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id])))
+        logs = client.read_logs(
+            log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[state.state_details.flow_run_id]))
+        )
     mine = [(log.name, log.message, str(log.task_run_id)) for log in logs if log.name.startswith("aigc")]
     messages = [m for _, m, _ in mine]
     assert "train: cpu, data on device" in messages

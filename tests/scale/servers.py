@@ -23,9 +23,9 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
 
 BIN = Path(sys.executable).parent  # the venv's bin: prefect, mlflow, dvc, aigc
 
@@ -40,8 +40,16 @@ TELEMETRY_OFF = {
 
 # Variables of the caller that would point a started process at some other server or home, or
 # (PYTHONPATH) make a flow run import the package from somewhere else than its own clone.
-FOREIGN_VARS = ("PREFECT_API_URL", "PREFECT_HOME", "PREFECT_PROFILES_PATH", "MLFLOW_TRACKING_URI",
-                "MLFLOW_REGISTRY_URI", "PREFECT_API_DATABASE_CONNECTION_URL", "PREFECT_UI_URL", "PYTHONPATH")
+FOREIGN_VARS = (
+    "PREFECT_API_URL",
+    "PREFECT_HOME",
+    "PREFECT_PROFILES_PATH",
+    "MLFLOW_TRACKING_URI",
+    "MLFLOW_REGISTRY_URI",
+    "PREFECT_API_DATABASE_CONNECTION_URL",
+    "PREFECT_UI_URL",
+    "PYTHONPATH",
+)
 
 
 class ServerError(RuntimeError):
@@ -125,7 +133,7 @@ def descendants(root: int) -> list[int]:
                     text = f.read()
             except OSError:
                 continue  # exited between listing and reading
-            parent[int(entry)] = int(text[text.rindex(")") + 2:].split()[1])
+            parent[int(entry)] = int(text[text.rindex(")") + 2 :].split()[1])
     found, frontier = [], [root]
     while frontier:
         kids = [pid for pid, ppid in parent.items() if ppid in frontier]
@@ -139,8 +147,15 @@ def start(name: str, argv: Sequence[str], *, cwd: Path, env: dict[str, str], log
     log_dir.mkdir(parents=True, exist_ok=True)
     log = log_dir / f"{name}.log"
     with open(log, "ab") as out:
-        popen = subprocess.Popen(list(argv), cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT,
-                                 stdin=subprocess.DEVNULL, start_new_session=True)
+        popen = subprocess.Popen(
+            list(argv),
+            cwd=cwd,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     return Proc(name, popen, log)
 
 
@@ -188,16 +203,19 @@ def apt_install(package: str, *, what: str, needed_by: str, error: type[Exceptio
     apt = shutil.which("apt-get")
     if apt is None or os.geteuid() != 0:
         why = "apt-get is not available" if apt is None else "not running as root"
-        raise error(f"{what} is not installed and cannot be installed here ({why}): install the `{package}` "
-                    f"package (Debian/Ubuntu: `apt-get install {package}`) and re-run")
+        raise error(
+            f"{what} is not installed and cannot be installed here ({why}): install the `{package}` "
+            f"package (Debian/Ubuntu: `apt-get install {package}`) and re-run"
+        )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     lock = ["-o", "DPkg::Lock::Timeout=600"]  # another apt-get on the machine: wait for it
-    for argv in ([apt, "update", "-q", *lock],
-                 [apt, "install", "-y", "-q", "--no-install-recommends", *lock, package]):
+    for argv in ([apt, "update", "-q", *lock], [apt, "install", "-y", "-q", "--no-install-recommends", *lock, package]):
         proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
         if proc.returncode != 0:
-            raise error(f"`{' '.join(argv)}` failed with exit code {proc.returncode}; {what} is needed by "
-                        f"{needed_by}:\n{(proc.stdout + proc.stderr)[-3000:]}")
+            raise error(
+                f"`{' '.join(argv)}` failed with exit code {proc.returncode}; {what} is needed by "
+                f"{needed_by}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+            )
 
 
 @dataclass
@@ -220,28 +238,54 @@ class Postgres:
             search = os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])
             runuser = shutil.which("runuser", path=search)
             if runuser is None:
-                raise ServerError("running as root, PostgreSQL must run as the `postgres` user, and `runuser` "
-                                  "(util-linux) was not found on PATH, /usr/sbin or /sbin")
+                raise ServerError(
+                    "running as root, PostgreSQL must run as the `postgres` user, and `runuser` "
+                    "(util-linux) was not found on PATH, /usr/sbin or /sbin"
+                )
             return [runuser, "-u", "postgres", "--", *argv]
         return argv
 
     def _run(self, argv: list[str], timeout: float = 120) -> None:
-        proc = subprocess.run(self._as_owner(argv), capture_output=True, text=True, timeout=timeout,
-                              env=clean_env(LC_ALL="C.UTF-8"))
+        proc = subprocess.run(
+            self._as_owner(argv), capture_output=True, text=True, timeout=timeout, env=clean_env(LC_ALL="C.UTF-8")
+        )
         if proc.returncode != 0:
             raise ServerError(f"`{' '.join(argv)}` failed ({proc.returncode}):\n{(proc.stdout + proc.stderr)[-3000:]}")
 
-    def start(self) -> "Postgres":
+    def start(self) -> Postgres:
         self.bindir = postgres_bin_dir()
         root = Path(tempfile.mkdtemp(prefix="aigc-pg-"))
         self.data = root / "data"
         if os.geteuid() == 0:
             shutil.chown(root, "postgres", "postgres")
-        self._run([str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres", "--auth=trust",
-                   "--encoding=UTF8", "--no-sync"])
+        self._run(
+            [
+                str(self.bindir / "initdb"),
+                "-D",
+                str(self.data),
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-sync",
+            ]
+        )
         opts = f"-c listen_addresses=127.0.0.1 -c port={self.port} -c unix_socket_directories='' -c fsync=off"
-        self._run([str(self.bindir / "pg_ctl"), "-D", str(self.data), "-o", opts, "-l", str(self.data / "server.log"),
-                   "-w", "-t", "60", "start"])
+        self._run(
+            [
+                str(self.bindir / "pg_ctl"),
+                "-D",
+                str(self.data),
+                "-o",
+                opts,
+                "-l",
+                str(self.data / "server.log"),
+                "-w",
+                "-t",
+                "60",
+                "start",
+            ]
+        )
         return self
 
     def create_database(self, name: str) -> str:
@@ -265,15 +309,32 @@ class Postgres:
 # --- MLflow and Prefect servers ----------------------------------------------------------------
 
 
-def start_mlflow(backend_uri: str, artifacts: Path, *, log_dir: Path, port: int | None = None,
-                 timeout: float = 180) -> tuple[str, Proc]:
+def start_mlflow(
+    backend_uri: str, artifacts: Path, *, log_dir: Path, port: int | None = None, timeout: float = 180
+) -> tuple[str, Proc]:
     """``mlflow server`` on ``backend_uri`` serving (proxying) artifacts stored in ``artifacts``."""
     port = port or free_port()
     artifacts.mkdir(parents=True, exist_ok=True)
-    proc = start("mlflow-server", [str(BIN / "mlflow"), "server", "--backend-store-uri", backend_uri,
-                                   "--artifacts-destination", str(artifacts), "--host", "127.0.0.1",
-                                   "--port", str(port), "--workers", "1"],
-                 cwd=artifacts.parent, env=clean_env(), log_dir=log_dir)
+    proc = start(
+        "mlflow-server",
+        [
+            str(BIN / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            str(artifacts),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=artifacts.parent,
+        env=clean_env(),
+        log_dir=log_dir,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         wait_http(f"{url}/health", proc, timeout)
@@ -288,17 +349,33 @@ def prefect_env(api_url: str, home: Path, **extra: str) -> dict[str, str]:
     return clean_env(PREFECT_API_URL=api_url, PREFECT_HOME=str(home), **extra)
 
 
-def start_prefect_server(home: Path, *, log_dir: Path, database_url: str | None = None, port: int | None = None,
-                         timeout: float = 180) -> tuple[str, Proc]:
+def start_prefect_server(
+    home: Path, *, log_dir: Path, database_url: str | None = None, port: int | None = None, timeout: float = 180
+) -> tuple[str, Proc]:
     """``prefect server start`` on 127.0.0.1; SQLite in ``home`` unless ``database_url`` is given."""
     port = port or free_port()
     home.mkdir(parents=True, exist_ok=True)
     extra = {"PREFECT_HOME": str(home), "PREFECT_SERVER_API_HOST": "127.0.0.1"}
     if database_url:
         extra["PREFECT_API_DATABASE_CONNECTION_URL"] = database_url
-    proc = start("prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
-                                    "--port", str(port), "--log-level", "WARNING", "--no-ui"],
-                 cwd=home, env=clean_env(**extra), log_dir=log_dir)
+    proc = start(
+        "prefect-server",
+        [
+            str(BIN / "prefect"),
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--log-level",
+            "WARNING",
+            "--no-ui",
+        ],
+        cwd=home,
+        env=clean_env(**extra),
+        log_dir=log_dir,
+    )
     api = f"http://127.0.0.1:{port}/api"
     try:
         wait_http(f"{api}/health", proc, timeout)
@@ -311,8 +388,13 @@ def start_prefect_server(home: Path, *, log_dir: Path, database_url: str | None 
 def start_worker(pool: str, clone: Path, env: dict[str, str], *, log_dir: Path, name: str | None = None) -> Proc:
     """``prefect worker start --pool POOL`` in ``clone``; its flow runs inherit ``env``."""
     name = name or f"worker-{pool}"
-    return start(name, [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process",
-                        "--name", name], cwd=clone, env=env, log_dir=log_dir)
+    return start(
+        name,
+        [str(BIN / "prefect"), "worker", "start", "--pool", pool, "--type", "process", "--name", name],
+        cwd=clone,
+        env=env,
+        log_dir=log_dir,
+    )
 
 
 # --- git and DVC -------------------------------------------------------------------------------
@@ -380,7 +462,7 @@ class Cluster:
         return self.base / "logs"
 
     @classmethod
-    def start(cls, base: Path, source: Path, *, worker_env: dict[str, str] | None = None) -> "Cluster":
+    def start(cls, base: Path, source: Path, *, worker_env: dict[str, str] | None = None) -> Cluster:
         """Start everything but the workers; ``source`` is the project checkout to serve as the repo."""
         base.mkdir(parents=True, exist_ok=True)
         logs = base / "logs"
@@ -393,16 +475,46 @@ class Cluster:
             pf_port, ml_port = free_port(), free_port()
             (base / "prefect-server").mkdir(parents=True, exist_ok=True)
             procs["prefect-server"] = start(
-                "prefect-server", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-                                   str(pf_port), "--log-level", "WARNING", "--no-ui"],
-                cwd=base / "prefect-server", log_dir=logs,
-                env=clean_env(PREFECT_HOME=str(base / "prefect-server"), PREFECT_API_DATABASE_CONNECTION_URL=prefect_db))
+                "prefect-server",
+                [
+                    str(BIN / "prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(pf_port),
+                    "--log-level",
+                    "WARNING",
+                    "--no-ui",
+                ],
+                cwd=base / "prefect-server",
+                log_dir=logs,
+                env=clean_env(
+                    PREFECT_HOME=str(base / "prefect-server"), PREFECT_API_DATABASE_CONNECTION_URL=prefect_db
+                ),
+            )
             (base / "mlflow-artifacts").mkdir(parents=True, exist_ok=True)
             procs["mlflow-server"] = start(
-                "mlflow-server", [str(BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db,
-                                  "--artifacts-destination", str(base / "mlflow-artifacts"), "--host", "127.0.0.1",
-                                  "--port", str(ml_port), "--workers", "1"],
-                cwd=base, env=clean_env(), log_dir=logs)
+                "mlflow-server",
+                [
+                    str(BIN / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    mlflow_db,
+                    "--artifacts-destination",
+                    str(base / "mlflow-artifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ml_port),
+                    "--workers",
+                    "1",
+                ],
+                cwd=base,
+                env=clean_env(),
+                log_dir=logs,
+            )
             prefect_api, mlflow_url = f"http://127.0.0.1:{pf_port}/api", f"http://127.0.0.1:{ml_port}"
             wait_http(f"{prefect_api}/health", procs["prefect-server"], 240)
             wait_http(f"{mlflow_url}/health", procs["mlflow-server"], 240)
@@ -427,8 +539,13 @@ class Cluster:
         git(work, "init", "-q", "--initial-branch=main")
         remote = base / "dvc-remote"
         remote.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([str(BIN / "dvc"), "remote", "add", "-d", "storage", str(remote)], cwd=work,
-                              capture_output=True, text=True, env=clean_env())
+        proc = subprocess.run(
+            [str(BIN / "dvc"), "remote", "add", "-d", "storage", str(remote)],
+            cwd=work,
+            capture_output=True,
+            text=True,
+            env=clean_env(),
+        )
         if proc.returncode != 0:
             raise ServerError(f"dvc remote add failed: {proc.stdout}{proc.stderr}")
         git(work, "add", "-A")
@@ -438,8 +555,13 @@ class Cluster:
     def client_env(self, home: Path, **extra: str) -> dict[str, str]:
         """Environment for a Prefect/MLflow client (CLI, test code, worker) of this cluster."""
         home.mkdir(parents=True, exist_ok=True)
-        return prefect_env(self.prefect_api, home, MLFLOW_TRACKING_URI=self.mlflow_url,
-                           PREFECT_UI_URL=self.prefect_api[: -len("/api")], **extra)
+        return prefect_env(
+            self.prefect_api,
+            home,
+            MLFLOW_TRACKING_URI=self.mlflow_url,
+            PREFECT_UI_URL=self.prefect_api[: -len("/api")],
+            **extra,
+        )
 
     def clone(self, name: str) -> Path:
         return clone(self.repo_url, self.base / "clones" / name)
@@ -449,8 +571,12 @@ class Cluster:
         (``env_extra`` overrides, e.g. a cache directory to share)."""
         where = self.base / "workers" / name
         checkout = clone(self.repo_url, where / "clone")
-        own = {"AIGC_CACHE_DIR": str(where / "cache"), "TORCH_HOME": str(where / "torch"), **self.worker_env,
-               **env_extra}
+        own = {
+            "AIGC_CACHE_DIR": str(where / "cache"),
+            "TORCH_HOME": str(where / "torch"),
+            **self.worker_env,
+            **env_extra,
+        }
         env = self.client_env(where / "prefect-home", **own)
         proc = start_worker(pool, checkout, env, log_dir=self.logs, name=name)
         self.procs[name] = proc

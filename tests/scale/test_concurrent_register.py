@@ -31,9 +31,10 @@ import shutil
 import statistics
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -72,15 +73,50 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
         ml_port, pf_port = servers.free_port(), servers.free_port()
         (base / "artifacts").mkdir()
         (base / "prefect-server").mkdir()
-        procs.append(servers.start("mlflow-server", [
-            str(servers.BIN / "mlflow"), "server", "--backend-store-uri", mlflow_db, "--artifacts-destination",
-            str(base / "artifacts"), "--host", "127.0.0.1", "--port", str(ml_port), "--workers", "1"],
-            cwd=base, env=servers.clean_env(), log_dir=logs))
-        procs.append(servers.start("prefect-server", [
-            str(servers.BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(pf_port),
-            "--log-level", "WARNING", "--no-ui"], cwd=base / "prefect-server", log_dir=logs,
-            env=servers.clean_env(PREFECT_HOME=str(base / "prefect-server"),
-                                  PREFECT_API_DATABASE_CONNECTION_URL=prefect_db)))
+        procs.append(
+            servers.start(
+                "mlflow-server",
+                [
+                    str(servers.BIN / "mlflow"),
+                    "server",
+                    "--backend-store-uri",
+                    mlflow_db,
+                    "--artifacts-destination",
+                    str(base / "artifacts"),
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(ml_port),
+                    "--workers",
+                    "1",
+                ],
+                cwd=base,
+                env=servers.clean_env(),
+                log_dir=logs,
+            )
+        )
+        procs.append(
+            servers.start(
+                "prefect-server",
+                [
+                    str(servers.BIN / "prefect"),
+                    "server",
+                    "start",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(pf_port),
+                    "--log-level",
+                    "WARNING",
+                    "--no-ui",
+                ],
+                cwd=base / "prefect-server",
+                log_dir=logs,
+                env=servers.clean_env(
+                    PREFECT_HOME=str(base / "prefect-server"), PREFECT_API_DATABASE_CONNECTION_URL=prefect_db
+                ),
+            )
+        )
         mlflow_url, prefect_api = f"http://127.0.0.1:{ml_port}", f"http://127.0.0.1:{pf_port}/api"
         servers.wait_http(f"{mlflow_url}/health", procs[0], 240)
         servers.wait_http(f"{prefect_api}/health", procs[1], 240)
@@ -121,17 +157,23 @@ def _state(client: Any) -> dict[str, Any]:
     # Read from the tags themselves: (version, decision, compared with) entries, oldest first.
     raw = (model.tags or {}).get("aigc.decision_history", "")
     decisions = [tuple(None if x == "-" else x for x in entry.split(":")) for entry in raw.split(",") if entry]
-    return {"aliases": {a: str(v) for a, v in (model.aliases or {}).items()},
-            "history": registry.champion_history(client, REGISTERED), "decisions": decisions}
+    return {
+        "aliases": {a: str(v) for a, v in (model.aliases or {}).items()},
+        "history": registry.champion_history(client, REGISTERED),
+        "decisions": decisions,
+    }
 
 
-def test_two_registrations_at_once_are_decided_one_after_the_other(shared: Servers, project: Path,
-                                                                    tmp_path: Path) -> None:
+def test_two_registrations_at_once_are_decided_one_after_the_other(
+    shared: Servers, project: Path, tmp_path: Path
+) -> None:
     from mlflow import MlflowClient
 
     client = MlflowClient(tracking_uri=shared.mlflow_url, registry_uri=shared.mlflow_url)
-    lock_envs = {"prefect": {"PREFECT_API_URL": shared.prefect_api},
-                 "postgres": {"AIGC_REGISTRY_LOCK": shared.mlflow_db}}
+    lock_envs = {
+        "prefect": {"PREFECT_API_URL": shared.prefect_api},
+        "postgres": {"AIGC_REGISTRY_LOCK": shared.mlflow_db},
+    }
     walls, firsts, report = [], [], []
     for r in range(ROUNDS):
         kind = "prefect" if r % 2 == 0 else "postgres"
@@ -139,18 +181,39 @@ def test_two_registrations_at_once_are_decided_one_after_the_other(shared: Serve
         champion_before = before["aliases"].get("champion")
         good = _variant(project, tmp_path / f"ev-{r}-good", fid=START_FID - 40 * r, fid_std=0.5)
         better = _variant(project, tmp_path / f"ev-{r}-better", fid=START_FID - 40 * r - 20, fid_std=0.5)
-        env = servers.clean_env(MLFLOW_TRACKING_URI=shared.mlflow_url, PREFECT_HOME=str(tmp_path / "prefect-home"),
-                                AIGC_CACHE_DIR=os.environ["AIGC_CACHE_DIR"], **lock_envs[kind])
+        env = servers.clean_env(
+            MLFLOW_TRACKING_URI=shared.mlflow_url,
+            PREFECT_HOME=str(tmp_path / "prefect-home"),
+            AIGC_CACHE_DIR=os.environ["AIGC_CACHE_DIR"],
+            **lock_envs[kind],
+        )
         started = time.monotonic()
-        procs = {label: subprocess.Popen(
-            [str(servers.BIN / "aigc"), "register", "--model", f"models/{MODEL_DIR}", "--evaluation", str(ev),
-             "--receipt", str(tmp_path / f"{r}-{label}.json")], cwd=project, env=env, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True) for label, ev in (("good", good), ("better", better))}
+        procs = {
+            label: subprocess.Popen(
+                [
+                    str(servers.BIN / "aigc"),
+                    "register",
+                    "--model",
+                    f"models/{MODEL_DIR}",
+                    "--evaluation",
+                    str(ev),
+                    "--receipt",
+                    str(tmp_path / f"{r}-{label}.json"),
+                ],
+                cwd=project,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+            for label, ev in (("good", good), ("better", better))
+        }
         outputs = {label: p.communicate(timeout=ROUND_TIMEOUT)[0] for label, p in procs.items()}
         walls.append(time.monotonic() - started)
         for label, p in procs.items():
-            assert p.returncode == 0, f"round {r} ({kind}): `aigc register` of the {label} candidate failed:\n" \
-                                      f"{outputs[label][-6000:]}"
+            assert p.returncode == 0, (
+                f"round {r} ({kind}): `aigc register` of the {label} candidate failed:\n{outputs[label][-6000:]}"
+            )
         receipt = {label: json.loads((tmp_path / f"{r}-{label}.json").read_text()) for label in procs}
         v = {label: receipt[label]["version"] for label in procs}
         after = _state(client)
@@ -166,8 +229,10 @@ def test_two_registrations_at_once_are_decided_one_after_the_other(shared: Serve
         assert after["aliases"].get("champion") == v["better"], where
         # One decision after the other: the first against the round's champion, the second
         # against the champion the first left.
-        compared = {label: client.get_model_version(REGISTERED, v[label]).tags.get("aigc.gate.champion_version")
-                    for label in procs}
+        compared = {
+            label: client.get_model_version(REGISTERED, v[label]).tags.get("aigc.gate.champion_version")
+            for label in procs
+        }
         first = [label for label in procs if compared[label] == champion_before]
         assert len(first) == 1, f"both decided against champion v{champion_before}: {where}"
         first = first[0]
@@ -176,7 +241,9 @@ def test_two_registrations_at_once_are_decided_one_after_the_other(shared: Serve
         assert receipt[first]["decision"] == "champion"
         assert receipt[second]["decision"] == ("champion" if second == "better" else "challenger"), where
         assert after["decisions"] == before["decisions"] + [
-            (v[first], "champion", champion_before), (v[second], receipt[second]["decision"], v[first])], where
+            (v[first], "champion", champion_before),
+            (v[second], receipt[second]["decision"], v[first]),
+        ], where
         # The champion history gained every promotion, in order; no alias was lost.
         promoted = [v["good"], v["better"]] if first == "good" else [v["better"]]
         assert after["history"] == [h for h in before["history"] if h] + promoted, where
@@ -187,8 +254,10 @@ def test_two_registrations_at_once_are_decided_one_after_the_other(shared: Serve
         report.append(f"round {r} ({kind}): {walls[-1]:.1f} s, {first} first")
 
     print("\n".join(report))
-    print(f"{ROUNDS} rounds: wall per round median {statistics.median(walls):.1f} s (max {max(walls):.1f} s); "
-          f"better first in {firsts.count('better')}, good first in {firsts.count('good')}")
+    print(
+        f"{ROUNDS} rounds: wall per round median {statistics.median(walls):.1f} s (max {max(walls):.1f} s); "
+        f"better first in {firsts.count('better')}, good first in {firsts.count('good')}"
+    )
     assert _state(client)["aliases"]["champion"] == v["better"]
 
 
@@ -214,13 +283,20 @@ def test_a_held_lock_times_out_naming_its_holder_and_a_killed_holder_frees_it(sh
 
     name, store = "lock-probe", shared.mlflow_url
     for kind, env in (("postgres", {LOCK_ENV: shared.mlflow_db}), ("prefect", {"PREFECT_API_URL": shared.prefect_api})):
-        holder = subprocess.Popen([str(servers.BIN / "python"), "-c", HOLDER, store, name], stdout=subprocess.PIPE,
-                                  text=True, env=servers.clean_env(**env))
+        holder = subprocess.Popen(
+            [str(servers.BIN / "python"), "-c", HOLDER, store, name],
+            stdout=subprocess.PIPE,
+            text=True,
+            env=servers.clean_env(**env),
+        )
         try:
             assert holder.stdout is not None and holder.stdout.readline().split() == ["held", kind]
             with temporary_settings({PREFECT_API_URL: shared.prefect_api}):
-                expected = r"by backend pid \d+ \('aigc registry lock lock-probe' from 127.0.0.1" if kind == "postgres" \
+                expected = (
+                    r"by backend pid \d+ \('aigc registry lock lock-probe' from 127.0.0.1"
+                    if kind == "postgres"
                     else r"aigc-registry-lock-probe on http://127.0.0.1:\d+/api is still held after 2 s"
+                )
                 with pytest.raises(RegistryLockTimeout, match=expected):
                     with registry_lock(store, name, timeout=2, env=env):
                         pytest.fail(f"entered the {kind} lock another process holds")

@@ -29,8 +29,9 @@ import re
 import subprocess
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 
@@ -82,7 +83,6 @@ def logs(cluster: Cluster, lines: int = 60) -> str:
 def start_run(cluster: Cluster, *overrides: str) -> str:
     """Create a ``retrain`` flow run (as ``prefect deployment run`` does) and return its id."""
     from prefect.deployments import run_deployment
-
     from prefect.settings import PREFECT_API_URL, temporary_settings
 
     with temporary_settings({PREFECT_API_URL: cluster.prefect_api}):
@@ -117,19 +117,24 @@ def artifacts(cluster: Cluster, run_id: str) -> dict[str, Any]:
     from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId
 
     with prefect_client(cluster.prefect_api) as client:
-        found = client.read_artifacts(artifact_filter=ArtifactFilter(
-            flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(run_id)])))
+        found = client.read_artifacts(
+            artifact_filter=ArtifactFilter(flow_run_id=ArtifactFilterFlowRunId(any_=[uuid.UUID(run_id)]))
+        )
     return {a.key: a for a in found}
 
 
 def versions_of(cluster: Cluster, run_id: str) -> list[Any]:
-    return [v for v in mlflow_client(cluster).search_model_versions(f"name='{MODEL}'")
-            if v.tags.get("prefect.flow_run_id") == run_id]
+    return [
+        v
+        for v in mlflow_client(cluster).search_model_versions(f"name='{MODEL}'")
+        if v.tags.get("prefect.flow_run_id") == run_id
+    ]
 
 
 def dvc(cwd: Path, env: dict[str, str], *args: str, timeout: float = 600) -> str:
-    proc = subprocess.run([str(servers.BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    proc = subprocess.run(
+        [str(servers.BIN / "dvc"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
     assert proc.returncode == 0, f"dvc {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
     return proc.stdout
 
@@ -141,8 +146,14 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     c = Cluster.start(base, REPO, worker_env=WORKER_ENV)
     try:
         admin = c.clone("admin")
-        proc = subprocess.run([str(servers.BIN / "aigc"), "deploy", "--crash-after", "60"], cwd=admin,
-                              env=c.client_env(base / "admin-home"), capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [str(servers.BIN / "aigc"), "deploy", "--crash-after", "60"],
+            cwd=admin,
+            env=c.client_env(base / "admin-home"),
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, f"aigc deploy failed:\n{proc.stdout}\n{proc.stderr}\n{logs(c)}"
         c.deploy_output = proc.stdout  # type: ignore[attr-defined]
         # The cpu worker keeps its evaluation cache (Inception weights, FID reference statistics:
@@ -170,9 +181,14 @@ def two_runs(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict
     for i, img in enumerate(load_digits().images[:40]):
         Image.fromarray((img * 15).astype("uint8")).save(images / f"{i:03d}.png")
     team = cluster.clone("data-team")
-    added = subprocess.run([str(servers.BIN / "aigc"), "dataset", "add", "tiny", str(images), "--size", "16"],
-                           cwd=team, env=cluster.client_env(tmp_path_factory.mktemp("team-home")),
-                           capture_output=True, text=True, timeout=300)
+    added = subprocess.run(
+        [str(servers.BIN / "aigc"), "dataset", "add", "tiny", str(images), "--size", "16"],
+        cwd=team,
+        env=cluster.client_env(tmp_path_factory.mktemp("team-home")),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert added.returncode == 0, added.stdout + added.stderr
     triggered = _wait_triggered(cluster, {good, bad})
     # Whichever got the slot first, the registry as it was when the other one started.
@@ -186,8 +202,15 @@ def two_runs(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict
             time.sleep(1)
     registry_between = _registry(cluster)
     finals = {rid: wait_final(cluster, rid) for rid in (good, bad)}
-    return {"good": good, "bad": bad, "runs": finals, "triggered": triggered, "event_output": added.stdout,
-            "first_done": first_done, "registry_between": registry_between}
+    return {
+        "good": good,
+        "bad": bad,
+        "runs": finals,
+        "triggered": triggered,
+        "event_output": added.stdout,
+        "first_done": first_done,
+        "registry_between": registry_between,
+    }
 
 
 def _registry(cluster: Cluster) -> dict[str, Any]:
@@ -208,13 +231,16 @@ def _wait_triggered(cluster: Cluster, known: set[str], timeout: float = 60) -> d
     deadline = time.monotonic() + timeout
     with prefect_client(cluster.prefect_api) as client:
         while time.monotonic() < deadline:
-            runs = client.read_flow_runs(deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["retrain"])))
+            runs = client.read_flow_runs(
+                deployment_filter=DeploymentFilter(name=DeploymentFilterName(any_=["retrain"]))
+            )
             new = [r for r in runs if str(r.id) not in known and not r.auto_scheduled]
             if new:
                 (run,) = new
                 state_before = run.state_name
-                client.set_flow_run_state(run.id, Cancelled(message="scale test: only the trigger is under test"),
-                                          force=True)
+                client.set_flow_run_state(
+                    run.id, Cancelled(message="scale test: only the trigger is under test"), force=True
+                )
                 return {"id": str(run.id), "parameters": run.parameters, "state_before_cancel": state_before}
             time.sleep(1)
     pytest.fail(f"no retrain run was triggered by the dataset event within {timeout:.0f} s\n{logs(cluster)}")
@@ -327,13 +353,23 @@ def test_flow_runs_say_what_they_train(cluster: Cluster, two_runs: dict[str, Any
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
 
     with prefect_client(cluster.prefect_api) as client:
-        tasks = {t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first.id])))}
+        tasks = {
+            t.name for t in client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[first.id])))
+        }
         logs = client.read_logs(log_filter=LogFilter(flow_run_id=LogFilterFlowRunId(any_=[child.id])))
-    assert {"prepare-clone", "ingest@digits", "evaluate", "register", "publish-artifacts", "require-champion",
-            "train on remote-stage/train"} <= tasks, tasks
+    assert {
+        "prepare-clone",
+        "ingest@digits",
+        "evaluate",
+        "register",
+        "publish-artifacts",
+        "require-champion",
+        "train on remote-stage/train",
+    } <= tasks, tasks
     assert not [t for t in tasks if re.search(r"-[0-9a-f]{3}$", t)], tasks  # no random suffixes
-    assert any(log.name == "aigc.stage.train" and log.message.startswith("train epoch 1/1  step 10/10")
-               for log in logs), [log.message for log in logs][-20:]
+    assert any(
+        log.name == "aigc.stage.train" and log.message.startswith("train epoch 1/1  step 10/10") for log in logs
+    ), [log.message for log in logs][-20:]
     progress = artifacts(cluster, str(child.id))[f"{MODEL}-training"]
     assert progress.type == "progress" and float(progress.data) == 100.0
 
@@ -354,8 +390,13 @@ def killed_run(cluster: Cluster, two_runs: dict[str, Any]) -> dict[str, Any]:  #
     killed_at = time.monotonic()
     cluster.start_worker("gpu", "gpu-2")
     final = wait_final(cluster, run_id)
-    return {"id": run_id, "run": final, "mirrored_at_kill": mirrored, "children_at_kill": victim,
-            "recovered_after": time.monotonic() - killed_at}
+    return {
+        "id": run_id,
+        "run": final,
+        "mirrored_at_kill": mirrored,
+        "children_at_kill": victim,
+        "recovered_after": time.monotonic() - killed_at,
+    }
 
 
 def wait_done(cluster: Cluster, run_id: str) -> bool:
@@ -383,8 +424,9 @@ def test_killed_gpu_worker_training_resumes_from_its_checkpoint(cluster: Cluster
     assert version.tags["aigc.run_ref"] == f"refs/aigc/runs/{killed_run['id']}"
 
 
-def test_fresh_clone_at_the_tagged_commit_rebuilds_the_same_weights(cluster: Cluster, killed_run: dict[str, Any],
-                                                                   tmp_path: Path) -> None:
+def test_fresh_clone_at_the_tagged_commit_rebuilds_the_same_weights(
+    cluster: Cluster, killed_run: dict[str, Any], tmp_path: Path
+) -> None:
     (version,) = versions_of(cluster, killed_run["id"])
     commit = version.tags["git.commit"]
     clone = servers.clone(cluster.repo_url, tmp_path / "reproduce")
@@ -407,8 +449,9 @@ def test_fresh_clone_at_the_tagged_commit_rebuilds_the_same_weights(cluster: Clu
     assert status == {}, status
     pulled = (model_dir / "generator.safetensors").read_bytes()
     dvc(clone, env, "repro", "--force", "--single-item", "train")
-    assert (model_dir / "generator.safetensors").read_bytes() == pulled, \
+    assert (model_dir / "generator.safetensors").read_bytes() == pulled, (
         "an uninterrupted training on CPU does not reproduce the resumed run's weights"
+    )
 
 
 def dvc_lock(project: Path) -> dict[str, Any]:

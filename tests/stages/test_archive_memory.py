@@ -112,9 +112,26 @@ def test_big_archive_members_are_refused_unread_and_memory_stays_bounded(tmp_pat
     project = tmp_path / "project"
     project.mkdir()
     t0 = time.monotonic()
-    proc, peak = _run_measured([str(BIN / "aigc"), "--project", str(project), "ingest", str(archive), "--out",
-                                str(out), "--size", "32", "--channels", "3", "--workers", "2",
-                                "--max-rejected", "0.5"], cwd=project)
+    proc, peak = _run_measured(
+        [
+            str(BIN / "aigc"),
+            "--project",
+            str(project),
+            "ingest",
+            str(archive),
+            "--out",
+            str(out),
+            "--size",
+            "32",
+            "--channels",
+            "3",
+            "--workers",
+            "2",
+            "--max-rejected",
+            "0.5",
+        ],
+        cwd=project,
+    )
     seconds = time.monotonic() - t0
     print(f"archive ingest: peak RSS {peak / 2**20:.0f} MiB (process tree), {seconds:.1f} s")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -137,8 +154,24 @@ def test_zip_members_over_the_limit_are_refused_from_their_header(tmp_path: Path
             while block := zeros.read(16 * 2**20):
                 member.write(block)
     out = tmp_path / "prepared"
-    proc, peak = _run_measured([str(BIN / "aigc"), "--project", str(tmp_path), "ingest", str(archive), "--out",
-                                str(out), "--size", "16", "--max-rejected", "0.5", "--workers", "1"], cwd=tmp_path)
+    proc, peak = _run_measured(
+        [
+            str(BIN / "aigc"),
+            "--project",
+            str(tmp_path),
+            "ingest",
+            str(archive),
+            "--out",
+            str(out),
+            "--size",
+            "16",
+            "--max-rejected",
+            "0.5",
+            "--workers",
+            "1",
+        ],
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (rejected,) = json.loads((out / "report.json").read_text())["rejected"]
     assert rejected["path"] == "huge.png"

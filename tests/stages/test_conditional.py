@@ -3,8 +3,6 @@ trained on the real digits (not on anything the model produced)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 from sklearn.linear_model import LogisticRegression
@@ -40,8 +38,17 @@ def test_conditional_samples_are_the_requested_digit(
 ) -> None:
     data, clf = digits
     arch = Arch(family=family, size=16, channels=1, latent_dim=32, width=32, num_classes=10)
-    res = train(data.images, labels=data.labels, arch=arch, hparams=Hparams(2e-4, 0.5, 0.999, 1.0),
-                epochs=12, batch_size=64, seed=0, checkpoint_dir=None, checkpoint_every=10_000)
+    res = train(
+        data.images,
+        labels=data.labels,
+        arch=arch,
+        hparams=Hparams(2e-4, 0.5, 0.999, 1.0),
+        epochs=12,
+        batch_size=64,
+        seed=0,
+        checkpoint_dir=None,
+        checkpoint_every=10_000,
+    )
     g = res.family.generator.eval()
     accuracy = [float((clf.predict(_flat(generate(g, arch, 40, seed=k, label=k))) == k).mean()) for k in range(10)]
     # Chance is 0.1: a model ignoring its label cannot pass.

@@ -37,9 +37,8 @@ def test_dvc_md5_is_the_hash_dvc_records(ingested: Path) -> None:
 
 
 def test_log_input_carries_the_dvc_hash_counts_card_and_preview(ingested: Path) -> None:
-    from mlflow import MlflowClient
-
     import mlflow
+    from mlflow import MlflowClient
 
     md5 = locked_output(ingested, "ingest@digits")[1]
     with use_store(ingested, "datasets-test"):

@@ -24,8 +24,21 @@ def _folder(root: Path, n: int, side: int, seed: int) -> Path:
 
 
 def _ingest(source: Path, out: Path, project: Path) -> list[str]:
-    return [str(BIN / "aigc"), "--project", str(project), "ingest", str(source), "--out", str(out), "--size", "16",
-            "--channels", "3", "--workers", "1"]
+    return [
+        str(BIN / "aigc"),
+        "--project",
+        str(project),
+        "ingest",
+        str(source),
+        "--out",
+        str(out),
+        "--size",
+        "16",
+        "--channels",
+        "3",
+        "--workers",
+        "1",
+    ]
 
 
 def _contents(folder: Path) -> dict[str, bytes]:
@@ -41,8 +54,9 @@ def test_killed_ingest_leaves_the_previous_dataset_untouched(tmp_path: Path) -> 
     good = _contents(out)
 
     big = _folder(tmp_path / "big", 400, 384, seed=1)  # a second or more of decoding
-    proc = subprocess.Popen(_ingest(big, out, project), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _ingest(big, out, project), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 120
         while not list(tmp_path.glob(".prepared.tmp-*")):  # the new version is being written

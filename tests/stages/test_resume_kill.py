@@ -44,8 +44,13 @@ def _worker(ckpt: Path, out: Path, family: str) -> subprocess.Popen:
     # One thread each: the reference and the victim (then the resumed run) train side by side, and
     # two processes with a thread per core each slowed the ddpm case past its timeout on 2 cores.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, "-c", WORKER, str(ckpt), str(out), family], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-c", WORKER, str(ckpt), str(out), family],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 @pytest.mark.parametrize("family", list(MODELS))

@@ -11,8 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import time
-from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import numpy as np
 import pytest
@@ -40,19 +39,34 @@ def logged_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
     folder = base / "model"
     torch.manual_seed(0)
     arch = Arch(family="dcgan", size=8, channels=1, latent_dim=8, width=4)
-    save_generator(folder, Generator(arch.latent_dim, arch.size, arch.channels, arch.width).eval(), arch,
-                   {"model": "dcgan", "dataset": "tiny", "data_digest": "0" * 64, "steps": 0, "final_losses": {}})
+    save_generator(
+        folder,
+        Generator(arch.latent_dim, arch.size, arch.channels, arch.width).eval(),
+        arch,
+        {"model": "dcgan", "dataset": "tiny", "data_digest": "0" * 64, "steps": 0, "final_losses": {}},
+    )
     rcfg = load_config(REPO, LIMITS).register
     project = base / "project"
     with use_store(project, "serving-limits"), mlflow.start_run() as run:
         uri = mlflow.get_tracking_uri()
         work = base / "work"
         work.mkdir()
-        info, _ = register._log_model(work, folder, read_model_meta(folder), name="tiny-dcgan",
-                                      evaluation=Evaluation({}, {}), params={}, lineage={}, problems=[],
-                                      run_id=run.info.run_id, ui="http://127.0.0.1:5000",
-                                      limits={"max_images_per_request": rcfg.max_images_per_request,
-                                              "max_images_per_row": rcfg.max_images_per_row})
+        info, _ = register._log_model(
+            work,
+            folder,
+            read_model_meta(folder),
+            name="tiny-dcgan",
+            evaluation=Evaluation({}, {}),
+            params={},
+            lineage={},
+            problems=[],
+            run_id=run.info.run_id,
+            ui="http://127.0.0.1:5000",
+            limits={
+                "max_images_per_request": rcfg.max_images_per_request,
+                "max_images_per_row": rcfg.max_images_per_row,
+            },
+        )
     return uri, info.model_uri
 
 
@@ -87,8 +101,10 @@ def test_requests_within_the_limits_are_served(server: str) -> None:
     ("rows", "named"),
     [
         ([[5, 0]], "row 0: n=5 is over the limit of 4 images per row (max_images_per_row)"),
-        ([[4, 0], [4, 1], [3, 2]], "at least 11 images (rows 0..2): over the limit of 10 images per request "
-                                   "(max_images_per_request)"),
+        (
+            [[4, 0], [4, 1], [3, 2]],
+            "at least 11 images (rows 0..2): over the limit of 10 images per request (max_images_per_request)",
+        ),
         ([[1, s] for s in range(11)], "11 rows: over the limit of 10 images per request"),
         ([[10**12, 0]], "n=1000000000000 is over the limit of 4 images per row"),
         ([[0, 0]], "row 0: n must be >= 1"),
@@ -119,6 +135,5 @@ def test_limits_apply_to_the_python_api_and_can_be_overridden(logged_model: tupl
             model.predict(pd.DataFrame({"n": [5], "seed": [0]}))
         with pytest.raises(ValueError, match="max_images_per_request"):  # RequestRejected is a ValueError too
             model.predict(pd.DataFrame({"n": [4, 4, 4], "seed": [0, 1, 2]}))
-        wider = mlflow.pyfunc.load_model(model_uri, model_config={"max_images_per_row": 6,
-                                                                  "max_images_per_request": 6})
+        wider = mlflow.pyfunc.load_model(model_uri, model_config={"max_images_per_row": 6, "max_images_per_request": 6})
         assert wider.predict(pd.DataFrame({"n": [6], "seed": [0]})).shape == (6, 1, 8, 8)

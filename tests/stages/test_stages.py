@@ -10,8 +10,9 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -21,8 +22,8 @@ from aigc_pipeline import cli
 from aigc_pipeline.config import Config, load_config
 from aigc_pipeline.data.prepared import load_prepared
 from aigc_pipeline.evaluation.results import read_evaluation
-from aigc_pipeline.stages import augment, evaluate, ingest, register, train
 from aigc_pipeline.models import registry as registry_module
+from aigc_pipeline.stages import augment, evaluate, ingest, register, train
 from aigc_pipeline.tracking import registry
 from aigc_pipeline.tracking.registry import RegistryError
 from tests.conftest import QUICK, REPO
@@ -154,8 +155,9 @@ def test_evaluate_writes_numbers_beside_the_data_floor_and_the_protocol_apart(ev
     assert "not an Inception Score" in details["classifier"]["what"]
 
 
-def test_the_floor_is_computed_once_per_content(cfg: Config, model: Path, prepared: Path, evaluation: Path,
-                                                 tmp_path: Path) -> None:
+def test_the_floor_is_computed_once_per_content(
+    cfg: Config, model: Path, prepared: Path, evaluation: Path, tmp_path: Path
+) -> None:
     from aigc_pipeline.evaluation import floor as floor_module
 
     calls = []
@@ -168,8 +170,9 @@ def test_the_floor_is_computed_once_per_content(cfg: Config, model: Path, prepar
     floor_module.compute_fidelity_metrics = counting
     try:
         again = evaluate.run(cfg, model, prepared, tmp_path / "again", quiet=True)
-        other = evaluate.run(load_config(REPO, [*QUICK, "evaluate.seed=7"]), model, prepared, tmp_path / "seed7",
-                             quiet=True)
+        other = evaluate.run(
+            load_config(REPO, [*QUICK, "evaluate.seed=7"]), model, prepared, tmp_path / "seed7", quiet=True
+        )
     finally:
         floor_module.compute_fidelity_metrics = real
     first = read_evaluation(evaluation).metrics
@@ -234,8 +237,9 @@ def _aliases(client, name: str = NAME) -> dict[str, str]:
     return {a: str(v) for a, v in (client.get_registered_model(name).aliases or {}).items()}
 
 
-def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, evaluation: Path, tmp_path: Path,
-                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_register_gate_decisions_lineage_and_pyfunc(
+    cfg: Config, model: Path, evaluation: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import mlflow
     import pandas as pd
 
@@ -264,8 +268,14 @@ def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, ev
     assert better.champion and better.decision == "champion" and "better by" in better.reason
 
     client = _client(project)
-    assert [first.version, worse.version, noisy.version, nan.version, partial.version, better.version] == \
-        ["1", "2", "3", "4", "5", "6"]
+    assert [first.version, worse.version, noisy.version, nan.version, partial.version, better.version] == [
+        "1",
+        "2",
+        "3",
+        "4",
+        "5",
+        "6",
+    ]
     assert _aliases(client) == {"champion": "6", "challenger": "3"}  # the rejected ones got no alias
     assert client.get_registered_model(NAME).tags[registry.HISTORY_TAG] == "1,6"
     for result in (worse, nan, better):  # decision and reasons on both the version and its run
@@ -307,9 +317,16 @@ def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, ev
     run = client.get_run(first.run_id)
     assert run.data.tags["aigc.training"] == "from model folder" and run.data.params["evaluate.protocol"] == pid
     assert any(a.path.startswith("images/samples+step+10+") for a in client.list_artifacts(first.run_id, "images"))
-    artifacts = {a.path for a in client.list_artifacts(first.run_id)} | \
-        {a.path for a in client.list_artifacts(first.run_id, "plots")}
-    assert {"model_card.md", "metrics.json", "evaluation.json", "plots/losses.png", "plots/fid_progress.png"} <= artifacts
+    artifacts = {a.path for a in client.list_artifacts(first.run_id)} | {
+        a.path for a in client.list_artifacts(first.run_id, "plots")
+    }
+    assert {
+        "model_card.md",
+        "metrics.json",
+        "evaluation.json",
+        "plots/losses.png",
+        "plots/fid_progress.png",
+    } <= artifacts
     card = Path(client.download_artifacts(first.run_id, "model_card.md", str(tmp_path))).read_text()
     assert pid in card and "Lineage" in card and "prefect.flow_run_id" in card and "not an Inception Score" in card
     assert f"models:/{NAME}@champion" in card and "the data's floor" in card
@@ -330,8 +347,8 @@ def test_register_gate_decisions_lineage_and_pyfunc(cfg: Config, model: Path, ev
 
 
 def test_a_model_that_replays_its_training_images_is_refused_by_the_copying_gate(
-        cfg: Config, model: Path, prepared: Path, evaluation: Path, tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg: Config, model: Path, prepared: Path, evaluation: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The honest (if weak) one-epoch model: figures beside real data's, no exact copies.
     honest = read_evaluation(evaluation)
     # (floor_copy_ct too when the held-out half holds 20 images: here it has fewer)
@@ -356,8 +373,9 @@ def test_a_model_that_replays_its_training_images_is_refused_by_the_copying_gate
     passed = register.run(barred, model, evaluation, tmp_path / "honest.json", project_dir=project)
     assert "copies" not in passed.reason and passed.decision == "champion"
     # What the version cost, on the receipt, the version, the run and the card.
-    assert re.fullmatch(r"trained in \d+\.\d CPU-minutes \(\d+\.\d wall-minutes on cpu.*; 320 images shown\)",
-                        passed.compute), passed.compute
+    assert re.fullmatch(
+        r"trained in \d+\.\d CPU-minutes \(\d+\.\d wall-minutes on cpu.*; 320 images shown\)", passed.compute
+    ), passed.compute
     client = _client(project)
     version = client.get_model_version(NAME, passed.version)
     assert version.tags["aigc.compute"] == passed.compute and "- compute: trained in" in version.description
@@ -366,8 +384,9 @@ def test_a_model_that_replays_its_training_images_is_refused_by_the_copying_gate
     assert json.loads((tmp_path / "honest.json").read_text())["compute"] == passed.compute
 
 
-def test_the_quality_bar_rejects_weak_candidates_with_their_numbers(model: Path, evaluation: Path,
-                                                                   tmp_path: Path) -> None:
+def test_the_quality_bar_rejects_weak_candidates_with_their_numbers(
+    model: Path, evaluation: Path, tmp_path: Path
+) -> None:
     from aigc_pipeline.pipeline import NoChampion, require_champion
 
     project = tmp_path / "mlproject"
@@ -390,20 +409,25 @@ def test_the_quality_bar_rejects_weak_candidates_with_their_numbers(model: Path,
     assert good.decision == "champion" and good.champion_version == good.version == "2"
     # A later weak one (here: recall under the minimum) is rejected; the champion stays.
     low_recall = reg("low-recall", fid=1.5 * floor, fid_ratio=1.5, recall=0.01)
-    assert low_recall.decision == "rejected" and "recall 0.010 < register.min_recall 0.05; real data:" in low_recall.reason
+    assert (
+        low_recall.decision == "rejected" and "recall 0.010 < register.min_recall 0.05; real data:" in low_recall.reason
+    )
     assert low_recall.champion_version == "2" and _aliases(_client(project)) == {"champion": "2"}
 
 
-def test_register_then_promote_rollback_and_sample_from_the_cli(cfg: Config, model: Path, evaluation: Path, tmp_path: Path,
-                                                   restore_env: None) -> None:
+def test_register_then_promote_rollback_and_sample_from_the_cli(
+    cfg: Config, model: Path, evaluation: Path, tmp_path: Path, restore_env: None
+) -> None:
     project = tmp_path / "mlproject"
     project.mkdir()
     fid = _scores(evaluation)[1]["fid"]
     register.run(cfg, model, evaluation, tmp_path / "1.json", project_dir=project)
-    register.run(cfg, model, _variant(evaluation, tmp_path / "e2", fid=fid + 30), tmp_path / "2.json",
-                 project_dir=project)
-    register.run(cfg, model, _variant(evaluation, tmp_path / "e3", fid=float("nan")), tmp_path / "3.json",
-                 project_dir=project)
+    register.run(
+        cfg, model, _variant(evaluation, tmp_path / "e2", fid=fid + 30), tmp_path / "2.json", project_dir=project
+    )
+    register.run(
+        cfg, model, _variant(evaluation, tmp_path / "e3", fid=float("nan")), tmp_path / "3.json", project_dir=project
+    )
     client = _client(project)
     assert _aliases(client) == {"champion": "1", "challenger": "2"}
 
@@ -414,7 +438,10 @@ def test_register_then_promote_rollback_and_sample_from_the_cli(cfg: Config, mod
     assert (change.previous, change.version) == ("1", "2")
     assert _aliases(client) == {"champion": "2"}  # no longer a challenger
     v2 = client.get_model_version(NAME, "2")
-    assert v2.tags["aigc.promoted_by"] == getpass.getuser() and v2.tags["aigc.promoted_reason"] == "sharper digits in review"
+    assert (
+        v2.tags["aigc.promoted_by"] == getpass.getuser()
+        and v2.tags["aigc.promoted_reason"] == "sharper digits in review"
+    )
     assert client.get_run(v2.run_id).data.tags["aigc.promoted_from"] == "1"
     with pytest.raises(RegistryError, match="rejected at registration.*--force"):
         aigc("promote", NAME, "3", "--reason", "try")
@@ -447,7 +474,8 @@ def test_register_then_promote_rollback_and_sample_from_the_cli(cfg: Config, mod
 
 
 def test_a_per_family_model_keeps_working_and_migrates_into_the_datasets_model(
-        model: Path, evaluation: Path, tmp_path: Path, restore_env: None) -> None:
+    model: Path, evaluation: Path, tmp_path: Path, restore_env: None
+) -> None:
     import mlflow
     import pandas as pd
 
@@ -456,8 +484,9 @@ def test_a_per_family_model_keeps_working_and_migrates_into_the_datasets_model(
     old = load_config(REPO, [*QUICK, "register.model_name=digits-dcgan"])  # how models were named before
     fid = _scores(evaluation)[1]["fid"]
     register.run(old, model, evaluation, tmp_path / "1.json", project_dir=project)
-    register.run(old, model, _variant(evaluation, tmp_path / "e2", fid=fid + 30), tmp_path / "2.json",
-                 project_dir=project)
+    register.run(
+        old, model, _variant(evaluation, tmp_path / "e2", fid=fid + 30), tmp_path / "2.json", project_dir=project
+    )
     client = _client(project)
     assert _aliases(client, "digits-dcgan") == {"champion": "1", "challenger": "2"}
 
@@ -480,8 +509,10 @@ def test_a_per_family_model_keeps_working_and_migrates_into_the_datasets_model(
     assert again.copied == {} and again.skipped == ["1", "2"]
     mlflow.set_tracking_uri(f"sqlite:///{project}/mlflow/mlflow.db")
     request = pd.DataFrame({"n": [3], "seed": [5]})
-    assert np.array_equal(mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(request),
-                          mlflow.pyfunc.load_model("models:/digits-dcgan@champion").predict(request))
+    assert np.array_equal(
+        mlflow.pyfunc.load_model(f"models:/{NAME}@champion").predict(request),
+        mlflow.pyfunc.load_model("models:/digits-dcgan@champion").predict(request),
+    )
     with pytest.raises(RegistryError, match="no versions"):
         aigc("migrate", "digits-nothing", "--to", NAME)
 
@@ -509,8 +540,9 @@ def test_register_failures_leave_nothing_half_registered_and_retries_are_safe(
         with pytest.raises(RuntimeError, match="store went away"):
             register.run(cfg, model, better, tmp_path / "r.json", project_dir=project)
     assert versions() == ["1"] and _aliases(client) == {"champion": "1"}
-    failed = client.search_runs([client.get_experiment_by_name(cfg.register.experiment).experiment_id],
-                                "attributes.status = 'FAILED'")
+    failed = client.search_runs(
+        [client.get_experiment_by_name(cfg.register.experiment).experiment_id], "attributes.status = 'FAILED'"
+    )
     assert len(failed) == 1 and failed[0].data.tags["aigc.registration"] == "failed: version discarded"
 
     # 2. The retry registers it (MLflow never reuses the discarded number 2); a second retry finds
@@ -591,8 +623,11 @@ def test_a_retry_of_a_decided_registration_decides_again_against_the_champion_of
     assert gate("2") == ("challenger", "3") and client.get_model_version(NAME, "2").tags[registry.STATE_TAG] == "done"
     assert _aliases(client) == {"champion": "3", "challenger": "2"}
     assert registry.champion_history(client, NAME) == ["1", "3"]
-    assert registry.decision_history(client, NAME) == [("1", "champion", None), ("3", "champion", "1"),
-                                                       ("2", "challenger", "3")]
+    assert registry.decision_history(client, NAME) == [
+        ("1", "champion", None),
+        ("3", "champion", "1"),
+        ("2", "challenger", "3"),
+    ]
 
     # v4 (worse than v3) is decided challenger and takes the challenger alias from v2, then is
     # killed before it is done; meanwhile a worse model (v5) is promoted by hand.
@@ -618,7 +653,8 @@ def test_a_retry_of_a_decided_registration_decides_again_against_the_champion_of
 
 
 def test_register_refuses_to_compare_across_feature_pass_versions_and_says_why(
-        cfg: Config, model: Path, evaluation: Path, tmp_path: Path) -> None:
+    cfg: Config, model: Path, evaluation: Path, tmp_path: Path
+) -> None:
     """A champion evaluated with torch-fidelity 0.4.0 and a candidate evaluated as after an upgrade:
     the protocol ids differ, so the gate does not compare them, and its reason names the difference."""
     from aigc_pipeline.evaluation.protocol import Protocol

@@ -27,22 +27,39 @@ from tests.conftest import QUICK, REPO
 
 pytestmark = pytest.mark.slow
 
-SETTINGS = [*QUICK, "train.epochs=4", "train.checkpoint_every=6", "train.keep_checkpoints=2",
-            "evaluate.progress_every=2", "train.sample_every=1"]
+SETTINGS = [
+    *QUICK,
+    "train.epochs=4",
+    "train.checkpoint_every=6",
+    "train.keep_checkpoints=2",
+    "evaluate.progress_every=2",
+    "train.sample_every=1",
+]
 STEPS_PER_EPOCH = 10  # 320 augmented images (160 train originals + copies), batch 32
 
 # Where each run of the chain dies: (what is patched, the step or epoch it dies at). Each run resumes
 # from the last checkpoint the chain has written so far (6, 12, 18, ...), so the points are in the
 # order a run resumed from there reaches them.
 KILLS = [
-    ("after_step", 1), ("after_step", 5),  # before any checkpoint
-    ("checkpoint_write", 6), ("after_checkpoint", 6),
+    ("after_step", 1),
+    ("after_step", 5),  # before any checkpoint
+    ("checkpoint_write", 6),
+    ("after_checkpoint", 6),
     ("after_step", 10),  # an epoch's last step, before its record and callbacks
     ("after_epoch", 1),  # after the epoch's record, grid and callbacks, before anything is checkpointed
-    ("checkpoint_write", 12), ("after_step", 13),
-    ("grid_write", 2), ("fid", 2), ("after_step", 20), ("after_epoch", 2),
-    ("after_checkpoint", 24), ("after_step", 25), ("after_epoch", 3), ("after_checkpoint", 30),
-    ("fid", 4), ("checkpoint_write", 40), ("after_checkpoint", 40),  # the last epoch, the last checkpoint
+    ("checkpoint_write", 12),
+    ("after_step", 13),
+    ("grid_write", 2),
+    ("fid", 2),
+    ("after_step", 20),
+    ("after_epoch", 2),
+    ("after_checkpoint", 24),
+    ("after_step", 25),
+    ("after_epoch", 3),
+    ("after_checkpoint", 30),
+    ("fid", 4),
+    ("checkpoint_write", 40),
+    ("after_checkpoint", 40),  # the last epoch, the last checkpoint
     ("model_write", 0),  # inside the model folder's atomic write
 ]
 assert len(KILLS) == 20
@@ -126,14 +143,28 @@ CHILD = textwrap.dedent(
 
 def _train(work: Path, name: str, point: str = "none", at: int = 0) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    argv = [sys.executable, "-c", CHILD, str(work / "augmented"), str(work / "prepared"), str(work / name / "model"),
-            str(work / name / "checkpoints"), point, str(at), str(REPO), *SETTINGS]
+    argv = [
+        sys.executable,
+        "-c",
+        CHILD,
+        str(work / "augmented"),
+        str(work / "prepared"),
+        str(work / name / "model"),
+        str(work / name / "checkpoints"),
+        point,
+        str(at),
+        str(REPO),
+        *SETTINGS,
+    ]
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
 
 
 def _outputs(model: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(model)): p.read_bytes() for p in sorted(model.rglob("*"))
-            if p.is_file() and p.name not in ("timing.csv", "compute.json")}
+    return {
+        str(p.relative_to(model)): p.read_bytes()
+        for p in sorted(model.rglob("*"))
+        if p.is_file() and p.name not in ("timing.csv", "compute.json")
+    }
 
 
 def test_twenty_kills_then_a_rerun_write_what_an_uninterrupted_training_writes(tmp_path: Path) -> None:
@@ -145,15 +176,22 @@ def test_twenty_kills_then_a_rerun_write_what_an_uninterrupted_training_writes(t
     reference = _train(tmp_path, "reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = _outputs(tmp_path / "reference" / "model")
-    assert {"generator.safetensors", "history.csv", "epochs.csv", "fid_progress.csv", "samples.png",
-            "samples/epoch-004.png"} <= set(expected)
+    assert {
+        "generator.safetensors",
+        "history.csv",
+        "epochs.csv",
+        "fid_progress.csv",
+        "samples.png",
+        "samples/epoch-004.png",
+    } <= set(expected)
     assert len(expected["fid_progress.csv"].splitlines()) == 3  # header + epochs 2 and 4
     assert len(expected["epochs.csv"].splitlines()) == 5  # header + 4 epochs
 
     for point, at in KILLS:
         killed = _train(tmp_path, "chain", point, at)
-        assert killed.returncode == -signal.SIGKILL, f"not killed at {point} {at}: {killed.returncode}\n" \
-                                                     f"{killed.stderr[-3000:]}"
+        assert killed.returncode == -signal.SIGKILL, (
+            f"not killed at {point} {at}: {killed.returncode}\n{killed.stderr[-3000:]}"
+        )
     finished = _train(tmp_path, "chain")
     assert finished.returncode == 0, finished.stderr[-3000:]
     got = _outputs(tmp_path / "chain" / "model")

@@ -40,8 +40,9 @@ def test_diverged_training_is_a_failed_mlflow_run_and_nothing_is_registered(augm
     # dcgan: the family that diverges at this learning rate (resgan's spectral norm keeps it bounded).
     cfg = load_config(REPO, [*QUICK, "train.model=dcgan", "train.lr=1e6"])
     with pytest.raises(TrainingDiverged, match=r"training diverged at step \d+: exploding gradient") as info:
-        train.run(cfg, augmented, project / "models" / "m", project / "checkpoints" / "m", quiet=True,
-                  project_dir=project)
+        train.run(
+            cfg, augmented, project / "models" / "m", project / "checkpoints" / "m", quiet=True, project_dir=project
+        )
     error = info.value
     assert error.step >= 2  # so the run has partial losses to show
     assert not (project / "models" / "m").exists()
@@ -71,14 +72,21 @@ def _moved_apart(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], init: d
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family", sorted(MODELS))
-def test_two_gloo_processes_match_one_process_at_the_same_global_batch(family: str, augmented: Path,
-                                                                       tmp_path: Path) -> None:
+def test_two_gloo_processes_match_one_process_at_the_same_global_batch(
+    family: str, augmented: Path, tmp_path: Path
+) -> None:
     # fp32 so that the comparison measures data parallelism, not bf16 rounding.
     overrides = [*QUICK, f"train.model={family}", "train.precision=fp32", "train.channels_last=false"]
     cfg = load_config(REPO, overrides)
     one = train.run(cfg, augmented, tmp_path / "one", tmp_path / "ck1", quiet=True, project_dir=tmp_path)
-    two = train.run(load_config(REPO, [*overrides, "train.devices=2"]), augmented, tmp_path / "two",
-                    tmp_path / "ck2", quiet=True, project_dir=tmp_path)
+    two = train.run(
+        load_config(REPO, [*overrides, "train.devices=2"]),
+        augmented,
+        tmp_path / "two",
+        tmp_path / "ck2",
+        quiet=True,
+        project_dir=tmp_path,
+    )
     assert (one.world_size, two.world_size) == (1, 2)
     assert one.steps == two.steps == 10  # 330 images, global batch 32 (16 per process)
 
@@ -115,8 +123,9 @@ class _Terminal(io.StringIO):
 def test_progress_bar_on_a_terminal_and_epoch_lines_in_a_log(tty: bool) -> None:
     stream = _Terminal() if tty else io.StringIO()
     progress = Progress(2, stream=stream)
-    progress.start({"speed": "cpu, fp32", "data_placement": "device", "world_size": 1, "resumed_from": 0,
-                    "total_steps": 4})
+    progress.start(
+        {"speed": "cpu, fp32", "data_placement": "device", "world_size": 1, "resumed_from": 0, "total_steps": 4}
+    )
     for step in range(1, 5):
         progress.step(step, 4, (step + 1) // 2)
         if step % 2 == 0:
@@ -137,14 +146,22 @@ def test_compiled_networks_train_and_checkpoint_like_eager_ones(tmp_path: Path) 
     from aigc_pipeline.training.loop import train as train_loop
 
     images = np.random.default_rng(0).integers(0, 256, size=(16, 1, 16, 16), dtype=np.uint8)
-    kw = dict(arch=Arch("dcgan", 16, 1, 8, 8), hparams=Hparams(2e-4, 0.5, 0.999), epochs=1, batch_size=8, seed=0,
-              checkpoint_every=2, precision="fp32", channels_last=False)
+    kw = dict(
+        arch=Arch("dcgan", 16, 1, 8, 8),
+        hparams=Hparams(2e-4, 0.5, 0.999),
+        epochs=1,
+        batch_size=8,
+        seed=0,
+        checkpoint_every=2,
+        precision="fp32",
+        channels_last=False,
+    )
     eager = train_loop(images, checkpoint_dir=tmp_path / "eager", **kw)
     compiled = train_loop(images, checkpoint_dir=tmp_path / "compiled", compile=True, **kw)
     assert type(compiled.family.nets["generator"]).__name__ == "OptimizedModule"
     # Same parameters and state-dict keys (checkpoints and the exported generator are unchanged)...
-    (_, a), = list_checkpoints(tmp_path / "eager")
-    (_, b), = list_checkpoints(tmp_path / "compiled")
+    ((_, a),) = list_checkpoints(tmp_path / "eager")
+    ((_, b),) = list_checkpoints(tmp_path / "compiled")
     sa, sb = read_checkpoint(a)["modules"], read_checkpoint(b)["modules"]
     assert {k: set(v) for k, v in sa.items()} == {k: set(v) for k, v in sb.items()}
     # ...and the same training up to kernel-level floating-point differences.
@@ -152,5 +169,4 @@ def test_compiled_networks_train_and_checkpoint_like_eager_ones(tmp_path: Path) 
         for key, value in sa[name].items():
             if value.is_floating_point():
                 torch.testing.assert_close(sb[name][key], value, rtol=1e-3, atol=1e-3)
-    np.testing.assert_allclose([h["loss_d"] for h in compiled.history], [h["loss_d"] for h in eager.history],
-                               rtol=1e-3)
+    np.testing.assert_allclose([h["loss_d"] for h in compiled.history], [h["loss_d"] for h in eager.history], rtol=1e-3)

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextlib
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from tests.scale.servers import BIN, Proc, ServerError, apt_install, clean_env, free_port, start, wait_http
 
@@ -47,14 +48,17 @@ def chromium_path(install: bool = True) -> Path:
     try:
         import playwright.sync_api  # noqa: F401
     except ImportError as e:
-        raise BrowserUnavailable(f"the playwright package is missing ({e}): `make install` installs the dev "
-                                 "group (pyproject.toml), which holds it") from None
+        raise BrowserUnavailable(
+            f"the playwright package is missing ({e}): `make install` installs the dev "
+            "group (pyproject.toml), which holds it"
+        ) from None
     if CHROMIUM.exists():
         return CHROMIUM
     if not install:
         raise BrowserUnavailable(f"{CHROMIUM} not found: install Debian's `chromium` package")
-    apt_install("chromium", what=f"Chromium ({CHROMIUM})", needed_by="the browser tests", error=BrowserUnavailable,
-                timeout=1800)
+    apt_install(
+        "chromium", what=f"Chromium ({CHROMIUM})", needed_by="the browser tests", error=BrowserUnavailable, timeout=1800
+    )
     return chromium_path(install=False)
 
 
@@ -85,30 +89,53 @@ def new_page(browser: Any, *, quiet_mlflow: bool = False) -> Any:
 # --- the servers -------------------------------------------------------------------------------
 
 
-def start_mlflow_ui(project: Path, *, log_dir: Path, port: int | None = None, timeout: float = 300,
-                    wait: bool = True) -> tuple[str, Proc]:
+def start_mlflow_ui(
+    project: Path, *, log_dir: Path, port: int | None = None, timeout: float = 300, wait: bool = True
+) -> tuple[str, Proc]:
     """``mlflow ui`` on the project's store (``make mlflow-ui``), one worker, on 127.0.0.1;
     with ``wait``, returns once it answers (else call :func:`wait_ready`)."""
     from aigc_pipeline.tracking.store import tracking_uri
 
     port = port or free_port()
-    proc = start("mlflow-ui", [str(BIN / "mlflow"), "ui", "--backend-store-uri", tracking_uri(project),
-                               "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                 cwd=project, env=clean_env(), log_dir=log_dir)
+    proc = start(
+        "mlflow-ui",
+        [
+            str(BIN / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            tracking_uri(project),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        cwd=project,
+        env=clean_env(),
+        log_dir=log_dir,
+    )
     url = f"http://127.0.0.1:{port}"
     if wait:
         wait_ready(url, proc, timeout)
     return url, proc
 
 
-def start_prefect_ui(project: Path, *, log_dir: Path, port: int | None = None, timeout: float = 300,
-                     wait: bool = True) -> tuple[str, Proc]:
+def start_prefect_ui(
+    project: Path, *, log_dir: Path, port: int | None = None, timeout: float = 300, wait: bool = True
+) -> tuple[str, Proc]:
     """``prefect server start`` with its UI on the project's ``.prefect`` (``make prefect-ui``)."""
     port = port or free_port()
-    env = clean_env(PREFECT_HOME=str(project / ".prefect"), PREFECT_SERVER_API_HOST="127.0.0.1",
-                    PREFECT_SERVER_API_PORT=str(port))  # the port the UI's JavaScript calls
-    proc = start("prefect-ui", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                                "--log-level", "WARNING"], cwd=project, env=env, log_dir=log_dir)
+    env = clean_env(
+        PREFECT_HOME=str(project / ".prefect"), PREFECT_SERVER_API_HOST="127.0.0.1", PREFECT_SERVER_API_PORT=str(port)
+    )  # the port the UI's JavaScript calls
+    proc = start(
+        "prefect-ui",
+        [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--log-level", "WARNING"],
+        cwd=project,
+        env=env,
+        log_dir=log_dir,
+    )
     url = f"http://127.0.0.1:{port}"
     if wait:
         wait_ready(url, proc, timeout)
@@ -155,7 +182,9 @@ def loaded_images(page: Any, src_part: str) -> list[dict[str, Any]]:
     return page.evaluate(
         """(part) => [...document.images].filter(i => i.src.includes(part))
              .map(i => ({src: i.src.slice(0, 120), width: i.naturalWidth, height: i.naturalHeight,
-                         complete: i.complete}))""", src_part)
+                         complete: i.complete}))""",
+        src_part,
+    )
 
 
 def wait_image(page: Any, src_part: str, *, within_ms: int = TIMEOUT_MS) -> list[dict[str, Any]]:
@@ -164,7 +193,9 @@ def wait_image(page: Any, src_part: str, *, within_ms: int = TIMEOUT_MS) -> list
     page.wait_for_function(
         """([part, deadline]) => performance.now() > deadline ||
              [...document.images].some(i => i.src.includes(part) && i.complete)""",
-        arg=[src_part, page.evaluate("performance.now()") + within_ms], timeout=within_ms + 30_000)
+        arg=[src_part, page.evaluate("performance.now()") + within_ms],
+        timeout=within_ms + 30_000,
+    )
     return loaded_images(page, src_part)
 
 
@@ -179,7 +210,9 @@ def mlflow_experiment(page: Any, url: str, run_name: str) -> bool:
     overview = page.get_by_text("Token Usage").first
     page.wait_for_function(
         "(name) => document.body.innerText.includes('Token Usage') || "
-        "[...document.querySelectorAll('a')].some(a => a.innerText.trim() === name)", arg=run_name)
+        "[...document.querySelectorAll('a')].some(a => a.innerText.trim() === name)",
+        arg=run_name,
+    )
     return runs.is_visible() and not overview.is_visible()
 
 
@@ -195,8 +228,9 @@ def mlflow_image_chart(page: Any, key: str, step: int) -> list[dict[str, Any]]:
     key in the chart search, then step the card's slider (MLflow starts it at step 0) to ``step``.
     Returns the card's images of that step once loaded (none when none appeared in time)."""
     page.get_by_placeholder("Search metric charts").fill(key)
-    slider = page.locator(f"xpath=//*[normalize-space(text())='{key}']"
-                          "/ancestor::*[.//*[@role='slider']][1]//*[@role='slider']").first
+    slider = page.locator(
+        f"xpath=//*[normalize-space(text())='{key}']/ancestor::*[.//*[@role='slider']][1]//*[@role='slider']"
+    ).first
     slider.wait_for()
     now = int(float(slider.get_attribute("aria-valuenow") or 0))
     # One logged step: the slider is disabled (Radix's data-disabled) and the card shows that step.

@@ -15,7 +15,8 @@ import json
 import os
 import re
 import urllib.request
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -59,8 +60,14 @@ def uis(browser: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict
         receipt = json.loads(next((project / "registry").glob("*.json")).read_text())
         runs = _post_json(f"{pf_url}/api/flow_runs/filter", {})
         (flow_run,) = [r for r in runs if r["flow_id"] and r["name"].startswith("digits-")]
-        yield {"project": project, "mlflow": ml_url, "prefect": pf_url, "receipt": receipt, "flow_run": flow_run,
-               "shots": base / "screens"}
+        yield {
+            "project": project,
+            "mlflow": ml_url,
+            "prefect": pf_url,
+            "receipt": receipt,
+            "flow_run": flow_run,
+            "shots": base / "screens",
+        }
 
 
 def _post_json(url: str, body: dict[str, Any]) -> Any:
@@ -114,8 +121,9 @@ def test_prefect_flow_run_is_named_and_tagged_after_what_it_trained(page: Any, u
     pages.prefect_tab(page, "Task Runs")
     for task in ("params", "ingest@digits", "augment@digits", "train", "evaluate", "register", "publish-summary"):
         # Stable names: the stage's, with no random suffix (Prefect's default is "train-a1b").
-        assert _visible(page, re.compile(rf"^{re.escape(task)}$"), "#task-runs-content"), \
+        assert _visible(page, re.compile(rf"^{re.escape(task)}$"), "#task-runs-content"), (
             f"task run {task!r} not listed"
+        )
 
 
 def test_prefect_flow_run_parameters_show_dataset_model_and_overrides(page: Any, uis: dict[str, Any]) -> None:
@@ -128,8 +136,9 @@ def test_prefect_flow_run_parameters_show_dataset_model_and_overrides(page: Any,
 def test_prefect_flow_run_logs_show_training_the_fid_and_the_decision(page: Any, uis: dict[str, Any]) -> None:
     pages.prefect_flow_run(page, uis["prefect"], uis["flow_run"]["name"])  # opens on its logs
     assert _visible(page, re.compile(r"^train epoch 1/1 +step 10/10 +loss_d")), "no per-epoch training line"
-    assert _visible(page, re.compile(r"^evaluate: FID [\d.]+ .*\(floor [\d.]+ = [\d.]+x\).*\[incv3-\w+_n24_eval-")), \
+    assert _visible(page, re.compile(r"^evaluate: FID [\d.]+ .*\(floor [\d.]+ = [\d.]+x\).*\[incv3-\w+_n24_eval-")), (
         "no FID with its floor and protocol"
+    )
     assert _visible(page, re.compile(rf"^register: {REGISTERED} v1: champion \(.+\)")), "no decision with its reason"
 
 
@@ -170,8 +179,9 @@ def test_mlflow_experiment_opens_on_training_runs(page: Any, uis: dict[str, Any]
     href = page.get_by_role("link", name="experiment", exact=True).get_attribute("href")
     assert href and href.startswith(uis["mlflow"]), href
     run = _mlflow_run(uis)
-    assert pages.mlflow_experiment(page, href, run.run_name), \
+    assert pages.mlflow_experiment(page, href, run.run_name), (
         f"the experiment did not open on its runs table (listing run {run.run_name!r})"
+    )
 
 
 def test_mlflow_run_shows_an_image_chart(page: Any, uis: dict[str, Any]) -> None:

@@ -66,8 +66,9 @@ _CHILD = textwrap.dedent(
 
 def _kill_at(target: Path, point: str, *extra: str) -> int:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-c", _CHILD, str(target), point, *extra], env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", _CHILD, str(target), point, *extra], env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == -signal.SIGKILL, f"child was not killed at {point}: {proc.returncode}\n{proc.stderr}"
     return proc.returncode
 
@@ -113,8 +114,11 @@ def test_kill_during_the_swap_then_next_run_sees_the_previous_version(
             seen = _contents(target)
             assert _leftovers(target) == [tmp.name]  # only its own temp folder
             raise RuntimeError("stop")
-    expected = before if point in ("body", "fallback-between") else {"meta.json": b'{"version": 2}',
-                                                                       "sub/new.bin": b"new version " * 1000}
+    expected = (
+        before
+        if point in ("body", "fallback-between")
+        else {"meta.json": b'{"version": 2}', "sub/new.bin": b"new version " * 1000}
+    )
     assert seen == expected
     assert _contents(target) == expected, "byte-identical"
     assert _leftovers(target) == []
@@ -160,8 +164,7 @@ def test_killed_ingest_swap_then_failing_ingest_leaves_the_previous_dataset(tmp_
     project = tmp_path / "project"
     project.mkdir()
     out = tmp_path / "prepared"
-    args = ["--project", str(project), "ingest", "--out", str(out), "--size", "16", "--channels", "3",
-            "--workers", "1"]
+    args = ["--project", str(project), "ingest", "--out", str(out), "--size", "16", "--channels", "3", "--workers", "1"]
     first = _images(tmp_path / "first", 12, seed=0)
     subprocess.run([str(BIN / "aigc"), *args, str(first)], check=True, capture_output=True, timeout=300)
     good = _contents(out)

@@ -9,8 +9,16 @@ import pytest
 from aigc_pipeline.config import load_config
 from aigc_pipeline.errors import ConfigError
 from aigc_pipeline.stages.train import Progress, plan_budget
-from aigc_pipeline.training.budget import (AUTO_KIMG, AUTO_MODEL, CPU_WARNING_SECONDS, auto_kimg, format_duration,
-                                           plan_warning, resolve_budget, resolve_model)
+from aigc_pipeline.training.budget import (
+    AUTO_KIMG,
+    AUTO_MODEL,
+    CPU_WARNING_SECONDS,
+    auto_kimg,
+    format_duration,
+    plan_warning,
+    resolve_budget,
+    resolve_model,
+)
 from tests.conftest import REPO
 
 
@@ -101,10 +109,12 @@ def test_progress_prints_the_plan_then_a_warmup_estimate(monkeypatch) -> None:
     monkeypatch.setattr("aigc_pipeline.stages.train.time.perf_counter", clock)
     budget = resolve_budget(family="resgan", size=8, train_images=1437, batch_size=64, epochs=None, kimg="auto")
     out, heard = io.StringIO(), _Observer()
-    progress = Progress(budget.epochs, stream=out, budget=budget, device="cpu", fid_points=4, fid_samples=64,
-                        observer=heard)
-    progress.start({"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device",
-                    "world_size": 1})
+    progress = Progress(
+        budget.epochs, stream=out, budget=budget, device="cpu", fid_points=4, fid_samples=64, observer=heard
+    )
+    progress.start(
+        {"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device", "world_size": 1}
+    )
     for step in range(1, 23):
         # The first two steps are slow (allocation), then 0.5 s a step.
         clock.now += 3.0 if step <= 2 else 0.5
@@ -133,10 +143,18 @@ def test_a_measured_inception_rate_prices_the_fid_points(monkeypatch) -> None:
     clock = _Clock()
     monkeypatch.setattr("aigc_pipeline.stages.train.time.perf_counter", clock)
     budget = resolve_budget(family="resgan", size=8, train_images=1437, batch_size=64, epochs=None, kimg="auto")
-    progress = Progress(budget.epochs, stream=io.StringIO(), budget=budget, device="cpu", fid_points=4,
-                        fid_samples=64, fid_seconds_per_sample=0.5)
-    progress.start({"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device",
-                    "world_size": 1})
+    progress = Progress(
+        budget.epochs,
+        stream=io.StringIO(),
+        budget=budget,
+        device="cpu",
+        fid_points=4,
+        fid_samples=64,
+        fid_seconds_per_sample=0.5,
+    )
+    progress.start(
+        {"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device", "world_size": 1}
+    )
     for step in range(1, 23):
         clock.now += 0.5
         progress.step(step, budget.steps, 1)
@@ -148,8 +166,9 @@ def test_a_long_cpu_plan_is_warned_about() -> None:
     budget = resolve_budget(family="resgan", size=32, train_images=5000, batch_size=64, epochs=100, kimg="auto")
     out = io.StringIO()
     progress = Progress(budget.epochs, stream=out, budget=budget, device="cpu")
-    progress.start({"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device",
-                    "world_size": 1})
+    progress.start(
+        {"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device", "world_size": 1}
+    )
     progress.warmup = (0, progress.t0 - 10.0)  # as if the first 3 steps had taken 10 s
     progress.step(3, budget.steps, 1)
     assert "train: warning: this training will take about" in out.getvalue()

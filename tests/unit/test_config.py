@@ -56,7 +56,9 @@ def test_invalid_values_name_the_key(override: str, message: str) -> None:
 
 
 def test_overrides_parse_yaml_scalars() -> None:
-    cfg = load_config(REPO, ["train.epochs=3", "train.lr=1e-3", "augment.hflip=true", "evaluate.inception_weights=null"])
+    cfg = load_config(
+        REPO, ["train.epochs=3", "train.lr=1e-3", "augment.hflip=true", "evaluate.inception_weights=null"]
+    )
     assert (cfg.train.epochs, cfg.train.lr, cfg.augment.hflip, cfg.evaluate.inception_weights) == (3, 1e-3, True, None)
 
 

@@ -88,8 +88,15 @@ def _evaluation(**metrics: float) -> Evaluation:
 
 
 def test_the_gate_refuses_a_copier_naming_its_figures() -> None:
-    copier = _evaluation(fid=20.0, floor_fid=19.0, copy_share=0.9, floor_copy_share=0.05, copy_ct=-12.5,
-                         floor_copy_ct=0.3, exact_copies=270)
+    copier = _evaluation(
+        fid=20.0,
+        floor_fid=19.0,
+        copy_share=0.9,
+        floor_copy_share=0.05,
+        copy_ct=-12.5,
+        floor_copy_ct=0.3,
+        exact_copies=270,
+    )
     (share,) = quality_bar(copier, max_fid_ratio=3.0, max_copy_share=0.2)
     assert "copy_share 0.900 (real data 0.050)" in share and "C_T -12.50 (real data 0.30)" in share
     assert "270 exact copies" in share and "register.max_copy_share 0.2" in share
@@ -98,8 +105,10 @@ def test_the_gate_refuses_a_copier_naming_its_figures() -> None:
     honest = _evaluation(fid=20.0, floor_fid=19.0, copy_share=0.04, floor_copy_share=0.05, copy_ct=1.2)
     assert quality_bar(honest, max_fid_ratio=3.0, max_copy_share=0.2, min_copy_ct=-3.0) == []
     # Asked for but not measured: refused, saying why.
-    unmeasured = Evaluation({"fid": 20.0, "floor_fid": 19.0},
-                            {"protocol": {"id": "x"}, "copying": {"unavailable": "the eval split holds 1 image"}})
+    unmeasured = Evaluation(
+        {"fid": 20.0, "floor_fid": 19.0},
+        {"protocol": {"id": "x"}, "copying": {"unavailable": "the eval split holds 1 image"}},
+    )
     (why,) = quality_bar(unmeasured, max_fid_ratio=3.0, max_copy_share=0.2)
     assert "the eval split holds 1 image" in why and "cannot be checked" in why
     assert quality_bar(unmeasured, max_fid_ratio=3.0) == []  # no copying bar set: not needed

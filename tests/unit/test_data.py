@@ -48,8 +48,9 @@ def test_prepared_round_trip_and_digest(tmp_path: Path) -> None:
     imgs = rng.integers(0, 256, size=(50, 1, 8, 8), dtype=np.uint8)
     labels = [str(i % 3) if i % 5 else None for i in range(50)]
     with atomic_dir(tmp_path / "ds") as tmp:
-        meta = write_prepared(tmp, ((im, _row(im, i, lab)) for i, (im, lab) in enumerate(zip(imgs, labels))),
-                              size=8, channels=1)
+        meta = write_prepared(
+            tmp, ((im, _row(im, i, lab)) for i, (im, lab) in enumerate(zip(imgs, labels))), size=8, channels=1
+        )
     data = load_prepared(tmp_path / "ds")
     assert meta["count"] == 50 and data.classes == ("0", "1", "2")
     assert (data.images == imgs).all()
@@ -63,8 +64,9 @@ def test_prepared_round_trip_and_digest(tmp_path: Path) -> None:
     imgs2 = imgs.copy()
     imgs2[7, 0, 0, 0] ^= 1
     with atomic_dir(tmp_path / "ds2") as tmp:
-        meta2 = write_prepared(tmp, ((im, _row(im, i, lab)) for i, (im, lab) in enumerate(zip(imgs2, labels))),
-                               size=8, channels=1)
+        meta2 = write_prepared(
+            tmp, ((im, _row(im, i, lab)) for i, (im, lab) in enumerate(zip(imgs2, labels))), size=8, channels=1
+        )
     assert meta2["digest"] != meta["digest"]
 
 
@@ -178,15 +180,20 @@ def test_new_operations_leave_the_old_draws_alone() -> None:
     img = _rgb(seed=3, size=16)
     old = AugmentConfig(seed=5, hflip=True, max_shift=2)
     new = AugmentConfig(seed=5, hflip=True, max_shift=2, max_rotation=0, brightness=0.0)
-    assert all((augment_image(img, old, image_rng(5, i, 0)) == augment_image(img, new, image_rng(5, i, 0))).all()
-               for i in range(10))
+    assert all(
+        (augment_image(img, old, image_rng(5, i, 0)) == augment_image(img, new, image_rng(5, i, 0))).all()
+        for i in range(10)
+    )
 
 
-@pytest.mark.parametrize(("override", "message"), [
-    ("augment.max_rotation=200", "augment.max_rotation: must be in [0, 180]"),
-    ("augment.brightness=1.5", "augment.brightness: must be in [0, 1]"),
-    ("augment.saturation=-0.1", "augment.saturation: must be in [0, 1]"),
-])
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("augment.max_rotation=200", "augment.max_rotation: must be in [0, 180]"),
+        ("augment.brightness=1.5", "augment.brightness: must be in [0, 1]"),
+        ("augment.saturation=-0.1", "augment.saturation: must be in [0, 1]"),
+    ],
+)
 def test_augment_options_are_validated(override: str, message: str) -> None:
     from aigc_pipeline.config import load_config
     from aigc_pipeline.errors import ConfigError
@@ -205,8 +212,14 @@ def test_augment_stage_is_byte_identical_for_a_seed(tmp_path: Path) -> None:
     imgs = np.random.default_rng(0).integers(0, 256, size=(40, 3, 16, 16), dtype=np.uint8)
     with atomic_dir(tmp_path / "prepared") as tmp:
         write_prepared(tmp, ((im, _row(im, i, None)) for i, im in enumerate(imgs)), size=16, channels=3)
-    on = ["augment.copies=2", "augment.hflip=true", "augment.max_rotation=15", "augment.brightness=0.3",
-          "augment.contrast=0.3", "augment.saturation=0.3"]
+    on = [
+        "augment.copies=2",
+        "augment.hflip=true",
+        "augment.max_rotation=15",
+        "augment.brightness=0.3",
+        "augment.contrast=0.3",
+        "augment.saturation=0.3",
+    ]
     runs = {}
     for name, extra in (("a", []), ("b", []), ("c", ["augment.seed=1"])):
         augment.run(load_config(REPO, on + extra), tmp_path / "prepared", tmp_path / name)

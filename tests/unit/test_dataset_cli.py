@@ -52,12 +52,27 @@ def aigc(project: Path, *args: str) -> int:
 
 # --- aigc ingest SOURCE ------------------------------------------------------------------------
 
+
 def test_ingest_a_folder_writes_the_report(project: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     src = make_folder(tmp_path / "pets", good=6, bad=0)
     (src / "Thumbs.db").write_bytes(b"junk")
     params_before = (project / "params.yaml").read_text()
-    assert aigc(project, "ingest", str(src), "--out", "data/prepared/pets", "--size", "8", "--channels", "3",
-                "--workers", "1") == 0
+    assert (
+        aigc(
+            project,
+            "ingest",
+            str(src),
+            "--out",
+            "data/prepared/pets",
+            "--size",
+            "8",
+            "--channels",
+            "3",
+            "--workers",
+            "1",
+        )
+        == 0
+    )
     assert "6 images accepted, 0 rejected" in capsys.readouterr().out
     out = project / "data" / "prepared" / "pets"
     report = json.loads((out / "report.json").read_text())
@@ -115,8 +130,20 @@ def test_ingest_an_archive_and_a_manifest(project: Path, tmp_path: Path) -> None
     assert json.loads((tmp_path / "a" / "report.json").read_text())["per_class"] == {"cat": 2, "dog": 1}
 
     (tmp_path / "list.csv").write_text("path,species\n0.png,dog\n1.png,cat\n2.png,\n")
-    assert aigc(project, "ingest", str(tmp_path / "list.csv"), "--out", str(tmp_path / "m"), "--labels", "species",
-                "--max-rejected", "0.5") == 0
+    assert (
+        aigc(
+            project,
+            "ingest",
+            str(tmp_path / "list.csv"),
+            "--out",
+            str(tmp_path / "m"),
+            "--labels",
+            "species",
+            "--max-rejected",
+            "0.5",
+        )
+        == 0
+    )
     report = json.loads((tmp_path / "m" / "report.json").read_text())
     assert report["per_class"] == {"cat": 1, "dog": 1}
     assert report["rejected"] == [{"path": "2.png", "reason": "empty label in column 'species' (row 3)"}]
@@ -133,8 +160,9 @@ def test_ingest_an_archive_and_a_manifest(project: Path, tmp_path: Path) -> None
         (["ingest", "{tmp}/nope"], "nope: not found"),
     ],
 )
-def test_ingest_user_errors_exit_2(project: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str],
-                                   message: str) -> None:
+def test_ingest_user_errors_exit_2(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture, args: list[str], message: str
+) -> None:
     make_folder(tmp_path / "src", good=2)
     (tmp_path / "notes.txt").write_text("x")
     args = [a.format(src=tmp_path / "src", tmp=tmp_path) for a in args]
@@ -145,6 +173,7 @@ def test_ingest_user_errors_exit_2(project: Path, tmp_path: Path, capsys: pytest
 
 # --- aigc dataset add --------------------------------------------------------------------------
 
+
 def test_dataset_add_writes_the_entry_keeping_comments(project: Path, capsys: pytest.CaptureFixture) -> None:
     make_folder(project / "data" / "raw" / "pets", good=4)
     before = (project / "params.yaml").read_text().splitlines()
@@ -153,8 +182,13 @@ def test_dataset_add_writes_the_entry_keeping_comments(project: Path, capsys: py
     text = (project / "params.yaml").read_text()
     # Every other line is as it was: `null` stays null (ruamel would write an empty value).
     assert [line for line in text.splitlines() if line not in before] == [
-        "  pets:", "    source: image-folder", "    path: data/raw/pets", "    labels: folders", "    size: 16",
-        "    channels: 3"]
+        "  pets:",
+        "    source: image-folder",
+        "    path: data/raw/pets",
+        "    labels: folders",
+        "    size: 16",
+        "    channels: 3",
+    ]
     assert sorted(set(before) - set(text.splitlines())) == []
     assert "# Which entry of `datasets` the train/evaluate/register stages use." in text  # comments kept
     assert "scikit-learn's bundled 8x8 digits" in text
@@ -195,8 +229,9 @@ def test_dataset_add_refuses_existing_names_and_undecodable_sources(
     assert load_config(project).datasets["pets"].size == 64
 
 
-def test_dataset_add_refuses_a_folder_dvc_cannot_hash(project: Path, tmp_path: Path,
-                                                      capsys: pytest.CaptureFixture) -> None:
+def test_dataset_add_refuses_a_folder_dvc_cannot_hash(
+    project: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     import os
 
     src = make_folder(tmp_path / "pets", good=4)

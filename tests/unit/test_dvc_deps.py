@@ -90,8 +90,10 @@ def _stage_deps(dvc_yaml: Path) -> dict[str, list[str]]:
 def test_dvc_yaml_lists_every_package_file_the_stage_imports(stage: str) -> None:
     deps = _stage_deps(REPO / "dvc.yaml")[stage]
     missing = uncovered(import_closure(REPO, STAGE_MODULES[stage]), deps)
-    assert not missing, (f"dvc.yaml stage {stage!r} imports {', '.join(missing)} but lists none of them in its "
-                         "deps: DVC would call the stage up to date after a change there. Add them to dvc.yaml.")
+    assert not missing, (
+        f"dvc.yaml stage {stage!r} imports {', '.join(missing)} but lists none of them in its "
+        "deps: DVC would call the stage up to date after a change there. Add them to dvc.yaml."
+    )
 
 
 def test_the_check_names_a_file_dvc_yaml_lacks(tmp_path: Path) -> None:

@@ -70,8 +70,9 @@ def _textbook_fid(f1: np.ndarray, f2: np.ndarray) -> float:
     return float(diff.dot(diff) + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 
 
-def test_aigc_fid_json_agrees_with_an_independent_fid(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_aigc_fid_json_agrees_with_an_independent_fid(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     # No torch-fidelity weights file in the hub: the offline conversion of the same TorchScript model is used.
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     a, b = _digits_299(0), _digits_299(900, invert=True, tint=True)

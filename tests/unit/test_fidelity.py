@@ -4,8 +4,9 @@ distance and its bootstrap, IS availability, input validation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -92,9 +93,7 @@ def test_fid_self_zero_cache_hit_identical_and_new_content_misses(
 
     # Second call: reference statistics come from the cache (only the generated set is extracted)
     # and give exactly the value computed without it.
-    second = compute_fidelity_metrics(
-        images, images, reference_key="noise-v1", weights=weights, cache_dir=tmp_path
-    )
+    second = compute_fidelity_metrics(images, images, reference_key="noise-v1", weights=weights, cache_dir=tmp_path)
 
     assert extraction_calls == [N_IMAGES, N_IMAGES, N_IMAGES]
     assert second["fid"] == first["fid"] and second["reference_cached"]
@@ -102,9 +101,7 @@ def test_fid_self_zero_cache_hit_identical_and_new_content_misses(
 
     # Same key, different pixels: must miss (a new entry appears), and clearly different sets are far apart.
     different = _flat_colours(N_IMAGES, seed=1)
-    far = compute_fidelity_metrics(
-        images, different, reference_key="noise-v1", weights=weights, cache_dir=tmp_path
-    )
+    far = compute_fidelity_metrics(images, different, reference_key="noise-v1", weights=weights, cache_dir=tmp_path)
 
     assert extraction_calls[3:] == [N_IMAGES, N_IMAGES]
     new_files = _cache_files(tmp_path)
@@ -125,8 +122,14 @@ def test_kid_prc_and_unavailable_inception_score(weights: InceptionWeights, tmp_
     reference = _noise(5, seed=3, channels=1)  # grayscale reference: repeated to RGB
 
     result = compute_fidelity_metrics(
-        generated, reference, reference_key="gray", weights=weights, cache_dir=tmp_path,
-        kid=True, prc=True, isc=True,
+        generated,
+        reference,
+        reference_key="gray",
+        weights=weights,
+        cache_dir=tmp_path,
+        kid=True,
+        prc=True,
+        isc=True,
     )
 
     assert "isc_mean" not in result and "isc_std" not in result
@@ -215,8 +218,12 @@ def test_cuda_without_gpu_is_rejected(fake_weights: InceptionWeights, tmp_path: 
 
 def test_batch_size_does_not_change_the_metrics(weights: InceptionWeights, tmp_path: Path) -> None:
     generated, reference = _noise(N_IMAGES, seed=10), _flat_colours(N_IMAGES, seed=11)
-    runs = [compute_fidelity_metrics(generated, reference, reference_key="bs", weights=weights, batch_size=bs,
-                                     cache=False, kid=True, prc=True) for bs in (3, N_IMAGES)]
+    runs = [
+        compute_fidelity_metrics(
+            generated, reference, reference_key="bs", weights=weights, batch_size=bs, cache=False, kid=True, prc=True
+        )
+        for bs in (3, N_IMAGES)
+    ]
     for other in runs[1:]:
         assert other["fid"] == pytest.approx(runs[0]["fid"], rel=1e-5)
         assert other["kid_mean"] == pytest.approx(runs[0]["kid_mean"], rel=1e-4, abs=1e-6)
@@ -237,15 +244,24 @@ def test_cache_on_and_off_give_the_same_values(weights: InceptionWeights, tmp_pa
 
 def test_equals_a_plain_torch_fidelity_call(weights: InceptionWeights, tmp_path: Path) -> None:
     generated, reference = _noise(N_IMAGES, seed=14), _flat_colours(N_IMAGES + 2, seed=15)
-    ours = compute_fidelity_metrics(generated, reference, reference_key="tf", weights=weights, kid=True, prc=True,
-                                    cache_dir=tmp_path)
+    ours = compute_fidelity_metrics(
+        generated, reference, reference_key="tf", weights=weights, kid=True, prc=True, cache_dir=tmp_path
+    )
     # torch-fidelity's own loader unpickles: give it a file this test writes from the checked tensors.
     plain = tmp_path / "plain-state-dict.pth"
     torch.save(load_state_dict(weights), plain)
     raw = torch_fidelity.calculate_metrics(
-        input1=UInt8Images(generated), input2=UInt8Images(reference), fid=True, kid=True, prc=True,
-        feature_extractor="inception-v3-compat", feature_extractor_weights_path=str(plain), cuda=False,
-        save_cpu_ram=True, kid_subset_size=N_IMAGES, verbose=False,
+        input1=UInt8Images(generated),
+        input2=UInt8Images(reference),
+        fid=True,
+        kid=True,
+        prc=True,
+        feature_extractor="inception-v3-compat",
+        feature_extractor_weights_path=str(plain),
+        cuda=False,
+        save_cpu_ram=True,
+        kid_subset_size=N_IMAGES,
+        verbose=False,
     )
     assert ours["fid"] == pytest.approx(raw[torch_fidelity.KEY_METRIC_FID], rel=1e-6)
     assert ours["kid_mean"] == pytest.approx(raw[torch_fidelity.KEY_METRIC_KID_MEAN], rel=1e-6)
@@ -294,8 +310,9 @@ def test_bootstrap_is_seeded_and_measures_a_spread() -> None:
 
 def test_bootstrap_reported_with_the_metrics(weights: InceptionWeights, tmp_path: Path) -> None:
     images, ref = _noise(N_IMAGES, seed=18), _noise(N_IMAGES, seed=19)
-    result = compute_fidelity_metrics(images, ref, reference_key="boot", weights=weights, cache_dir=tmp_path,
-                                      bootstrap=10, bootstrap_seed=5)
+    result = compute_fidelity_metrics(
+        images, ref, reference_key="boot", weights=weights, cache_dir=tmp_path, bootstrap=10, bootstrap_seed=5
+    )
     boot = result["fid_bootstrap"]
     assert boot["replicas"] == 10 and boot["seed"] == 5 and boot["std"] > 0 and np.isfinite(boot["mean"])
     with pytest.raises(EvaluationError, match="bootstrap"):
@@ -337,8 +354,18 @@ def test_fid_over_training_prepares_its_reference_before_the_first_point(
     reference = _noise(N_IMAGES, seed=11)
 
     def hook() -> FidProgress:
-        return FidProgress(reference, reference_digest="prep-test", reference_split="eval", arch=arch,
-                           weights=weights, every=1, epochs=1, samples=4, seed=0, cache_dir=tmp_path)
+        return FidProgress(
+            reference,
+            reference_digest="prep-test",
+            reference_split="eval",
+            arch=arch,
+            weights=weights,
+            every=1,
+            epochs=1,
+            samples=4,
+            seed=0,
+            cache_dir=tmp_path,
+        )
 
     cold = hook()
     rate = cold.prepare()

@@ -14,18 +14,44 @@ from aigc_pipeline.evaluation.results import Evaluation
 PID = "incv3-abcd1234_n300_eval-01234567_32px"
 
 
-def _decide(candidate: Score | None, champion: Score | None, *, version: str | None = "3", problems=(),
-            margin: float = 0.5, sigmas: float = 2.0, below_bar=()):
-    return decide(candidate, list(problems), champion=champion, champion_version=version, margin=margin,
-                  noise_sigmas=sigmas, protocol_id=PID, below_bar=list(below_bar))
+def _decide(
+    candidate: Score | None,
+    champion: Score | None,
+    *,
+    version: str | None = "3",
+    problems=(),
+    margin: float = 0.5,
+    sigmas: float = 2.0,
+    below_bar=(),
+):
+    return decide(
+        candidate,
+        list(problems),
+        champion=champion,
+        champion_version=version,
+        margin=margin,
+        noise_sigmas=sigmas,
+        protocol_id=PID,
+        below_bar=list(below_bar),
+    )
 
 
 def _metrics(details: dict | None = None, **overrides) -> Evaluation:
-    metrics = {"fid": 40.0, "fid_std": 1.0, "kid": 0.01, "precision": 0.6, "recall": 0.5, "floor_fid": 20.0,
-               "floor_precision": 0.9, "floor_recall": 0.8}
+    metrics = {
+        "fid": 40.0,
+        "fid_std": 1.0,
+        "kid": 0.01,
+        "precision": 0.6,
+        "recall": 0.5,
+        "floor_fid": 20.0,
+        "floor_precision": 0.9,
+        "floor_recall": 0.8,
+    }
     metrics.update(overrides)
-    return Evaluation({k: v for k, v in metrics.items() if v is not None},
-                      {"protocol": {"id": PID}, "bootstrap": {"replicas": 100}, **(details or {})})
+    return Evaluation(
+        {k: v for k, v in metrics.items() if v is not None},
+        {"protocol": {"id": PID}, "bootstrap": {"replicas": 100}, **(details or {})},
+    )
 
 
 def test_first_model_becomes_champion() -> None:

@@ -14,10 +14,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
-
-from safetensors.torch import load_file
 
 from aigc_pipeline.evaluation import inception
 from aigc_pipeline.evaluation.cache import default_cache_dir
@@ -154,13 +153,16 @@ def test_converted_weights_match_torchscript_through_torch_fidelity_resize(conve
 def test_our_network_is_torch_fidelitys(converted: InceptionWeights, tmp_path: Path) -> None:
     """Same state dict layout and bit-identical outputs as torch-fidelity's own class, which reads
     (unpickles) a file this test wrote itself from the checked tensors."""
-    theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"],
-                                         feature_extractor_weights_path=str(_state_dict_file(converted, tmp_path / "s.pth",
-                                                                                             fc_seed=0)))
+    theirs = FeatureExtractorInceptionV3(
+        "inception-v3-compat",
+        ["2048", "logits_unbiased"],
+        feature_extractor_weights_path=str(_state_dict_file(converted, tmp_path / "s.pth", fc_seed=0)),
+    )
     ours = VerifiedInceptionV3(["2048", "logits_unbiased"], load_state_dict(converted))
     ours.fc.load_state_dict(theirs.fc.state_dict())
-    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == \
-        [(k, tuple(v.shape)) for k, v in theirs.state_dict().items()]
+    assert [(k, tuple(v.shape)) for k, v in ours.state_dict().items()] == [
+        (k, tuple(v.shape)) for k, v in theirs.state_dict().items()
+    ]
     assert str(ours).split("(", 1)[1] == str(theirs).split("(", 1)[1]  # every layer, strides and paddings
     images = torch.from_numpy(np.random.default_rng(3).integers(0, 256, size=(2, 3, 40, 40), dtype=np.uint8))
     with torch.no_grad():
@@ -197,8 +199,10 @@ def test_conversion_is_cached_and_hash_recorded(
     assert again == converted
     assert (after.st_mtime_ns, after.st_ino) == (before.st_mtime_ns, before.st_ino), "conversion was rewritten"
     # Atomic writes leave no temp files behind.
-    assert sorted(p.name for p in converted.path.parent.iterdir()) == [converted.path.name,
-                                                                       converted.path.name + ".json"]
+    assert sorted(p.name for p in converted.path.parent.iterdir()) == [
+        converted.path.name,
+        converted.path.name + ".json",
+    ]
 
 
 def test_conversion_is_deterministic(converted: InceptionWeights, tmp_path: Path, empty_torch_home: Path) -> None:
@@ -360,9 +364,12 @@ def marker(tmp_path: Path) -> Path:
 def test_the_hostile_file_does_run_code_when_unpickled(tmp_path: Path, marker: Path) -> None:
     """The payload used below works: torch-fidelity's own loader (weights_only=False) runs it."""
     hostile = _hostile_file(tmp_path / "hostile.pth", marker)
-    code = ("import torch, sys; from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3\n"
-            "try:\n    FeatureExtractorInceptionV3('inception-v3-compat', ['2048'], feature_extractor_weights_path=sys.argv[1])\n"
-            "except Exception:\n    pass\n")
+    code = (
+        "import torch, sys; from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3\n"
+        "try:\n    FeatureExtractorInceptionV3('inception-v3-compat', ['2048'],\n"
+        "                                feature_extractor_weights_path=sys.argv[1])\n"
+        "except Exception:\n    pass\n"
+    )
     subprocess.run([sys.executable, "-c", code, str(hostile)], check=True, timeout=120, capture_output=True)
     assert marker.read_text() == "code ran while unpickling"
 
@@ -409,7 +416,9 @@ def test_hostile_cached_conversion_is_refused(
     assert not marker.exists()
 
 
-def test_file_swapped_after_it_was_checked_is_refused(converted: InceptionWeights, tmp_path: Path, marker: Path) -> None:
+def test_file_swapped_after_it_was_checked_is_refused(
+    converted: InceptionWeights, tmp_path: Path, marker: Path
+) -> None:
     path = tmp_path / "inception.pth"
     _state_dict_file(converted, path)
     weights = resolve_inception_weights(path)

@@ -115,8 +115,9 @@ def test_a_resumed_run_holds_every_record_once(tmp_path: Path, epoch: int, where
     final = client.get_run(run.run_id)
     assert final.info.status == "FINISHED"
     every_epoch = [STEPS_PER_EPOCH * e for e in range(1, EPOCHS + 1)]
-    assert [m.step for m in client.get_metric_history(run.run_id, "train/loss_d")] == \
-        list(range(1, STEPS_PER_EPOCH * EPOCHS + 1))
+    assert [m.step for m in client.get_metric_history(run.run_id, "train/loss_d")] == list(
+        range(1, STEPS_PER_EPOCH * EPOCHS + 1)
+    )
     assert sorted(m.step for m in client.get_metric_history(run.run_id, "train_epoch/loss_d")) == every_epoch
     grids = [a.path for a in client.list_artifacts(run.run_id, "images") if a.path.endswith(".png")]
     assert sorted(int(p.split("+")[2]) for p in grids) == every_epoch

@@ -4,7 +4,7 @@ more than the budget plus one item, with worker processes or without, and the ou
 from __future__ import annotations
 
 import functools
-from typing import Iterator
+from collections.abc import Iterator
 
 import pytest
 
@@ -27,8 +27,9 @@ def test_items_in_flight_stay_within_the_budget(workers: int) -> None:
 
     fn = functools.partial(process_chunk, spec=DecodeSpec(size=8, channels=1))
     returned, worst, keys = 0, 0, []
-    for outcome in ordered_map(fn, source(), workers=workers, chunk=8, min_parallel=0,
-                               weight=in_memory_bytes, budget=4 * MIB):
+    for outcome in ordered_map(
+        fn, source(), workers=workers, chunk=8, min_parallel=0, weight=in_memory_bytes, budget=4 * MIB
+    ):
         worst = max(worst, pulled[0] - returned)
         returned += MIB
         keys.append(outcome.key)

@@ -15,14 +15,25 @@ from aigc_pipeline.evaluation.gate import CHALLENGER, Score, decide
 from aigc_pipeline.evaluation.protocol import Protocol, protocol_differences
 from aigc_pipeline.evaluation.reference import feature_pass_digest
 
-BASE = Protocol(extractor="inception-v3-compat", weights_sha256="6726825d" + "0" * 56, num_samples=300,
-                reference_split="eval", reference_digest="ab" * 32, num_reference=361, size=32)
+BASE = Protocol(
+    extractor="inception-v3-compat",
+    weights_sha256="6726825d" + "0" * 56,
+    num_samples=300,
+    reference_split="eval",
+    reference_digest="ab" * 32,
+    num_reference=361,
+    size=32,
+)
 
 
 def test_the_id_is_short_readable_and_names_the_feature_pass() -> None:
     assert re.fullmatch(r"incv3-6726825d_fx[0-9a-f]{6}_n300_eval-abababab_32px", BASE.id), BASE.id
     assert (BASE.torch_fidelity, BASE.precision, BASE.resize, BASE.input_format) == (
-        torch_fidelity.__version__, FEATURE_PASS["precision"], FEATURE_PASS["resize"], FEATURE_PASS["input"])
+        torch_fidelity.__version__,
+        FEATURE_PASS["precision"],
+        FEATURE_PASS["resize"],
+        FEATURE_PASS["input"],
+    )
     d = BASE.to_dict()
     assert d["id"] == BASE.id and d["torch_fidelity"] == torch_fidelity.__version__
     assert d["feature_pass_digest"] in BASE.id
@@ -30,15 +41,24 @@ def test_the_id_is_short_readable_and_names_the_feature_pass() -> None:
 
 @pytest.mark.parametrize(
     "change",
-    [{"torch_fidelity": "0.5.0"}, {"precision": "tf32"}, {"precision": "bf16-autocast"},
-     {"resize": "pil-bilinear-299"}, {"input_format": "float-rgb"}, {"weights_sha256": "1" * 64},
-     {"num_samples": 500}, {"reference_split": "train"}, {"reference_digest": "cd" * 32}, {"size": 64}],
+    [
+        {"torch_fidelity": "0.5.0"},
+        {"precision": "tf32"},
+        {"precision": "bf16-autocast"},
+        {"resize": "pil-bilinear-299"},
+        {"input_format": "float-rgb"},
+        {"weights_sha256": "1" * 64},
+        {"num_samples": 500},
+        {"reference_split": "train"},
+        {"reference_digest": "cd" * 32},
+        {"size": 64},
+    ],
 )
 def test_anything_that_changes_the_number_changes_the_id(change: dict) -> None:
     other = dataclasses.replace(BASE, **change)
     assert other.id != BASE.id
     (difference,) = protocol_differences(other.to_dict(), BASE.to_dict())
-    (key, value), = change.items()
+    ((key, value),) = change.items()
     assert difference.startswith(f"{key}: ") and difference.endswith(f" -> {value}")
 
 
@@ -50,8 +70,17 @@ def test_gate_reason_names_what_differs_from_the_champions_protocol() -> None:
     upgraded = dataclasses.replace(BASE, torch_fidelity="0.5.0")
     # As read back from MLflow tags: strings, and an old evaluation lacking the newer fields.
     champion = {k: str(v) for k, v in BASE.to_dict().items() if k not in ("precision", "input_format")}
-    v = decide(Score(10.0, 1.0), [], champion=None, champion_version="3", margin=0.5, noise_sigmas=2.0,
-               protocol_id=upgraded.id, candidate_protocol=upgraded.to_dict(), champion_protocol=champion)
+    v = decide(
+        Score(10.0, 1.0),
+        [],
+        champion=None,
+        champion_version="3",
+        margin=0.5,
+        noise_sigmas=2.0,
+        protocol_id=upgraded.id,
+        candidate_protocol=upgraded.to_dict(),
+        champion_protocol=champion,
+    )
     assert v.decision == CHALLENGER and "not comparable" in v.reason
     assert f"measured under {BASE.id}" in v.reason
     assert f"torch_fidelity: {torch_fidelity.__version__} -> 0.5.0" in v.reason

@@ -33,8 +33,13 @@ HOLDER = textwrap.dedent("""
 
 
 def _hold(store: str, name: str = NAME) -> subprocess.Popen:
-    proc = subprocess.Popen([sys.executable, "-c", HOLDER, store, name], cwd=REPO, stdout=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, store, name],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "held"
     return proc
 
@@ -50,10 +55,14 @@ def test_each_deployment_gets_the_lock_its_writers_share(tmp_path: Path) -> None
     # A tracking server: its backend store is out of reach, so the lock is the Prefect server's...
     served = plan_lock("http://mlflow:5000", NAME, {"PREFECT_API_URL": "http://prefect:4200/api"})
     assert served.kind == locks.PREFECT and served.describe() == (
-        "Prefect global concurrency limit aigc-registry-digits on http://prefect:4200/api")
+        "Prefect global concurrency limit aigc-registry-digits on http://prefect:4200/api"
+    )
     # ...or the backend database, when named; or none, and then nothing moves unlocked.
-    named = plan_lock("https://mlflow:5000", NAME, {locks.LOCK_ENV: "postgresql://mlflow@db/mlflow",
-                                                    "PREFECT_API_URL": "http://prefect:4200/api"})
+    named = plan_lock(
+        "https://mlflow:5000",
+        NAME,
+        {locks.LOCK_ENV: "postgresql://mlflow@db/mlflow", "PREFECT_API_URL": "http://prefect:4200/api"},
+    )
     assert named.kind == locks.POSTGRES
     with pytest.raises(RegistryLockError, match="set PREFECT_API_URL .* or AIGC_REGISTRY_LOCK=postgresql://"):
         plan_lock("http://mlflow:5000", NAME, {})

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -51,8 +50,16 @@ def test_of_two_stages_claiming_one_run_at_once_exactly_one_gets_it(tmp_path: Pa
     go = tmp_path / "go"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     digests = [f"{i}" * 64 for i in range(4)]
-    procs = [subprocess.Popen([sys.executable, "-c", CLAIMER, uri, experiment, WEIGHTS, d, str(go)], env=env,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for d in digests]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", CLAIMER, uri, experiment, WEIGHTS, d, str(go)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for d in digests
+    ]
     for p in procs:  # every process has picked its run before any claims it
         assert p.stdout.readline() == "found\n", p.communicate()
     go.touch()

@@ -58,6 +58,7 @@ def sha_of(img: Image.Image) -> str:
 
 # --- sklearn-digits ----------------------------------------------------------------------------
 
+
 def test_sklearn_digits_output_is_unchanged(tmp_path: Path) -> None:
     # Digest of this exact config from the implementation before file sources existed.
     cfg = load_config(REPO, ["datasets.digits.size=16", "datasets.digits.limit=200", "datasets.digits.channels=3"])
@@ -68,12 +69,16 @@ def test_sklearn_digits_output_is_unchanged(tmp_path: Path) -> None:
 
 # --- configuration -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     ("entry", "message"),
     [
         ({"source": "image-folder"}, "datasets.pets.path: required for source image-folder"),
         ({"source": "archive", "path": "a.zip", "labels": "classes"}, "datasets.pets.labels: 'classes' is not one of"),
-        ({"source": "manifest", "path": "m.csv", "labels": "folders"}, "datasets.pets.labels: not used by source manifest"),
+        (
+            {"source": "manifest", "path": "m.csv", "labels": "folders"},
+            "datasets.pets.labels: not used by source manifest",
+        ),
         ({"source": "image-folder", "path": "p", "label_column": "y"}, "datasets.pets.label_column: not used by"),
         ({"source": "torchvision", "path": "tv", "variant": "SVHN"}, "datasets.pets.variant: must be one of MNIST"),
         ({"source": "torchvision", "path": "tv"}, "datasets.pets.variant: required"),
@@ -98,6 +103,7 @@ def test_relative_path_is_relative_to_the_project(tmp_path: Path) -> None:
 
 
 # --- image folders -----------------------------------------------------------------------------
+
 
 def test_flat_and_class_folders(tmp_path: Path) -> None:
     root = tmp_path / "pets"
@@ -127,7 +133,7 @@ def test_a_folder_like_a_real_data_teams(tmp_path: Path) -> None:
     noise(4, mode="L").save(root / "cats" / "2019" / "d.bmp")
     noise(5, mode="CMYK").save(root / "dogs" / "e.tiff")
     noise(6).save(root / "dogs" / "f.webp", lossless=True)
-    Image.fromarray((np.arange(480, dtype=np.uint16).reshape(20, 24) * 100)).save(root / "dogs" / "g16.png")
+    Image.fromarray(np.arange(480, dtype=np.uint16).reshape(20, 24) * 100).save(root / "dogs" / "g16.png")
     noise(7, h=600, w=9).save(root / "dogs" / "tall.png")  # unusual but valid
     # Duplicates: a byte copy and the same pixels re-encoded in another lossless format.
     shutil.copy(root / "cats" / "b.png", root / "cats" / "b2.png")
@@ -155,12 +161,27 @@ def test_a_folder_like_a_real_data_teams(tmp_path: Path) -> None:
 
     res, report, manifest = prepare(tmp_path, source="image-folder", path=str(root), labels="folders")
 
-    assert set(manifest["key"]) == {"cats/a.jpg", "cats/b.png", "cats/c.gif", "cats/2019/d.bmp", "dogs/e.tiff",
-                                    "dogs/f.webp", "dogs/g16.png", "dogs/tall.png"}
+    assert set(manifest["key"]) == {
+        "cats/a.jpg",
+        "cats/b.png",
+        "cats/c.gif",
+        "cats/2019/d.bmp",
+        "dogs/e.tiff",
+        "dogs/f.webp",
+        "dogs/g16.png",
+        "dogs/tall.png",
+    }
     assert report["per_class"] == {"cats": 4, "dogs": 4}
     reasons = {r["path"]: r["reason"] for r in report["rejected"]}
-    assert set(reasons) == {"cats/cut.jpg", "dogs/empty.jpg", "dogs/notes.png", "dogs/icon.png",
-                            "dogs/escape.png", "dogs/broken.png", "dogs/up"}
+    assert set(reasons) == {
+        "cats/cut.jpg",
+        "dogs/empty.jpg",
+        "dogs/notes.png",
+        "dogs/icon.png",
+        "dogs/escape.png",
+        "dogs/broken.png",
+        "dogs/up",
+    }
     assert "outside the source root" in reasons["dogs/escape.png"] and "outside" in reasons["dogs/up"]
     assert "too small" in reasons["dogs/icon.png"]
     dups = {d["path"]: d["duplicate_of"] for d in report["duplicates"]}
@@ -173,10 +194,11 @@ def test_a_folder_like_a_real_data_teams(tmp_path: Path) -> None:
 
 # --- archives ----------------------------------------------------------------------------------
 
+
 def _zip_symlink(zf: zipfile.ZipFile, name: str, target: str) -> None:
     info = zipfile.ZipInfo(name)
     info.create_system = 3
-    info.external_attr = (0o120777 << 16)
+    info.external_attr = 0o120777 << 16
     zf.writestr(info, target)
 
 
@@ -263,8 +285,15 @@ def test_tar_refuses_traversal_links_and_devices(tmp_path: Path, suffix: str) ->
     assert manifest["key"].tolist() == ["pets/a.png", "pets/b.png"]
     assert manifest["sha256"].tolist()[0] == sha_of(noise(1))  # the first member of that name, not the second
     reasons = {r["path"]: r["reason"] for r in report["rejected"]}
-    assert set(reasons) == {"../evil.png", "/abs.png", "pets/sym.png", "pets/hard.png", "pets/dev.png",
-                            "pets/fifo.png", "pets/a.png"}
+    assert set(reasons) == {
+        "../evil.png",
+        "/abs.png",
+        "pets/sym.png",
+        "pets/hard.png",
+        "pets/dev.png",
+        "pets/fifo.png",
+        "pets/a.png",
+    }
     assert "hard link" in reasons["pets/hard.png"] and "device" in reasons["pets/dev.png"]
     assert _snapshot(tmp_path, tmp_path / "out") == before
 
@@ -279,6 +308,7 @@ def test_broken_archive_fails_with_the_file_named(tmp_path: Path) -> None:
 
 
 # --- manifests ---------------------------------------------------------------------------------
+
 
 def _manifest_folder(tmp_path: Path) -> Path:
     root = tmp_path / "project" / "images"
@@ -321,9 +351,11 @@ def test_csv_manifest_rejects_missing_empty_and_escaping_rows(tmp_path: Path) ->
 def test_parquet_manifest_with_custom_columns(tmp_path: Path) -> None:
     root = _manifest_folder(tmp_path)
     pd.DataFrame({"file": ["a.png", "sub/b.png", "c.png"], "cls": pd.array([3, None, 7], dtype="Int64")}).to_parquet(
-        root / "m.parquet")
-    res, report, manifest = prepare(tmp_path, source="manifest", path=str(root / "m.parquet"), path_column="file",
-                                    label_column="cls")
+        root / "m.parquet"
+    )
+    res, report, manifest = prepare(
+        tmp_path, source="manifest", path=str(root / "m.parquet"), path_column="file", label_column="cls"
+    )
     assert manifest["label"].tolist() == ["3", "7"]
     assert [r["path"] for r in report["rejected"]] == ["sub/b.png"]
     with pytest.raises(DataError, match="no column 'filename'"):
@@ -331,6 +363,7 @@ def test_parquet_manifest_with_custom_columns(tmp_path: Path) -> None:
 
 
 # --- torchvision -------------------------------------------------------------------------------
+
 
 def test_torchvision_missing_files_never_download(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="download: true"):
@@ -358,6 +391,7 @@ def test_torchvision_mnist_from_raw_idx_files(tmp_path: Path) -> None:
 
 
 # --- streaming and parallel decoding -----------------------------------------------------------
+
 
 def test_ordered_map_is_independent_of_workers(tmp_path: Path) -> None:
     items = [EncodedSample(f"{i}.png", str(i % 3), data=png_bytes(noise(i))) for i in range(10)]

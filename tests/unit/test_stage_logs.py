@@ -6,7 +6,7 @@ from __future__ import annotations
 import io
 import re
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from aigc_pipeline.stages.train import Progress
 from flows.describe import RunInfo, artifact_key, resolve, run_name, settings
@@ -20,8 +20,10 @@ class _Terminal(io.StringIO):
 
 
 def test_lines_are_what_a_terminal_shows() -> None:
-    assert clean_line("\r  train [####----] 3/8 epoch 1/2\r\x1b[K  train epoch 1/2  step 4/8  loss 1.0") == \
-        "train epoch 1/2  step 4/8  loss 1.0"
+    assert (
+        clean_line("\r  train [####----] 3/8 epoch 1/2\r\x1b[K  train epoch 1/2  step 4/8  loss 1.0")
+        == "train epoch 1/2  step 4/8  loss 1.0"
+    )
     assert clean_line("  evaluate: FID 3.1 [incv3-x]  ") == "evaluate: FID 3.1 [incv3-x]"
     assert clean_line("\x1b[1;31mred\x1b[0m") == "red"
 
@@ -55,8 +57,7 @@ def test_the_train_stages_progress_on_a_terminal_gives_one_line_per_epoch() -> N
     terminal, lines = _Terminal(), []
     tee = LineTee(terminal, lines.append)
     progress = Progress(2, stream=tee)
-    progress.start({"resumed_from": 0, "total_steps": 6, "speed": "cpu", "data_placement": "device",
-                    "world_size": 1})
+    progress.start({"resumed_from": 0, "total_steps": 6, "speed": "cpu", "data_placement": "device", "world_size": 1})
     for step in range(1, 7):
         progress.last_draw = 0.0  # draw every step
         progress.step(step, 6, 1 + (step - 1) // 3)
@@ -74,10 +75,14 @@ def test_the_train_stages_progress_on_a_terminal_gives_one_line_per_epoch() -> N
 
 def test_run_names_tags_and_artifact_keys() -> None:
     info = resolve(REPO, settings("digits", "ddpm", ["train.epochs=3"]))
-    assert (info.dataset, info.model, info.model_name, info.registered_model) == \
-        ("digits", "ddpm", "digits-ddpm", "digits")
+    assert (info.dataset, info.model, info.model_name, info.registered_model) == (
+        "digits",
+        "ddpm",
+        "digits-ddpm",
+        "digits",
+    )
     assert info.tags == ["dataset:digits", "model:ddpm"]
-    when = datetime(2026, 12, 1, 11, 53, 0, tzinfo=timezone.utc).astimezone()
+    when = datetime(2026, 12, 1, 11, 53, 0, tzinfo=UTC).astimezone()
     assert run_name(info, when) == "digits-ddpm-20261201-" + when.strftime("%H%M%S")
     assert re.fullmatch(r"digits-ddpm-train-\d{8}-\d{6}", run_name(info, when, suffix="train"))
     assert artifact_key("digits", "summary") == "digits-summary"

@@ -8,7 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from aigc_pipeline.tracking.store import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, store_root, tracking_uri, ui_url, use_store
+from aigc_pipeline.tracking.store import (
+    EXPERIMENT_KIND,
+    EXPERIMENT_KIND_TAG,
+    store_root,
+    tracking_uri,
+    ui_url,
+    use_store,
+)
 
 pytestmark = pytest.mark.slow  # a real MLflow SQLite store: a few seconds
 

@@ -16,10 +16,10 @@ from aigc_pipeline.models import registry
 from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.dcgan import DCGAN
 from aigc_pipeline.models.export import generate, load_generator, save_generator
+from aigc_pipeline.randomness import BatchRandom
 from aigc_pipeline.training.checkpoint import encode_state, list_checkpoints, read_checkpoint
 from aigc_pipeline.training.data import Batches
 from aigc_pipeline.training.loop import Callbacks, train
-from aigc_pipeline.randomness import BatchRandom
 
 HP = Hparams(lr=2e-4, beta1=0.5, beta2=0.999, vae_beta=1.0, sampling_steps=3)  # few DDIM steps: plumbing tests
 
@@ -33,8 +33,17 @@ def _images(n: int, channels: int, size: int, seed: int = 0) -> np.ndarray:
 @pytest.mark.parametrize("channels", [1, 3])
 def test_every_model_trains_at_several_shapes(family: str, size: int, channels: int) -> None:
     arch = Arch(family=family, size=size, channels=channels, latent_dim=8, width=8)
-    res = train(_images(16, channels, size), arch=arch, hparams=HP, epochs=1, batch_size=8, seed=0,
-                checkpoint_dir=None, checkpoint_every=100, sample_grid=4)
+    res = train(
+        _images(16, channels, size),
+        arch=arch,
+        hparams=HP,
+        epochs=1,
+        batch_size=8,
+        seed=0,
+        checkpoint_dir=None,
+        checkpoint_every=100,
+        sample_grid=4,
+    )
     assert res.steps == 2 and len(res.history) == 2
     assert all(np.isfinite(v) for row in res.history for v in row.values())
     out = generate(res.family.generator.eval(), arch, 5, seed=1)
@@ -45,8 +54,18 @@ def test_every_model_trains_at_several_shapes(family: str, size: int, channels: 
 def test_conditional_variants_train_and_sample_a_requested_class(family: str) -> None:
     arch = Arch(family=family, size=16, channels=1, latent_dim=8, width=8, num_classes=3)
     labels = np.arange(16) % 3
-    res = train(_images(16, 1, 16), labels=labels, arch=arch, hparams=HP, epochs=1, batch_size=8, seed=0,
-                checkpoint_dir=None, checkpoint_every=100, sample_grid=6)
+    res = train(
+        _images(16, 1, 16),
+        labels=labels,
+        arch=arch,
+        hparams=HP,
+        epochs=1,
+        batch_size=8,
+        seed=0,
+        checkpoint_dir=None,
+        checkpoint_every=100,
+        sample_grid=6,
+    )
     g = res.family.generator.eval()
     sevens = generate(g, arch, 4, seed=2, label=2)
     assert sevens.shape == (4, 1, 16, 16)
@@ -55,14 +74,30 @@ def test_conditional_variants_train_and_sample_a_requested_class(family: str) ->
     with pytest.raises(ValueError, match="out of range"):
         generate(g, arch, 1, seed=0, label=3)
     with pytest.raises(ValueError, match="needs a label"):
-        train(_images(16, 1, 16), arch=arch, hparams=HP, epochs=1, batch_size=8, seed=0,
-              checkpoint_dir=None, checkpoint_every=100)
+        train(
+            _images(16, 1, 16),
+            arch=arch,
+            hparams=HP,
+            epochs=1,
+            batch_size=8,
+            seed=0,
+            checkpoint_dir=None,
+            checkpoint_every=100,
+        )
 
 
 def test_unconditional_model_refuses_a_label() -> None:
     arch = Arch(family="dcgan", size=16, channels=1, latent_dim=8, width=8)
-    res = train(_images(16, 1, 16), arch=arch, hparams=HP, epochs=1, batch_size=8, seed=0,
-                checkpoint_dir=None, checkpoint_every=100)
+    res = train(
+        _images(16, 1, 16),
+        arch=arch,
+        hparams=HP,
+        epochs=1,
+        batch_size=8,
+        seed=0,
+        checkpoint_dir=None,
+        checkpoint_every=100,
+    )
     with pytest.raises(ValueError, match="not class-conditional"):
         generate(res.family.generator.eval(), arch, 2, seed=0, label=1)
 
@@ -111,13 +146,23 @@ def _weights(result) -> dict[str, torch.Tensor]:
         ("global-random", "fp32", False, "device"),
     ],
 )
-def test_resume_after_interruption_is_bitwise_identical(family: str, precision: str, channels_last, placement: str,
-                                                        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resume_after_interruption_is_bitwise_identical(
+    family: str, precision: str, channels_last, placement: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setitem(registry.MODELS, "global-random", _GlobalRandomGAN)
     arch = Arch(family=family, size=16, channels=1, latent_dim=8, width=8)
     data = _images(40, 1, 16)
-    kw = dict(arch=arch, hparams=HP, epochs=3, batch_size=8, seed=11, checkpoint_every=3, precision=precision,
-              channels_last=channels_last, data_placement=placement)
+    kw = dict(
+        arch=arch,
+        hparams=HP,
+        epochs=3,
+        batch_size=8,
+        seed=11,
+        checkpoint_every=3,
+        precision=precision,
+        channels_last=channels_last,
+        data_placement=placement,
+    )
     full = train(data, checkpoint_dir=tmp_path / "full", **kw)
 
     # Stopped mid-epoch (step 8 of 15; epochs are 5 steps), after the checkpoint at step 6.
@@ -138,8 +183,16 @@ def test_resume_after_interruption_is_bitwise_identical(family: str, precision: 
 
 def test_checkpoint_holds_rng_data_order_and_augmentation_state(tmp_path: Path) -> None:
     arch = Arch(family="sngan", size=16, channels=1, latent_dim=8, width=8)
-    train(_images(40, 1, 16), arch=arch, hparams=HP, epochs=1, batch_size=8, seed=2, checkpoint_dir=tmp_path,
-          checkpoint_every=3)
+    train(
+        _images(40, 1, 16),
+        arch=arch,
+        hparams=HP,
+        epochs=1,
+        batch_size=8,
+        seed=2,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=3,
+    )
     (_, path), _ = list_checkpoints(tmp_path)  # steps 3 and 5 (the end)
     with safe_open(str(path), framework="pt") as f:  # a plain safetensors file: no pickle anywhere
         assert "aigc" in f.metadata() and len(list(f.keys())) > 20
@@ -152,13 +205,25 @@ def test_checkpoint_holds_rng_data_order_and_augmentation_state(tmp_path: Path) 
     assert state["augmentation"]["policy"] == HP.diffaugment and state["augmentation"]["next_step"] == 3
     assert set(state["modules"]) == {"generator", "discriminator", "generator_ema", "ema_state"}
     assert float(state["modules"]["ema_state"]["updates"]) == 3.0
-    assert set(state["optimizers"]["generator"]["state"]) == set(range(len(state["optimizers"]["generator"]["param_groups"][0]["params"])))
+    assert set(state["optimizers"]["generator"]["state"]) == set(
+        range(len(state["optimizers"]["generator"]["param_groups"][0]["params"]))
+    )
 
 
 def test_checkpoint_codec_round_trips_types() -> None:
-    state = {"ints": {0: 1, 5: (2, 3.5)}, "f": 0.1, "inf": float("inf"), "none": None, "s": "x", "b": True,
-             "t": [torch.arange(3, dtype=torch.int64), torch.ones((), dtype=torch.bfloat16),
-                   torch.zeros(2, 2, dtype=torch.uint8)]}
+    state = {
+        "ints": {0: 1, 5: (2, 3.5)},
+        "f": 0.1,
+        "inf": float("inf"),
+        "none": None,
+        "s": "x",
+        "b": True,
+        "t": [
+            torch.arange(3, dtype=torch.int64),
+            torch.ones((), dtype=torch.bfloat16),
+            torch.zeros(2, 2, dtype=torch.uint8),
+        ],
+    }
     path_bytes = encode_state(state)
     import tempfile
 
@@ -186,8 +251,16 @@ def test_a_killed_checkpoint_write_is_ignored_and_cleaned_up(tmp_path: Path) -> 
 
 def test_streamed_data_gives_the_same_weights_as_data_on_the_device() -> None:
     arch = Arch(family="dcgan", size=16, channels=1, latent_dim=8, width=8, num_classes=3)
-    kw = dict(labels=np.arange(32) % 3, arch=arch, hparams=HP, epochs=2, batch_size=8, seed=4,
-              checkpoint_dir=None, checkpoint_every=100)
+    kw = dict(
+        labels=np.arange(32) % 3,
+        arch=arch,
+        hparams=HP,
+        epochs=2,
+        batch_size=8,
+        seed=4,
+        checkpoint_dir=None,
+        checkpoint_every=100,
+    )
     on_device = train(_images(32, 1, 16), data_placement="device", **kw)
     streamed = train(_images(32, 1, 16), data_placement="stream", **kw)
     a, b = _weights(on_device), _weights(streamed)
@@ -219,8 +292,17 @@ def test_batch_random_ranks_draw_their_rows_of_the_global_batch() -> None:
 
 def test_checkpoints_keep_only_the_last_few(tmp_path: Path) -> None:
     arch = Arch(family="dcgan", size=16, channels=1, latent_dim=8, width=8)
-    train(_images(32, 1, 16), arch=arch, hparams=HP, epochs=3, batch_size=8, seed=0,
-          checkpoint_dir=tmp_path, checkpoint_every=2, keep_checkpoints=2)
+    train(
+        _images(32, 1, 16),
+        arch=arch,
+        hparams=HP,
+        epochs=3,
+        batch_size=8,
+        seed=0,
+        checkpoint_dir=tmp_path,
+        checkpoint_every=2,
+        keep_checkpoints=2,
+    )
     assert [s for s, _ in list_checkpoints(tmp_path)] == [10, 12]
 
 
@@ -253,18 +335,37 @@ def test_nan_loss_stops_training_naming_the_step(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setitem(registry.MODELS, "nan-gan", _NanAtStep3)
     arch = Arch(family="nan-gan", size=16, channels=1, latent_dim=8, width=8)
     with pytest.raises(TrainingDiverged, match="step 3: non-finite loss_g"):
-        train(_images(48, 1, 16), arch=arch, hparams=HP, epochs=1, batch_size=8, seed=0,
-              checkpoint_dir=tmp_path, checkpoint_every=2)
+        train(
+            _images(48, 1, 16),
+            arch=arch,
+            hparams=HP,
+            epochs=1,
+            batch_size=8,
+            seed=0,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=2,
+        )
     # The checkpoint at step 2 is the last good state; no diverged state was saved.
     assert [s for s, _ in list_checkpoints(tmp_path)] == [2]
 
 
 def test_exploding_gradient_stops_training_naming_the_step(tmp_path: Path) -> None:
     arch = Arch(family="dcgan", size=16, channels=1, latent_dim=8, width=8)
-    with pytest.raises(TrainingDiverged, match=r"step (\d): exploding gradient \(grad_norm_\w=[\d.e+]+.*, over "
-                       r"train.max_grad_norm=100000\)") as info:
-        train(_images(48, 1, 16), arch=arch, hparams=Hparams(lr=1e6, beta1=0.5, beta2=0.999), epochs=1,
-              batch_size=8, seed=0, checkpoint_dir=tmp_path, checkpoint_every=1)
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"step (\d): exploding gradient \(grad_norm_\w=[\d.e+]+.*, over "
+        r"train.max_grad_norm=100000\)",
+    ) as info:
+        train(
+            _images(48, 1, 16),
+            arch=arch,
+            hparams=Hparams(lr=1e6, beta1=0.5, beta2=0.999),
+            epochs=1,
+            batch_size=8,
+            seed=0,
+            checkpoint_dir=tmp_path,
+            checkpoint_every=1,
+        )
     step = info.value.step
     assert step <= 3 and f"step {step}:" in str(info.value) and len(info.value.history) == step - 1
     # Only the good steps before it were checkpointed.
@@ -290,8 +391,11 @@ def test_gradient_limit_is_checked_for_every_step_though_fetched_in_batches(monk
     arch = Arch(family="spike-gan", size=16, channels=1, latent_dim=8, width=8)
     kw = dict(arch=arch, hparams=HP, epochs=2, batch_size=8, seed=1, checkpoint_dir=None, checkpoint_every=100)
     data = _images(96, 1, 16)
-    with pytest.raises(TrainingDiverged, match=r"step 7: exploding gradient \(grad_norm_g=1e\+09, over "
-                       r"train.max_grad_norm=1000\)") as info:
+    with pytest.raises(
+        TrainingDiverged,
+        match=r"step 7: exploding gradient \(grad_norm_g=1e\+09, over "
+        r"train.max_grad_norm=1000\)",
+    ) as info:
         train(data, max_grad_norm=1000, **kw)
     assert info.value.step == 7
     unguarded = train(data, max_grad_norm=0, **kw)  # 0 = no limit: the spike passes
@@ -301,8 +405,16 @@ def test_gradient_limit_is_checked_for_every_step_though_fetched_in_batches(monk
 
 def test_exported_generator_round_trip(tmp_path: Path) -> None:
     arch = Arch(family="dcgan", size=16, channels=3, latent_dim=8, width=8)
-    res = train(_images(16, 3, 16), arch=arch, hparams=HP, epochs=1, batch_size=8, seed=0,
-                checkpoint_dir=None, checkpoint_every=100)
+    res = train(
+        _images(16, 3, 16),
+        arch=arch,
+        hparams=HP,
+        epochs=1,
+        batch_size=8,
+        seed=0,
+        checkpoint_dir=None,
+        checkpoint_every=100,
+    )
     save_generator(tmp_path, res.family.generator, arch, {"model": "dcgan"})
     g, arch2 = load_generator(tmp_path)
     assert arch2 == arch

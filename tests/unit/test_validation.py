@@ -34,6 +34,7 @@ def outcome(data: bytes, spec: DecodeSpec | None = None) -> Accepted | Rejected:
 
 # --- bad files --------------------------------------------------------------------------------
 
+
 def _truncated(fmt: str) -> bytes:
     data = encode(noise(64, 64), fmt)
     return data[: len(data) * 2 // 3]
@@ -84,6 +85,7 @@ def test_min_side_is_configurable() -> None:
 
 # --- colour modes ----------------------------------------------------------------------------
 
+
 def pixel(img: Image.Image, *, channels: int, background: str = "white", fmt: str = "PNG") -> tuple[int, ...]:
     """Decode ``img`` (uniform colour, 8x8: no resampling) and return its one pixel value."""
     result = outcome(encode(img, fmt), DecodeSpec(size=8, channels=channels, background=background))
@@ -117,7 +119,11 @@ def test_palette_with_and_without_transparency() -> None:
 
 def test_cmyk_bilevel_rgb_and_luma() -> None:
     assert pixel(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), channels=3, fmt="JPEG") in {
-        (254, 0, 0), (255, 0, 0), (255, 0, 1), (254, 0, 1)}  # JPEG may round by one
+        (254, 0, 0),
+        (255, 0, 0),
+        (255, 0, 1),
+        (254, 0, 1),
+    }  # JPEG may round by one
     assert pixel(Image.new("CMYK", (8, 8), (0, 0, 0, 0)), channels=3, fmt="TIFF") == (255, 255, 255)
     assert pixel(Image.new("1", (8, 8), 1), channels=1) == (255,)
     assert pixel(Image.new("RGB", (8, 8), (0, 255, 0)), channels=1) == (150,)  # ITU-R 601: 0.587 * 255
@@ -145,6 +151,7 @@ def test_exif_orientation_is_applied() -> None:
 
 # --- hidden, system and non-image files ------------------------------------------------------
 
+
 def test_hidden_and_system_files_are_ignored_not_counted(tmp_path: Path) -> None:
     root = tmp_path / "data"
     (root / "__MACOSX" / "cats").mkdir(parents=True)
@@ -164,8 +171,13 @@ def test_hidden_and_system_files_are_ignored_not_counted(tmp_path: Path) -> None
     assert [i.key for i in items if isinstance(i, EncodedSample)] == ["b.png", "cats/a.png"]
     assert [(i.key, type(i)) for i in items if not isinstance(i, EncodedSample)] == [("notes.txt", Skipped)]
 
-    res = ingest.prepare(DatasetConfig(source="image-folder", path=str(root), size=8), tmp_path / "out",
-                         name="data", max_rejected_fraction=0.0, workers=1)
+    res = ingest.prepare(
+        DatasetConfig(source="image-folder", path=str(root), size=8),
+        tmp_path / "out",
+        name="data",
+        max_rejected_fraction=0.0,
+        workers=1,
+    )
     assert (res.accepted, res.rejected, res.skipped) == (2, 0, 1)
 
 
@@ -177,8 +189,13 @@ def test_every_bad_file_is_in_the_report(tmp_path: Path) -> None:
     (root / "text.png").write_text("hello")
     (root / "cut.jpg").write_bytes(_truncated("JPEG"))
     os.mkfifo(root / "pipe.png")  # must be refused without being opened (opening would block)
-    res = ingest.prepare(DatasetConfig(source="image-folder", path=str(root), size=8), tmp_path / "out",
-                         name="data", max_rejected_fraction=1.0, workers=1)
+    res = ingest.prepare(
+        DatasetConfig(source="image-folder", path=str(root), size=8),
+        tmp_path / "out",
+        name="data",
+        max_rejected_fraction=1.0,
+        workers=1,
+    )
     import json
 
     report = json.loads((tmp_path / "out" / "report.json").read_text())
@@ -190,6 +207,7 @@ def test_every_bad_file_is_in_the_report(tmp_path: Path) -> None:
 
 
 # --- decoding at reduced scale --------------------------------------------------------------
+
 
 def _photo(w: int, h: int) -> Image.Image:
     """A smooth picture with some texture, as a camera would give (not pure noise)."""
@@ -220,6 +238,7 @@ def test_large_jpeg_decodes_at_reduced_scale_close_to_a_full_decode() -> None:
 
 # --- bombs and absurd sizes, through a folder as a data team would hand it over ---------------
 
+
 def _png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims ``width`` x ``height`` with a few bytes of pixel data: a bomb's shape."""
     import struct
@@ -229,7 +248,9 @@ def _png_header_only(width: int, height: int) -> bytes:
         return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
 
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)  # 8-bit grayscale
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b"")
+    )
 
 
 def test_bombs_and_absurd_sizes_are_rejected_without_decoding(tmp_path: Path) -> None:
@@ -245,8 +266,13 @@ def test_bombs_and_absurd_sizes_are_rejected_without_decoding(tmp_path: Path) ->
     with open(root / "huge-file.jpg", "wb") as f:  # sparse: 512 MiB + 1 byte on paper, nothing on disk
         f.truncate(MAX_FILE_BYTES + 1)
     Image.new("L", (4000, 1), 128).save(root / "sliver.png")  # absurd aspect: a side under min_side
-    res = ingest.prepare(DatasetConfig(source="image-folder", path=str(root), size=8), tmp_path / "out",
-                         name="data", max_rejected_fraction=1.0, workers=1)
+    res = ingest.prepare(
+        DatasetConfig(source="image-folder", path=str(root), size=8),
+        tmp_path / "out",
+        name="data",
+        max_rejected_fraction=1.0,
+        workers=1,
+    )
     report = json.loads((tmp_path / "out" / "report.json").read_text())
     reasons = {r["path"]: r["reason"] for r in report["rejected"]}
     assert res.accepted == 1 and set(reasons) == {"bomb.png", "huge-bomb.png", "huge-file.jpg", "sliver.png"}

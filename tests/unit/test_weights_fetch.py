@@ -16,8 +16,8 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pytest
@@ -27,9 +27,15 @@ from aigc_pipeline import cli
 from aigc_pipeline.evaluation import inception
 from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics
-from aigc_pipeline.evaluation.inception import (DOWNLOAD, TORCH_FIDELITY_SHA256, TORCH_FIDELITY_WEIGHTS_FILENAME,
-                                                InceptionWeights, fetched_weights_path, load_state_dict,
-                                                resolve_inception_weights)
+from aigc_pipeline.evaluation.inception import (
+    DOWNLOAD,
+    TORCH_FIDELITY_SHA256,
+    TORCH_FIDELITY_WEIGHTS_FILENAME,
+    InceptionWeights,
+    fetched_weights_path,
+    load_state_dict,
+    resolve_inception_weights,
+)
 from tests.conftest import BIN
 
 
@@ -77,8 +83,13 @@ def served(offline_weights: InceptionWeights, tmp_path_factory: pytest.TempPathF
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     try:
-        yield {"url": f"http://127.0.0.1:{server.server_address[1]}", "root": root, "requests": requests,
-               "marker": marker, "sha256": _sha256(root / TORCH_FIDELITY_WEIGHTS_FILENAME)}
+        yield {
+            "url": f"http://127.0.0.1:{server.server_address[1]}",
+            "root": root,
+            "requests": requests,
+            "marker": marker,
+            "sha256": _sha256(root / TORCH_FIDELITY_WEIGHTS_FILENAME),
+        }
     finally:
         server.shutdown()
         server.server_close()
@@ -100,11 +111,20 @@ def _closed_port_url() -> str:
 
 
 def test_offline_fetch_fails_at_once_saying_what_to_copy_where(tmp_path: Path) -> None:
-    env = {"PATH": str(BIN), "AIGC_CACHE_DIR": str(tmp_path / "cache"), "TORCH_HOME": str(tmp_path / "th"),
-           "HOME": str(tmp_path)}
+    env = {
+        "PATH": str(BIN),
+        "AIGC_CACHE_DIR": str(tmp_path / "cache"),
+        "TORCH_HOME": str(tmp_path / "th"),
+        "HOME": str(tmp_path),
+    }
     t0 = time.monotonic()
-    proc = subprocess.run([str(BIN / "aigc"), "weights", "fetch", "--url", _closed_port_url()], env=env,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [str(BIN / "aigc"), "weights", "fetch", "--url", _closed_port_url()],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     seconds = time.monotonic() - t0
     assert proc.returncode == 2, proc.stderr
     message = proc.stderr
@@ -161,8 +181,9 @@ def test_fetch_stores_safetensors_then_inception_score_comes_from_its_logits(
     assert len(served["requests"]) == before + 1
     rng = np.random.default_rng(0)
     generated = rng.integers(0, 256, (20, 3, 16, 16), dtype=np.uint8)  # 2 per IS split
-    result = compute_fidelity_metrics(generated, generated[:4], reference_key="fetch", weights=weights, isc=True,
-                                      cache_dir=cache)
+    result = compute_fidelity_metrics(
+        generated, generated[:4], reference_key="fetch", weights=weights, isc=True, cache_dir=cache
+    )
     assert "isc_unavailable" not in result and result["isc_mean"] > 1.0 and np.isfinite(result["isc_std"])
     assert result["extractor"]["has_logits"] is True
 

@@ -18,8 +18,13 @@ pytestmark = pytest.mark.slow  # real DVC repositories and commands
 
 
 def _dvc(project: Path, *args: str) -> str:
-    proc = subprocess.run([str(BIN / "dvc"), *args], cwd=project, capture_output=True, text=True,
-                          env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"})
+    proc = subprocess.run(
+        [str(BIN / "dvc"), *args],
+        cwd=project,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"},
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     return proc.stdout
 
@@ -34,22 +39,35 @@ def project(tmp_path: Path) -> Path:
 
 
 def test_plan_inputs_and_outputs_come_from_dvc_yaml(project: Path) -> None:
-    assert workspace.stage_plan(project, "register") == \
-        ["ingest@digits", "augment@digits", "train", "evaluate", "register"]
+    assert workspace.stage_plan(project, "register") == [
+        "ingest@digits",
+        "augment@digits",
+        "train",
+        "evaluate",
+        "register",
+    ]
     assert workspace.stage_plan(project, "train") == ["ingest@digits", "augment@digits", "train"]
     assert workspace.stage_inputs(project, "train") == ["data/augmented/digits", "data/prepared/digits"]
     # The project's own params.yaml (not QUICK) names the model folder: models/${dataset}-${train.model}.
     model_dir = load_config(project).model_name
     assert workspace.stage_inputs(project, "evaluate") == ["data/prepared/digits", f"models/{model_dir}"]
     # The evaluation is per dataset (one metrics file whatever the family: dvc metrics diff compares them).
-    assert workspace.stage_outputs(project, "evaluate") == ["eval/digits/samples.png", "eval/digits/copies.png",
-                                                            "eval/digits/evaluation.json", "eval/digits/metrics.json"]
-    with pytest.raises(workspace.WorkspaceError, match="no stage 'nope' \\(stages: ingest@digits, augment@digits, train, evaluate, register\\)"):
+    assert workspace.stage_outputs(project, "evaluate") == [
+        "eval/digits/samples.png",
+        "eval/digits/copies.png",
+        "eval/digits/evaluation.json",
+        "eval/digits/metrics.json",
+    ]
+    with pytest.raises(
+        workspace.WorkspaceError,
+        match="no stage 'nope' \\(stages: ingest@digits, augment@digits, train, evaluate, register\\)",
+    ):
         workspace.stage_plan(project, "nope")
 
 
-def test_outputs_travel_between_clones_only_through_the_remote(project: Path, tmp_path: Path,
-                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+def test_outputs_travel_between_clones_only_through_the_remote(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from aigc_pipeline.config import write_overrides_to_params
     from aigc_pipeline.pipeline import run_stage
 
@@ -97,8 +115,10 @@ def test_checkpoint_mirror_round_trip(project: Path, tmp_path: Path) -> None:
     # Only the newest is kept remotely, named by a LATEST marker.
     area = remote.RemoteArea(project)
     names = area.find("checkpoints/key-1")
-    assert names == ["checkpoints/key-1/digits-dcgan/abc123/LATEST",
-                     "checkpoints/key-1/digits-dcgan/abc123/step-000000015.safetensors"]
+    assert names == [
+        "checkpoints/key-1/digits-dcgan/abc123/LATEST",
+        "checkpoints/key-1/digits-dcgan/abc123/step-000000015.safetensors",
+    ]
     with pytest.raises(remote.RemoteError, match="not found on the DVC remote"):
         remote.read_record(project, "never-written")
     # A fresh clone restores it where the trainer looks for it.
