@@ -20,7 +20,7 @@ export PYTHONUNBUFFERED := 1
 
 help:
 	@echo "make run        run the whole pipeline (Prefect flow over the DVC stages) on the embedded default"
-	@echo "make test       run the linters (make lint: ruff), then the test suite"
+	@echo "make test       run the linters (make lint: ruff, mypy), then the test suite"
 	@echo "make bench      run the benchmarks, write bench/results/*.json and bench/RESULTS.md"
 	@echo "make mlflow-ui  MLflow UI on the project's store (http://127.0.0.1:5000)"
 	@echo "make prefect-ui Prefect UI on the project's embedded database (http://127.0.0.1:4200; PREFECT_UI_PORT=P for another)"
@@ -38,10 +38,11 @@ install: $(VENV_STAMP)
 run: install
 	$(RUN) aigc run
 
-# ruff (lint, format), configured in pyproject.toml; `make test` runs them first.
+# ruff (lint, format) and mypy, configured in pyproject.toml; `make test` runs them first.
 lint: install
 	$(RUN) ruff check .
 	$(RUN) ruff format --check .
+	$(RUN) mypy
 
 test: install lint
 	$(RUN) pytest

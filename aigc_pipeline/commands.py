@@ -13,7 +13,7 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from aigc_pipeline import env
 from aigc_pipeline.errors import AigcError
@@ -36,11 +36,11 @@ class _Parser(argparse.ArgumentParser):
     """argparse, except that it raises instead of calling ``sys.exit``: :func:`execute` runs
     inside Prefect tasks, where an exit would take the worker down instead of failing the task."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         usage = " ".join(self.format_usage().split()).removeprefix("usage: ")
         raise UsageError(f"{self.prog}: {message} (usage: {usage})", command=self.prog)
 
-    def exit(self, status: int = 0, message: str | None = None):  # type: ignore[override]
+    def exit(self, status: int = 0, message: str | None = None) -> NoReturn:
         # Reached after --help / --version printed their text; error() handles the failures.
         if message:
             print(message, file=sys.stderr, end="")

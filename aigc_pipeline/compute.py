@@ -16,7 +16,7 @@ import json
 import math
 import resource
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -77,7 +77,7 @@ def compute_metrics(record: Mapping[str, Any], stage: str) -> dict[str, float]:
     return out
 
 
-def run_totals(stages: list[Mapping[str, Any]]) -> dict[str, float]:
+def run_totals(stages: Sequence[Mapping[str, Any]]) -> dict[str, float]:
     """Wall and CPU seconds of the stages a run executed (each ``{"stage", "wall_seconds", "cpu_seconds"}``)."""
     return {
         "wall_seconds": sum(float(s["wall_seconds"]) for s in stages),

@@ -277,7 +277,11 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         d["datasets"] = {k: dataclasses.asdict(v) for k, v in self.datasets.items()}
-        return {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for k, v in d.items()}
+        # the sections are dataclass instances, never classes (the isinstance test narrows the type)
+        return {
+            k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) and not isinstance(v, type) else v
+            for k, v in d.items()
+        }
 
 
 # ---------------------------------------------------------------------------
@@ -359,7 +363,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
             continue
         tp = hints[name]
         value = data[name]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):  # a dataclass hint is a class
             kwargs[name] = _build(tp, value if value is not None else {}, f"{key}.")
         elif typing.get_origin(tp) in (collections.abc.Mapping, dict):
             if not isinstance(value, Mapping) or not value:

@@ -95,11 +95,12 @@ def grid_data_uri(path: Path, min_width: int = GRID_MIN_WIDTH) -> str:
     """The PNG at ``path`` as a ``data:image/png;base64,...`` URI, enlarged to ``min_width``."""
     from PIL import Image
 
-    with Image.open(path) as image:
-        image.load()
-        factor = -(-min_width // image.width) if image.width < min_width else 1
+    with Image.open(path) as opened:
+        opened.load()
+        factor = -(-min_width // opened.width) if opened.width < min_width else 1
+        image: Image.Image = opened
         if factor > 1:
-            image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+            image = opened.resize((opened.width * factor, opened.height * factor), Image.Resampling.NEAREST)
         buf = io.BytesIO()
         image.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -149,13 +150,17 @@ def metrics_table(summary: dict[str, Any]) -> list[dict[str, Any]]:
         value, floor = m.get(entry.name), m.get(entry.floor) if entry.floor else None
         if not isinstance(value, (int, float)):
             continue
-        has_floor = isinstance(floor, (int, float))
-        ratio = round(float(value) / float(floor), 2) if has_floor and floor > 0 and entry.ratio else None
+        floor_value = float(floor) if isinstance(floor, (int, float)) else None
+        ratio = (
+            round(float(value) / floor_value, 2)
+            if floor_value is not None and floor_value > 0 and entry.ratio
+            else None
+        )
         rows.append(
             {
                 "metric": entry.row,
                 "model": round(float(value), 4),
-                "floor (real data)": round(float(floor), 4) if has_floor else None,
+                "floor (real data)": round(floor_value, 4) if floor_value is not None else None,
                 "model / floor": ratio,
                 "better": f"{entry.better} is better" if entry.better else None,
             }

@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
@@ -48,6 +48,10 @@ from aigc_pipeline.stages.register import FLOW_RUN_ENV
 from flows import describe
 from flows.retrain import check_champion
 from flows.stage_logs import TrainingProgress, stage_output
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+    from prefect.client.schemas.objects import FlowRun
 
 COMMIT_ENV = "AIGC_COMMIT"  # job variable: the commit the `train` deployment's git_clone checks out
 BACKOFF_ENV = "AIGC_RETRY_BACKOFF_SECONDS"  # first retry delay of I/O steps (doubles each retry)
@@ -157,12 +161,16 @@ def run_remote_stage(stage: str, deployment: str, commit: str) -> str:
     from prefect.deployments import run_deployment
 
     attempt = task_run.run_count
-    child = run_deployment(
-        deployment,
-        parameters={"stage": stage, "lineage_flow_run_id": str(flow_run.id)},
-        job_variables={"env": {COMMIT_ENV: commit}},
-        poll_interval=2,
-        idempotency_key=f"{flow_run.id}:{stage}:{attempt}",
+    # A sync task: run_deployment returns the FlowRun (its hint adds the coroutine of an async caller).
+    child = cast(
+        "FlowRun",
+        run_deployment(
+            deployment,
+            parameters={"stage": stage, "lineage_flow_run_id": str(flow_run.id)},
+            job_variables={"env": {COMMIT_ENV: commit}},
+            poll_interval=2,
+            idempotency_key=f"{flow_run.id}:{stage}:{attempt}",
+        ),
     )
     state = child.state
     where = f"stage {stage!r} (flow run {child.name} {child.id} of {deployment}, attempt {attempt})"
@@ -359,7 +367,8 @@ def run_checkpointed_stage(project: Path, stage: str, key: str, lineage_flow_run
             project, stage, extra_env={FLOW_RUN_ENV: lineage_flow_run_id}, observer=_observer(project, stage)
         )
     result = outcome.result
-    detail = dataclasses.asdict(result) if dataclasses.is_dataclass(result) else {}
+    # A stage's result is an instance, never a dataclass itself (which is_dataclass would also accept).
+    detail = dataclasses.asdict(cast("DataclassInstance", result)) if dataclasses.is_dataclass(result) else {}
     return {
         "ran": outcome.ran,
         "outputs": list(outcome.outputs),

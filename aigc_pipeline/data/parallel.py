@@ -10,10 +10,11 @@ the same whatever the number of workers.
 from __future__ import annotations
 
 import collections
+import enum
 import itertools
 import multiprocessing
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from typing import TypeVar
@@ -43,7 +44,7 @@ def ordered_map(
     preload: tuple[str, ...] = (),
     weight: Callable[[T], int] | None = None,
     budget: int | None = None,
-) -> Iterator[R]:
+) -> Generator[R, None, None]:
     """Yield ``fn(chunk)`` results item by item, in input order.
 
     ``fn`` takes a list of items and returns one result per item; it must be a picklable
@@ -80,8 +81,8 @@ def ordered_map(
     small = len(head) <= min_parallel and (limit is None or head_weight < limit)
     source = itertools.chain(_drain(head), it)  # the head's items are released as they are used
     if workers <= 1 or small:
-        for batch, _ in _batches(source, chunk, measure, limit):
-            yield from fn(batch)
+        for group, _ in _batches(source, chunk, measure, limit):
+            yield from fn(group)
         return
 
     pending: collections.deque[tuple[Future, T, int]] = collections.deque()
@@ -99,11 +100,11 @@ def ordered_map(
                 future, first, w = pending.popleft()
                 in_flight -= w
                 yield from _result(future, first, describe)
-            item = next(source, _END)
-            if item is _END:
+            nxt = next(source, _End.END)
+            if nxt is _End.END:
                 break
-            batch.append(item)  # type: ignore[arg-type]
-            batch_weight += measure(item)  # type: ignore[arg-type]
+            batch.append(nxt)
+            batch_weight += measure(nxt)
             if len(batch) >= chunk or (cap is not None and batch_weight >= cap):
                 pending.append((pool.submit(fn, batch), batch[0], batch_weight))
                 in_flight += batch_weight
@@ -118,7 +119,10 @@ def ordered_map(
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-_END = object()
+class _End(enum.Enum):
+    """The end-of-source sentinel (an enum member, so type checkers narrow ``is`` tests on it)."""
+
+    END = enum.auto()
 
 
 def _drain(queue: collections.deque[T]) -> Iterator[T]:

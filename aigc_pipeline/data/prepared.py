@@ -91,6 +91,7 @@ def write_prepared(
     def flush() -> None:
         nonlocal filled, shard_idx
         if filled:
+            assert buffer is not None  # allocated by the first image
             np.save(out / f"shard-{shard_idx:05d}.npy", buffer[:filled])  # a contiguous slice: no copy
             filled, shard_idx = 0, shard_idx + 1
 
@@ -180,4 +181,5 @@ def iter_prepared(root: Path | str, split: Split = "all") -> Iterator[tuple[np.n
         if row.shard != loaded:  # the writers fill shards in manifest order: each is read once
             loaded, shard = int(row.shard), None
             shard = np.load(root / f"shard-{loaded:05d}.npy")
+        assert shard is not None  # the first row (shard != -1) loaded one
         yield shard[int(row.offset)], row

@@ -26,7 +26,7 @@ Built-in sources (``path`` is relative to the project folder unless absolute):
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -53,7 +53,8 @@ __all__ = [
     "TORCHVISION_VARIANTS",
 ]
 
-SourceFn = Callable[["DatasetConfig", Path], Iterator[SourceItem]]
+# A generator function: callers close() it when they stop early.
+SourceFn = Callable[["DatasetConfig", Path], Generator[SourceItem, None, None]]
 SOURCES: dict[str, SourceFn] = {}
 
 
@@ -102,7 +103,7 @@ def source_path(cfg: DatasetConfig, project_dir: Path) -> Path:
 
 
 @register_source("sklearn-digits", options=("path",))
-def sklearn_digits(cfg: DatasetConfig, project_dir: Path) -> Iterator[RawSample]:
+def sklearn_digits(cfg: DatasetConfig, project_dir: Path) -> Generator[RawSample, None, None]:
     """scikit-learn's bundled 8x8 digits: 1797 images, values 0..16, labels 0..9 (no download)."""
     from sklearn.datasets import load_digits
 
@@ -114,7 +115,7 @@ def sklearn_digits(cfg: DatasetConfig, project_dir: Path) -> Iterator[RawSample]
 
 
 @register_source("image-folder", requires=("path",), options=("labels",), decodes_files=True)
-def image_folder(cfg: DatasetConfig, project_dir: Path) -> Iterator[SourceItem]:
+def image_folder(cfg: DatasetConfig, project_dir: Path) -> Generator[SourceItem, None, None]:
     """Every image file under a folder, in sorted order; labels from class folders or none."""
     from aigc_pipeline.data.files import walk_images
 
@@ -125,7 +126,7 @@ def image_folder(cfg: DatasetConfig, project_dir: Path) -> Iterator[SourceItem]:
 
 
 @register_source("archive", requires=("path",), options=("labels",), decodes_files=True)
-def archive(cfg: DatasetConfig, project_dir: Path) -> Iterator[SourceItem]:
+def archive(cfg: DatasetConfig, project_dir: Path) -> Generator[SourceItem, None, None]:
     """The image members of a .zip or .tar(.gz/.bz2/.xz), read in place."""
     from aigc_pipeline.data.archive import read_archive
 
@@ -133,7 +134,7 @@ def archive(cfg: DatasetConfig, project_dir: Path) -> Iterator[SourceItem]:
 
 
 @register_source("manifest", requires=("path",), options=("path_column", "label_column"), decodes_files=True)
-def manifest(cfg: DatasetConfig, project_dir: Path) -> Iterator[SourceItem]:
+def manifest(cfg: DatasetConfig, project_dir: Path) -> Generator[SourceItem, None, None]:
     """Rows of a CSV or Parquet manifest: file paths relative to its folder, optional labels."""
     from aigc_pipeline.data.files import resolve_relative
 
@@ -192,7 +193,7 @@ TORCHVISION_VARIANTS = ("MNIST", "FashionMNIST", "CIFAR10")
 
 
 @register_source("torchvision", requires=("path", "variant"), options=("download",))
-def torchvision_source(cfg: DatasetConfig, project_dir: Path) -> Iterator[RawSample]:
+def torchvision_source(cfg: DatasetConfig, project_dir: Path) -> Generator[RawSample, None, None]:
     """MNIST, FashionMNIST or CIFAR10 from a local torchvision root (train then test files)."""
     import torchvision.datasets as tvd
 

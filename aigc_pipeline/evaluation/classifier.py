@@ -22,6 +22,7 @@ import io
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 
@@ -150,7 +151,8 @@ def _load(path: Path, key: str) -> PixelClassifier:
             return PixelClassifier(
                 d["coef"],
                 d["intercept"],
-                tuple(int(s) for s in d["shape"]),
+                # saved from clf.shape, a (C, H, W) triple
+                cast(tuple[int, int, int], tuple(int(s) for s in d["shape"])),
                 tuple(json.loads(str(d["classes"]))),
                 float(d["accuracy"]),
                 key,

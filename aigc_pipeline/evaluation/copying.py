@@ -238,7 +238,7 @@ def copying_report(
             f"images {'x'.join(map(str, train_pixels.shape[1:]))}: bring both to one size"
         )
     loo = heldout is None
-    pool = train if loo else heldout
+    pool = train if heldout is None else heldout  # i.e. `if loo`, spelled so the type narrows
     if len(pool) < 4:
         raise EvaluationError(
             f"the copying check needs at least 4 held-out real images (two halves: the "
@@ -267,7 +267,7 @@ def copying_report(
         "pixels": (
             _flat_pixels(sample_pixels),
             _flat_pixels(train_pixels),
-            _flat_pixels(train_pixels if loo else heldout_pixels),
+            _flat_pixels(train_pixels if heldout_pixels is None else heldout_pixels),  # None exactly when loo
         ),
     }
     per_space: dict[str, dict[str, Any]] = {}

@@ -95,7 +95,8 @@ def _float32_pass(use_cuda: bool) -> Iterator[None]:
             yield
             return
         stack.enter_context(torch.autocast("cuda", enabled=False))
-        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+        # cudnn.conv is set on torch's module-replacing class but not declared among the module's annotations
+        matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv  # type: ignore[attr-defined]
         saved = (matmul.fp32_precision, conv.fp32_precision)
         matmul.fp32_precision, conv.fp32_precision = "ieee", "ieee"
         try:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from aigc_pipeline.data.prepared import Split
 from aigc_pipeline.evaluation.cache import default_cache_dir
 from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics
@@ -40,7 +41,7 @@ __all__ = ["Floor", "FLOOR_SPLIT", "data_floor", "floor_images"]
 
 _FORMAT = 2  # 2: with FID-infinity
 # The split the floor's real images come from, for each reference split.
-FLOOR_SPLIT = {"eval": "train", "train": "eval", "all": "train"}
+FLOOR_SPLIT: dict[str, Split] = {"eval": "train", "train": "eval", "all": "train"}
 
 
 @dataclass(frozen=True)

@@ -43,9 +43,11 @@ def load_folder(folder: Path, *, size: int | None = None) -> np.ndarray:
     images: list[Image.Image] = []
     for path in files:
         try:
-            with Image.open(path) as img:
-                img.load()
-                images.append(img.convert("L") if img.mode in ("1", "L", "I", "I;16", "F") else img.convert("RGB"))
+            with Image.open(path) as opened:
+                opened.load()
+                images.append(
+                    opened.convert("L") if opened.mode in ("1", "L", "I", "I;16", "F") else opened.convert("RGB")
+                )
         except (UnidentifiedImageError, OSError) as exc:
             raise EvaluationError(f"{path}: cannot be read as an image ({exc})") from exc
     mode = "L" if all(img.mode == "L" for img in images) else "RGB"

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 from aigc_pipeline.evaluation.metrics import copying_text
 from aigc_pipeline.evaluation.protocol import protocol_differences
@@ -225,5 +225,6 @@ def decide(
     return Verdict(CHALLENGER, f"{head}: {why}; the champion stays", details)
 
 
-def _finite(value: Any) -> bool:
+def _finite(value: Any) -> TypeGuard[float]:
+    # a TypeGuard: where it holds, the Optional metric it checked is a float
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)

@@ -539,10 +539,11 @@ def _convert_fid_helper(source_pt: Path) -> dict[str, torch.Tensor]:
     return {key: out[key] for key in template}
 
 
-def _pair(value: object) -> tuple[int, int]:
+def _pair(value: Any) -> tuple[int, int]:
+    # value: a conv module's stride or padding, an int or a pair (untyped module attributes)
     if isinstance(value, int):
         return (value, value)
-    first, second = value  # type: ignore[misc]
+    first, second = value
     return (int(first), int(second))
 
 
@@ -610,7 +611,7 @@ def fetch_torch_fidelity_weights(
     payload = _to_safetensors(tensors, source="torch-fidelity", origin=origin, source_sha256=digest, has_logits=True)
     target = fetched_weights_path(cache)
     atomic_write_bytes(target, payload)
-    record = {
+    record: dict[str, Any] = {  # mixed JSON values
         "format": _FORMAT,
         "source": "torch-fidelity",
         "source_sha256": digest,

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import csv
 import io
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 __all__ = ["line_chart", "loss_chart"]
 
 
 def line_chart(
-    series: dict[str, tuple[Sequence[float], Sequence[float]]], *, title: str, xlabel: str, ylabel: str
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]], *, title: str, xlabel: str, ylabel: str
 ) -> bytes:
     """One chart with a line per ``name -> (xs, ys)``; PNG bytes."""
     from matplotlib.figure import Figure

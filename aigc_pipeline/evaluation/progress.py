@@ -25,7 +25,7 @@ from aigc_pipeline.evaluation.features import FEATURE_EXTRACTOR, FEATURE_LAYER, 
 from aigc_pipeline.evaluation.frechet import frechet_distance
 from aigc_pipeline.evaluation.inception import InceptionWeights
 from aigc_pipeline.evaluation.protocol import Protocol, metric_key
-from aigc_pipeline.evaluation.reference import cache_path, reference_cache_name, reference_statistics
+from aigc_pipeline.evaluation.reference import ReferenceStats, cache_path, reference_cache_name, reference_statistics
 from aigc_pipeline.models.base import Arch
 from aigc_pipeline.models.export import generate
 
@@ -63,7 +63,7 @@ class FidProgress:
             FEATURE_EXTRACTOR, weights.sha256, samples, reference_split, reference_digest, len(reference), arch.size
         )
         self.rows: list[dict[str, float]] = []
-        self._stats = None
+        self._stats: ReferenceStats | None = None
 
     @property
     def metric(self) -> str:
@@ -106,6 +106,7 @@ class FidProgress:
         feats = extract_features(
             images, self.weights, batch_size=self.batch_size, device=_fidelity_device(self.device)
         )[FEATURE_LAYER]
+        assert self._stats is not None  # set by prepare() above
         fid = frechet_distance(feats, self._stats.mu, self._stats.sigma)
         self.rows.append({"epoch": epoch, self.metric: fid, "seconds": time.perf_counter() - t0})
 

@@ -88,7 +88,8 @@ def pixel_digest(images: np.ndarray) -> str:
     per_image = max(1, int(np.prod(images.shape[1:])) * images.dtype.itemsize)
     step = max(1, _HASH_CHUNK_BYTES // per_image)
     for start in range(0, images.shape[0], step):
-        digest.update(memoryview(np.ascontiguousarray(images[start : start + step])).cast("B"))
+        # numpy's stubs give ndarray its __buffer__ only on Python >= 3.12
+        digest.update(memoryview(np.ascontiguousarray(images[start : start + step])).cast("B"))  # type: ignore[arg-type]
     return digest.hexdigest()
 
 
@@ -159,7 +160,8 @@ def _save(path: Path, **arrays: np.ndarray) -> None:
     itself survives a crash."""
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
-    np.savez(buf, **arrays)
+    # mypy also matches **arrays against savez's `allow_pickle: bool` (no caller passes that name)
+    np.savez(buf, **arrays)  # type: ignore[arg-type]
     atomic_write_bytes(path, buf.getvalue())
     dir_fd = os.open(path.parent, os.O_RDONLY)
     try:

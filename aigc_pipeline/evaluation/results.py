@@ -90,7 +90,8 @@ class Evaluation:
     def protocol_keys(self) -> dict[str, float]:
         """Every finite metric under its protocol-named key (``fid_incv3-…_32px``, ``classifier_score_logreg-…``)."""
         values = {long: self.value(short) for short, long in self.protocol_names().items()}
-        return {k: v for k, v in values.items() if math.isfinite(v)}
+        # protocol_names() keeps only names with a value: the None test just narrows the type
+        return {k: v for k, v in values.items() if v is not None and math.isfinite(v)}
 
 
 def write_evaluation(out: Path, metrics: Mapping[str, float | None], details: Mapping[str, Any]) -> None:

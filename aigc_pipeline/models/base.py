@@ -55,6 +55,8 @@ class Family(Protocol):
     # with wrapped versions (DistributedDataParallel, compiled) that share the same parameters.
     nets: dict[str, nn.Module]
 
+    def __init__(self, arch: Arch, hp: Hparams) -> None: ...
+
     def train_step(self, real: torch.Tensor, labels: torch.Tensor | None, rnd: BatchRandom) -> dict[str, torch.Tensor]:
         """One optimisation step on a batch in [-1, 1] (with its class labels when the
         architecture is conditional); returns detached float32 scalars: the losses, and

@@ -14,7 +14,7 @@ mean squared error of the predicted noise, in float32.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,8 @@ def unet_config(arch: Arch) -> dict[str, Any]:
 def build_unet(config: dict[str, Any]) -> nn.Module:
     from diffusers import UNet2DModel
 
-    return UNet2DModel(
+    # diffusers' package __init__ resolves its names to the torch-less dummy classes for type checkers.
+    return UNet2DModel(  # type: ignore[return-value]
         **{
             **config,
             "block_out_channels": tuple(config["block_out_channels"]),
@@ -81,7 +82,7 @@ class DDPM:
         self.sampling_steps = hp.sampling_steps
         self.modules = {"unet": unet, "unet_ema": ema_copy(unet), "ema_state": EmaCounter()}
         self.nets = dict(self.modules)
-        self.optimizers = {
+        self.optimizers: dict[str, torch.optim.Optimizer] = {
             "unet": torch.optim.AdamW(unet.parameters(), lr=hp.lr, betas=(hp.beta1, hp.beta2), weight_decay=0.0)
         }
 
@@ -114,12 +115,13 @@ class DDPM:
         unet, opt = self.nets["unet"], self.optimizers["unet"]
         noise = rnd.randn(tuple(real.shape), device=real.device)
         t = rnd.randint(0, TRAIN_TIMESTEPS, (real.shape[0],), device=real.device)
-        noisy = self.noise_scheduler.add_noise(real, noise, t)
+        noisy = self.noise_scheduler.add_noise(real, noise, t)  # type: ignore[attr-defined]  # diffusers' dummy class
         pred = unet(noisy, t, class_labels=labels, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = grad_norm(self.modules["unet"].parameters())
         opt.step()
-        update_ema(self.modules["unet_ema"], self.modules["unet"], self.modules["ema_state"], self.ema_decay)
+        counter = cast(EmaCounter, self.modules["ema_state"])  # modules is typed by its common base, nn.Module
+        update_ema(self.modules["unet_ema"], self.modules["unet"], counter, self.ema_decay)
         return {"loss": loss.detach(), "grad_norm": norm}

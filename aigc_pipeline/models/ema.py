@@ -20,6 +20,8 @@ EMA_RAMPUP = 10.0
 class EmaCounter(nn.Module):
     """Number of EMA updates so far, as a float32 buffer."""
 
+    updates: torch.Tensor
+
     def __init__(self) -> None:
         super().__init__()
         self.register_buffer("updates", torch.zeros((), dtype=torch.float32))
@@ -36,7 +38,9 @@ def update_ema(ema: nn.Module, live: nn.Module, counter: EmaCounter, decay: floa
     copied, not averaged: the average uses the live network's statistics."""
     t = counter.updates
     keep = torch.clamp((1.0 + t) / (EMA_RAMPUP + t), max=decay)
-    torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1.0 - keep)
+    # torch's stub wants list[Tensor] (lists are invariant: not list[Parameter]) and a Python number as the weight;
+    # torch also takes the 0-dim tensor used here.
+    torch._foreach_lerp_(list(ema.parameters()), list(live.parameters()), 1.0 - keep)  # type: ignore[call-overload]
     t.add_(1.0)
     for b_ema, b in zip(ema.buffers(), live.buffers()):
         b_ema.copy_(b)

@@ -7,8 +7,9 @@ torch and safetensors.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -76,9 +77,11 @@ def generate(
     if steps is not None:
         if not hasattr(generator, "with_steps"):
             raise ValueError(f"steps={steps}: a {arch.family} model has no sampling steps (only diffusion models do)")
-        generator = generator.with_steps(steps)
+        # torch types a module's own attributes as Tensor | Module: this one is the sampler's method.
+        generator = cast(Callable[[int], torch.nn.Module], generator.with_steps)(steps)
     labels = class_labels(arch, n, label)
-    z = torch.randn(n, *generator.latent_shape, generator=torch.Generator().manual_seed(seed))
+    latent_shape = cast(tuple[int, ...], generator.latent_shape)  # a plain attribute (Tensor | Module to torch)
+    z = torch.randn(n, *latent_shape, generator=torch.Generator().manual_seed(seed))
     out = np.empty((n, arch.channels, arch.size, arch.size), dtype=np.uint8)
     for i in range(0, n, batch_size):
         y = labels[i : i + batch_size].to(device) if labels is not None else None

@@ -17,7 +17,7 @@ from aigc_pipeline.models.vae import VAE
 if TYPE_CHECKING:
     from aigc_pipeline.config import TrainConfig
 
-MODELS: dict[str, type] = {
+MODELS: dict[str, type[Family]] = {
     "dcgan": DCGAN,
     "sngan": SNGAN,
     "resgan": ResGAN,
@@ -26,7 +26,7 @@ MODELS: dict[str, type] = {
 }
 
 
-def _family_class(name: str) -> type:
+def _family_class(name: str) -> type[Family]:
     try:
         return MODELS[name]
     except KeyError:

@@ -19,7 +19,7 @@ import numpy as np
 
 from aigc_pipeline.compute import Meter, compute_metrics
 from aigc_pipeline.config import Config
-from aigc_pipeline.data.prepared import load_prepared
+from aigc_pipeline.data.prepared import Split, load_prepared
 from aigc_pipeline.errors import DataError
 from aigc_pipeline.evaluation.classifier import classifier_score, label_accuracy, load_or_train_classifier
 from aigc_pipeline.evaluation.copying import CopyReport, copying_report
@@ -73,7 +73,7 @@ def run(
     loaded: dict[str, Any] = {}
 
     def split(
-        name: str,
+        name: Split,
     ) -> Any:  # each split of the prepared set read once: the reference, floor and copying share them
         if name not in loaded:
             loaded[name] = load_prepared(reference, name)
@@ -286,7 +286,7 @@ def log_to_run(
 
 
 def _floor(
-    cfg: Config, split_of: Callable[[str], Any], real_reference: Any, *, weights: InceptionWeights, device: str
+    cfg: Config, split_of: Callable[[Split], Any], real_reference: Any, *, weights: InceptionWeights, device: str
 ) -> tuple[Floor | None, dict[str, Any]]:
     """The data's floor under this evaluation's protocol (cached by content) and its description;
     (None, {"unavailable": why}) when the split it is drawn from is too small."""
@@ -318,7 +318,7 @@ def _floor(
 
 def _copying(
     cfg: Config,
-    split_of: Callable[[str], Any],
+    split_of: Callable[[Split], Any],
     fake: Any,
     features: Any,
     *,

@@ -248,6 +248,8 @@ def _accepted(
 
 
 def _card(name: str, dcfg: DatasetConfig, stats: _Stats, report: dict) -> str:
+    # _check_usable ran first (at least one image accepted): the sums are set
+    assert stats.total is not None and stats.squares is not None
     n = stats.pixels
     mean = stats.total / n / 255.0
     std = np.sqrt(np.maximum(stats.squares / n - (stats.total / n) ** 2, 0.0)) / 255.0

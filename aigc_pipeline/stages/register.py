@@ -101,6 +101,7 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
         uri = mlflow.get_tracking_uri()
         client = MlflowClient()
         earlier = registry.find_registration(client, name, key)
+        version: str | None  # of a new registration: None until it is created
         if earlier is not None:
             state = (earlier.tags or {}).get(registry.STATE_TAG)
             if state == registry.DONE:
@@ -458,7 +459,7 @@ def _log_model(
     for f in (WEIGHTS_FILE, META_FILE):
         shutil.copy2(model / f, weights / f)
     card = tmp / CARD_FILE
-    facts = dict(
+    facts: dict[str, Any] = dict(
         name=name,
         meta=meta,
         evaluation=evaluation,

@@ -131,6 +131,7 @@ def run(
     # MLflow params record them (beside the resolved values).
     resolved = dataclasses.replace(cfg, train=dataclasses.replace(tcfg, model=family, epochs=budget.epochs))
     tcfg = resolved.train
+    assert tcfg.epochs is not None  # budget.epochs, set just above
     arch = Arch(
         family=family,
         size=size,
@@ -202,6 +203,7 @@ def run(
             tracker.epoch(epoch, grid, stats)
 
     def on_epoch_generator(epoch: int, generator: Any) -> None:
+        assert fid_progress is not None  # only installed when FID over training is measured
         measured = len(fid_progress.rows)
         fid_progress(epoch, generator)
         if tracker is not None and len(fid_progress.rows) > measured:
@@ -467,6 +469,7 @@ def report_for_parent(result_file: Path, result: TrainStageResult | None, error:
     if error is not None:
         doc: dict[str, Any] = {"error": type(error).__name__, "message": str(error)}
     else:
+        assert result is not None  # the worker passes its result or its error
         doc = {**dataclasses.asdict(result), "out": str(result.out)}
     atomic_write_json(result_file, doc)
 

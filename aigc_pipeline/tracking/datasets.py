@@ -136,7 +136,9 @@ def log_dataset_inputs(
     ):
         found = locked_output(project_dir, stage)
         if found is not None and (name, found[1]) not in present:
-            logged.append(_log_stage_output(client, run_id, project_dir, stage, name, context=context, ui=ui))
+            entry = _log_stage_output(client, run_id, project_dir, stage, name, context=context, ui=ui)
+            assert entry is not None  # dvc.lock records the stage (found above)
+            logged.append(entry)
     prepared = locked_output(project_dir, INGEST_STAGE.format(name=dataset))
     if prepared is not None:
         split = _split_dataset(prepared[0], f"{dataset}-{reference_split}", reference_split, prepared[1])
@@ -297,7 +299,8 @@ class PreparedDataset(Dataset):
         c, s = self._profile["channels"], self._profile["size"]
         features = Schema([TensorSpec(np.dtype(np.uint8), (-1, c, s, s), "image")])
         targets = Schema([TensorSpec(np.dtype(np.int64), (-1,), "label")]) if self._labelled else None
-        return TensorDatasetSchema(features=features, targets=targets)
+        # targets=None is mlflow's own default; its hint leaves None out.
+        return TensorDatasetSchema(features=features, targets=targets)  # type: ignore[arg-type]
 
     def to_dict(self) -> dict[str, str]:
         config = super().to_dict()

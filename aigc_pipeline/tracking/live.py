@@ -41,11 +41,15 @@ import os
 import sys
 import time
 from collections.abc import Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from aigc_pipeline.config import Config
 from aigc_pipeline.tracking import runs
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
 
 LIVE_ENV = "AIGC_LIVE_TRACKING"
 _FLUSH_SECONDS = 2.0  # per-step metrics are sent at most this often (and at every epoch's end)
@@ -77,8 +81,8 @@ class TrainingRun:
         self._images: set[int] = set()  # steps of the run's grids
         self._pending: list[Any] = []
         self._last_send = 0.0
-        self._store = None
-        self._client = None
+        self._store: AbstractContextManager[str] | None = None
+        self._client: MlflowClient | None = None
         self._experiment_id: str | None = None
         self._ended = False
 
@@ -94,7 +98,7 @@ class TrainingRun:
         self._client = MlflowClient()
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:
         try:
             if exc is not None and self.run_id is not None and not self._ended:
                 try:
@@ -105,6 +109,7 @@ class TrainingRun:
                 # A bug in the caller, not a training outcome: say so rather than leave it RUNNING.
                 self.fail(RuntimeError("the train stage ended without finishing its MLflow run"))
         finally:
+            assert self._store is not None  # __exit__ runs only after __enter__ succeeded
             self._store.__exit__(None, None, None)
         return False
 
@@ -115,6 +120,7 @@ class TrainingRun:
         import mlflow
 
         client = self._client
+        assert client is not None and self._experiment_id is not None  # set by __enter__
         self.resumed_from = self.step = int(info.get("resumed_from") or 0)
         tags = {
             **runs.run_tags(self.cfg, "train", self.family),
@@ -123,13 +129,13 @@ class TrainingRun:
             "aigc.resumed_from": str(self.resumed_from),
             "aigc.speed": str(info.get("speed", ""))[:500],
         }
-        previous = client.search_runs(
+        newest = client.search_runs(
             [self._experiment_id],
             filter_string=f"tags.`{runs.TRAIN_KEY_TAG}` = '{self.key}'",
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
-        previous = previous[0] if previous else None
+        previous = newest[0] if newest else None
         if (
             previous is not None
             and self.resumed_from > 0
@@ -191,7 +197,8 @@ class TrainingRun:
         if grid is not None and step not in self._images:
             from aigc_pipeline.images import make_grid
 
-            runs.log_grid(self._client, self.run_id, make_grid(grid), runs.SAMPLES_KEY, step)
+            client, run_id = self._open_run()
+            runs.log_grid(client, run_id, make_grid(grid), runs.SAMPLES_KEY, step)
             self._images.add(step)
 
     def fid(self, name: str, value: float) -> None:
@@ -211,10 +218,11 @@ class TrainingRun:
         from aigc_pipeline.models.export import WEIGHTS_FILE
 
         self.send()
+        client, run_id = self._open_run()
         if self.resumed_from > 0:
             runs.log_training_files(
-                self._client,
-                self.run_id,
+                client,
+                run_id,
                 Path(model),
                 upto=self.resumed_from,
                 held=self._held,
@@ -224,10 +232,10 @@ class TrainingRun:
         if stopped:
             tags["aigc.stopped_at_step"] = str(steps)
         for k, v in tags.items():
-            self._client.set_tag(self.run_id, k, v)
+            client.set_tag(run_id, k, v)
         mlflow.end_run(status="FINISHED")
         self._ended = True
-        return self.run_id
+        return run_id
 
     def fail(self, error: BaseException) -> None:
         """End the run KILLED (an interruption) or FAILED, with the error as tags; a diverged
@@ -239,15 +247,14 @@ class TrainingRun:
         killed = isinstance(error, KeyboardInterrupt)
         try:
             self.send()
+            client, run_id = self._open_run()
             if isinstance(error, TrainingDiverged) and error.history:
-                runs.log_step_metrics(
-                    self._client, self.run_id, error.history, after=self._streamed_until, held=self._held
-                )
+                runs.log_step_metrics(client, run_id, error.history, after=self._streamed_until, held=self._held)
             tags = {"aigc.error_type": type(error).__name__, "aigc.error": str(error)[: runs._MAX_TAG]}
             if isinstance(error, TrainingDiverged) and error.step is not None:
                 tags["aigc.failed_step"] = str(error.step)
             for k, v in tags.items():
-                self._client.set_tag(self.run_id, k, v)
+                client.set_tag(run_id, k, v)
         finally:
             mlflow.end_run(status="KILLED" if killed else "FAILED")
             self._ended = True
@@ -275,5 +282,11 @@ class TrainingRun:
         """Send the waiting metrics now."""
         while self._pending:
             batch, self._pending = self._pending[:_FLUSH_METRICS], self._pending[_FLUSH_METRICS:]
-            self._client.log_batch(self.run_id, metrics=batch)
+            client, run_id = self._open_run()
+            client.log_batch(run_id, metrics=batch)
         self._last_send = time.monotonic()
+
+    def _open_run(self) -> tuple[MlflowClient, str]:
+        """The client and the run's id: set by ``__enter__`` and ``start``, which every later callback follows."""
+        assert self._client is not None and self.run_id is not None
+        return self._client, self.run_id

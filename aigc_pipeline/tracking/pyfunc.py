@@ -17,11 +17,11 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-import mlflow.pyfunc
 import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.pyfunc import PythonModel
 
 WEIGHTS_ARTIFACT = "generator"  # folder holding generator.safetensors + model.json
 CARD_ARTIFACT = "model_card"  # model_card.md
@@ -62,7 +62,7 @@ def serving_limits(config: Mapping[str, Any] | None) -> tuple[int, int]:
     return values[0], values[1]
 
 
-class GeneratorModel(mlflow.pyfunc.PythonModel):
+class GeneratorModel(PythonModel):
     """Generates images from the exported generator weights (safetensors). Logged from code
     (``pyfunc_model.py``), so the model holds no pickle at all."""
 

@@ -311,7 +311,7 @@ def log_training_files(
     from aigc_pipeline.evaluation.progress import PROGRESS_FILE, read_progress
 
     steps = epoch_steps(model)
-    window = {"after": after, "upto": upto, "held": held}
+    window: dict[str, Any] = {"after": after, "upto": upto, "held": held}
     log_step_metrics(client, run_id, _read_csv(model / "history.csv"), **window)
     log_step_metrics(client, run_id, _read_csv(model / "epochs.csv"), prefix="train_epoch/", **window)
     timing = [

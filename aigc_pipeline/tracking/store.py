@@ -130,8 +130,9 @@ def _restore_uris(saved_env: dict[str, str | None]) -> None:
     (mlflow.set_tracking_uri exports the variable, so both must be restored)."""
     import mlflow
 
-    mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])
-    mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])
+    # None puts MLflow's URI back to unset (its initial state); its hints leave None out.
+    mlflow.set_tracking_uri(saved_env["MLFLOW_TRACKING_URI"])  # type: ignore[arg-type]
+    mlflow.set_registry_uri(saved_env["MLFLOW_REGISTRY_URI"])  # type: ignore[arg-type]
     for k, v in saved_env.items():
         if v is None:
             os.environ.pop(k, None)

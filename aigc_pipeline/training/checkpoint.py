@@ -141,6 +141,7 @@ def load_latest_checkpoint(folder: Path | None) -> dict[str, Any] | None:
 def capture_rng_state() -> dict[str, Any]:
     """torch (CPU and every CUDA device), numpy and Python ``random`` global states."""
     np_state = np.random.get_state(legacy=True)
+    assert isinstance(np_state, tuple)  # the global RandomState is MT19937: the legacy tuple form
     py_version, py_internal, py_gauss = random.getstate()
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),

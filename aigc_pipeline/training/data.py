@@ -120,6 +120,7 @@ class Batches:
 
         pending = stage(0) if slices else None
         for k in range(len(slices)):
+            assert pending is not None  # slices is not empty
             raw, idx, event = pending
             if event is not None:
                 main = torch.cuda.current_stream(self.device)

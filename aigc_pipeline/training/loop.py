@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -155,9 +155,8 @@ def train(
     batches = Batches(
         images, labels if arch.num_classes else None, dev, placement=data_placement, channels_last=speed.channels_last
     )
-    fixed_z = torch.randn(
-        sample_grid, *family.generator.latent_shape, generator=seeded_generator(seed, SAMPLE_STREAM, 0, "cpu")
-    ).to(dev)
+    latent_shape = cast(tuple[int, ...], family.generator.latent_shape)  # a plain attribute (Tensor | Module to torch)
+    fixed_z = torch.randn(sample_grid, *latent_shape, generator=seeded_generator(seed, SAMPLE_STREAM, 0, "cpu")).to(dev)
     fixed_y = (torch.arange(sample_grid) % arch.num_classes).to(dev) if arch.num_classes else None
     fingerprint = {
         "arch": dict(arch.__dict__),
@@ -240,6 +239,7 @@ def train(
             "caller": cb.save_state() if cb.save_state else None,
             "world_size": dist_info.world,
         }
+        assert checkpoint_dir is not None  # save() is only called with a checkpoint folder
         written = save_checkpoint(checkpoint_dir, step, state, keep=keep_checkpoints)
         if cb.on_checkpoint:
             cb.on_checkpoint(step, written)
@@ -331,7 +331,9 @@ def _wrap_nets(family: Family, dev: torch.device, speed: Speed, dist_info: distr
             continue  # e.g. a counter module: nothing to run forward on
         net = distributed.wrap_ddp(m, dev) if dist_info.world > 1 else m
         if speed.compile:
-            net = torch.compile(net)  # around DDP, as torch recommends, so DDP's hooks stay outside the graph
+            # Around DDP, as torch recommends, so DDP's hooks stay outside the graph. For a module torch.compile
+            # returns an OptimizedModule (an nn.Module); its stub only says Callable.
+            net = cast(torch.nn.Module, torch.compile(net))
         family.nets[name] = net
 
 
