@@ -25,7 +25,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TextIO
@@ -153,9 +153,10 @@ def run(
         from aigc_pipeline.evaluation.progress import progress_hook  # torch-fidelity only when asked for
 
         fid_progress = progress_hook(resolved, reference, arch, device=device)
-    fid_points, fid_rate = 0, None
+    fid_epochs: list[int] = []
+    fid_rate = None
     if fid_progress is not None:
-        fid_points = sum(fid_progress.due(e) for e in range(1, tcfg.epochs + 1))
+        fid_epochs = [e for e in range(1, tcfg.epochs + 1) if fid_progress.due(e)]
         # Before training, so that a cold cache's Inception pass is neither inside the first
         # point nor missing from the estimate: its measured rate prices the points to come.
         t0 = time.perf_counter()
@@ -172,7 +173,7 @@ def run(
         enabled=show,
         budget=budget,
         device=device.type,
-        fid_points=fid_points,
+        fid_epochs=fid_epochs,
         fid_samples=fid_progress.samples if fid_progress is not None else 0,
         fid_seconds_per_sample=fid_rate,
         observer=observer if dist_info.is_main else None,
@@ -505,7 +506,7 @@ class Progress:
         stream: TextIO | None = None,
         budget: Budget | None = None,
         device: str = "cpu",
-        fid_points: int = 0,
+        fid_epochs: Sequence[int] = (),
         fid_samples: int = 64,
         fid_seconds_per_sample: float | None = None,
         observer: TrainingObserver | None = None,
@@ -517,10 +518,10 @@ class Progress:
         self.epochs = epochs
         self.budget = budget
         self.device = device
-        self.fid_points = fid_points
+        self.fid_epochs = tuple(fid_epochs)  # the epochs that end with a FID-over-training point
         if fid_seconds_per_sample is None:
             fid_seconds_per_sample = self.FID_SECONDS_PER_SAMPLE_CPU if device == "cpu" else 0.0
-        self.fid_seconds = fid_points * fid_samples * fid_seconds_per_sample
+        self.fid_seconds_per_point = fid_samples * fid_seconds_per_sample
         self.t0 = time.perf_counter()
         self.last_draw = 0.0
         self.first_step = None
@@ -577,18 +578,17 @@ class Progress:
         if not (step == total or measured >= self.WARMUP_STEPS or (measured >= 3 and seconds >= self.WARMUP_SECONDS)):
             return
         per_step = seconds / measured
+        # The points still ahead (a resumed training has made the earlier ones); epoch e ends at step e * per epoch.
+        per_epoch = self.budget.steps_per_epoch if self.budget is not None else max(total // max(self.epochs, 1), 1)
+        points = sum(1 for e in self.fid_epochs if e * per_epoch > step)
         # Steps before the warm-up window are part of the run too (their time has passed already).
-        self.estimate = Estimate(per_step, total - step, self.fid_seconds)
+        self.estimate = Estimate(per_step, total - step, points * self.fid_seconds_per_point)
         self.planned_seconds = now - self.t0 + self.estimate.seconds
         plan = self.budget.describe() if self.budget is not None else f"{total} steps"
         plan += (
             f"; estimated {format_duration(self.estimate.seconds)} left on {self.device} ({per_step:.3g} s/step "
             f"over {measured} warm-up steps"
-            + (
-                f", {self.fid_points} FID-over-training point{'s' if self.fid_points != 1 else ''}"
-                if self.fid_points
-                else ""
-            )
+            + (f", {points} FID-over-training point{'s' if points != 1 else ''}" if points else "")
             + ")"
         )
         if self.observer is not None:

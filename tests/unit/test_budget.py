@@ -110,7 +110,13 @@ def test_progress_prints_the_plan_then_a_warmup_estimate(monkeypatch) -> None:
     budget = resolve_budget(family="resgan", size=8, train_images=1437, batch_size=64, epochs=None, kimg="auto")
     out, heard = io.StringIO(), _Observer()
     progress = Progress(
-        budget.epochs, stream=out, budget=budget, device="cpu", fid_points=4, fid_samples=64, observer=heard
+        budget.epochs,
+        stream=out,
+        budget=budget,
+        device="cpu",
+        fid_epochs=(45, 90, 135, 180),
+        fid_samples=64,
+        observer=heard,
     )
     progress.start(
         {"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device", "world_size": 1}
@@ -148,7 +154,7 @@ def test_a_measured_inception_rate_prices_the_fid_points(monkeypatch) -> None:
         stream=io.StringIO(),
         budget=budget,
         device="cpu",
-        fid_points=4,
+        fid_epochs=(45, 90, 135, 180),
         fid_samples=64,
         fid_seconds_per_sample=0.5,
     )
@@ -160,6 +166,39 @@ def test_a_measured_inception_rate_prices_the_fid_points(monkeypatch) -> None:
         progress.step(step, budget.steps, 1)
     assert progress.estimate is not None
     assert progress.estimate.overhead_seconds == pytest.approx(4 * 64 * 0.5)
+
+
+def test_a_resumed_training_prices_only_the_fid_points_still_ahead(monkeypatch) -> None:
+    """Resumed at epoch 100 of 180, the points of epochs 45 and 90 are made already: two are left."""
+    clock = _Clock()
+    monkeypatch.setattr("aigc_pipeline.stages.train.time.perf_counter", clock)
+    budget = resolve_budget(family="resgan", size=8, train_images=1437, batch_size=64, epochs=None, kimg="auto")
+    out = io.StringIO()
+    progress = Progress(
+        budget.epochs,
+        stream=out,
+        budget=budget,
+        device="cpu",
+        fid_epochs=(45, 90, 135, 180),
+        fid_samples=64,
+        fid_seconds_per_sample=0.5,
+    )
+    resumed = 100 * budget.steps_per_epoch
+    progress.start(
+        {
+            "resumed_from": resumed,
+            "total_steps": budget.steps,
+            "speed": "cpu",
+            "data_placement": "device",
+            "world_size": 1,
+        }
+    )
+    for step in range(resumed + 1, resumed + 23):
+        clock.now += 0.5
+        progress.step(step, budget.steps, 101)
+    assert progress.estimate is not None
+    assert progress.estimate.overhead_seconds == pytest.approx(2 * 64 * 0.5)
+    assert "2 FID-over-training points)" in out.getvalue()
 
 
 def test_a_long_cpu_plan_is_warned_about() -> None:
