@@ -269,10 +269,10 @@ def _cmd_promote(args: argparse.Namespace) -> Any:
 
 
 def _cmd_rollback(args: argparse.Namespace) -> Any:
-    from aigc_pipeline.tracking.registry import rollback
+    from aigc_pipeline.tracking.registry import restore_previous_champion
 
     champion, _ = _aliases(args)
-    change = rollback(_client(args), args.name, reason=args.reason, alias=champion)
+    change = restore_previous_champion(_client(args), args.name, reason=args.reason, alias=champion)
     print(f"{change.name}: '{change.alias}' v{change.previous} -> v{change.version} ({change.reason})")
     return change
 
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         help="train this model family, e.g. dcgan (train.model, written to params.yaml; "
-        "the families: aigc_pipeline/models/registry.py)",
+        "the families: aigc_pipeline/models/families.py)",
     )
     add_common(p)
     p.set_defaults(handler=_cmd_run)

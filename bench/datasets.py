@@ -365,7 +365,7 @@ def run(ctx: Any) -> dict[str, Any]:
     project = import_from_snapshot(source)
 
     from aigc_pipeline.config import load_config
-    from aigc_pipeline.models.registry import MODELS, resolve_hparams
+    from aigc_pipeline.models.families import MODELS, resolve_hparams
     from aigc_pipeline.stages import augment, evaluate, ingest
     from aigc_pipeline.stages import train as train_stage
 

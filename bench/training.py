@@ -295,7 +295,7 @@ def run(ctx: Any) -> dict[str, Any]:
     from aigc_pipeline.data.prepared import load_prepared
     from aigc_pipeline.evaluation.results import read_evaluation
     from aigc_pipeline.models.base import Arch
-    from aigc_pipeline.models.registry import resolve_hparams
+    from aigc_pipeline.models.families import resolve_hparams
     from aigc_pipeline.stages import augment, evaluate, ingest
     from aigc_pipeline.stages import train as train_stage
     from aigc_pipeline.training.checkpoint import list_checkpoints

@@ -202,8 +202,8 @@ def registry_snapshot(project: Path):
     from mlflow import MlflowClient
 
     from aigc_pipeline.config import load_config
-    from aigc_pipeline.tracking.rollback import snapshot
     from aigc_pipeline.tracking.store import tracking_uri
+    from aigc_pipeline.tracking.undo import snapshot
 
     uri = tracking_uri(project)
     return snapshot(MlflowClient(tracking_uri=uri, registry_uri=uri), load_config(project).registered_model)
@@ -219,15 +219,15 @@ def register_stage(project: Path, stage: str, before: Any, extra_tags: dict[str,
     from mlflow import MlflowClient
 
     from aigc_pipeline.config import load_config
-    from aigc_pipeline.tracking.rollback import roll_back
     from aigc_pipeline.tracking.store import tracking_uri
+    from aigc_pipeline.tracking.undo import undo_flow_run
 
     logger = get_run_logger()
     uri = tracking_uri(project)
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     rcfg = load_config(project).register
     experiment, champion = rcfg.experiment, rcfg.champion_alias
-    undone = roll_back(client, before, experiment, str(flow_run.id), champion_alias=champion)
+    undone = undo_flow_run(client, before, experiment, str(flow_run.id), champion_alias=champion)
     if undone.changed:
         logger.warning("undid an earlier attempt's partial registration: %s", undone.describe())
     # An earlier attempt may have written the receipt (and dvc.lock) before failing: without it DVC
@@ -244,7 +244,7 @@ def register_stage(project: Path, stage: str, before: Any, extra_tags: dict[str,
             client.set_model_version_tag(receipt["name"], receipt["version"], k, v)
         return outcome
     except BaseException:
-        report = roll_back(client, before, experiment, str(flow_run.id), champion_alias=champion)
+        report = undo_flow_run(client, before, experiment, str(flow_run.id), champion_alias=champion)
         logger.error("register failed; rolled back: %s", report.describe())
         raise
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save
 from aigc_pipeline.errors import DataError
 from aigc_pipeline.io import atomic_write_bytes, atomic_write_json
 from aigc_pipeline.models.base import Arch
-from aigc_pipeline.models.registry import build_generator
+from aigc_pipeline.models.families import build_generator
 
 WEIGHTS_FILE = "generator.safetensors"
 META_FILE = "model.json"

@@ -125,7 +125,7 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                         client, client.get_model_version(name, version), uri, scored, rcfg, reused=True
                     )
                 return _finish(receipt, result)
-            registry.discard_version(client, name, str(earlier.version), alias=rcfg.champion_alias)
+            registry.undo_registration(client, name, str(earlier.version), alias=rcfg.champion_alias)
 
         lineage = _lineage(project_dir)
         compute = read_compute(Path(model))
@@ -210,7 +210,7 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
                     except BaseException:
                         if version is not None:
                             left = f"failed: version {version} left {registry.PENDING}/{registry.DECIDED} for a retry"
-                            registry.discard_version(client, name, version, alias=rcfg.champion_alias)
+                            registry.undo_registration(client, name, version, alias=rcfg.champion_alias)
                             left = "failed: version discarded"
                         raise
             except BaseException:

@@ -40,7 +40,7 @@ from aigc_pipeline.images import make_grid, png_bytes
 from aigc_pipeline.io import atomic_dir, atomic_write_bytes, atomic_write_json, atomic_write_text
 from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.export import save_generator
-from aigc_pipeline.models.registry import generator_spec, resolve_hparams
+from aigc_pipeline.models.families import generator_spec, resolve_hparams
 from aigc_pipeline.training import distributed
 from aigc_pipeline.training.budget import Budget, Estimate, format_duration, plan_warning, resolve_budget, resolve_model
 from aigc_pipeline.training.loop import Callbacks, train

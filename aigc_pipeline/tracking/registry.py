@@ -3,9 +3,9 @@
 Alias changes are single ``set_registered_model_alias`` calls (one upsert in the store): a reader
 resolving ``models:/NAME@champion`` sees the old version or the new one, never no version. Every
 decision about an alias and its move happen under the registered model's lock
-(:mod:`aigc_pipeline.tracking.locks`): a gate decision, :func:`promote`, :func:`rollback`,
-:func:`discard_version`, :func:`undo_moves`. So the read-modify-write tags cannot lose entries:
-the champion history (``aigc.champion_history``: versions, oldest first; ``rollback`` moves the
+(:mod:`aigc_pipeline.tracking.locks`): a gate decision, :func:`promote`, :func:`restore_previous_champion`,
+:func:`undo_registration`, :func:`undo_moves`. So the read-modify-write tags cannot lose entries:
+the champion history (``aigc.champion_history``: versions, oldest first; ``restore_previous_champion`` moves the
 alias back along it) and the decision history (``aigc.decision_history``: every gate decision,
 with the champion it was compared with, in the order they were made).
 
@@ -218,7 +218,7 @@ def promote(
     return Change(name, alias, str(version), previous, f"promoted by {user}: {reason.strip()}")
 
 
-def rollback(
+def restore_previous_champion(
     client: Any, name: str, *, reason: str | None = None, user: str | None = None, alias: str = "champion"
 ) -> Change:
     """Put the previous champion back: the alias moves to the history entry before the current one
@@ -391,7 +391,7 @@ def undo_moves(
         return done
 
 
-def discard_version(
+def undo_registration(
     client: Any, name: str, version: str, *, alias: str = "champion", fallback: Mapping[str, str] | None = None
 ) -> Restored:
     """Remove a half-registered version so that nothing points at it (under the lock): the aliases

@@ -72,7 +72,7 @@ class RunClaimError(AigcError, RuntimeError):
     """The store did not keep a run's claim for an evaluation (see the module docstring)."""
 
 
-# train.* settings that may say "auto": the model's recipe decides (aigc_pipeline.models.registry.recipe_for).
+# train.* settings that may say "auto": the model's recipe decides (aigc_pipeline.models.families.recipe_for).
 RESOLVED_KEYS = ("model", "lr", "beta1", "beta2", "epochs", "kimg")
 
 
@@ -92,7 +92,7 @@ def flat_params(cfg: Config, resolved: dict[str, Any] | None = None) -> dict[str
         for k, v in d[section].items():
             out[f"{section}.{k}"] = v
     if resolved is None:
-        from aigc_pipeline.models.registry import resolve_hparams
+        from aigc_pipeline.models.families import resolve_hparams
 
         resolved = dataclasses.asdict(resolve_hparams(cfg.train))
     for k in RESOLVED_KEYS:

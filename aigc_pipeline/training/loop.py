@@ -28,7 +28,7 @@ import torch
 
 from aigc_pipeline.errors import TrainingDiverged
 from aigc_pipeline.models.base import Arch, Family, Hparams
-from aigc_pipeline.models.registry import build_family
+from aigc_pipeline.models.families import build_family
 from aigc_pipeline.randomness import EPOCH_STREAM, SAMPLE_STREAM, STEP_STREAM, BatchRandom, seeded_generator
 from aigc_pipeline.training import distributed
 from aigc_pipeline.training.checkpoint import (

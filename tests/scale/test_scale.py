@@ -215,7 +215,7 @@ def two_runs(cluster: Cluster, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 def _registry(cluster: Cluster) -> dict[str, Any]:
     """The registered model's versions and aliases now (empty when it does not exist yet)."""
-    from aigc_pipeline.tracking.rollback import snapshot
+    from aigc_pipeline.tracking.undo import snapshot
 
     client = mlflow_client(cluster)
     snap = snapshot(client, MODEL)
@@ -287,7 +287,7 @@ def test_a_training_that_fails_fails_the_flow_cleanly(cluster: Cluster, two_runs
     assert child.state.is_failed()
     # Nothing registered, nothing left half-registered, the champion untouched.
     assert versions_of(cluster, bad_id) == []
-    from aigc_pipeline.tracking.rollback import flow_run_mlflow_runs
+    from aigc_pipeline.tracking.undo import flow_run_mlflow_runs
 
     # Its only MLflow run is the diverged training's, marked FAILED (the trainer's record of it).
     client = mlflow_client(cluster)

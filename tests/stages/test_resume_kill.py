@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from aigc_pipeline.models.registry import MODELS
+from aigc_pipeline.models.families import MODELS
 from aigc_pipeline.training.checkpoint import list_checkpoints
 from tests.conftest import REPO
 

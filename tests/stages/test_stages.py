@@ -22,7 +22,7 @@ from aigc_pipeline import cli
 from aigc_pipeline.config import Config, load_config
 from aigc_pipeline.data.prepared import load_prepared
 from aigc_pipeline.evaluation.results import read_evaluation
-from aigc_pipeline.models import registry as registry_module
+from aigc_pipeline.models import families as registry_module
 from aigc_pipeline.stages import augment, evaluate, ingest, register, train
 from aigc_pipeline.tracking import registry
 from aigc_pipeline.tracking.registry import RegistryError
@@ -557,7 +557,7 @@ def test_register_failures_leave_nothing_half_registered_and_retries_are_safe(
     best = _variant(evaluation, tmp_path / "best", fid=fid - 400)
     with monkeypatch.context() as mp:
         mp.setattr(registry, "move_alias", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
-        mp.setattr(registry, "discard_version", lambda *a, **k: None)
+        mp.setattr(registry, "undo_registration", lambda *a, **k: None)
         with pytest.raises(_Killed):
             register.run(cfg, model, best, tmp_path / "r.json", project_dir=project)
     assert client.get_model_version(NAME, "4").tags[registry.STATE_TAG] == registry.DECIDED
@@ -571,7 +571,7 @@ def test_register_failures_leave_nothing_half_registered_and_retries_are_safe(
     worse = _variant(evaluation, tmp_path / "worse", fid=fid + 10)
     with monkeypatch.context() as mp:
         mp.setattr(register, "decide", lambda *a, **k: (_ for _ in ()).throw(_Killed()))
-        mp.setattr(registry, "discard_version", lambda *a, **k: None)
+        mp.setattr(registry, "undo_registration", lambda *a, **k: None)
         with pytest.raises(_Killed):
             register.run(cfg, model, worse, tmp_path / "r.json", project_dir=project)
     assert client.get_model_version(NAME, "5").tags[registry.STATE_TAG] == registry.PENDING
@@ -602,7 +602,7 @@ def test_a_retry_of_a_decided_registration_decides_again_against_the_champion_of
         """Register, dying at ``where`` (no exception handler of ours runs, nothing is discarded)."""
         with monkeypatch.context() as mp:
             mp.setattr(registry, where, lambda *a, **k: (_ for _ in ()).throw(_Killed()))
-            mp.setattr(registry, "discard_version", lambda *a, **k: None)
+            mp.setattr(registry, "undo_registration", lambda *a, **k: None)
             with pytest.raises(_Killed):
                 reg(label, **changes)
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from aigc_pipeline.config import load_config
 from aigc_pipeline.errors import TrainingDiverged
 from aigc_pipeline.models.base import Arch, Hparams
-from aigc_pipeline.models.registry import MODELS, build_family, resolve_hparams
+from aigc_pipeline.models.families import MODELS, build_family, resolve_hparams
 from aigc_pipeline.stages import augment, ingest, train
 from aigc_pipeline.stages.train import Progress
 from tests.conftest import QUICK, REPO

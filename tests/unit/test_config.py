@@ -91,7 +91,7 @@ def test_write_overrides_keeps_comments_and_rejects_bad_values(tmp_path: Path) -
 
 
 def test_optimiser_settings_default_to_the_models_recipe() -> None:
-    from aigc_pipeline.models.registry import resolve_hparams
+    from aigc_pipeline.models.families import resolve_hparams
 
     dcgan = resolve_hparams(load_config(REPO, ["train.model=dcgan"]).train)
     sngan = resolve_hparams(load_config(REPO, ["train.model=sngan"]).train)

@@ -348,7 +348,7 @@ def test_fid_over_training_prepares_its_reference_before_the_first_point(
     reference through Inception again."""
     from aigc_pipeline.evaluation.progress import FidProgress
     from aigc_pipeline.models.base import Arch
-    from aigc_pipeline.models.registry import build_generator
+    from aigc_pipeline.models.families import build_generator
 
     arch = Arch(family="dcgan", size=32, channels=3, latent_dim=8, width=8)
     reference = _noise(N_IMAGES, seed=11)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from aigc_pipeline.errors import TrainingDiverged
-from aigc_pipeline.models import registry
+from aigc_pipeline.models import families as registry
 from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.dcgan import DCGAN
 from aigc_pipeline.models.export import generate, load_generator, save_generator

@@ -1,8 +1,15 @@
 """Undo a registration that did not finish, so a failed run leaves nothing half-registered.
 
+There is one undo path: a flow run's registrations are undone by :func:`undo_flow_run`, one version
+at a time through :func:`aigc_pipeline.tracking.registry.undo_registration` (the register stage
+calls that too, for its own half-made version), whose alias restore is
+:func:`~aigc_pipeline.tracking.registry.undo_moves`. Putting a previous champion back on purpose
+(``aigc rollback``) is not an undo but a move of the alias:
+:func:`~aigc_pipeline.tracking.registry.restore_previous_champion`.
+
 Before a flow run registers, :func:`snapshot` records the registered model's aliases. If the
 register step then fails (an MLflow call fails after the run or the version exists, say),
-:func:`roll_back` deletes the model versions and MLflow runs tagged with that flow run's id and
+:func:`undo_flow_run` deletes the model versions and MLflow runs tagged with that flow run's id and
 puts back the aliases those versions had taken, each only if it still points where the failed
 attempt left it (compare-and-set, under the registered model's lock): an ``aigc promote`` or
 another registration made since is left alone. The snapshot is only the fallback for an alias
@@ -32,7 +39,7 @@ class Snapshot:
 
 
 @dataclass
-class RollbackReport:
+class UndoReport:
     deleted_versions: list[str] = field(default_factory=list)
     deleted_runs: list[str] = field(default_factory=list)
     kept_runs: list[str] = field(default_factory=list)  # training runs: their versions deleted, the runs kept
@@ -107,15 +114,15 @@ def flow_run_mlflow_runs(client: Any, experiment: str, flow_run_id: str) -> list
     return [r.info.run_id for r in runs]
 
 
-def roll_back(
+def undo_flow_run(
     client: Any, before: Snapshot, experiment: str, flow_run_id: str, *, champion_alias: str = "champion"
-) -> RollbackReport:
+) -> UndoReport:
     """Remove what flow run ``flow_run_id`` registered and put back the aliases it moved, where they
     still point at its versions (``before``'s aliases only where nothing records more;
     ``champion_alias`` falls back along the champion history)."""
     from aigc_pipeline.tracking import registry
 
-    report = RollbackReport()
+    report = UndoReport()
     run_ids = set(flow_run_mlflow_runs(client, experiment, flow_run_id))
     with registry.locked(client, before.name):
         model = _get_model(client, before.name)
@@ -123,7 +130,7 @@ def roll_back(
             versions = client.search_model_versions(f"name='{before.name}'")
             for v in sorted(versions, key=lambda v: int(v.version)):
                 if v.run_id in run_ids:
-                    done = registry.discard_version(
+                    done = registry.undo_registration(
                         client, before.name, str(v.version), alias=champion_alias, fallback=before.aliases
                     )
                     report.deleted_versions.append(str(v.version))

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from aigc_pipeline.tracking import registry
-from aigc_pipeline.tracking.rollback import FLOW_RUN_TAG, flow_run_mlflow_runs, roll_back, snapshot
+from aigc_pipeline.tracking.undo import FLOW_RUN_TAG, flow_run_mlflow_runs, snapshot, undo_flow_run
 
 pytestmark = pytest.mark.slow  # a real MLflow SQLite store: ~5 s each
 
@@ -56,7 +56,7 @@ def test_partial_registration_is_undone_and_the_champion_restored(client, tmp_pa
     # flow-b registered v2 and moved the alias, then failed before finishing.
     v2 = _register(client, tmp_path, "flow-b", alias="champion")
     client.set_registered_model_alias(NAME, "challenger", v2)  # with no record of where it was: removed
-    report = roll_back(client, before, EXPERIMENT, "flow-b")
+    report = undo_flow_run(client, before, EXPERIMENT, "flow-b")
     assert report.deleted_versions == [v2] and len(report.deleted_runs) == 1
     assert report.restored_aliases == {"champion": v1} and report.removed_aliases == ["challenger"]
     versions = {str(v.version) for v in client.search_model_versions(f"name='{NAME}'")}
@@ -66,14 +66,14 @@ def test_partial_registration_is_undone_and_the_champion_restored(client, tmp_pa
     assert flow_run_mlflow_runs(client, EXPERIMENT, "flow-b") == []
     assert len(flow_run_mlflow_runs(client, EXPERIMENT, "flow-a")) == 1  # another flow run's work is kept
     # Rolling back again finds nothing left to undo.
-    assert not roll_back(client, before, EXPERIMENT, "flow-b").changed
+    assert not undo_flow_run(client, before, EXPERIMENT, "flow-b").changed
 
 
 def test_a_model_created_by_the_failed_registration_is_removed(client, tmp_path: Path) -> None:
     before = snapshot(client, NAME)
     assert not before.exists
     _register(client, tmp_path, "flow-c", alias="champion")
-    report = roll_back(client, before, EXPERIMENT, "flow-c")
+    report = undo_flow_run(client, before, EXPERIMENT, "flow-c")
     assert report.deleted_model
     assert client.search_registered_models(f"name='{NAME}'") == []
 
@@ -83,20 +83,20 @@ def test_discard_version_puts_back_the_challenger_it_took(client, tmp_path: Path
     v2 = _register(client, tmp_path, "flow-2", alias="challenger")
     v3 = _register(client, tmp_path, "flow-3", alias="challenger")  # a candidate that then fails
     assert _aliases(client) == {"champion": v1, "challenger": v3}
-    done = registry.discard_version(client, NAME, v3)
+    done = registry.undo_registration(client, NAME, v3)
     assert _aliases(client) == {"champion": v1, "challenger": v2} and _versions(client) == [v1, v2]
     assert done.restored == {"challenger": v2} and not done.removed and not done.left
 
     # One that had taken the champion: the champion goes back, the version leaves the history.
     v4 = _register(client, tmp_path, "flow-4", alias="champion")
     assert registry.champion_history(client, NAME) == [v1, v4]
-    assert registry.discard_version(client, NAME, v4).restored == {"champion": v1}
+    assert registry.undo_registration(client, NAME, v4).restored == {"champion": v1}
     assert _aliases(client) == {"champion": v1, "challenger": v2} and registry.champion_history(client, NAME) == [v1]
 
     # The first challenger of a model: it pointed nowhere before, so it points nowhere after.
     client.delete_registered_model_alias(NAME, "challenger")
     v5 = _register(client, tmp_path, "flow-5", alias="challenger")
-    assert registry.discard_version(client, NAME, v5).removed == ["challenger"]
+    assert registry.undo_registration(client, NAME, v5).removed == ["challenger"]
     assert _aliases(client) == {"champion": v1}
 
 
@@ -106,7 +106,7 @@ def test_discard_version_leaves_an_alias_moved_since_alone(client, tmp_path: Pat
     v3 = _register(client, tmp_path, "flow-3", alias="challenger")
     v4 = _register(client, tmp_path, "flow-4", alias="challenger")  # took it from v3 since
     assert client.get_model_version(NAME, v4).tags[registry.MOVED_PREFIX + "challenger"] == v3  # the record
-    done = registry.discard_version(client, NAME, v3)
+    done = registry.undo_registration(client, NAME, v3)
     assert _aliases(client) == {"champion": v1, "challenger": v4} and _versions(client) == [v1, v2, v4]
     assert done.left == {"challenger": v4} and not done.restored and not done.removed
 
@@ -120,7 +120,7 @@ def test_rollback_leaves_a_concurrent_promote_alone(client, tmp_path: Path) -> N
     v3 = _register(client, tmp_path, "flow-b", alias="champion")
     registry.promote(client, NAME, v2, reason="reviewed by hand", user="tester")
     assert _aliases(client) == {"champion": v2} and registry.champion_history(client, NAME) == [v1, v3, v2]
-    report = roll_back(client, before, EXPERIMENT, "flow-b")
+    report = undo_flow_run(client, before, EXPERIMENT, "flow-b")
     assert _aliases(client) == {"champion": v2}  # the promotion stands (the snapshot said champion=v1)
     assert registry.champion_history(client, NAME) == [v1, v2] and _versions(client) == [v1, v2]
     assert report.deleted_versions == [v3]
@@ -132,6 +132,6 @@ def test_rollback_leaves_a_concurrent_promote_alone(client, tmp_path: Path) -> N
     before = snapshot(client, NAME)
     v4 = _register(client, tmp_path, "flow-c", alias="challenger")
     v5 = _register(client, tmp_path, "flow-d", alias="champion")
-    report = roll_back(client, before, EXPERIMENT, "flow-c")
+    report = undo_flow_run(client, before, EXPERIMENT, "flow-c")
     assert report.deleted_versions == [v4] and report.removed_aliases == ["challenger"]
     assert _aliases(client) == {"champion": v5}
