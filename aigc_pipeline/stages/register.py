@@ -66,19 +66,57 @@ class RegisterResult:
     compute: str | None = None  # what training it cost ("trained in 3.1 CPU-minutes (...)"); None: not recorded
 
 
+@dataclass(frozen=True)
+class _Candidate:
+    """What the gate needs of the model being registered, read once from its folders."""
+
+    scored: Evaluation
+    meta: dict[str, Any]
+    problems: list[str]  # why its evaluation cannot be trusted (empty: it can)
+    below_bar: list[str]  # the quality bars it misses
+    score: Score | None  # None when there are problems
+    key: str  # the registration key: model, evaluation and register settings
+
+
 def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_dir: Path = Path(".")) -> RegisterResult:
-    """Log and register the model in ``model`` scored in ``evaluation``; write a JSON ``receipt``."""
+    """Log and register the model in ``model`` scored in ``evaluation``; write a JSON ``receipt``.
+
+    The state an earlier attempt with the same key left on its version decides what happens:
+    none: log the run and register (pending -> decided -> done); ``done``: the receipt again;
+    ``decided``: decide again (the champion may have changed); ``pending``: discard the half-made
+    version, then register anew.
+    """
     import mlflow
     from mlflow import MlflowClient
 
-    from aigc_pipeline.tracking import registry, runs
-    from aigc_pipeline.tracking.datasets import log_dataset_inputs
-    from aigc_pipeline.tracking.store import ui_url, use_store
+    from aigc_pipeline.tracking import registry
+    from aigc_pipeline.tracking.store import use_store
 
-    scored = read_evaluation(Path(evaluation))
-    meta = read_model_meta(model)
-    name = cfg.registered_model
     rcfg = cfg.register
+    cand = _candidate(cfg, Path(model), Path(evaluation))
+    logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
+    with use_store(project_dir, rcfg.experiment) as experiment_id:
+        uri = mlflow.get_tracking_uri()
+        client = MlflowClient()
+        earlier = registry.find_registration(client, cfg.registered_model, cand.key)
+        state = (earlier.tags or {}).get(registry.STATE_TAG) if earlier is not None else None
+        if earlier is not None and state == registry.DONE:
+            result = _result_from_version(client, earlier, uri, cand.scored, rcfg, reused=True)
+        elif earlier is not None and state == registry.DECIDED:  # killed after the decision
+            result = _decide_again(client, cfg, cand, earlier, uri)
+        else:
+            if earlier is not None:  # pending: killed before the decision
+                registry.undo_registration(
+                    client, cfg.registered_model, str(earlier.version), alias=rcfg.champion_alias
+                )
+            result = _register(client, cfg, cand, Path(model), Path(evaluation), project_dir, experiment_id, uri)
+    return _finish(receipt, result)
+
+
+def _candidate(cfg: Config, model: Path, evaluation: Path) -> _Candidate:
+    rcfg = cfg.register
+    scored = read_evaluation(evaluation)
+    meta = read_model_meta(model)
     problems = check_evaluation(scored, meta)
     below_bar = (
         []
@@ -92,133 +130,145 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
             min_copy_ct=rcfg.min_copy_ct,
         )
     )
-    pid = scored.protocol_id or "none"
-    candidate = None if problems else Score(float(scored.metrics["fid"]), scored.value("fid_std"))
-    key = _registration_key(name, Path(model), Path(evaluation), dataclasses.asdict(rcfg))
+    score = None if problems else Score(float(scored.metrics["fid"]), scored.value("fid_std"))
+    key = _registration_key(cfg.registered_model, model, evaluation, dataclasses.asdict(rcfg))
+    return _Candidate(scored, meta, problems, below_bar, score, key)
 
-    logging.getLogger("mlflow.utils.uv_utils").setLevel(logging.WARNING)
-    with use_store(project_dir, rcfg.experiment) as experiment_id:
-        uri = mlflow.get_tracking_uri()
-        client = MlflowClient()
-        earlier = registry.find_registration(client, name, key)
-        version: str | None  # of a new registration: None until it is created
-        if earlier is not None:
-            state = (earlier.tags or {}).get(registry.STATE_TAG)
-            if state == registry.DONE:
-                return _finish(receipt, _result_from_version(client, earlier, uri, scored, rcfg, reused=True))
-            if state == registry.DECIDED:  # killed after the decision: decide again, the champion may have changed
-                version = str(earlier.version)
-                with registry.locked(client, name):
-                    _decide_and_apply(
+
+def _decide_again(client: Any, cfg: Config, cand: _Candidate, earlier: Any, uri: str) -> RegisterResult:
+    """A version left ``decided``: decide again against the champion of the moment."""
+    from aigc_pipeline.tracking import registry
+
+    name, version = cfg.registered_model, str(earlier.version)
+    with registry.locked(client, name):
+        _decide_and_apply(
+            client,
+            name,
+            version,
+            earlier.run_id,
+            cand.scored,
+            candidate=cand.score,
+            problems=cand.problems,
+            below_bar=cand.below_bar,
+            rcfg=cfg.register,
+            again=True,
+        )
+        return _result_from_version(
+            client, client.get_model_version(name, version), uri, cand.scored, cfg.register, reused=True
+        )
+
+
+def _register(
+    client: Any,
+    cfg: Config,
+    cand: _Candidate,
+    model: Path,
+    evaluation: Path,
+    project_dir: Path,
+    experiment_id: str,
+    uri: str,
+) -> RegisterResult:
+    """Log the run (no lock), then create the version and decide (pending -> decided -> done)."""
+    import mlflow
+
+    from aigc_pipeline.tracking import registry, runs
+    from aigc_pipeline.tracking.datasets import log_dataset_inputs
+    from aigc_pipeline.tracking.store import ui_url
+
+    name, rcfg, scored, meta = cfg.registered_model, cfg.register, cand.scored, cand.meta
+    lineage = _lineage(project_dir)
+    compute = read_compute(model)
+    tags = {
+        "aigc.dataset": cfg.dataset,
+        "aigc.model": meta["model"],
+        "aigc.family": meta["model"],
+        "aigc.data_digest": meta["data_digest"],
+        **runs.protocol_tags(scored),
+        **_config_tags(meta),
+        **lineage,
+        **({COMPUTE_TAG: describe(compute)} if compute else {}),
+    }
+    params = flat_params(cfg, resolved=meta.get("hparams"))
+    ui = ui_url(uri)
+    digest = runs.evaluation_digest(evaluation)
+    # The run that trained this model (found by its weights' sha256), or a fresh one holding the
+    # training from the model folder: see aigc_pipeline.tracking.runs.
+    run_id, _ = runs.pipeline_run(
+        client,
+        experiment_id,
+        cfg,
+        project_dir,
+        model,
+        stage="register",
+        evaluation=digest,
+        extra_params=runs.evaluation_params(scored),
+        ui=ui,
+    )
+    with mlflow.start_run(run_id=run_id, tags={**tags, runs.STAGE_TAG: "register"}):
+        log_dataset_inputs(client, run_id, project_dir, cfg.dataset, cfg.evaluate.reference_split, ui=ui)
+        if client.get_run(run_id).data.tags.get(runs.EVALUATION_TAG) != digest:  # evaluate ran without MLflow
+            runs.log_evaluation(client, run_id, scored, evaluation, step=int(meta.get("steps") or 0))
+        _log_plots(client, run_id, model)
+        if compute:
+            mlflow.log_metrics(compute_metrics(compute, "train"))
+        if cand.problems:
+            mlflow.set_tag("aigc.problems", "; ".join(cand.problems)[:5000])
+        mlflow.log_artifact(str(model / "samples.png"), "training")
+        with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
+            info, description = _log_model(
+                Path(tmp),
+                model,
+                {**meta, "compute": compute},
+                name=name,
+                evaluation=scored,
+                params=params,
+                lineage=lineage,
+                problems=cand.problems,
+                run_id=run_id,
+                ui=ui,
+                limits={
+                    "max_images_per_request": rcfg.max_images_per_request,
+                    "max_images_per_row": rcfg.max_images_per_row,
+                },
+            )
+        version: str | None = None
+        left = "failed"
+        try:
+            # Creating the version, deciding and moving its alias: one locked section per registered model,
+            # so two registrations never compare against the same champion (tracking/locks.py).
+            with registry.locked(client, name):
+                try:
+                    mv = mlflow.register_model(
+                        info.model_uri,
+                        name,
+                        tags={**tags, registry.KEY_TAG: cand.key, registry.STATE_TAG: registry.PENDING},
+                    )
+                    version = str(mv.version)
+                    client.update_model_version(name, version, description=description)  # the model card
+                    verdict = _decide_and_apply(
                         client,
                         name,
                         version,
-                        earlier.run_id,
+                        run_id,
                         scored,
-                        candidate=candidate,
-                        problems=problems,
-                        below_bar=below_bar,
+                        candidate=cand.score,
+                        problems=cand.problems,
+                        below_bar=cand.below_bar,
                         rcfg=rcfg,
-                        again=True,
                     )
-                    result = _result_from_version(
-                        client, client.get_model_version(name, version), uri, scored, rcfg, reused=True
-                    )
-                return _finish(receipt, result)
-            registry.undo_registration(client, name, str(earlier.version), alias=rcfg.champion_alias)
-
-        lineage = _lineage(project_dir)
-        compute = read_compute(Path(model))
-        tags = {
-            "aigc.dataset": cfg.dataset,
-            "aigc.model": meta["model"],
-            "aigc.family": meta["model"],
-            "aigc.data_digest": meta["data_digest"],
-            **runs.protocol_tags(scored),
-            **_config_tags(meta),
-            **lineage,
-            **({COMPUTE_TAG: describe(compute)} if compute else {}),
-        }
-        params = flat_params(cfg, resolved=meta.get("hparams"))
-        ui = ui_url(uri)
-        digest = runs.evaluation_digest(Path(evaluation))
-        # The run that trained this model (found by its weights' sha256), or a fresh one holding the
-        # training from the model folder: see aigc_pipeline.tracking.runs.
-        run_id, _ = runs.pipeline_run(
-            client,
-            experiment_id,
-            cfg,
-            project_dir,
-            Path(model),
-            stage="register",
-            evaluation=digest,
-            extra_params=runs.evaluation_params(scored),
-            ui=ui,
-        )
-        with mlflow.start_run(run_id=run_id, tags={**tags, runs.STAGE_TAG: "register"}):
-            log_dataset_inputs(client, run_id, project_dir, cfg.dataset, cfg.evaluate.reference_split, ui=ui)
-            if client.get_run(run_id).data.tags.get(runs.EVALUATION_TAG) != digest:  # evaluate ran without MLflow
-                runs.log_evaluation(client, run_id, scored, Path(evaluation), step=int(meta.get("steps") or 0))
-            _log_plots(client, run_id, Path(model))
-            if compute:
-                mlflow.log_metrics(compute_metrics(compute, "train"))
-            if problems:
-                mlflow.set_tag("aigc.problems", "; ".join(problems)[:5000])
-            mlflow.log_artifact(str(Path(model) / "samples.png"), "training")
-            with tempfile.TemporaryDirectory(prefix="aigc-register-") as tmp:
-                info, description = _log_model(
-                    Path(tmp),
-                    Path(model),
-                    {**meta, "compute": compute},
-                    name=name,
-                    evaluation=scored,
-                    params=params,
-                    lineage=lineage,
-                    problems=problems,
-                    run_id=run_id,
-                    ui=ui,
-                    limits={
-                        "max_images_per_request": rcfg.max_images_per_request,
-                        "max_images_per_row": rcfg.max_images_per_row,
-                    },
-                )
-            version, left = None, "failed"
-            try:
-                # Creating the version, deciding and moving its alias: one locked section per registered model,
-                # so two registrations never compare against the same champion (tracking/locks.py).
-                with registry.locked(client, name):
-                    try:
-                        mv = mlflow.register_model(
-                            info.model_uri,
-                            name,
-                            tags={**tags, registry.KEY_TAG: key, registry.STATE_TAG: registry.PENDING},
-                        )
-                        version = str(mv.version)
-                        client.update_model_version(name, version, description=description)  # the model card
-                        verdict = _decide_and_apply(
-                            client,
-                            name,
-                            version,
-                            run_id,
-                            scored,
-                            candidate=candidate,
-                            problems=problems,
-                            below_bar=below_bar,
-                            rcfg=rcfg,
-                        )
-                        champion_now = registry.alias_version(client, name, rcfg.champion_alias)
-                    except BaseException:
-                        if version is not None:
-                            left = f"failed: version {version} left {registry.PENDING}/{registry.DECIDED} for a retry"
-                            registry.undo_registration(client, name, version, alias=rcfg.champion_alias)
-                            left = "failed: version discarded"
-                        raise
-            except BaseException:
-                mlflow.set_tag("aigc.registration", left)
-                raise
-            mlflow.set_tag("aigc.registration", f"done: version {version}")  # (a rolled-back attempt said otherwise)
+                    champion_now = registry.alias_version(client, name, rcfg.champion_alias)
+                except BaseException:
+                    if version is not None:
+                        left = f"failed: version {version} left {registry.PENDING}/{registry.DECIDED} for a retry"
+                        registry.undo_registration(client, name, version, alias=rcfg.champion_alias)
+                        left = "failed: version discarded"
+                    raise
+        except BaseException:
+            mlflow.set_tag("aigc.registration", left)
+            raise
+        mlflow.set_tag("aigc.registration", f"done: version {version}")  # (a rolled-back attempt said otherwise)
     fid = scored.value("fid")
-    result = RegisterResult(
+    return RegisterResult(
         name=name,
         version=version,
         run_id=run_id,
@@ -227,8 +277,8 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
         reason=verdict.reason,
         tracking_uri=uri,
         fid=float("nan") if fid is None else fid,
-        fid_std=candidate.fid_std if candidate else None,
-        protocol=pid,
+        fid_std=cand.score.fid_std if cand.score else None,
+        protocol=scored.protocol_id or "none",
         reused=False,
         family=meta["model"],
         floor_fid=scored.value("floor_fid"),
@@ -236,7 +286,6 @@ def run(cfg: Config, model: Path, evaluation: Path, receipt: Path, *, project_di
         champion_version=champion_now,
         compute=tags.get(COMPUTE_TAG),
     )
-    return _finish(receipt, result)
 
 
 def _decide_and_apply(
