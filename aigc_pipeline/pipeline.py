@@ -21,13 +21,12 @@ from aigc_pipeline.compute import RUN_COMPUTE_TAG, Meter, run_totals
 from aigc_pipeline.errors import AigcError, ConfigError
 from aigc_pipeline.evaluation.metrics import entries
 
+# dvc.yaml's stages, as the table declares them: ingest and augment once per registered dataset
+# (``ingest@NAME``, a DVC ``foreach`` over params.yaml's ``datasets``), the others on the active ``dataset``.
+from aigc_pipeline.stages.table import MODEL_STAGES, PER_DATASET_STAGES
+
 if TYPE_CHECKING:
     from aigc_pipeline.config import Config
-
-# dvc.yaml's stages: ingest and augment once per registered dataset (``ingest@NAME``, a DVC
-# ``foreach`` over params.yaml's ``datasets``), the others on the active ``dataset``.
-PER_DATASET_STAGES = ("ingest", "augment")
-MODEL_STAGES = ("train", "evaluate", "register")
 
 
 class PipelineError(AigcError, RuntimeError):

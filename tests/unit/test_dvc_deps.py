@@ -1,78 +1,30 @@
-"""dvc.yaml's code dependencies against what each stage really imports.
+"""dvc.yaml against the stage table (aigc_pipeline/stages/table.py).
 
-A package file a stage imports (at module level or inside a function) but dvc.yaml does not list
-makes DVC call a changed stage up to date: a wrong model and no error. This test computes each
-stage's import closure inside ``aigc_pipeline`` from the source (``ast``, no import is executed)
-and fails naming every file no ``deps`` entry covers.
+Each stage of the table is in dvc.yaml with the same command, data inputs, outputs and params,
+and dvc.yaml's deps cover every package file the stage imports (its import closure, computed
+from the source with ``ast``). A package file a stage imports but dvc.yaml does not list makes
+DVC call a changed stage up to date: a wrong model and no error. Each check names what differs.
 """
 
 from __future__ import annotations
 
-import ast
+import shlex
 from pathlib import Path
+from typing import Any
 
-import pytest
 import yaml
 
+from aigc_pipeline.stages.table import MODEL_STAGES, PER_DATASET_STAGES, STAGES, Stage, code_files, stage
 from tests.conftest import REPO
 
-PACKAGE = "aigc_pipeline"
-# The modules dvc.yaml's commands run, per stage (aigc_pipeline/commands.py calls their ``run``).
-STAGE_MODULES = {
-    "ingest": ["aigc_pipeline.stages.ingest"],
-    "augment": ["aigc_pipeline.stages.augment"],
-    "train": ["aigc_pipeline.stages.train", "aigc_pipeline.stages.train_worker"],
-    "evaluate": ["aigc_pipeline.stages.evaluate"],
-    "register": ["aigc_pipeline.stages.register"],
-}
+
+def _dvc_stages(text: str) -> dict[str, dict[str, Any]]:
+    return {name: s.get("do", s) | {"foreach": "foreach" in s} for name, s in yaml.safe_load(text)["stages"].items()}
 
 
-def _module_file(root: Path, name: str) -> Path | None:
-    base = root / Path(*name.split("."))
-    for candidate in (base.with_suffix(".py"), base / "__init__.py"):
-        if candidate.is_file():
-            return candidate
-    return None
-
-
-def _imports(root: Path, name: str, path: Path) -> set[str]:
-    """Package modules ``path`` (module ``name``) imports anywhere in its body, and their packages."""
-    found: set[str] = set()
-    is_package = path.name == "__init__.py"
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        targets: list[str] = []
-        if isinstance(node, ast.Import):
-            targets = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            if node.level:  # relative: resolve against this module's package
-                parts = name.split(".")[: len(name.split(".")) - node.level + (1 if is_package else 0)]
-                base = ".".join(parts + ([node.module] if node.module else []))
-            else:
-                base = node.module or ""
-            targets = [base] + [f"{base}.{a.name}" for a in node.names]
-        for target in targets:
-            if target.split(".")[0] != PACKAGE:
-                continue
-            parts = target.split(".")
-            for i in range(1, len(parts) + 1):  # importing a.b.c runs a/__init__, a/b/__init__ too
-                prefix = ".".join(parts[:i])
-                if _module_file(root, prefix) is not None:
-                    found.add(prefix)
-    return found
-
-
-def import_closure(root: Path, modules: list[str]) -> set[Path]:
-    """Files of every ``aigc_pipeline`` module reachable from ``modules`` through imports."""
-    todo, seen = list(modules), set()
-    while todo:
-        name = todo.pop()
-        if name in seen:
-            continue
-        seen.add(name)
-        path = _module_file(root, name)
-        assert path is not None, f"no source file for module {name}"
-        todo.extend(_imports(root, name, path) - seen)
-    return {_module_file(root, name).relative_to(root) for name in seen}
+def _paths(entries: list[Any]) -> list[str]:
+    """dvc.yaml list entries: a path, or ``{path: options}``."""
+    return [next(iter(e)) if isinstance(e, dict) else e for e in entries or []]
 
 
 def uncovered(files: set[Path], deps: list[str]) -> list[str]:
@@ -81,25 +33,60 @@ def uncovered(files: set[Path], deps: list[str]) -> list[str]:
     return sorted(str(f) for f in files if not any(f == d or d in f.parents for d in covered))
 
 
-def _stage_deps(dvc_yaml: Path) -> dict[str, list[str]]:
-    stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
-    return {name: list(stage.get("do", stage)["deps"]) for name, stage in stages.items()}
+def differences(entry: Stage, declared: dict[str, Any] | None, root: Path = REPO) -> list[str]:
+    """What dvc.yaml's ``declared`` stage says differently from the table's ``entry``."""
+    if declared is None:
+        return [f"stage {entry.name!r} is missing"]
+    problems = []
+    argv = shlex.split(declared["cmd"])
+    if argv[:2] != ["aigc", entry.command]:
+        problems.append(f"{entry.name}: cmd runs {' '.join(argv[:2])!r}, the table says 'aigc {entry.command}'")
+    if declared["foreach"] != entry.per_dataset:
+        problems.append(
+            f"{entry.name}: foreach over datasets is {declared['foreach']}, the table says {entry.per_dataset}"
+        )
+    deps = _paths(declared.get("deps"))
+    data = [d for d in deps if not d.startswith("aigc_pipeline")]
+    if data != list(entry.inputs):
+        problems.append(f"{entry.name}: data deps {data}, the table says {list(entry.inputs)}")
+    outs = _paths(declared.get("outs")) + _paths(declared.get("metrics"))
+    if sorted(outs) != sorted(entry.outputs):
+        problems.append(f"{entry.name}: outs/metrics {sorted(outs)}, the table says {sorted(entry.outputs)}")
+    if list(declared.get("params") or []) != list(entry.params):
+        problems.append(f"{entry.name}: params {declared.get('params')}, the table says {list(entry.params)}")
+    missing = uncovered(code_files(entry, root), deps)
+    if missing:
+        problems.append(
+            f"{entry.name}: imports {', '.join(missing)} but lists none of them in its deps: "
+            "DVC would call the stage up to date after a change there"
+        )
+    return problems
 
 
-@pytest.mark.parametrize("stage", sorted(STAGE_MODULES))
-def test_dvc_yaml_lists_every_package_file_the_stage_imports(stage: str) -> None:
-    deps = _stage_deps(REPO / "dvc.yaml")[stage]
-    missing = uncovered(import_closure(REPO, STAGE_MODULES[stage]), deps)
-    assert not missing, (
-        f"dvc.yaml stage {stage!r} imports {', '.join(missing)} but lists none of them in its "
-        "deps: DVC would call the stage up to date after a change there. Add them to dvc.yaml."
-    )
+def test_dvc_yaml_declares_the_stage_table() -> None:
+    declared = _dvc_stages((REPO / "dvc.yaml").read_text())
+    assert list(declared) == [s.name for s in STAGES]
+    problems = [p for s in STAGES for p in differences(s, declared.get(s.name))]
+    assert not problems, "dvc.yaml differs from aigc_pipeline/stages/table.py:\n" + "\n".join(problems)
+    assert (PER_DATASET_STAGES, MODEL_STAGES) == (("ingest", "augment"), ("train", "evaluate", "register"))
+    assert stage("ingest@digits").name == "ingest"
 
 
-def test_the_check_names_a_file_dvc_yaml_lacks(tmp_path: Path) -> None:
-    """The same check on a dvc.yaml with one dependency removed fails, naming that file."""
-    deps = _stage_deps(REPO / "dvc.yaml")["augment"]
-    closure = import_closure(REPO, STAGE_MODULES["augment"])
+def test_the_check_names_what_dvc_yaml_lacks() -> None:
+    """The same check on a dvc.yaml with one code dependency, one output and one params section
+    removed fails, naming each."""
+    declared = _dvc_stages((REPO / "dvc.yaml").read_text())
+    augment, evaluate = stage("augment"), stage("evaluate")
+    closure = code_files(augment, REPO)
     assert Path("aigc_pipeline/data/prepared.py") in closure and Path("aigc_pipeline/io.py") in closure
-    assert uncovered(closure, [d for d in deps if d != "aigc_pipeline/io.py"]) == ["aigc_pipeline/io.py"]
-    assert "aigc_pipeline/data/augment.py" in uncovered(closure, [d for d in deps if d != "aigc_pipeline/data"])
+    broken = dict(declared["augment"], deps=[d for d in declared["augment"]["deps"] if d != "aigc_pipeline/io.py"])
+    assert differences(augment, broken) == [
+        "augment: imports aigc_pipeline/io.py but lists none of them in its deps: "
+        "DVC would call the stage up to date after a change there"
+    ]
+    broken = dict(declared["augment"], deps=[d for d in declared["augment"]["deps"] if d != "aigc_pipeline/data"])
+    assert "aigc_pipeline/data/augment.py" in differences(augment, broken)[0]
+    broken = dict(declared["evaluate"], outs=declared["evaluate"]["outs"][1:], params=[])
+    found = differences(evaluate, broken)
+    assert len(found) == 2 and "eval/${dataset}/samples.png" in found[0] and "params [], the table" in found[1]
+    assert differences(evaluate, None) == ["stage 'evaluate' is missing"]
