@@ -78,7 +78,7 @@ def test_a_model_created_by_the_failed_registration_is_removed(client, tmp_path:
     assert client.search_registered_models(f"name='{NAME}'") == []
 
 
-def test_discard_version_puts_back_the_challenger_it_took(client, tmp_path: Path) -> None:
+def test_undo_registration_puts_back_the_challenger_it_took(client, tmp_path: Path) -> None:
     v1 = _register(client, tmp_path, "flow-1", alias="champion")
     v2 = _register(client, tmp_path, "flow-2", alias="challenger")
     v3 = _register(client, tmp_path, "flow-3", alias="challenger")  # a candidate that then fails
@@ -100,7 +100,7 @@ def test_discard_version_puts_back_the_challenger_it_took(client, tmp_path: Path
     assert _aliases(client) == {"champion": v1}
 
 
-def test_discard_version_leaves_an_alias_moved_since_alone(client, tmp_path: Path) -> None:
+def test_undo_registration_leaves_an_alias_moved_since_alone(client, tmp_path: Path) -> None:
     v1 = _register(client, tmp_path, "flow-1", alias="champion")
     v2 = _register(client, tmp_path, "flow-2", alias="challenger")
     v3 = _register(client, tmp_path, "flow-3", alias="challenger")
