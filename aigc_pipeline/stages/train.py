@@ -535,7 +535,9 @@ class Progress:
         self.first_step, self.total = info["resumed_from"], info["total_steps"]
         self.t0 = time.perf_counter()
         self.warmup, self.estimate = None, None
-        plan = f"{self.budget.describe()}; measuring a warm-up for the time estimate" if self.budget else None
+        plan = None
+        if self.budget is not None:
+            plan = f"{self.budget.describe()}; measuring a warm-up for the time estimate"
         if plan is not None and self.observer is not None:
             self.observer.plan(plan)
         if self.enabled:
