@@ -25,7 +25,7 @@ from aigc_pipeline.evaluation.features import FEATURE_EXTRACTOR, FEATURE_LAYER, 
 from aigc_pipeline.evaluation.frechet import frechet_distance
 from aigc_pipeline.evaluation.inception import InceptionWeights
 from aigc_pipeline.evaluation.protocol import Protocol, metric_key
-from aigc_pipeline.evaluation.reference import ReferenceStats, cache_path, reference_cache_name, reference_statistics
+from aigc_pipeline.evaluation.reference import ReferenceStats, reference_statistics
 from aigc_pipeline.models.base import Arch
 from aigc_pipeline.models.export import generate
 
@@ -82,8 +82,6 @@ class FidProgress:
         """
         if self._stats is not None:
             return None
-        name = reference_cache_name(self.reference, reference_key=self.reference_digest, weights=self.weights)
-        cached = cache_path(name, self.cache_dir).is_file()
         t0 = time.perf_counter()
         self._stats = reference_statistics(
             self.reference,
@@ -93,7 +91,7 @@ class FidProgress:
             device=_fidelity_device(self.device),
             cache_dir=self.cache_dir,
         )
-        return None if cached else (time.perf_counter() - t0) / max(len(self.reference), 1)
+        return None if self._stats.from_cache else (time.perf_counter() - t0) / max(len(self.reference), 1)
 
     def __call__(self, epoch: int, generator: torch.nn.Module) -> None:
         if not self.due(epoch):

@@ -159,12 +159,12 @@ def run(
         fid_epochs = [e for e in range(1, tcfg.epochs + 1) if fid_progress.due(e)]
         # Before training, so that a cold cache's Inception pass is neither inside the first
         # point nor missing from the estimate: its measured rate prices the points to come.
-        t0 = time.perf_counter()
         fid_rate = fid_progress.prepare()
         if fid_rate is not None and show:
+            count = len(fid_progress.reference)
             print(
-                f"  train: reference statistics for FID over training: {len(fid_progress.reference)} images in "
-                f"{format_duration(time.perf_counter() - t0)} (cached; the evaluation reuses them)",
+                f"  train: reference statistics for FID over training: {count} images in "
+                f"{format_duration(fid_rate * count)} (cached; the evaluation reuses them)",
                 file=sys.stderr,
                 flush=True,
             )
