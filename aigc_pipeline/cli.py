@@ -460,14 +460,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_command(argv: list[str], *, stage: str | None = None) -> Any:
+def run_command(argv: list[str]) -> Any:
     """Parse ``argv`` (without the program name) and run the command; returns its result.
 
     Raises :class:`aigc_pipeline.errors.AigcError` for user errors, :class:`UsageError` for a
-    command line that does not parse (naming ``stage``, the dvc.yaml stage it came from, when
-    given); never exits.
+    command line that does not parse; never exits.
     """
-    return execute(build_parser(), argv, stage=stage)
+    return execute(build_parser(), argv)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,10 +1,10 @@
 """The commands ``dvc.yaml`` runs (``aigc ingest|augment|train|evaluate|register``): argument
 parsing that raises instead of exiting, and thin handlers that call one stage and print a line.
 
-The Prefect flow runs a stage's own ``cmd`` through :func:`run_stage_command`
-(:mod:`aigc_pipeline.pipeline`), and the ``aigc`` script (:mod:`aigc_pipeline.cli`) adds the
-commands that drive Prefect and the registry on top of these; so both front doors share one
-implementation, and nothing here reaches up into ``flows/``.
+Each stage command is also a plain function (:data:`STAGE_FUNCTIONS`), which the Prefect flows
+call directly with the stage table's arguments (:mod:`aigc_pipeline.pipeline`); the ``aigc``
+script (:mod:`aigc_pipeline.cli`) adds the commands that drive Prefect and the registry on top
+of these. So both front doors share one implementation, and nothing here reaches up into ``flows/``.
 """
 
 from __future__ import annotations
@@ -12,11 +12,14 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
 from aigc_pipeline import env
 from aigc_pipeline.errors import AigcError
+
+PathLike = str | Path
 
 
 class UsageError(AigcError, ValueError):
@@ -87,35 +90,31 @@ def config_of(args: argparse.Namespace):
 
 def _cmd_ingest(args: argparse.Namespace) -> Any:
     from aigc_pipeline.errors import ConfigError
-    from aigc_pipeline.stages import ingest
 
-    if args.source is None:
-        for flag, value in (
-            ("--labels", args.labels),
-            ("--size", args.size),
-            ("--channels", args.channels),
-            ("--max-rejected", args.max_rejected),
-        ):
-            if value is not None:
-                raise ConfigError(
-                    f"{flag}: only with `aigc ingest SOURCE`; for a registered dataset use "
-                    "--set datasets.NAME.KEY=VALUE (or --set ingest.max_rejected_fraction=F)"
-                )
-        r = ingest.run(
-            config_of(args),
-            path_arg(args, args.out),
-            dataset=args.dataset,
-            project_dir=Path(args.project),
-            workers=args.workers,
-        )
-    else:
+    if args.source is not None:
         r = _ingest_source(args)
+        _print_ingest(r)
+        return r
+    for flag, value in (
+        ("--labels", args.labels),
+        ("--size", args.size),
+        ("--channels", args.channels),
+        ("--max-rejected", args.max_rejected),
+    ):
+        if value is not None:
+            raise ConfigError(
+                f"{flag}: only with `aigc ingest SOURCE`; for a registered dataset use "
+                "--set datasets.NAME.KEY=VALUE (or --set ingest.max_rejected_fraction=F)"
+            )
+    return ingest_stage(args.project, args.out, dataset=args.dataset, overrides=args.overrides, workers=args.workers)
+
+
+def _print_ingest(r: Any) -> None:
     skipped = f", {r.skipped} non-image files skipped" if r.skipped else ""
     print(
         f"ingest: {r.accepted} images accepted, {r.rejected} rejected, {r.duplicates} duplicates dropped{skipped}; "
         f"splits {r.splits}; -> {r.out}"
     )
-    return r
 
 
 def _ingest_source(args: argparse.Namespace) -> Any:
@@ -151,25 +150,84 @@ def _ingest_source(args: argparse.Namespace) -> Any:
 
 
 def _cmd_augment(args: argparse.Namespace) -> Any:
+    return augment_stage(args.project, args.data, args.out, overrides=args.overrides)
+
+
+def _cmd_train(args: argparse.Namespace) -> Any:
+    return train_stage(
+        args.project, args.data, args.out, args.checkpoints, reference=args.reference, overrides=args.overrides
+    )
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> Any:
+    return evaluate_stage(args.project, args.model, args.reference, args.out, overrides=args.overrides)
+
+
+def _cmd_register(args: argparse.Namespace) -> Any:
+    return register_stage(args.project, args.model, args.evaluation, args.receipt, overrides=args.overrides)
+
+
+# The stage commands as functions: the handlers above call them after parsing a command line, and
+# the Prefect flows (pipeline.run_stage) call them directly with the stage table's arguments. Each
+# runs one stage function and prints the line the terminal and the Prefect log show. Relative
+# paths are relative to the project, as in dvc.yaml.
+
+
+def ingest_stage(
+    project: PathLike,
+    out: PathLike,
+    *,
+    dataset: str | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    workers: int | None = None,
+) -> Any:
+    """``aigc ingest --dataset NAME --out DIR``: a dataset registered in params.yaml."""
+    from aigc_pipeline.config import load_config
+    from aigc_pipeline.stages import ingest
+
+    root = Path(project)
+    r = ingest.run(load_config(root, overrides), root / out, dataset=dataset, project_dir=root, workers=workers)
+    _print_ingest(r)
+    return r
+
+
+def augment_stage(
+    project: PathLike, data: PathLike, out: PathLike, *, overrides: list[str] | tuple[str, ...] = ()
+) -> Any:
+    """``aigc augment --data DIR --out DIR``."""
+    from aigc_pipeline.config import load_config
     from aigc_pipeline.stages import augment
 
-    r = augment.run(config_of(args), path_arg(args, args.data), path_arg(args, args.out))
+    root = Path(project)
+    r = augment.run(load_config(root, overrides), root / data, root / out)
     print(f"augment: {r.originals} training images -> {r.count} with augmented copies; -> {r.out}")
     return r
 
 
-def _cmd_train(args: argparse.Namespace) -> Any:
+def train_stage(
+    project: PathLike,
+    data: PathLike,
+    out: PathLike,
+    checkpoints: PathLike,
+    *,
+    reference: PathLike | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    observer: Any = None,
+) -> Any:
+    """``aigc train --data DIR --out DIR --checkpoints DIR [--reference DIR]``; ``observer`` (a
+    :class:`~aigc_pipeline.stages.train.TrainingObserver`) sees the plan and each epoch."""
+    from aigc_pipeline.config import load_config
     from aigc_pipeline.stages import train
 
-    reference = path_arg(args, args.reference) if args.reference else None
+    root = Path(project)
     r = train.run(
-        config_of(args),
-        path_arg(args, args.data),
-        path_arg(args, args.out),
-        path_arg(args, args.checkpoints),
-        reference=reference,
-        project_dir=Path(args.project),
-        observer=getattr(args, "observer", None),
+        load_config(root, overrides),
+        root / data,
+        root / out,
+        root / checkpoints,
+        reference=None if reference is None else root / reference,
+        project_dir=root,
+        observer=observer,
     )
     resumed = f" (resumed from step {r.resumed_from})" if r.resumed_from else ""
     took = ""
@@ -185,34 +243,51 @@ def _cmd_train(args: argparse.Namespace) -> Any:
     return r
 
 
-def _cmd_evaluate(args: argparse.Namespace) -> Any:
+def evaluate_stage(
+    project: PathLike,
+    model: PathLike,
+    reference: PathLike,
+    out: PathLike,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Any:
+    """``aigc evaluate --model DIR --reference DIR --out DIR``."""
+    from aigc_pipeline.config import load_config
     from aigc_pipeline.stages import evaluate
 
-    r = evaluate.run(
-        config_of(args),
-        path_arg(args, args.model),
-        path_arg(args, args.reference),
-        path_arg(args, args.out),
-        project_dir=Path(args.project),
-    )
+    root = Path(project)
+    r = evaluate.run(load_config(root, overrides), root / model, root / reference, root / out, project_dir=root)
     isc = f"; IS unavailable: {r.isc_unavailable}" if r.isc_unavailable else ""
     print(f"evaluate: {evaluate.summary_line(r)}{isc}; {r.seconds:.1f} s -> {r.out}")
     return r
 
 
-def _cmd_register(args: argparse.Namespace) -> Any:
+def register_stage(
+    project: PathLike,
+    model: PathLike,
+    evaluation: PathLike,
+    receipt: PathLike,
+    *,
+    overrides: list[str] | tuple[str, ...] = (),
+) -> Any:
+    """``aigc register --model DIR --evaluation DIR --receipt FILE``."""
+    from aigc_pipeline.config import load_config
     from aigc_pipeline.stages import register
 
-    r = register.run(
-        config_of(args),
-        path_arg(args, args.model),
-        path_arg(args, args.evaluation),
-        path_arg(args, args.receipt),
-        project_dir=Path(args.project),
-    )
+    root = Path(project)
+    r = register.run(load_config(root, overrides), root / model, root / evaluation, root / receipt, project_dir=root)
     again = " (already registered by an earlier attempt)" if r.reused else ""
     print(f"register: {r.name} v{r.version}{again}: {r.decision} ({r.reason}); run {r.run_id}")
     return r
+
+
+STAGE_FUNCTIONS: dict[str, Callable[..., Any]] = {
+    "ingest": ingest_stage,
+    "augment": augment_stage,
+    "train": train_stage,
+    "evaluate": evaluate_stage,
+    "register": register_stage,
+}
 
 
 def new_parser() -> tuple[argparse.ArgumentParser, Any]:
@@ -282,38 +357,19 @@ def add_stage_commands(sub: Any) -> None:
     p.set_defaults(handler=_cmd_register)
 
 
-def execute(parser: argparse.ArgumentParser, argv: list[str], *, stage: str | None = None, observer: Any = None) -> Any:
+def execute(parser: argparse.ArgumentParser, argv: list[str]) -> Any:
     """Parse ``argv`` (without the program name) and run the command; returns its result.
 
-    ``observer`` goes to the stage function (the train stage's
-    :class:`~aigc_pipeline.stages.train.TrainingObserver`); a command line cannot carry it.
-
     Raises :class:`aigc_pipeline.errors.AigcError` for user errors, :class:`UsageError` for a
-    command line that does not parse (naming ``stage``, the dvc.yaml stage it came from, when
-    given); never exits.
+    command line that does not parse; never exits.
     """
-    try:
-        args, extra = parser.parse_known_args(argv)
-        if extra:
-            # argparse reports these from the top-level parser; name the subcommand they were given to.
-            sub_command = getattr(args, "dataset_command", None) or getattr(args, "weights_command", None)
-            command = " ".join(["aigc", *(c for c in (args.command, sub_command) if c)])
-            raise UsageError(
-                f"{command}: unrecognized arguments: {' '.join(extra)} (see `{command} --help`)", command=command
-            )
-    except UsageError as e:
-        if stage is None or e.status == 0:
-            raise
-        raise UsageError(f"dvc.yaml stage '{stage}': {e}", command=e.command, status=e.status) from None
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        # argparse reports these from the top-level parser; name the subcommand they were given to.
+        sub_command = getattr(args, "dataset_command", None) or getattr(args, "weights_command", None)
+        command = " ".join(["aigc", *(c for c in (args.command, sub_command) if c)])
+        raise UsageError(
+            f"{command}: unrecognized arguments: {' '.join(extra)} (see `{command} --help`)", command=command
+        )
     env.set_defaults(args.project)
-    args.observer = observer
     return args.handler(args)
-
-
-def run_stage_command(argv: list[str], *, stage: str, observer: Any = None) -> Any:
-    """A ``dvc.yaml`` stage's command (``argv`` without ``aigc``): one of the five stage commands, parsed
-    and run in this process, ``observer`` handed to its stage function; a malformed or other command
-    raises :class:`UsageError` naming ``stage``."""
-    parser, sub = new_parser()
-    add_stage_commands(sub)
-    return execute(parser, argv, stage=stage, observer=observer)

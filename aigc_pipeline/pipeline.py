@@ -1,8 +1,9 @@
 """Run dvc.yaml's stages one at a time, the way ``dvc repro`` would, but in this process.
 
 DVC decides whether a stage is stale and records what ran (dvc.lock); this module only
-runs the stage's own ``cmd`` (an ``aigc`` stage command) through :func:`commands.run_stage_command` and
-then commits the stage. So after a flow run ``dvc status`` is clean, ``dvc repro`` is a no-op,
+calls the stage's function (:data:`commands.STAGE_FUNCTIONS`) with the arguments of the stage
+table (:mod:`aigc_pipeline.stages.table`), which are those of dvc.yaml's ``cmd``, and then commits
+the stage. So after a flow run ``dvc status`` is clean, ``dvc repro`` is a no-op,
 and a retried task never re-runs a stage DVC already holds as done.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shlex
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,32 +61,58 @@ def run_stage(
 ) -> StageOutcome:
     """Run stage ``name`` of ``project_dir/dvc.yaml`` if DVC says it is stale, then ``dvc commit`` it.
 
-    ``observer`` is handed to the stage function in this process (the train stage's
-    :class:`~aigc_pipeline.stages.train.TrainingObserver`: its plan and epochs).
+    The stage's function is called in this process with the arguments dvc.yaml's ``cmd`` gives the
+    CLI, taken from the stage table; ``observer`` goes to the train stage's function (a
+    :class:`~aigc_pipeline.stages.train.TrainingObserver`: its plan and epochs). Raises
+    :class:`PipelineError` when dvc.yaml's ``cmd`` is not the table's: ``dvc repro`` would run
+    something else than this flow.
     """
+    from dvc.parsing.context import Context
     from dvc.repo import Repo
 
-    from aigc_pipeline.commands import run_stage_command
+    from aigc_pipeline import env
+    from aigc_pipeline.commands import STAGE_FUNCTIONS
+    from aigc_pipeline.stages.table import stage as table_stage
 
     project = Path(project_dir).resolve()
+    entry = table_stage(name)
     with Repo(str(project)) as repo:
         # An absolute target: DVC resolves a bare stage name against the cwd's dvc.yaml.
-        stages = repo.stage.collect(f"{project / 'dvc.yaml'}:{name}")
+        target = f"{project / 'dvc.yaml'}:{name}"
+        stages = repo.stage.collect(target)
         if len(stages) != 1:
             raise PipelineError(f"dvc.yaml: '{name}' names {len(stages)} stages, expected one")
         stage = stages[0]
+        # DVC's own interpolation (params.yaml, and the foreach key), so the values are the ones
+        # `dvc repro` would pass on the command line.
+        context = Context.clone(stage.dvcfile.resolver.context)
+        if entry.per_dataset:
+            context["key"] = name.partition("@")[2]
+        expected = context.resolve_str(entry.command_line)
+        if " ".join(stage.cmd.split()) != expected:
+            raise PipelineError(
+                f"dvc.yaml: stage '{name}' runs {stage.cmd!r}, but the stage table "
+                f"(aigc_pipeline/stages/table.py) runs {expected!r}: `dvc repro` and the flow would differ"
+            )
         outputs = tuple(str(Path(o.fs_path).relative_to(project)) for o in stage.outs)
-        if not repo.status(targets=[f"{project / 'dvc.yaml'}:{name}"]):
+        if not repo.status(targets=[target]):
             return StageOutcome(name, ran=False, outputs=outputs)
-        argv = shlex.split(stage.cmd)
-        if not argv or argv[0] != "aigc":
-            raise PipelineError(f"dvc.yaml: stage '{name}' runs {stage.cmd!r}; the flow can only run `aigc` commands")
+        arguments = {option: context.resolve_str(value) for option, value in entry.arguments}
         meter = Meter()
         with _env(extra_env or {}):
-            # stage=: a malformed cmd raises commands.UsageError naming the stage (argparse would exit).
-            result = run_stage_command(["--project", str(project), *argv[1:]], stage=name, observer=observer)
-        repo.commit(f"{project / 'dvc.yaml'}:{name}", force=True)
+            env.set_defaults(project)
+            result = _call(STAGE_FUNCTIONS[entry.command], project, arguments, observer)
+        repo.commit(target, force=True)
     return StageOutcome(name, ran=True, outputs=outputs, result=result, compute=meter.read())
+
+
+def _call(function: Any, project: Path, arguments: dict[str, str], observer: Any) -> Any:
+    """``function`` (a stage command's) with the command line's options as keyword arguments; the
+    observer to the one stage that takes one."""
+    kwargs: dict[str, Any] = dict(arguments)
+    if observer is not None:
+        kwargs["observer"] = observer
+    return function(project, **kwargs)
 
 
 def stage_names(project_dir: str | Path) -> list[str]:

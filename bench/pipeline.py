@@ -2,7 +2,7 @@
 
 Order of work, each measured run in its own fresh copy of the project (bench/.work/...):
 
-1. ``cold``: every stage command in-process via ``commands.run_stage_command``, with an empty evaluation
+1. ``cold``: every stage command in-process via ``cli.run_command``, with an empty evaluation
    cache (FID reference statistics, converted Inception weights) -- what a first run costs;
 2. ``direct``: the same again in a new copy, caches warm -- the baseline for the flow;
 3. ``cli``: ``aigc run`` in a subprocess (imports + embedded Prefect server + flow), what a user sees;
@@ -168,8 +168,8 @@ def in_project(project: Path) -> Iterator[None]:
 
 
 def run_direct(project: Path, opts: Options, label: str) -> dict[str, Any]:
-    """Time each stage command in-process through ``commands.run_stage_command``, as dvc.yaml gives it."""
-    from aigc_pipeline import commands as stage_commands
+    """Time each stage command in-process through ``cli.run_command``, as dvc.yaml gives it."""
+    from aigc_pipeline import cli
 
     commands = _stage_commands(project)
     stages: dict[str, float] = {}
@@ -178,7 +178,7 @@ def run_direct(project: Path, opts: Options, label: str) -> dict[str, Any]:
         for name, argv in commands.items():
             opts.log(f"{label}: {name}: aigc {' '.join(argv)}")
             before = cpu_snapshot()
-            stage_commands.run_stage_command(["--project", str(project), *argv], stage=name)
+            cli.run_command(["--project", str(project), *argv])
             cpu[name] = cpu_span(before, cpu_snapshot())
             stages[name] = cpu[name]["wall_s"]
             opts.log(f"{label}: {name}: {stages[name]:.2f} s{_contention(cpu[name])}")
@@ -214,8 +214,8 @@ def _patched(obj: Any, attr: str, wrapper_factory: Callable[[Callable], Callable
 def run_flow(project: Path, opts: Options) -> dict[str, Any]:
     """Time ``retrain(project_dir)`` in-process, embedded Prefect server start included.
 
-    ``run_stage`` (as the flow module sees it) and ``commands.run_stage_command`` are wrapped with timers so
-    the flow's extra time can be split into: server start until the first stage, DVC's own work
+    ``run_stage`` (as the flow module sees it) and ``pipeline._call`` (the stage function's call) are
+    wrapped with timers so the flow's extra time can be split into: server start until the first stage, DVC's own work
     per stage (status check + ``dvc commit``), and Prefect's orchestration between stages.
     """
     if "prefect" in sys.modules:
@@ -231,7 +231,7 @@ def run_flow(project: Path, opts: Options) -> dict[str, Any]:
     if home != (project / ".prefect").resolve():
         raise BenchError(f"Prefect uses PREFECT_HOME={home}, expected {project / '.prefect'}")
 
-    from aigc_pipeline import commands as stage_commands
+    from aigc_pipeline import pipeline
 
     commands = _stage_commands(project)
     spans: list[dict[str, Any]] = []  # one per run_stage call, in call order
@@ -255,10 +255,10 @@ def run_flow(project: Path, opts: Options) -> dict[str, Any]:
         return wrapper
 
     def time_run_command(run_command: Callable) -> Callable:
-        def wrapper(argv: list[str], **kwargs: Any) -> Any:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
             t0 = time.perf_counter()
             try:
-                return run_command(argv, **kwargs)
+                return run_command(*args, **kwargs)
             finally:
                 if "span" in current:
                     current["span"]["command_seconds"] += time.perf_counter() - t0
@@ -269,7 +269,7 @@ def run_flow(project: Path, opts: Options) -> dict[str, Any]:
     with (
         in_project(project),
         _patched(retrain_module, "run_stage", time_run_stage),
-        _patched(stage_commands, "run_stage_command", time_run_command),
+        _patched(pipeline, "_call", time_run_command),
     ):
         call = cpu_snapshot()
         summary = retrain_module.retrain(project_dir=str(project))
@@ -470,7 +470,7 @@ def measure(opts: Options) -> dict[str, Any]:
 
 def _rows(t: dict[str, Any]) -> list[dict[str, Any]]:
     cold, direct, flow, dvc, cli_run = t["cold"], t["direct"], t["flow"], t["dvc"], t["cli"]
-    g1 = "Stage commands, in-process (`commands.run_stage_command`, arguments from dvc.yaml)"
+    g1 = "Stage commands, in-process (`cli.run_command`, arguments from dvc.yaml)"
     rows = [row(g1, f"{name}, warm cache", secs, "s") for name, secs in direct["stages"].items()]
     rows.append(row(g1, "total, warm cache", direct["total"], "s"))
     rows.append(
@@ -586,10 +586,10 @@ def _notes(t: dict[str, Any], load_before: list[float], load_after: list[float])
         f"Imports (torch, torch-fidelity, mlflow, dvc, the stages) were done before timing, "
         f"{t['imports_in_process']:.1f} s; importing `flows.retrain` (Prefect) took "
         f"{flow['import_seconds']:.1f} s, also outside the flow total. The `aigc run` row includes all imports.",
-        "The flow breakdown comes from timers wrapped around `run_stage` and `commands.run_stage_command` during the "
-        "flow run; the parts add up to the overhead. The last part is the same commands' time inside the "
-        "flow minus the direct run: run-to-run noise plus any slowdown from sharing the CPUs with "
-        "Prefect's server.",
+        "The flow breakdown comes from timers wrapped around `run_stage` and the stage function's call "
+        "(`pipeline._call`) during the flow run; the parts add up to the overhead. The last part is the "
+        "same commands' time inside the flow minus the direct run: run-to-run noise plus any slowdown "
+        "from sharing the CPUs with Prefect's server.",
         _server_note(flow),
         f"FID check (same seeds): cold {cold['fid']:.3f}, direct {direct['fid']:.3f}, flow {flow['fid']:.3f}"
         + (f", `aigc run` {cli_run['fid']:.3f}" if cli_run else "")

@@ -1,10 +1,11 @@
 """The stage table: each pipeline stage's function, command, data inputs, outputs, params sections
 and code, in one place.
 
-``dvc.yaml`` declares the same stages for DVC, which runs them through the ``aigc`` CLI (and so
-does :func:`aigc_pipeline.pipeline.run_stage` for the Prefect flows, in-process).
+``dvc.yaml`` declares the same stages for DVC, which runs each one's command line
+(:attr:`Stage.command_line`) through the ``aigc`` CLI; the Prefect flows call the same stage
+function with the same arguments in-process (:func:`aigc_pipeline.pipeline.run_stage`).
 ``tests/unit/test_dvc_deps.py`` checks ``dvc.yaml`` against this table and names what differs:
-a stage, a command, an input, an output, a params section, or a package file the stage imports
+a stage, a command line, an input, an output, a params section, or a package file the stage imports
 (its code, :func:`code_files`, computed from the stage modules' import closure) that no ``deps``
 entry covers. A missing code dependency would make DVC call a changed stage up to date.
 """
@@ -28,6 +29,12 @@ class Stage:
     inputs: tuple[str, ...]  # data dependencies, as dvc.yaml writes them (``${...}`` from params.yaml)
     outputs: tuple[str, ...]  # outs and metrics
     params: tuple[str, ...]  # params.yaml sections or keys the stage reads
+    arguments: tuple[tuple[str, str], ...]  # the command's options and their values (``${...}`` as above)
+
+    @property
+    def command_line(self) -> str:
+        """dvc.yaml's ``cmd`` for this stage, before DVC fills in the ``${...}``."""
+        return " ".join(["aigc", self.command, *(f"--{option} {value}" for option, value in self.arguments)])
 
 
 _MODEL = "models/${dataset}-${train.model}"
@@ -43,6 +50,7 @@ STAGES: tuple[Stage, ...] = (
         inputs=("${item.path}",),
         outputs=("data/prepared/${key}",),
         params=("datasets.${key}", "ingest"),
+        arguments=(("dataset", "${key}"), ("out", "data/prepared/${key}")),
     ),
     Stage(
         name="augment",
@@ -53,6 +61,7 @@ STAGES: tuple[Stage, ...] = (
         inputs=("data/prepared/${key}",),
         outputs=("data/augmented/${key}",),
         params=("augment",),
+        arguments=(("data", "data/prepared/${key}"), ("out", "data/augmented/${key}")),
     ),
     Stage(
         name="train",
@@ -72,6 +81,12 @@ STAGES: tuple[Stage, ...] = (
             "evaluate.inception_weights",
             "evaluate.seed",
         ),
+        arguments=(
+            ("data", "data/augmented/${dataset}"),
+            ("out", _MODEL),
+            ("checkpoints", "checkpoints/${dataset}-${train.model}"),
+            ("reference", "data/prepared/${dataset}"),
+        ),
     ),
     Stage(
         name="evaluate",
@@ -82,6 +97,7 @@ STAGES: tuple[Stage, ...] = (
         inputs=(_MODEL, "data/prepared/${dataset}"),
         outputs=(f"{_EVAL}/samples.png", f"{_EVAL}/copies.png", f"{_EVAL}/evaluation.json", f"{_EVAL}/metrics.json"),
         params=("evaluate",),
+        arguments=(("model", _MODEL), ("reference", "data/prepared/${dataset}"), ("out", _EVAL)),
     ),
     Stage(
         name="register",
@@ -98,6 +114,11 @@ STAGES: tuple[Stage, ...] = (
         ),
         outputs=("registry/${dataset}-${train.model}.json",),
         params=("register",),
+        arguments=(
+            ("model", _MODEL),
+            ("evaluation", _EVAL),
+            ("receipt", "registry/${dataset}-${train.model}.json"),
+        ),
     ),
 )
 

@@ -1,6 +1,6 @@
 """dvc.yaml against the stage table (aigc_pipeline/stages/table.py).
 
-Each stage of the table is in dvc.yaml with the same command, data inputs, outputs and params,
+Each stage of the table is in dvc.yaml with the same command line, data inputs, outputs and params,
 and dvc.yaml's deps cover every package file the stage imports (its import closure, computed
 from the source with ``ast``). A package file a stage imports but dvc.yaml does not list makes
 DVC call a changed stage up to date: a wrong model and no error. Each check names what differs.
@@ -8,7 +8,6 @@ DVC call a changed stage up to date: a wrong model and no error. Each check name
 
 from __future__ import annotations
 
-import shlex
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +37,9 @@ def differences(entry: Stage, declared: dict[str, Any] | None, root: Path = REPO
     if declared is None:
         return [f"stage {entry.name!r} is missing"]
     problems = []
-    argv = shlex.split(declared["cmd"])
-    if argv[:2] != ["aigc", entry.command]:
-        problems.append(f"{entry.name}: cmd runs {' '.join(argv[:2])!r}, the table says 'aigc {entry.command}'")
+    cmd = " ".join(declared["cmd"].split())
+    if cmd != entry.command_line:
+        problems.append(f"{entry.name}: cmd is {cmd!r}, the table says {entry.command_line!r}")
     if declared["foreach"] != entry.per_dataset:
         problems.append(
             f"{entry.name}: foreach over datasets is {declared['foreach']}, the table says {entry.per_dataset}"
@@ -86,6 +85,11 @@ def test_the_check_names_what_dvc_yaml_lacks() -> None:
     ]
     broken = dict(declared["augment"], deps=[d for d in declared["augment"]["deps"] if d != "aigc_pipeline/data"])
     assert "aigc_pipeline/data/augment.py" in differences(augment, broken)[0]
+    broken = dict(declared["augment"], cmd=declared["augment"]["cmd"].replace("--out", "--to"))
+    assert differences(augment, broken) == [
+        "augment: cmd is 'aigc augment --data data/prepared/${key} --to data/augmented/${key}', "
+        "the table says 'aigc augment --data data/prepared/${key} --out data/augmented/${key}'"
+    ]
     broken = dict(declared["evaluate"], outs=declared["evaluate"]["outs"][1:], params=[])
     found = differences(evaluate, broken)
     assert len(found) == 2 and "eval/${dataset}/samples.png" in found[0] and "params [], the table" in found[1]
