@@ -65,10 +65,11 @@ METRICS: tuple[Metric, ...] = (
     Metric(
         "fid_inf",
         "FID-infinity (FID extrapolated to infinitely many samples; Chong and Forsyth 2020)",
+        headline=True,
         floor="floor_fid_inf",
         better="lower",
         summary=True,
-    ),  # not headline: `dvc exp show` would pass 120 columns
+    ),
     Metric("fid_inf_std", "FID-infinity fit's standard error", summary=True),
     Metric(
         "kid",

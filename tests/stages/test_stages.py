@@ -122,7 +122,7 @@ def test_evaluate_writes_numbers_beside_the_data_floor_and_the_protocol_apart(ev
     details = json.loads((evaluation / "evaluation.json").read_text())
     # metrics.json: the headline numbers only (what `dvc metrics show` prints, in 120 columns); every
     # other number in evaluation.json's more_metrics; read_evaluation merges them.
-    assert set(headline) == {"fid", "fid_std", "fid_ratio", "floor_fid", "kid", "precision", "recall"}
+    assert set(headline) == {"fid", "fid_std", "fid_inf", "fid_ratio", "floor_fid", "kid", "precision", "recall"}
     assert all(isinstance(v, float) for v in headline.values()), headline
     more = details.pop("more_metrics")
     assert {"kid_std", "floor_precision", "classifier_score"} <= set(more) and not set(more) & set(headline)
