@@ -209,8 +209,8 @@ class RegisterConfig:
     max_fid_ratio: float | None = 3.0  # quality bar: FID <= this x the data's floor FID; None = no bar
     min_precision: float | None = None  # quality bar: precision >= this; None = no minimum
     min_recall: float | None = None  # quality bar: recall >= this; None = no minimum
-    max_copy_share: float | None = None  # refuse when more samples than this share copy training images; None = off
-    min_copy_ct: float | None = None  # refuse when the data-copying statistic C_T is below this; None = off
+    max_copy_share: float | None = 0.2  # refuse when more samples than this share copy training images; None = off
+    min_copy_ct: float | None = -3.0  # refuse when the data-copying statistic C_T is below this; None = off
     max_images_per_request: int = 1024  # the served model refuses (HTTP 400) a request for more images in all
     max_images_per_row: int = 256  # ... or a row asking for more than this many
 

@@ -363,7 +363,8 @@ def test_a_model_that_replays_its_training_images_is_refused_by_the_copying_gate
     scored = read_evaluation(tmp_path / "copier")
     assert scored.metrics["copy_share"] == 1.0 and scored.metrics["exact_copies"] == cfg.evaluate.num_samples
     assert copier.fid < honest.metrics["fid"]  # what FID alone would reward
-    barred = load_config(REPO, [*QUICK, "register.max_copy_share=0.2"])
+    barred = load_config(REPO, QUICK)  # params.yaml's own copying bar
+    assert barred.register.max_copy_share == 0.2
     project = tmp_path / "mlproject"
     project.mkdir()
     refused = register.run(barred, model, tmp_path / "copier", tmp_path / "copier.json", project_dir=project)
