@@ -44,8 +44,12 @@ lint: install
 	$(RUN) ruff format --check .
 	$(RUN) mypy
 
+# pytest-xdist: a worker per core (TEST_WORKERS=1 for one process), each test file on one worker
+# (its module fixtures, servers and trainings are set up once).
+TEST_WORKERS ?= auto
+
 test: install lint
-	$(RUN) pytest
+	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: install
 	$(RUN) pytest -m "not slow"

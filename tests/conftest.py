@@ -21,6 +21,14 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: aigc, dvc, mlflow
 
+# Under pytest-xdist (`make test`: one worker per core) the workers share the cores: each worker,
+# and every process it starts, gets its share of threads; a thread per core each would
+# oversubscribe the CPU, and OpenMP's spinning threads slow everyone down. Set before torch loads.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(_var, str(max(1, (os.cpu_count() or 1) // _WORKERS)))
+
 # Quick settings for pipeline tests: a 200-image slice of digits at 16 px, one short epoch.
 QUICK = [
     "datasets.digits.limit=200",

@@ -12,6 +12,7 @@ Importable by ``bench/`` as ``tests.scale.servers``: nothing here depends on pyt
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import glob
 import os
 import shutil
@@ -209,13 +210,19 @@ def apt_install(package: str, *, what: str, needed_by: str, error: type[Exceptio
         )
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     lock = ["-o", "DPkg::Lock::Timeout=600"]  # another apt-get on the machine: wait for it
-    for argv in ([apt, "update", "-q", *lock], [apt, "install", "-y", "-q", "--no-install-recommends", *lock, package]):
-        proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise error(
-                f"`{' '.join(argv)}` failed with exit code {proc.returncode}; {what} is needed by "
-                f"{needed_by}:\n{(proc.stdout + proc.stderr)[-3000:]}"
-            )
+    # Test processes running side by side (pytest-xdist) take turns: `apt-get update` fails on a held lists lock.
+    with open(Path(tempfile.gettempdir()) / "aigc-tests-apt.lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for argv in (
+            [apt, "update", "-q", *lock],
+            [apt, "install", "-y", "-q", "--no-install-recommends", *lock, package],
+        ):
+            proc = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=timeout)
+            if proc.returncode != 0:
+                raise error(
+                    f"`{' '.join(argv)}` failed with exit code {proc.returncode}; {what} is needed by "
+                    f"{needed_by}:\n{(proc.stdout + proc.stderr)[-3000:]}"
+                )
 
 
 @dataclass
