@@ -47,11 +47,11 @@ lint: install
 	$(RUN) mypy
 
 # pytest-xdist: a worker per core (TEST_WORKERS=1 for one process), each test file on one worker
-# (its module fixtures, servers and trainings are set up once).
+# (its module fixtures, servers and trainings are set up once). PYTEST_ARGS: more pytest options.
 TEST_WORKERS ?= auto
 
 test: install lint
-	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile
+	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 test-fast: install
 	$(RUN) pytest -m "not slow"

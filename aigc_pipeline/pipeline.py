@@ -294,7 +294,7 @@ def require_champion(summary: dict[str, Any]) -> None:
             f"{r['name']} has no champion: v{r['version']} ({r.get('family')}) was {r['decision']} "
             f"({r['reason']}); no version has passed the gate yet, so `models:/{r['name']}@champion` "
             "does not resolve. Train longer or another model (train.epochs, train.model), or relax "
-            "register.max_fid_ratio"
+            "the register.* bar the reason names"
         )
 
 

@@ -8,15 +8,23 @@ finishes. The points are exact, not timed: the child process patches one functio
 or the trainer to SIGKILL itself right there (mid-epoch after a step, at an epoch's last step
 before its record, after an epoch's callbacks, in the middle of writing a checkpoint, a grid or
 the model folder, right after a checkpoint, during FID over training, after the last checkpoint).
-Only ``timing.csv`` and ``compute.json`` (wall-clock and CPU seconds) may differ, by design."""
+Only ``timing.csv`` and ``compute.json`` (wall-clock and CPU seconds) may differ, by design.
+
+Each run is a process of its own, forked from one that imported the stage once and runs no torch
+operation itself (no thread pool to lose in the fork): a fresh interpreter would spend several
+seconds importing torch, MLflow and torch-fidelity for each of the 22 runs."""
 
 from __future__ import annotations
 
+import json
 import os
+import select
 import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -141,22 +149,97 @@ CHILD = textwrap.dedent(
 )
 
 
-def _train(work: Path, name: str, point: str = "none", at: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    argv = [
-        sys.executable,
-        "-c",
-        CHILD,
-        str(work / "augmented"),
-        str(work / "prepared"),
-        str(work / name / "model"),
-        str(work / name / "checkpoints"),
-        point,
-        str(at),
-        str(REPO),
-        *SETTINGS,
-    ]
-    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=600)
+# Forks one process per run from a parent that has the stage imported. Reads a JSON line
+# [argv, log] per run from stdin, answers with the run's exit code (-9: SIGKILL) on stdout.
+PARENT = textwrap.dedent(
+    """
+    import json, os, sys, traceback
+    import mlflow, torch_fidelity  # imported by a run's live tracking and FID over training
+    from aigc_pipeline.config import load_config
+    from aigc_pipeline.evaluation import features, progress
+    from aigc_pipeline.stages import train
+    from aigc_pipeline.tracking import live
+    from aigc_pipeline.training import checkpoint, loop
+
+    child = compile(sys.argv[1], "<run>", "exec")
+    print("ready", flush=True)
+    for line in sys.stdin:
+        argv, log = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(fd, 1)
+            os.dup2(fd, 2)
+            sys.argv = ["run", *argv]
+            code = 0
+            try:
+                exec(child, {"__name__": "__main__"})
+            except BaseException:
+                traceback.print_exc()
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        _, status = os.waitpid(pid, 0)
+        print(os.waitstatus_to_exitcode(status), flush=True)
+    """
+)
+
+
+@dataclass
+class Run:
+    returncode: int
+    stderr: str
+
+
+class Runs:
+    """The forking parent: ``train(...)`` is one run of the train stage in a process of its own."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        self.count = 0
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", PARENT, CHILD], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert self._answer(timeout=300) == "ready"
+
+    def _answer(self, timeout: float) -> str:
+        assert self.proc.stdout is not None
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        assert ready, f"no answer from the forking parent in {timeout:.0f} s"
+        return self.proc.stdout.readline().strip()
+
+    def train(self, name: str, point: str = "none", at: int = 0) -> Run:
+        w = self.work
+        argv = [
+            *(str(p) for p in (w / "augmented", w / "prepared", w / name / "model", w / name / "checkpoints")),
+            point,
+            str(at),
+            str(REPO),
+            *SETTINGS,
+        ]
+        self.count += 1
+        log = w / f"run-{self.count:02d}.log"
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps([argv, str(log)]) + "\n")
+        self.proc.stdin.flush()
+        code = int(self._answer(timeout=600))
+        return Run(code, log.read_text(errors="replace"))
+
+    def close(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[Runs]:
+    forking = Runs(tmp_path)
+    try:
+        yield forking
+    finally:
+        forking.close()
 
 
 def _outputs(model: Path) -> dict[str, bytes]:
@@ -167,13 +250,13 @@ def _outputs(model: Path) -> dict[str, bytes]:
     }
 
 
-def test_twenty_kills_then_a_rerun_write_what_an_uninterrupted_training_writes(tmp_path: Path) -> None:
+def test_twenty_kills_then_a_rerun_write_what_an_uninterrupted_training_writes(tmp_path: Path, runs: Runs) -> None:
     cfg = load_config(REPO, SETTINGS)
     ingest.run(cfg, tmp_path / "prepared")
     augmented = augment.run(cfg, tmp_path / "prepared", tmp_path / "augmented")
     assert augmented.count // cfg.train.batch_size == STEPS_PER_EPOCH  # the kill points assume it
 
-    reference = _train(tmp_path, "reference")
+    reference = runs.train("reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
     expected = _outputs(tmp_path / "reference" / "model")
     assert {
@@ -188,11 +271,11 @@ def test_twenty_kills_then_a_rerun_write_what_an_uninterrupted_training_writes(t
     assert len(expected["epochs.csv"].splitlines()) == 5  # header + 4 epochs
 
     for point, at in KILLS:
-        killed = _train(tmp_path, "chain", point, at)
+        killed = runs.train("chain", point, at)
         assert killed.returncode == -signal.SIGKILL, (
             f"not killed at {point} {at}: {killed.returncode}\n{killed.stderr[-3000:]}"
         )
-    finished = _train(tmp_path, "chain")
+    finished = runs.train("chain")
     assert finished.returncode == 0, finished.stderr[-3000:]
     got = _outputs(tmp_path / "chain" / "model")
     assert sorted(got) == sorted(expected)
