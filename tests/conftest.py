@@ -62,6 +62,14 @@ def _quick_names() -> tuple[str, str]:
 MODEL_DIR, REGISTERED = _quick_names()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding slow tests first, each file's tests kept together and in order: under
+    pytest-xdist the long files start early and the quick ones fill the workers' gaps at the end,
+    instead of a long file starting last while the other worker idles."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Telemetry off, caches and Prefect's home in a temp folder, no tracking server from the caller."""
