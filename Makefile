@@ -47,11 +47,13 @@ lint: install
 	$(RUN) mypy
 
 # pytest-xdist: a worker per core (TEST_WORKERS=1 for one process), each test file on one worker
-# (its module fixtures, servers and trainings are set up once). PYTEST_ARGS: more pytest options.
+# (its module fixtures, servers and trainings are set up once), in the collection order, which puts
+# the slow files first (tests/conftest.py; xdist would otherwise start with the files holding the
+# most tests, the quick unit ones, and leave a long end-to-end file for last). PYTEST_ARGS: more options.
 TEST_WORKERS ?= auto
 
 test: install lint
-	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 test-fast: install
 	$(RUN) pytest -m "not slow"
