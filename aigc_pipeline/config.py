@@ -130,9 +130,9 @@ class TrainConfig:
     beta1: float | Literal["auto"] = "auto"
     beta2: float | Literal["auto"] = "auto"
     latent_dim: int = 64
-    width: int = 32
+    width: int | Literal["auto"] = "auto"  # auto: measured per family and size (aigc_pipeline.training.budget)
     vae_beta: float = 1.0
-    ema_decay: float = 0.999
+    ema_decay: float | Literal["auto"] = "auto"  # auto: measured per family and size, as width
     conditional: bool = False
     diffaugment: str = "color,translation,cutout"  # comma-separated; "" = off
     sampling_steps: int = 50  # ddpm: DDIM steps of the exported sampler (the pyfunc's `steps` overrides it)
@@ -162,11 +162,12 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             value = getattr(self, name)
             _check(value == "auto" or 0.0 <= value < 1.0, name, "must be in [0, 1) (or auto)")
-        _check(self.latent_dim >= 1 and self.width >= 4, "latent_dim/width", "are too small")
+        _check(self.latent_dim >= 1, "latent_dim", "must be >= 1")
+        _check(self.width == "auto" or self.width >= 4, "width", "must be >= 4 (or auto)")
         _check(self.vae_beta >= 0, "vae_beta", "must be >= 0")
         _check(1 <= self.sample_grid <= 256, "sample_grid", "must be in 1..256")
         _check(self.sample_every >= 1, "sample_every", "must be >= 1 (epochs between sample grids)")
-        _check(0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1)")
+        _check(self.ema_decay == "auto" or 0.0 <= self.ema_decay < 1.0, "ema_decay", "must be in [0, 1) (or auto)")
         _check(
             1 <= self.sampling_steps <= 1000, "sampling_steps", "must be in 1..1000 (the training schedule's timesteps)"
         )

@@ -289,8 +289,10 @@ DATASETS: dict[str, Dataset] = {
 }
 
 # What every family trains with here, on top of quality's FAMILY_SETTINGS: pinned, so that a
-# change of params.yaml's defaults does not silently change these figures.
-PINNED = ("train.batch_size=64", "train.width=64", "train.latent_dim=64", "train.conditional=false")
+# change of params.yaml's defaults does not silently change these figures. Width and EMA decay are
+# the `auto` recipe's for the size (training/budget.py), which these figures measure; the notes
+# say what each family used.
+PINNED = ("train.batch_size=64", "train.latent_dim=64", "train.conditional=false")
 
 
 @dataclass(frozen=True)
@@ -365,6 +367,7 @@ def run(ctx: Any) -> dict[str, Any]:
     project = import_from_snapshot(source)
 
     from aigc_pipeline.config import load_config
+    from aigc_pipeline.data.prepared import read_meta
     from aigc_pipeline.models.families import MODELS, resolve_hparams
     from aigc_pipeline.stages import augment, evaluate, ingest
     from aigc_pipeline.stages import train as train_stage
@@ -440,13 +443,15 @@ def run(ctx: Any) -> dict[str, Any]:
                         f"train.epochs={UNBOUNDED_EPOCHS}",
                     ],
                 )
-                hp = resolve_hparams(cfg.train)
+                used = train_stage.resolve_auto(cfg.train, family=family, size=read_meta(prepared)["size"])
+                hp = resolve_hparams(used)
                 settings[family] = {
                     "overrides": [*PINNED, *FAMILY_SETTINGS[family], *overrides],
                     "lr": hp.lr,
                     "betas": [hp.beta1, hp.beta2],
+                    "ema_decay": hp.ema_decay,
                     "batch_size": cfg.train.batch_size,
-                    "width": cfg.train.width,
+                    "width": used.width,
                     "latent_dim": cfg.train.latent_dim,
                 }
                 out = work / "runs" / f"{ds_name}-{family}-{seed}"
@@ -492,6 +497,16 @@ def run(ctx: Any) -> dict[str, Any]:
                         shutil.copy2(
                             out / f"eval-{budget:g}s" / "samples.png", grids / f"{ds_name}-{family}-{budget:g}s.png"
                         )
+
+    selection = [
+        v
+        for v in ("BENCH_DATASETS", "BENCH_DATASETS_FAMILIES", "BENCH_DATASETS_BUDGETS", "BENCH_DATASETS_SEEDS")
+        if os.environ.get(v, "").strip()
+    ]
+    carried: list[str] = []
+    if ctx.profile == "default" and selection and (RESULTS_DIR / f"{NAME}.json").is_file():
+        previous = json.loads((RESULTS_DIR / f"{NAME}.json").read_text())
+        carried = carry_over(previous, results, exports, prepared_info, settings, grids, sizes.budgets)
 
     rows: list[dict[str, Any]] = []
     floors: dict[str, dict[str, Any]] = {}
@@ -547,7 +562,7 @@ def run(ctx: Any) -> dict[str, Any]:
         "Families: "
         + "; ".join(
             f"{f}: lr {s['lr']:g}, betas {s['betas'][0]:g}/{s['betas'][1]:g}, batch "
-            f"{s['batch_size']}, width {s['width']}, latent {s['latent_dim']}"
+            f"{s['batch_size']}, width {s['width']}, EMA {s['ema_decay']:g}, latent {s['latent_dim']}"
             for f, s in settings.items()
         )
         + f"; train.epochs={UNBOUNDED_EPOCHS} so that the "
@@ -555,13 +570,9 @@ def run(ctx: Any) -> dict[str, Any]:
         "Sample grids (seed 0, the evaluation's first 64 samples): bench/results/datasets/; the tables with "
         "pictures: bench/results/datasets.md.",
     ]
-    selection = [
-        v
-        for v in ("BENCH_DATASETS", "BENCH_DATASETS_FAMILIES", "BENCH_DATASETS_BUDGETS", "BENCH_DATASETS_SEEDS")
-        if os.environ.get(v, "").strip()
-    ]
     if selection:
         notes.append("Selection from the environment: " + ", ".join(f"{v}={os.environ[v]}" for v in selection) + ".")
+    notes += carried
     contended = phases.contended()
     if contended:
         notes.append(
@@ -606,6 +617,56 @@ def run(ctx: Any) -> dict[str, Any]:
     else:  # for a look at a smoke run; RESULTS.md gets no pictures from it
         publish_zoo(doc, grids, sizes.budgets, work / "zoo", figures=False)
     return doc
+
+
+def carry_over(
+    previous: dict[str, Any],
+    results: dict[str, dict[str, dict[float, list[dict[str, Any]]]]],
+    exports: dict[str, dict[str, Any]],
+    prepared: dict[str, dict[str, Any]],
+    settings: dict[str, dict[str, Any]],
+    grids: Path,
+    budgets: tuple[float, ...],
+) -> list[str]:
+    """Keep the published run's figures that a selection (``BENCH_DATASETS*``) did not re-measure,
+    so that a run of one family does not erase the others from the model zoo. A carried family that
+    this run trained with another recipe is relabelled ``FAMILY-wWIDTH`` (its recipe then), so both
+    stand side by side; every carried row is named in the notes with the run it comes from."""
+    wanted = [f"{b:g}" for b in budgets]
+    kept: list[str] = []
+    for ds, per_family in previous.get("raw", {}).items():
+        if ds not in DATASETS:
+            continue
+        for family, per in per_family.items():
+            old = dict(previous.get("families", {}).get(family, {}))
+            if not old or not all(b in per for b in wanted):
+                continue
+            old.setdefault("ema_decay", 0.999)  # runs before it was recorded trained with params.yaml's 0.999
+            label = family
+            if family in settings and (settings[family]["width"], settings[family]["ema_decay"]) != (
+                old["width"],
+                old["ema_decay"],
+            ):
+                label = f"{family}-w{old['width']}"
+            if label in results.get(ds, {}):
+                continue
+            results.setdefault(ds, {})[label] = {b: per[f"{b:g}"] for b in budgets}
+            settings.setdefault(label, old)
+            exports.setdefault(ds, previous["exports"][ds])
+            prepared.setdefault(ds, previous["prepared"][ds])
+            for b in wanted:
+                grid = RESULTS_DIR / "datasets" / f"{ds}-{family}-{b}s.png"
+                if grid.is_file():
+                    shutil.copy2(grid, grids / f"{ds}-{label}-{b}s.png")
+            kept.append(f"{ds} `{label}`")
+    if not kept:
+        return []
+    commit = str(previous.get("project", {}).get("git_commit", "?"))[:12]
+    return [
+        f"Carried over from the published run of {previous.get('date')} (commit `{commit}`), which this run's "
+        f"selection did not re-measure: {', '.join(kept)}; a family relabelled `-wWIDTH` trained there with "
+        "the recipe the Families note gives for that label."
+    ]
 
 
 def _budget(seconds: float) -> str:

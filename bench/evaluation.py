@@ -116,7 +116,7 @@ def measure(ctx: Any) -> dict[str, Any]:
     from torch_fidelity.metric_fid import fid_features_to_statistics, fid_statistics_to_metric
 
     from aigc_pipeline.config import load_config
-    from aigc_pipeline.data.prepared import load_prepared
+    from aigc_pipeline.data.prepared import load_prepared, read_meta
     from aigc_pipeline.evaluation.features import FEATURE_LAYER, UInt8Images, extract_features
     from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics
     from aigc_pipeline.evaluation.frechet import bootstrap_fid, frechet_distance
@@ -124,12 +124,17 @@ def measure(ctx: Any) -> dict[str, Any]:
     from aigc_pipeline.evaluation.reference import reference_statistics
     from aigc_pipeline.models.base import Arch
     from aigc_pipeline.stages import ingest
+    from aigc_pipeline.stages.train import resolve_auto
+    from aigc_pipeline.training.budget import resolve_model
 
     cfg = load_config(REPO, list(ctx.overrides))
-    ecfg, tcfg = cfg.evaluate, cfg.train
+    ecfg = cfg.evaluate
     batch = ecfg.batch_size
     prepared = work / "prepared"
     ingest.run(cfg, prepared)
+    size = read_meta(prepared)["size"]
+    # The family and width `auto` train at this size (the generated images stand in for a new model's).
+    tcfg = resolve_auto(cfg.train, family=resolve_model(cfg.train.model, size=size, device="cpu"), size=size)
     t_weights, weights = _timed(lambda: resolve_inception_weights(ecfg.inception_weights))
     _log(f"weights from {weights.source} ready in {t_weights:.1f} s; load {load_before}")
     # The baseline is torch-fidelity's own loader, which unpickles its file: it gets a plain state

@@ -85,6 +85,7 @@ def run(ctx: Any) -> dict[str, Any]:
     project = import_from_snapshot(work / "source")
 
     from aigc_pipeline.config import load_config
+    from aigc_pipeline.data.prepared import read_meta
     from aigc_pipeline.evaluation.results import read_evaluation
     from aigc_pipeline.models.families import MODELS, resolve_hparams
     from aigc_pipeline.stages import augment, evaluate, ingest
@@ -120,13 +121,14 @@ def run(ctx: Any) -> dict[str, Any]:
                     *FAMILY_SETTINGS[family],
                 ],
             )
-            hp = resolve_hparams(cfg.train)
+            used = train_stage.resolve_auto(cfg.train, family=family, size=read_meta(prepared)["size"])
+            hp = resolve_hparams(used)
             settings[family] = {
                 "overrides": list(FAMILY_SETTINGS[family]),
                 "lr": hp.lr,
                 "betas": [hp.beta1, hp.beta2],
                 "batch_size": cfg.train.batch_size,
-                "width": cfg.train.width,
+                "width": used.width,
                 "latent_dim": cfg.train.latent_dim,
             }
             out = work / "runs" / f"{family}-{seed}"

@@ -294,7 +294,7 @@ def run(ctx: Any) -> dict[str, Any]:
     from aigc_pipeline.config import load_config
     from aigc_pipeline.data.prepared import load_prepared
     from aigc_pipeline.evaluation.results import read_evaluation
-    from aigc_pipeline.models.base import Arch
+    from aigc_pipeline.models.base import Arch, Hparams
     from aigc_pipeline.models.families import resolve_hparams
     from aigc_pipeline.stages import augment, evaluate, ingest
     from aigc_pipeline.stages import train as train_stage
@@ -394,12 +394,18 @@ def run(ctx: Any) -> dict[str, Any]:
     # 2. Speed options on this CPU, default model and data.
     cfg = load_config(repo_params, overrides)
     aug = load_prepared(augmented)
+
+    def recipe(family: str) -> Hparams:
+        """The optimiser settings ``family`` trains with here (params.yaml's, ``auto`` resolved for the size)."""
+        tcfg = load_config(repo_params, [*overrides, f"train.model={family}"]).train
+        return resolve_hparams(train_stage.resolve_auto(tcfg, family=family, size=aug.images.shape[-1]))
+
     arch_default = dict(
         family="dcgan",
         size=aug.images.shape[-1],
         channels=aug.images.shape[1],
         latent_dim=cfg.train.latent_dim,
-        width=cfg.train.width,
+        width=train_stage.resolve_auto(cfg.train, family="dcgan", size=aug.images.shape[-1]).width,
     )
     options = [
         ("fp32", dict(precision="fp32", channels_last=False)),
@@ -467,7 +473,7 @@ def run(ctx: Any) -> dict[str, Any]:
             fids[family].append(phases(f"quality {family} seed {seed}", one))
     if len(steps_seen) != 1:
         raise BenchError(f"the two models trained for different numbers of steps: {sorted(steps_seen)}")
-    sngan_hp = resolve_hparams(load_config(repo_params, [*overrides, "train.model=sngan"]).train)
+    sngan_hp = recipe("sngan")
     protocol = read_evaluation(work / "quality" / f"sngan-{sizes.seeds[0]}" / "eval").protocol_id
     mean = {k: statistics.mean(v) for k, v in fids.items()}
     (steps,) = steps_seen
@@ -489,7 +495,7 @@ def run(ctx: Any) -> dict[str, Any]:
     plus = f" plus {', '.join(sizes.quality_overrides)}" if sizes.quality_overrides else ""
     notes.append(
         f"Models trained with params.yaml as committed{plus}; "
-        f"sngan: lr {sngan_hp.lr}, betas {sngan_hp.beta1}/{sngan_hp.beta2}, EMA {cfg.train.ema_decay} "
+        f"sngan: lr {sngan_hp.lr}, betas {sngan_hp.beta1}/{sngan_hp.beta2}, EMA {sngan_hp.ema_decay} "
         f"(with warm-up), DiffAugment '{cfg.train.diffaugment}'."
     )
     raw["fid"] = fids
@@ -502,7 +508,7 @@ def run(ctx: Any) -> dict[str, Any]:
         train_loop(
             aug.images,
             arch=Arch(**{**arch_default, "family": family}),
-            hparams=resolve_hparams(load_config(repo_params, [*overrides, f"train.model={family}"]).train),
+            hparams=recipe(family),
             epochs=max(1, -(-sizes.checkpoint_steps // (len(aug.images) // cfg.train.batch_size))),
             batch_size=cfg.train.batch_size,
             seed=0,

@@ -60,6 +60,9 @@ def recipe_for(name: str) -> Recipe:
 def resolve_hparams(tcfg: TrainConfig) -> Hparams:
     """The family's hyper-parameters from ``train:``, with ``auto`` lr/betas replaced by the model's recipe."""
     recipe = recipe_for(tcfg.model)
+    if tcfg.ema_decay == "auto":
+        # Resolved with the image size by the train stage (stages/train.py resolve_auto).
+        raise ConfigError("train.ema_decay: auto must be resolved for the image size before the recipe is built")
     return Hparams(
         lr=recipe.lr if tcfg.lr == "auto" else tcfg.lr,
         beta1=recipe.beta1 if tcfg.beta1 == "auto" else tcfg.beta1,

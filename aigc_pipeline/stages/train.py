@@ -33,7 +33,7 @@ from typing import Any, Protocol, TextIO
 import numpy as np
 
 from aigc_pipeline.compute import COMPUTE_FILE, Meter
-from aigc_pipeline.config import Config, config_digest
+from aigc_pipeline.config import Config, TrainConfig, config_digest
 from aigc_pipeline.data.prepared import load_prepared
 from aigc_pipeline.errors import ConfigError, DataError, TrainingDiverged
 from aigc_pipeline.images import make_grid, png_bytes
@@ -42,7 +42,16 @@ from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.models.export import save_generator
 from aigc_pipeline.models.families import generator_spec, resolve_hparams
 from aigc_pipeline.training import distributed
-from aigc_pipeline.training.budget import Budget, Estimate, format_duration, plan_warning, resolve_budget, resolve_model
+from aigc_pipeline.training.budget import (
+    Budget,
+    Estimate,
+    auto_ema_decay,
+    auto_width,
+    format_duration,
+    plan_warning,
+    resolve_budget,
+    resolve_model,
+)
 from aigc_pipeline.training.loop import Callbacks, train
 from aigc_pipeline.training.speed import resolve_device
 
@@ -126,12 +135,14 @@ def run(
     size, device = prepared.images.shape[-1], resolve_device(tcfg.device)
     family = resolve_model(tcfg.model, size=size, device=device.type)
     budget = plan_budget(cfg, family=family, train_images=len(prepared.images), size=size)
-    # The family and length as the auto settings resolved, for the checkpoint key, the recipe, FID
-    # over training and the trainer; ``cfg`` stays the settings, as model.json's ``train`` and the
-    # MLflow params record them (beside the resolved values).
-    resolved = dataclasses.replace(cfg, train=dataclasses.replace(tcfg, model=family, epochs=budget.epochs))
+    # The family, length, width and EMA as the auto settings resolved, for the checkpoint key, the
+    # recipe, FID over training and the trainer; ``cfg`` stays the settings, as model.json's
+    # ``train`` and the MLflow params record them (beside the resolved values).
+    resolved = dataclasses.replace(
+        cfg, train=dataclasses.replace(resolve_auto(tcfg, family=family, size=size), epochs=budget.epochs)
+    )
     tcfg = resolved.train
-    assert tcfg.epochs is not None  # budget.epochs, set just above
+    assert tcfg.epochs is not None and tcfg.width != "auto"  # budget.epochs and resolve_auto, just above
     arch = Arch(
         family=family,
         size=size,
@@ -184,7 +195,9 @@ def run(
         from aigc_pipeline.tracking import live
 
         if live.enabled():
-            tracker = live.TrainingRun(project_dir, cfg, key=run_key, hparams=resolved_settings(hp, budget, family))
+            tracker = live.TrainingRun(
+                project_dir, cfg, key=run_key, hparams=resolved_settings(hp, budget, family, arch.width)
+            )
 
     def on_start(info: dict[str, Any]) -> None:
         progress.start(info)
@@ -319,7 +332,7 @@ def _write_model(
                 "steps": result.steps,
                 "train": dataclasses.asdict(cfg.train),  # the settings, as params.yaml says them
                 # With the values used where the config says auto (the recipe's lr/betas, the length).
-                "hparams": resolved_settings(hp, budget, arch.family),
+                "hparams": resolved_settings(hp, budget, arch.family, arch.width),
                 "budget": {
                     "kimg": budget.kimg,
                     "images": budget.images,
@@ -368,11 +381,22 @@ def plan_budget(cfg: Config, *, family: str, train_images: int, size: int) -> Bu
         raise ConfigError(str(e)) from None
 
 
-def resolved_settings(hp: Hparams, budget: Budget, family: str) -> dict[str, Any]:
+def resolve_auto(tcfg: TrainConfig, *, family: str, size: int) -> TrainConfig:
+    """``tcfg`` with the family, ``width`` and ``ema_decay`` that ``auto`` stands for at ``size`` px
+    (the tables of :mod:`aigc_pipeline.training.budget`); a set value stays as it is."""
+    try:
+        width = auto_width(family, size)[0] if tcfg.width == "auto" else tcfg.width
+        ema = auto_ema_decay(family, size)[0] if tcfg.ema_decay == "auto" else tcfg.ema_decay
+    except KeyError as e:
+        raise ConfigError(e.args[0]) from None
+    return dataclasses.replace(tcfg, model=family, width=width, ema_decay=ema)
+
+
+def resolved_settings(hp: Hparams, budget: Budget, family: str, width: int) -> dict[str, Any]:
     """The settings training used where params.yaml may say auto: the family, the recipe's (lr,
-    betas, ...) and the length (``epochs``, ``kimg``: images shown / 1000). model.json's
-    ``hparams``; the MLflow params."""
-    return {"model": family, **dataclasses.asdict(hp), "epochs": budget.epochs, "kimg": budget.kimg}
+    betas, EMA decay, ...), the width and the length (``epochs``, ``kimg``: images shown / 1000).
+    model.json's ``hparams``; the MLflow params."""
+    return {"model": family, **dataclasses.asdict(hp), "width": width, "epochs": budget.epochs, "kimg": budget.kimg}
 
 
 def _csv(rows: list[dict[str, float]]) -> str:

@@ -73,14 +73,15 @@ class RunClaimError(AigcError, RuntimeError):
 
 
 # train.* settings that may say "auto": the model's recipe decides (aigc_pipeline.models.families.recipe_for).
-RESOLVED_KEYS = ("model", "lr", "beta1", "beta2", "epochs", "kimg")
+RESOLVED_KEYS = ("model", "lr", "beta1", "beta2", "ema_decay", "width", "epochs", "kimg")
 
 
 def flat_params(cfg: Config, resolved: dict[str, Any] | None = None) -> dict[str, str]:
     """The active dataset's entry and every stage section, as dotted keys -> strings.
 
     With ``resolved`` (the settings training used, model.json's ``hparams``), ``train.model``,
-    ``train.lr``, ``train.beta1``, ``train.beta2``, ``train.epochs`` and ``train.kimg`` hold the values used, so a
+    ``train.lr``, ``train.beta1``, ``train.beta2``, ``train.ema_decay``, ``train.width``, ``train.epochs`` and
+    ``train.kimg`` hold the values used, so a
     params diff shows the real difference between two families' recipes and lengths; the setting
     itself (``auto``, ``None`` or a number) stays beside them as ``train.lr_setting`` etc.
     """

@@ -8,8 +8,10 @@ record. ``train.epochs``, when set, wins over ``train.kimg``.
 
 ``train.kimg: auto`` reads :data:`AUTO_KIMG`: per image size, per family, the length that
 ``bench/`` measured as worth training on this project's reference CPU (bench/RESULTS.md says
-which run); ``train.model: auto`` reads :data:`AUTO_MODEL`, the family measured best for the size
-on the device. A size without an entry takes the nearest measured size's value.
+which run); ``train.width`` and ``train.ema_decay: auto`` read :data:`AUTO_WIDTH` and
+:data:`AUTO_EMA_DECAY` the same way; ``train.model: auto`` reads :data:`AUTO_MODEL`, the family
+measured best for the size on the device. A size without an entry takes the nearest measured
+size's value.
 
 Importable with the standard library alone (the plan is shown before torch has done anything).
 """
@@ -18,17 +20,42 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 # Image side -> family -> kimg, measured on this project's reference CPU (2-core AMD EPYC, fp32).
 # 8 px: the length `make run` trained before kimg existed (180 epochs of 22 batches of 64 over the
 # 1,437 training digits = 253.44 kimg) for every family; bench/results/quality.md measures them at
 # equal wall-clock budgets. 32 px: what each family trained in the 10 minutes of
 # `python -m bench datasets` on 5,000 MNIST digits (bench/results/datasets.md), where FID was still
-# falling. A family not measured at a size takes the value of the nearest size it was measured at.
+# falling (sngan with its auto width and EMA decay below). A family not measured at a size takes the
+# value of the nearest size it was measured at.
 AUTO_KIMG: dict[int, dict[str, float]] = {
     8: {"dcgan": 253.44, "sngan": 253.44, "resgan": 253.44, "vae": 253.44, "ddpm": 253.44},
-    32: {"dcgan": 130.752, "sngan": 148.608},
+    32: {"dcgan": 130.752, "sngan": 348.224},
+}
+
+# Image side -> family -> base channel count (train.width: auto). 8 px: 64, what every family was
+# measured with in bench/results/quality.md. 32 px: sngan 32. In single-knob trials of 10 minutes
+# on the 5,000 MNIST digits of `python -m bench datasets` (one seed each, the bench's protocol),
+# width 32 trained twice the steps of width 64 to the same FID ratio (2.35x) with better precision
+# and recall; width 16 tied with 32, and batch 32 or DiffAugment reduced or off did no better.
+# dcgan keeps the 64 it was measured with.
+_FAMILIES = ("dcgan", "sngan", "resgan", "vae", "ddpm")
+AUTO_WIDTH: dict[int, dict[str, int]] = {
+    8: dict.fromkeys(_FAMILIES, 64),
+    32: {"dcgan": 64, "sngan": 32},
+}
+
+# Image side -> family -> decay of the exported generator's moving average (train.ema_decay: auto;
+# read by sngan, resgan and ddpm). 8 px: 0.999, measured there. 32 px, sngan: 0.99, a half-life of
+# 69 steps instead of 693: in those trials the 0.999 average still held the blurred generator of a
+# 10-minute training's first minutes (2.16x against 2.35x at width 32). The auto recipe beside the
+# width-64 one: bench/results/datasets.md (`sngan` and `sngan-w64`).
+AUTO_EMA_DECAY: dict[int, dict[str, float]] = {
+    8: dict.fromkeys(_FAMILIES, 0.999),
+    32: {"sngan": 0.99},
 }
 
 # Image side -> device type -> the family ``train.model: auto`` trains. 8 px: resgan, the best GAN
@@ -80,12 +107,25 @@ class Budget:
 def auto_kimg(family: str, size: int) -> tuple[float, int]:
     """``(kimg, measured size)`` that ``train.kimg: auto`` stands for with ``family`` at ``size`` px:
     the value measured at the nearest size that has one for ``family``."""
-    sizes = {s: t for s, t in AUTO_KIMG.items() if family in t}
+    return _auto(AUTO_KIMG, "train.kimg", family, size, fix="train.kimg or train.epochs")
+
+
+def auto_width(family: str, size: int) -> tuple[int, int]:
+    """``(width, measured size)`` that ``train.width: auto`` stands for (as :func:`auto_kimg`)."""
+    return _auto(AUTO_WIDTH, "train.width", family, size)
+
+
+def auto_ema_decay(family: str, size: int) -> tuple[float, int]:
+    """``(decay, measured size)`` that ``train.ema_decay: auto`` stands for (as :func:`auto_kimg`)."""
+    return _auto(AUTO_EMA_DECAY, "train.ema_decay", family, size)
+
+
+def _auto(table: dict[int, dict[str, T]], setting: str, family: str, size: int, fix: str = "") -> tuple[T, int]:
+    sizes = {s: t for s, t in table.items() if family in t}
     if not sizes:
-        known = sorted({f for t in AUTO_KIMG.values() for f in t})
+        known = sorted({f for t in table.values() for f in t})
         raise KeyError(
-            f"train.kimg: auto has no value for model {family!r} (known: {', '.join(known)}); "
-            "set train.kimg or train.epochs"
+            f"{setting}: auto has no value for model {family!r} (known: {', '.join(known)}); set {fix or setting}"
         )
     measured = _nearest_size(sizes, size)
     return sizes[measured][family], measured

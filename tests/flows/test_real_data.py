@@ -16,7 +16,7 @@ import yaml
 from PIL import Image
 
 from aigc_pipeline.config import load_config
-from aigc_pipeline.training.budget import resolve_model
+from aigc_pipeline.training.budget import auto_ema_decay, resolve_model
 from tests.conftest import QUICK, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
@@ -117,4 +117,9 @@ def test_mnist_files_added_at_32_px_train_evaluate_and_register(tmp_path: Path) 
     assert (params["train.model"], params["train.model_setting"]) == (family, "auto")
     assert (params["train.kimg"], params["train.kimg_setting"]) == (str(steps * 32 / 1000), "0.96")
     assert (params["train.epochs"], params["train.epochs_setting"]) == (str(epochs), "None")
+    # Width as set; the EMA decay as `auto` resolved for this family at 32 px.
+    assert meta["arch"]["width"] == 16 and (params["train.width"], params["train.width_setting"]) == ("16", "16")
+    decay = auto_ema_decay(family, 32)[0]
+    assert meta["hparams"]["ema_decay"] == decay
+    assert (params["train.ema_decay"], params["train.ema_decay_setting"]) == (str(decay), "auto")
     assert run.data.tags["aigc.family"] == family

@@ -92,7 +92,9 @@ def test_two_gloo_processes_match_one_process_at_the_same_global_batch(
 
     torch.manual_seed(cfg.train.seed)
     arch = Arch(family, 16, 1, cfg.train.latent_dim, cfg.train.width)
-    init = build_family(arch, resolve_hparams(cfg.train)).generator.state_dict()
+    init = build_family(
+        arch, resolve_hparams(train.resolve_auto(cfg.train, family=family, size=16))
+    ).generator.state_dict()
     a = load_file(str(tmp_path / "one" / "generator.safetensors"))
     b = load_file(str(tmp_path / "two" / "generator.safetensors"))
     # What data parallelism determines is checked tightly: the first two steps' losses and gradient

@@ -8,10 +8,13 @@ import pytest
 
 from aigc_pipeline.config import load_config
 from aigc_pipeline.errors import ConfigError
-from aigc_pipeline.stages.train import Progress, plan_budget
+from aigc_pipeline.models.families import resolve_hparams
+from aigc_pipeline.stages.train import Progress, plan_budget, resolve_auto
 from aigc_pipeline.training.budget import (
+    AUTO_EMA_DECAY,
     AUTO_KIMG,
     AUTO_MODEL,
+    AUTO_WIDTH,
     CPU_WARNING_SECONDS,
     auto_kimg,
     format_duration,
@@ -59,6 +62,28 @@ def test_model_auto_picks_the_tables_family_for_the_size_and_device() -> None:
     assert resolve_model("auto", size=32, device="cpu") == AUTO_MODEL[32]["cpu"]
     assert resolve_model("auto", size=64, device="cpu") == AUTO_MODEL[32]["cpu"]  # nearest measured size
     assert resolve_model("auto", size=32, device="cuda") == AUTO_MODEL[32].get("cuda", AUTO_MODEL[32]["cpu"])
+
+
+def test_width_and_ema_auto_resolve_per_family_and_size_and_a_set_value_wins() -> None:
+    tcfg = load_config(REPO).train
+    assert (tcfg.width, tcfg.ema_decay) == ("auto", "auto")
+    # 8 px: what the default champion was trained with before these were auto, so `make run` is unchanged.
+    at8 = resolve_auto(tcfg, family="resgan", size=8)
+    assert (at8.model, at8.width, at8.ema_decay) == ("resgan", 64, 0.999)
+    at32 = resolve_auto(tcfg, family="sngan", size=32)
+    assert (at32.width, at32.ema_decay) == (AUTO_WIDTH[32]["sngan"], AUTO_EMA_DECAY[32]["sngan"])
+    assert resolve_auto(tcfg, family="sngan", size=64).width == AUTO_WIDTH[32]["sngan"]  # nearest measured size
+    # A family measured at 8 px only keeps its 8 px values at 32 px.
+    assert resolve_auto(tcfg, family="vae", size=32).width == AUTO_WIDTH[8]["vae"]
+    mine = resolve_auto(load_config(REPO, ["train.width=48", "train.ema_decay=0.9"]).train, family="sngan", size=32)
+    assert (mine.width, mine.ema_decay) == (48, 0.9)
+    assert resolve_hparams(at32).ema_decay == AUTO_EMA_DECAY[32]["sngan"]
+    with pytest.raises(ConfigError, match="train.ema_decay: auto must be resolved"):
+        resolve_hparams(load_config(REPO, ["train.model=sngan"]).train)
+    with pytest.raises(ConfigError, match="train.width: must be >= 4"):
+        load_config(REPO, ["train.width=2"])
+    with pytest.raises(ConfigError, match="train.ema_decay: must be in"):
+        load_config(REPO, ["train.ema_decay=1.5"])
 
 
 def test_the_stage_resolves_from_params_and_names_the_key(tmp_path) -> None:

@@ -93,11 +93,12 @@ def test_write_overrides_keeps_comments_and_rejects_bad_values(tmp_path: Path) -
 def test_optimiser_settings_default_to_the_models_recipe() -> None:
     from aigc_pipeline.models.families import resolve_hparams
 
-    dcgan = resolve_hparams(load_config(REPO, ["train.model=dcgan"]).train)
-    sngan = resolve_hparams(load_config(REPO, ["train.model=sngan"]).train)
+    # The EMA decay is set here: its `auto` needs the image size (tests/unit/test_budget.py).
+    dcgan = resolve_hparams(load_config(REPO, ["train.model=dcgan", "train.ema_decay=0.999"]).train)
+    sngan = resolve_hparams(load_config(REPO, ["train.model=sngan", "train.ema_decay=0.999"]).train)
     assert (dcgan.lr, dcgan.beta1, dcgan.beta2) == (2e-4, 0.5, 0.999)
     assert (sngan.lr, sngan.beta1, sngan.beta2) == (4e-4, 0.0, 0.9)
-    mine = resolve_hparams(load_config(REPO, ["train.model=sngan", "train.lr=1e-4"]).train)
+    mine = resolve_hparams(load_config(REPO, ["train.model=sngan", "train.lr=1e-4", "train.ema_decay=0.9"]).train)
     assert (mine.lr, mine.beta1) == (1e-4, 0.0)  # an explicit value wins, the rest stays auto
     with pytest.raises(ConfigError, match="train.beta1: must be in"):
         load_config(REPO, ["train.beta1=1.5"])

@@ -1,0 +1,61 @@
+"""bench datasets: a selection (BENCH_DATASETS*) re-measures part of the zoo and keeps the rest."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import bench.datasets as bd
+
+
+def _run(fid: float) -> dict[str, float]:
+    return {"fid": fid, "precision": 0.5, "recall": 0.5, "floor_fid": 20.0, "floor_precision": 0.8, "floor_recall": 0.8}
+
+
+def test_a_selection_keeps_the_published_figures_it_did_not_remeasure(tmp_path: Path, monkeypatch) -> None:
+    published = tmp_path / "results"
+    (published / "datasets").mkdir(parents=True)
+    for name in ("mnist-dcgan-600s", "mnist-sngan-600s", "emoji-sngan-600s"):
+        (published / "datasets" / f"{name}.png").write_bytes(name.encode())
+    monkeypatch.setattr(bd, "RESULTS_DIR", published)
+    previous = {
+        "date": "2026-12-05T14:11:26+00:00",
+        "project": {"git_commit": "0ad8a73d54fb9f93"},
+        "raw": {
+            "mnist": {"dcgan": {"300": [_run(9)], "600": [_run(58.4)]}, "sngan": {"600": [_run(46.3)]}},
+            "emoji": {"sngan": {"600": [_run(174.6)]}},
+        },
+        "families": {"dcgan": {"width": 64, "lr": 2e-4}, "sngan": {"width": 64, "lr": 4e-4}},
+        "exports": {"mnist": {"count": 5000}, "emoji": {"count": 3793}},
+        "prepared": {"mnist": {"accepted": 5000}, "emoji": {"accepted": 3741}},
+    }
+    # This run: sngan on mnist only, at 600 s, with another recipe (width 32, EMA 0.99).
+    results = {"mnist": {"sngan": {600.0: [_run(42.5)]}}}
+    settings = {"sngan": {"width": 32, "ema_decay": 0.99}}
+    exports, prepared = {"mnist": {"count": 5000, "new": True}}, {"mnist": {"accepted": 5000}}
+    grids = tmp_path / "grids"
+    grids.mkdir()
+
+    notes = bd.carry_over(previous, results, exports, prepared, settings, grids, (600.0,))
+
+    # The new sngan stays; the old one stands beside it under its recipe's label; dcgan is kept as it was.
+    assert results["mnist"]["sngan"] == {600.0: [_run(42.5)]}
+    assert results["mnist"]["sngan-w64"] == {600.0: [_run(46.3)]}
+    assert results["mnist"]["dcgan"] == {600.0: [_run(58.4)]}
+    assert results["emoji"] == {"sngan-w64": {600.0: [_run(174.6)]}}
+    assert settings["sngan"]["width"] == 32 and settings["sngan-w64"]["ema_decay"] == 0.999
+    assert settings["dcgan"]["width"] == 64
+    assert exports["mnist"]["new"] and exports["emoji"] == {"count": 3793}
+    assert (grids / "mnist-sngan-w64-600s.png").read_bytes() == b"mnist-sngan-600s"
+    assert (grids / "emoji-sngan-w64-600s.png").is_file() and (grids / "mnist-dcgan-600s.png").is_file()
+    assert len(notes) == 1 and "2026-12-05T14:11:26" in notes[0] and "`0ad8a73d54fb`" in notes[0]
+    assert "mnist `sngan-w64`" in notes[0] and "emoji `sngan-w64`" in notes[0] and "mnist `dcgan`" in notes[0]
+
+
+@pytest.mark.parametrize("budgets", [(300.0, 600.0), (1200.0,)])
+def test_figures_at_budgets_the_run_does_not_show_are_not_carried(tmp_path: Path, budgets) -> None:
+    previous = {"raw": {"mnist": {"dcgan": {"600": [_run(58.4)]}}}, "families": {"dcgan": {"width": 64}}}
+    results: dict = {}
+    assert bd.carry_over(previous, results, {}, {}, {}, tmp_path, budgets) == []
+    assert results == {}
