@@ -425,6 +425,7 @@ def run(ctx: Any) -> dict[str, Any]:
             }
 
         prepared_info[ds_name] = phases(f"{ds_name}: ingest + augment", prepare)
+        size = read_meta(prepared)["size"]  # what the families' `auto` width and EMA decay resolve for
 
         results[ds_name] = {}
         for family in sizes.families or ds.families:
@@ -443,7 +444,7 @@ def run(ctx: Any) -> dict[str, Any]:
                         f"train.epochs={UNBOUNDED_EPOCHS}",
                     ],
                 )
-                used = train_stage.resolve_auto(cfg.train, family=family, size=read_meta(prepared)["size"])
+                used = train_stage.resolve_auto(cfg.train, family=family, size=size)
                 hp = resolve_hparams(used)
                 settings[family] = {
                     "overrides": [*PINNED, *FAMILY_SETTINGS[family], *overrides],

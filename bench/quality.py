@@ -105,6 +105,7 @@ def run(ctx: Any) -> dict[str, Any]:
         augment.run(base, prepared, augmented)
 
     phases("prepare data", prepare)
+    size = read_meta(prepared)["size"]  # what the families' `auto` width and EMA decay resolve for
     grids = fresh_dir(work / "grids")
     results: dict[str, dict[float, list[dict[str, float]]]] = {}
     settings: dict[str, dict[str, Any]] = {}
@@ -121,7 +122,7 @@ def run(ctx: Any) -> dict[str, Any]:
                     *FAMILY_SETTINGS[family],
                 ],
             )
-            used = train_stage.resolve_auto(cfg.train, family=family, size=read_meta(prepared)["size"])
+            used = train_stage.resolve_auto(cfg.train, family=family, size=size)
             hp = resolve_hparams(used)
             settings[family] = {
                 "overrides": list(FAMILY_SETTINGS[family]),
