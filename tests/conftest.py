@@ -72,15 +72,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Telemetry off, caches and Prefect's home in a temp folder, no tracking server from the caller."""
-    base = tmp_path_factory.mktemp("env")
+    """Telemetry off, caches and Prefect's home in a temp folder, no tracking server from the caller.
+
+    The cache folder is the session's, shared by the pytest-xdist workers: its entries are keyed by
+    content and written atomically, so a worker reads what another computed (the Inception features
+    of the QUICK digits, the converted weights) instead of computing it again."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # .../pytest-N/popen-gwK: the session's folder is the workers' parent
     os.environ.update(
         DO_NOT_TRACK="1",
         DVC_NO_ANALYTICS="1",
         MLFLOW_DISABLE_TELEMETRY="true",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
-        AIGC_CACHE_DIR=str(base / "aigc-cache"),
+        AIGC_CACHE_DIR=str(root / "aigc-cache"),
         GIT_AUTHOR_NAME="aigc tests",
         GIT_AUTHOR_EMAIL="tests@aigc.invalid",
         GIT_COMMITTER_NAME="aigc tests",

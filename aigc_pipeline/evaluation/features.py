@@ -83,6 +83,10 @@ def _extractor(weights: InceptionWeights, layers: tuple[str, ...], use_cuda: boo
     if use_cuda:
         with _cuda_device(index):
             extractor = extractor.cuda()
+    else:
+        # oneDNN's convolutions run faster on channels-last tensors (bench/evaluation.py measures
+        # it); the sums are the same float32 ones in another order, as on any other CPU's kernels.
+        extractor = extractor.to(memory_format=torch.channels_last)
     return extractor
 
 

@@ -30,14 +30,20 @@ from safetensors.torch import save_file
 from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.training.loop import train
 
-ckpt, out, family = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+ckpt, out, family, epochs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
 images = np.random.default_rng(0).integers(0, 256, size=(96, 1, 32, 32), dtype=np.uint8)
 res = train(images, arch=Arch(family, 32, 1, 16, 16), hparams=Hparams(2e-4, 0.5, 0.999, sampling_steps=2),
-            epochs=30, batch_size=16, seed=3, checkpoint_dir=ckpt, checkpoint_every=7, sample_grid=8)
+            epochs=epochs, batch_size=16, seed=3, checkpoint_dir=ckpt, checkpoint_every=7, sample_grid=8)
 state = {f"{m}.{k}": v.contiguous() for m, mod in res.family.modules.items() for k, v in mod.state_dict().items()}
 save_file(state, str(out))
 print("resumed_from", res.resumed_from)
 """
+
+
+# Epochs of 6 steps: long enough that a kill up to 1.5 s after the first checkpoint (step 7) lands
+# before the end. ddpm steps are several times slower than the GANs' (a U-Net at 32 px), so it needs
+# fewer to last as long; 30 of its epochs took most of this module's time.
+EPOCHS = {"ddpm": 12}
 
 
 def _worker(ckpt: Path, out: Path, family: str) -> subprocess.Popen:
@@ -45,7 +51,7 @@ def _worker(ckpt: Path, out: Path, family: str) -> subprocess.Popen:
     # two processes with a thread per core each slowed the ddpm case past its timeout on 2 cores.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(ckpt), str(out), family],
+        [sys.executable, "-c", WORKER, str(ckpt), str(out), family, str(EPOCHS.get(family, 30))],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
