@@ -14,6 +14,9 @@ export DO_NOT_TRACK := 1
 export DVC_NO_ANALYTICS := 1
 export MLFLOW_DISABLE_TELEMETRY := true
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+# mlflow ui/server: no job runner (a process and seven huey consumers for GenAI jobs, each importing
+# MLflow); the pipeline submits none.
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION := false
 export PYTHONUNBUFFERED := 1
 
 .PHONY: help install run lint test test-fast bench mlflow-ui prefect-ui screenshots clean

@@ -42,12 +42,18 @@ QUICK = [
     "train.sample_grid=16",
     "evaluate.num_samples=24",
     "evaluate.progress_samples=16",
+    # No FID over training (an Inception pass per training): the tests of it turn it on (PROGRESS).
+    "evaluate.progress_every=0",
     # One epoch at 16 px draws no digits: tests of the plumbing register it anyway (the quality bar
     # itself is tested with it on, tests/stages/test_stages.py).
     "register.max_fid_ratio=null",
     # 24 samples fill no k-means cell to C_T's 20 per cell, and the gate refuses what it cannot check.
     "register.min_copy_ct=null",
 ]
+
+
+# FID over training at the last epoch of a QUICK run (its one epoch).
+PROGRESS = "evaluate.progress_every=1"
 
 
 def _quick_names() -> tuple[str, str]:
@@ -86,6 +92,9 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> None:
         MLFLOW_DISABLE_TELEMETRY="true",
         PREFECT_SERVER_ANALYTICS_ENABLED="false",
         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120",
+        # As `make mlflow-ui` does: no job runner and huey consumers (eight processes importing
+        # MLflow, for GenAI jobs the pipeline never submits) beside every `mlflow server` / `ui`.
+        MLFLOW_SERVER_ENABLE_JOB_EXECUTION="false",
         AIGC_CACHE_DIR=str(root / "aigc-cache"),
         GIT_AUTHOR_NAME="aigc tests",
         GIT_AUTHOR_EMAIL="tests@aigc.invalid",
@@ -140,12 +149,48 @@ def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
 
 
+def prefect_home(project: Path) -> Path:
+    """The project's ``PREFECT_HOME`` (``.prefect``), its database already migrated.
+
+    The embedded server of a first ``aigc run`` spends ~5 s of CPU migrating a new database: the
+    session migrates one with ``prefect server database upgrade`` and each project starts from a
+    copy (the same empty database Prefect would create there)."""
+    home = project / ".prefect"
+    if not (home / "prefect.db").exists():
+        home.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(_migrated_prefect_db(), home / "prefect.db")
+    return home
+
+
+def _migrated_prefect_db() -> Path:
+    # In the session's folder beside the shared cache; the lock keeps two workers from building it at once.
+    import fcntl
+
+    folder = Path(os.environ["AIGC_CACHE_DIR"]).parent / "prefect-db"
+    folder.mkdir(exist_ok=True)
+    db = folder / "prefect.db"
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not db.exists():
+            build = folder / f"build-{os.getpid()}"
+            env = {**os.environ, "PREFECT_HOME": str(build)}
+            subprocess.run(
+                [str(BIN / "prefect"), "server", "database", "upgrade", "-y"],
+                env=env,
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
+            (build / "prefect.db").replace(db)
+    return db
+
+
 def run_cli(project: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a command from the project's venv (``aigc``, ``dvc``) in ``project``; output captured."""
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
-        "PREFECT_HOME": str(project / ".prefect"),
+        "PREFECT_HOME": str(prefect_home(project)),
     }
     return subprocess.run(
         [str(BIN / args[0]), *args[1:]], cwd=project, env=env, capture_output=True, text=True, timeout=timeout

@@ -33,7 +33,7 @@ from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.features import FEATURE_EXTRACTOR, FEATURE_LAYER, extract_features
 from aigc_pipeline.evaluation.inception import InceptionWeights
 from aigc_pipeline.evaluation.protocol import FEATURE_PASS
-from aigc_pipeline.io import atomic_write_bytes
+from aigc_pipeline.io import atomic_write_bytes, compute_once
 
 __all__ = ["ReferenceStats", "pixel_digest", "reference_cache_name", "reference_statistics"]
 
@@ -120,15 +120,34 @@ def reference_statistics(
         "torch_fidelity": torch_fidelity.__version__,
         "feature_pass": FEATURE_PASS,
     }
-    path = cache_path(name, cache_dir) if cache else None
-    if path is not None and path.is_file():
+    if not cache:
+        return _compute(reference, weights, batch_size, device, verbose, name, digest)
+    path = cache_path(name, cache_dir)
+    if path.is_file():
         return _load(path, meta, name)
+    # Evaluations of one dataset started together (workers of a pool, stages side by side) compute
+    # its statistics once: the others wait for the entry rather than run Inception on it too.
+    with compute_once(path):
+        if path.is_file():
+            return _load(path, meta, name)
+        stats = _compute(reference, weights, batch_size, device, verbose, name, digest)
+        _save(path, features=stats.features.numpy(), mu=stats.mu, sigma=stats.sigma, meta=np.array(json.dumps(meta)))
+    return stats
+
+
+def _compute(
+    reference: np.ndarray,
+    weights: InceptionWeights,
+    batch_size: int,
+    device: str,
+    verbose: bool,
+    name: str,
+    digest: str,
+) -> ReferenceStats:
     features = extract_features(reference, weights, batch_size=batch_size, device=device, verbose=verbose)[
         FEATURE_LAYER
     ]
     stats = fid_features_to_statistics(features)
-    if path is not None:
-        _save(path, features=features.numpy(), mu=stats["mu"], sigma=stats["sigma"], meta=np.array(json.dumps(meta)))
     return ReferenceStats(features, stats["mu"], stats["sigma"], name, digest, from_cache=False)
 
 

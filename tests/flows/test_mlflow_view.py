@@ -300,7 +300,6 @@ def test_training_is_visible_live_and_a_killed_training_continues_its_run(tmp_pa
             f"train.epochs={epochs}",
             "train.sample_every=1",
             "train.checkpoint_every=10",
-            "evaluate.progress_every=0",
         ],
     )
     _ok(run_cli(project, "dvc", "repro", "augment@digits"))

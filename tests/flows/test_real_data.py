@@ -22,13 +22,15 @@ from tests.conftest import QUICK, copy_project, run_cli
 pytestmark = pytest.mark.slow
 NAME = "mnist"
 FIXTURE = "tests/data/mnist-small"
-# The flow tests' quick settings, with the length as kimg, not epochs (0.96 kimg: a couple of epochs
-# of the augmented training digits in batches of 32); no FID over training (the evaluate stage's FID
-# is what this test checks).
+# The flow tests' quick settings (no FID over training: the evaluate stage's FID is what this test
+# checks), with the length as kimg, not epochs (0.96 kimg: a couple of epochs of the augmented
+# training digits in batches of 32). No data-copying check: it runs Inception over the whole train
+# split (470 images, two thirds of this test's time); tests/stages/test_stages.py and
+# tests/unit/test_copies_cli.py check it, the latter on these same MNIST files.
 SETTINGS = [s for s in QUICK if not s.startswith(("train.epochs=", "train.model="))] + [
     "train.epochs=null",
     "train.kimg=0.96",
-    "evaluate.progress_every=0",
+    "evaluate.copy_check=false",
 ]
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from aigc_pipeline.config import write_overrides_to_params
-from tests.conftest import BIN, QUICK, REGISTERED, copy_project, run_cli
+from tests.conftest import BIN, QUICK, REGISTERED, copy_project, prefect_home, run_cli
 
 pytestmark = pytest.mark.slow
 
@@ -42,7 +42,7 @@ def _register(project: Path, *tags: dict[str, str]) -> subprocess.CompletedProce
     env = {
         **os.environ,
         "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}",
-        "PREFECT_HOME": str(project / ".prefect"),
+        "PREFECT_HOME": str(prefect_home(project)),
         "AIGC_RETRY_BACKOFF_SECONDS": "0.1",
         "AIGC_IO_RETRIES": "1",
         "AIGC_FLOW_RUN_ID": "",

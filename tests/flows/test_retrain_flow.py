@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from aigc_pipeline.config import load_config, write_overrides_to_params
-from tests.conftest import MODEL_DIR, QUICK, REGISTERED, copy_project, invoke, run_cli, served_model
+from tests.conftest import MODEL_DIR, PROGRESS, QUICK, REGISTERED, copy_project, invoke, run_cli, served_model
 
 pytestmark = pytest.mark.slow
 STAGES = ["ingest@digits", "augment@digits", "train", "evaluate", "register"]
@@ -28,7 +28,7 @@ def _ok(proc) -> str:
 @pytest.fixture(scope="module")
 def flow_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     project = copy_project(tmp_path_factory.mktemp("flow") / "project")
-    sets = [a for s in QUICK for a in ("--set", s)]
+    sets = [a for s in (*QUICK, PROGRESS) for a in ("--set", s)]
     out = _ok(run_cli(project, "aigc", "run", *sets))
     return project, out
 
@@ -36,7 +36,7 @@ def flow_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
 @pytest.fixture(scope="module")
 def repro_project(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     project = copy_project(tmp_path_factory.mktemp("repro") / "project")
-    write_overrides_to_params(project, QUICK)
+    write_overrides_to_params(project, [*QUICK, PROGRESS])
     out = _ok(run_cli(project, "dvc", "repro"))
     return project, out
 
@@ -106,7 +106,7 @@ def test_the_prefect_run_says_what_it_trained(flow_project: tuple[Path, str]) ->
         "project_dir": str(project),
         "dataset": "digits",
         "model": "resgan",
-        "overrides": QUICK,
+        "overrides": [*QUICK, PROGRESS],
     }
     assert tasks == {
         "params",

@@ -26,7 +26,7 @@ from aigc_pipeline.models import families as registry_module
 from aigc_pipeline.stages import augment, evaluate, ingest, register, train
 from aigc_pipeline.tracking import registry
 from aigc_pipeline.tracking.registry import RegistryError
-from tests.conftest import QUICK, REPO
+from tests.conftest import PROGRESS, QUICK, REPO
 
 NAME = "digits"  # the registered model: one per dataset, whatever the family
 
@@ -38,7 +38,7 @@ def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def cfg() -> Config:
-    return load_config(REPO, QUICK)
+    return load_config(REPO, [*QUICK, PROGRESS])
 
 
 @pytest.fixture(scope="module")

@@ -376,3 +376,58 @@ def test_fid_over_training_prepares_its_reference_before_the_first_point(
     assert extraction_calls == [N_IMAGES, 4]  # the point: its 4 samples only
     warm = hook()
     assert warm.prepare() is None and extraction_calls == [N_IMAGES, 4]  # from the cache
+
+
+def _blocked_on_flock(pid: int) -> bool:
+    """Whether process ``pid`` waits for a flock (a ``->`` line of /proc/locks: ``N: -> FLOCK
+    ADVISORY WRITE PID MAJ:MIN:INODE ...``)."""
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if len(fields) > 5 and fields[1] == "->" and fields[2] == "FLOCK" and fields[5] == str(pid):
+            return True
+    return False
+
+
+def test_a_second_process_waits_for_the_entry_being_computed_then_reads_it(
+    weights: InceptionWeights, tmp_path: Path
+) -> None:
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    from aigc_pipeline.evaluation.reference import reference_statistics
+    from aigc_pipeline.io import compute_once
+    from tests.conftest import REPO
+
+    images = _noise(4, 21)
+    np.save(tmp_path / "images.npy", images)
+    computed = reference_statistics(images, reference_key="once", weights=weights, cache_dir=tmp_path / "elsewhere")
+    entry = cache_path(computed.name, tmp_path / "cache")
+    entry.parent.mkdir(parents=True)
+    script = (
+        "import sys, numpy as np; from pathlib import Path\n"
+        "from aigc_pipeline.evaluation.inception import InceptionWeights\n"
+        "from aigc_pipeline.evaluation.reference import reference_statistics\n"
+        "w = InceptionWeights(Path(sys.argv[2]), sys.argv[3], sys.argv[4], False, sys.argv[5])\n"
+        "s = reference_statistics(np.load(sys.argv[1]), reference_key='once', weights=w, cache_dir=Path(sys.argv[6]))\n"
+        "print('from_cache', s.from_cache)\n"
+    )
+    args = [str(tmp_path / "images.npy"), str(weights.path), weights.sha256, weights.source, weights.file_sha256]
+    with compute_once(entry):  # this test process is the one computing the entry
+        waiter = subprocess.Popen(
+            [sys.executable, "-c", script, *args, str(tmp_path / "cache")],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 120
+        while not _blocked_on_flock(waiter.pid):
+            assert waiter.poll() is None, waiter.communicate()
+            assert time.monotonic() < deadline, "the second process never waited for the entry"
+            time.sleep(0.05)
+        shutil.copy2(cache_path(computed.name, tmp_path / "elsewhere"), entry)  # the entry, written
+    out, err = waiter.communicate(timeout=120)
+    assert waiter.returncode == 0, err
+    assert "from_cache True" in out, (out, err)  # read what the first computed, no Inception pass of its own
