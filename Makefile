@@ -49,11 +49,12 @@ lint: install
 	$(RUN) ruff format --check .
 	$(RUN) mypy
 
-# pytest-xdist: a worker per core (TEST_WORKERS=1 for one process), each test file on one worker
+# pytest-xdist: a worker per core and one more (TEST_WORKERS=1 for one process: the end-to-end tests
+# spend part of their time waiting on servers, kills and polls, which the extra worker fills), each test file on one worker
 # (its module fixtures, servers and trainings are set up once), in the collection order, which puts
 # the slow files first (tests/conftest.py; xdist would otherwise start with the files holding the
 # most tests, the quick unit ones, and leave a long end-to-end file for last). PYTEST_ARGS: more options.
-TEST_WORKERS ?= auto
+TEST_WORKERS ?= $(shell echo $$(( $$(nproc) + 1 )))
 
 test: install lint
 	$(RUN) pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)

@@ -198,14 +198,15 @@ def sha256_file(path: Path | str, chunk: int = 1 << 20) -> str:
 
 
 @contextlib.contextmanager
-def compute_once(entry: Path | str) -> Iterator[None]:
-    """Hold an exclusive ``flock`` on ``<entry>.lock`` while a cache entry is looked up and, when
-    missing, computed and written: of several processes that need the same entry at once, one
-    computes it and the others wait, then read it. The kernel drops the lock of a killed holder.
+def compute_once(lock: Path | str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on the file ``lock`` (created if missing) while a cache entry is
+    looked up and, when missing, computed and written: of several processes that need the same
+    entry at once, one computes it and the others wait, then read it. The kernel drops the lock of
+    a killed holder.
     """
     import fcntl
 
-    lock = Path(f"{entry}.lock")
+    lock = Path(lock)
     lock.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:

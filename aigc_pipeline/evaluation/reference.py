@@ -35,7 +35,7 @@ from aigc_pipeline.evaluation.inception import InceptionWeights
 from aigc_pipeline.evaluation.protocol import FEATURE_PASS
 from aigc_pipeline.io import atomic_write_bytes, compute_once
 
-__all__ = ["ReferenceStats", "pixel_digest", "reference_cache_name", "reference_statistics"]
+__all__ = ["ReferenceStats", "lock_path", "pixel_digest", "reference_cache_name", "reference_statistics"]
 
 _HASH_CHUNK_BYTES = 64 << 20
 _FORMAT = 1
@@ -127,7 +127,7 @@ def reference_statistics(
         return _load(path, meta, name)
     # Evaluations of one dataset started together (workers of a pool, stages side by side) compute
     # its statistics once: the others wait for the entry rather than run Inception on it too.
-    with compute_once(path):
+    with compute_once(lock_path(path)):
         if path.is_file():
             return _load(path, meta, name)
         stats = _compute(reference, weights, batch_size, device, verbose, name, digest)
@@ -155,6 +155,12 @@ def cache_path(name: str, cache_dir: Path | None = None) -> Path:
     """Where the entry ``name`` lives: ``<cache_dir>/fidelity/<name>-<extractor>-<layer>.npz``."""
     root = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "fidelity"
     return root / f"{name}-{FEATURE_EXTRACTOR}-{FEATURE_LAYER}.npz"
+
+
+def lock_path(entry: Path) -> Path:
+    """The lock file of the cache entry ``entry`` (:func:`~aigc_pipeline.io.compute_once`), kept out
+    of the entries' folder: ``<cache_dir>/locks/fidelity/<entry name>.lock``."""
+    return entry.parent.parent / "locks" / entry.parent.name / f"{entry.name}.lock"
 
 
 def _load(path: Path, expected: dict, name: str) -> ReferenceStats:

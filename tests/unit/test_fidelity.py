@@ -396,7 +396,7 @@ def test_a_second_process_waits_for_the_entry_being_computed_then_reads_it(
     import sys
     import time
 
-    from aigc_pipeline.evaluation.reference import reference_statistics
+    from aigc_pipeline.evaluation.reference import lock_path, reference_statistics
     from aigc_pipeline.io import compute_once
     from tests.conftest import REPO
 
@@ -414,7 +414,7 @@ def test_a_second_process_waits_for_the_entry_being_computed_then_reads_it(
         "print('from_cache', s.from_cache)\n"
     )
     args = [str(tmp_path / "images.npy"), str(weights.path), weights.sha256, weights.source, weights.file_sha256]
-    with compute_once(entry):  # this test process is the one computing the entry
+    with compute_once(lock_path(entry)):  # this test process is the one computing the entry
         waiter = subprocess.Popen(
             [sys.executable, "-c", script, *args, str(tmp_path / "cache")],
             cwd=REPO,
