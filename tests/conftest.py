@@ -69,11 +69,14 @@ MODEL_DIR, REGISTERED = _quick_names()
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Files holding slow tests first, each file's tests kept together and in order: under
-    pytest-xdist the long files start early and the quick ones fill the workers' gaps at the end,
-    instead of a long file starting last while the other worker idles."""
+    """The scale files first, then the other files holding slow tests, each file's tests kept
+    together and in order: under pytest-xdist the long files start early and the quick ones fill
+    the workers' gaps at the end, instead of a long file starting last while the others idle. The
+    scale files are the longest and spend much of their time waiting (server starts, a crashed
+    run's missing heartbeat), which the other workers' end-to-end files fill."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
-    items.sort(key=lambda item: item.path not in slow_files)
+    scale_files = {item.path for item in items if item.get_closest_marker("scale")}
+    items.sort(key=lambda item: (item.path not in scale_files, item.path not in slow_files))
 
 
 @pytest.fixture(scope="session", autouse=True)
