@@ -21,7 +21,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the venv's bin: aigc, dvc, mlflow
 
-# Under pytest-xdist (`make test`: one worker per core) the workers share the cores: each worker,
+# Under pytest-xdist (`make test`: a worker per core and one more) the workers share the cores: each worker,
 # and every process it starts, gets its share of threads; a thread per core each would
 # oversubscribe the CPU, and OpenMP's spinning threads slow everyone down. Set before torch loads.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
