@@ -167,13 +167,11 @@ def prefect_home(project: Path) -> Path:
 
 def _migrated_prefect_db() -> Path:
     # In the session's folder beside the shared cache; the lock keeps two workers from building it at once.
-    import fcntl
+    from aigc_pipeline.io import compute_once
 
     folder = Path(os.environ["AIGC_CACHE_DIR"]).parent / "prefect-db"
-    folder.mkdir(exist_ok=True)
     db = folder / "prefect.db"
-    with open(folder / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with compute_once(folder / ".lock"):
         if not db.exists():
             build = folder / f"build-{os.getpid()}"
             env = {**os.environ, "PREFECT_HOME": str(build)}
