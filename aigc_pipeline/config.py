@@ -171,10 +171,10 @@ class TrainConfig:
         _check(
             1 <= self.sampling_steps <= 1000, "sampling_steps", "must be in 1..1000 (the training schedule's timesteps)"
         )
-        from aigc_pipeline.models.diffaugment import POLICIES
+        from aigc_pipeline.models.policies import POLICY_NAMES
 
-        unknown = [p for p in self.diffaugment.split(",") if p and p not in POLICIES]
-        _check(not unknown, "diffaugment", f"unknown policy {unknown} (known: {', '.join(POLICIES)}; '' = off)")
+        unknown = [p for p in self.diffaugment.split(",") if p and p not in POLICY_NAMES]
+        _check(not unknown, "diffaugment", f"unknown policy {unknown} (known: {', '.join(POLICY_NAMES)}; '' = off)")
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 
+from aigc_pipeline.models.policies import POLICY_NAMES
 from aigc_pipeline.randomness import BatchRandom, as_batch_random
 
 AugmentFn = Callable[[torch.Tensor, BatchRandom], torch.Tensor]
@@ -62,7 +63,8 @@ def cutout(x: torch.Tensor, gen: BatchRandom, ratio: float = 0.5) -> torch.Tenso
     return x * mask.unsqueeze(1)
 
 
-POLICIES: dict[str, AugmentFn] = {"color": color, "translation": translation, "cutout": cutout}
+# Each policy is the function of its name above.
+POLICIES: dict[str, AugmentFn] = {name: globals()[name] for name in POLICY_NAMES}
 
 
 def diff_augment(x: torch.Tensor, policy: str, gen: torch.Generator | BatchRandom) -> torch.Tensor:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -48,11 +50,26 @@ def test_config_is_frozen() -> None:
         ("dataset=cats", "dataset: 'cats' is not an entry of `datasets`"),
         ("evaluate.reference_split=test", "evaluate.reference_split"),
         ("augment=3", "augment: expected a mapping"),
+        (
+            "train.diffaugment=color,blur",
+            "train.diffaugment: unknown policy .*blur.*known: color, translation, cutout",
+        ),
     ],
 )
 def test_invalid_values_name_the_key(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message.replace("|", r"\|").replace("`", ".")):
         load_config(REPO, [override])
+
+
+def test_checking_params_loads_neither_torch_nor_mlflow_nor_prefect() -> None:
+    """`aigc ingest` and `aigc augment` check params.yaml and never need torch: loading the config
+    in a fresh interpreter leaves it unimported (importing torch costs every such process seconds)."""
+    code = (
+        "import sys; from aigc_pipeline.config import load_config; load_config(sys.argv[1]); "
+        "print(sorted(m for m in ('torch', 'mlflow', 'prefect') if m in sys.modules))"
+    )
+    out = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, check=True, cwd=REPO)
+    assert out.stdout.split() == ["[]"], out.stdout
 
 
 def test_overrides_parse_yaml_scalars() -> None:
