@@ -30,20 +30,22 @@ from safetensors.torch import save_file
 from aigc_pipeline.models.base import Arch, Hparams
 from aigc_pipeline.training.loop import train
 
-ckpt, out, family, epochs = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+ckpt, out, family = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3]
+epochs, every = int(sys.argv[4]), int(sys.argv[5])
 images = np.random.default_rng(0).integers(0, 256, size=(96, 1, 32, 32), dtype=np.uint8)
 res = train(images, arch=Arch(family, 32, 1, 16, 16), hparams=Hparams(2e-4, 0.5, 0.999, sampling_steps=2),
-            epochs=epochs, batch_size=16, seed=3, checkpoint_dir=ckpt, checkpoint_every=7, sample_grid=8)
+            epochs=epochs, batch_size=16, seed=3, checkpoint_dir=ckpt, checkpoint_every=every, sample_grid=8)
 state = {f"{m}.{k}": v.contiguous() for m, mod in res.family.modules.items() for k, v in mod.state_dict().items()}
 save_file(state, str(out))
 print("resumed_from", res.resumed_from)
 """
 
 
-# Epochs of 6 steps: long enough that a kill up to 1.5 s after the first checkpoint (step 7) lands
-# before the end. ddpm steps are several times slower than the GANs' (a U-Net at 32 px), so it needs
-# fewer to last as long; 30 of its epochs took most of this module's time.
-EPOCHS = {"ddpm": 12}
+# Epochs of 6 steps, checkpoints every 7 steps. The kill waits for the second checkpoint (step 14),
+# then a random delay of up to two checkpoint intervals as measured on this run (whatever the CPU
+# and its load): it lands between steps 14 and about 28, mid-step or mid-write, well before step 60.
+EPOCHS = 10
+CHECKPOINT_EVERY = 7
 
 
 def _worker(ckpt: Path, out: Path, family: str) -> subprocess.Popen:
@@ -51,7 +53,7 @@ def _worker(ckpt: Path, out: Path, family: str) -> subprocess.Popen:
     # two processes with a thread per core each slowed the ddpm case past its timeout on 2 cores.
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     return subprocess.Popen(
-        [sys.executable, "-c", WORKER, str(ckpt), str(out), family, str(EPOCHS.get(family, 30))],
+        [sys.executable, "-c", WORKER, str(ckpt), str(out), family, str(EPOCHS), str(CHECKPOINT_EVERY)],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -59,17 +61,24 @@ def _worker(ckpt: Path, out: Path, family: str) -> subprocess.Popen:
     )
 
 
+def _checkpoint_reached(victim: subprocess.Popen, folder: Path, step: int) -> float:
+    """When (``time.monotonic()``) a checkpoint of ``step`` or later was first seen in ``folder``."""
+    deadline = time.monotonic() + 120
+    while not any(s >= step for s, _ in list_checkpoints(folder)):
+        assert victim.poll() is None, victim.communicate()
+        assert time.monotonic() < deadline, f"no checkpoint of step {step} written in time"
+        time.sleep(0.01)
+    return time.monotonic()
+
+
 @pytest.mark.parametrize("family", list(MODELS))
 def test_sigkill_then_rerun_gives_bitwise_identical_weights(tmp_path: Path, family: str) -> None:
     reference = _worker(tmp_path / "ref-ckpt", tmp_path / "ref.safetensors", family)
 
     victim = _worker(tmp_path / "ckpt", tmp_path / "out.safetensors", family)
-    deadline = time.monotonic() + 120
-    while not list_checkpoints(tmp_path / "ckpt"):
-        assert victim.poll() is None, victim.communicate()
-        assert time.monotonic() < deadline, "no checkpoint written in time"
-        time.sleep(0.02)
-    time.sleep(random.Random().uniform(0.0, 1.5))  # a random moment: mid-step or mid-write
+    first = _checkpoint_reached(victim, tmp_path / "ckpt", CHECKPOINT_EVERY)
+    interval = _checkpoint_reached(victim, tmp_path / "ckpt", 2 * CHECKPOINT_EVERY) - first
+    time.sleep(random.Random().uniform(0.0, 2 * interval))  # a random moment: mid-step or mid-write
     assert victim.poll() is None, "training finished before it could be killed; make it longer"
     victim.send_signal(signal.SIGKILL)
     victim.wait()
