@@ -152,6 +152,29 @@ def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
 
 
+def evaluated_project(dest: Path, overrides: list[str] = QUICK) -> Path:
+    """A project copy left as ``dvc repro evaluate`` leaves it (model trained, evaluated, dvc.lock
+    committed), for tests of what comes after. The stages run in this process through
+    ``pipeline.run_stage``, the flow's door (tests/flows/test_retrain_flow.py checks that it leaves
+    the dvc.lock ``dvc repro`` leaves): four stage interpreters fewer, each importing torch and
+    MLflow again. The environment the stages set (``env.set_defaults``) is restored afterwards."""
+    from aigc_pipeline.config import load_config, write_overrides_to_params
+    from aigc_pipeline.pipeline import run_stage
+
+    project = copy_project(dest)
+    write_overrides_to_params(project, overrides)
+    dataset = load_config(project).dataset
+    saved = dict(os.environ)
+    try:
+        with contextlib.chdir(project):  # where `aigc run` and `dvc repro` run them
+            for stage in (f"ingest@{dataset}", f"augment@{dataset}", "train", "evaluate"):
+                run_stage(project, stage)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return project
+
+
 def prefect_home(project: Path) -> Path:
     """The project's ``PREFECT_HOME`` (``.prefect``), its database already migrated.
 

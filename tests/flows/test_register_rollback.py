@@ -13,8 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from aigc_pipeline.config import write_overrides_to_params
-from tests.conftest import BIN, QUICK, REGISTERED, copy_project, prefect_home, run_cli
+from tests.conftest import BIN, REGISTERED, evaluated_project, prefect_home
 
 pytestmark = pytest.mark.slow
 
@@ -60,10 +59,7 @@ def _register(project: Path, *tags: dict[str, str]) -> subprocess.CompletedProce
 def test_failed_registration_is_rolled_back_then_a_good_one_registers(tmp_path: Path) -> None:
     from mlflow import MlflowClient
 
-    project = copy_project(tmp_path / "project")
-    write_overrides_to_params(project, QUICK)
-    repro = run_cli(project, "dvc", "repro", "evaluate")
-    assert repro.returncode == 0, repro.stdout + repro.stderr
+    project = evaluated_project(tmp_path / "project")
     uri = f"sqlite:///{project / 'mlflow' / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
 

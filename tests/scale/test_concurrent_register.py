@@ -38,9 +38,8 @@ from typing import Any
 
 import pytest
 
-from aigc_pipeline.config import write_overrides_to_params
 from aigc_pipeline.tracking import registry
-from tests.conftest import MODEL_DIR, QUICK, REGISTERED, copy_project, run_cli
+from tests.conftest import MODEL_DIR, REGISTERED, evaluated_project
 from tests.scale import servers
 
 pytestmark = [pytest.mark.slow, pytest.mark.scale]
@@ -130,12 +129,8 @@ def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Servers]:
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A project copy with a QUICK model trained and evaluated by ``dvc repro evaluate``."""
-    project = copy_project(tmp_path_factory.mktemp("race") / "project")
-    write_overrides_to_params(project, QUICK)
-    repro = run_cli(project, "dvc", "repro", "evaluate")
-    assert repro.returncode == 0, repro.stdout + repro.stderr
-    return project
+    """A project copy with a QUICK model trained and evaluated, as ``dvc repro evaluate`` leaves it."""
+    return evaluated_project(tmp_path_factory.mktemp("race") / "project")
 
 
 def _variant(project: Path, dest: Path, **changes: float) -> Path:
