@@ -155,9 +155,9 @@ def project(tmp_path: Path) -> Path:
 def evaluated_project(dest: Path, overrides: list[str] = QUICK) -> Path:
     """A project copy left as ``dvc repro evaluate`` leaves it (model trained, evaluated, dvc.lock
     committed), for tests of what comes after. The stages run in this process through
-    ``pipeline.run_stage``, the flow's door (tests/flows/test_retrain_flow.py checks that it leaves
-    the dvc.lock ``dvc repro`` leaves): four stage interpreters fewer, each importing torch and
-    MLflow again. The environment the stages set (``env.set_defaults``) is restored afterwards."""
+    ``pipeline.run_stage``, the flow's door (tests/flows/test_retrain_flow.py checks that after it
+    ``dvc status`` is clean and ``dvc repro`` a no-op): four stage interpreters fewer, each
+    importing torch and MLflow again. The environment the stages set (``env.set_defaults``) is restored afterwards."""
     from aigc_pipeline.config import load_config, write_overrides_to_params
     from aigc_pipeline.pipeline import run_stage
 
