@@ -33,6 +33,9 @@ separated, override the profile's defaults):
 - ``BENCH_DATASETS_BUDGETS``: training budgets in seconds (default ``300,600``; ``--quick`` ``3,6``);
 - ``BENCH_DATASETS_SEEDS``: training seeds (default ``0``).
 
+A selection keeps the published figures it does not re-measure (:func:`carry_over`), and is refused
+before any training when they were measured on another CPU (:func:`require_same_cpu`).
+
 Results: ``bench/results/datasets.json`` (FID / precision / recall per dataset, budget and family,
 the floor as baseline), the grids of seed 0 in ``bench/results/datasets/`` and a model-zoo table
 per dataset in ``bench/results/datasets.md``.
@@ -58,7 +61,7 @@ import numpy as np
 from bench import BENCH_DIR, RESULTS_DIR, BenchError
 from bench.quality import FAMILY_SETTINGS, UNBOUNDED_EPOCHS, _stopper
 from bench.report import SCHEMA_VERSION, row, write_text_atomic
-from bench.workspace import Phases, fresh_dir, import_from_snapshot, isolate_environment, result_doc
+from bench.workspace import Phases, cpu_model, fresh_dir, import_from_snapshot, isolate_environment, result_doc
 
 NAME = "datasets"
 TITLE = "Real datasets at 32 px (MNIST, emoji): FID / precision / recall after fixed training budgets"
@@ -358,9 +361,24 @@ def add_dataset_as_a_user(project: Path, name: str, folder: Path, args: tuple[st
         raise BenchError(f"aigc dataset add {name} {folder}: {e}") from e
 
 
+def require_same_cpu(previous: dict[str, Any], cpu: str) -> None:
+    """Refuse to re-measure part of a model zoo published on another CPU: its budgets are
+    wall-clock seconds, so rows carried over from another CPU would stand beside this run's as if
+    comparable (raises :class:`BenchError` naming both)."""
+    published = previous.get("machine", {}).get("cpu_model")
+    if published != cpu:
+        raise BenchError(
+            f"bench/results/{NAME}.json was measured on {published!r}, this machine is {cpu!r}: a selection "
+            "(BENCH_DATASETS*) would carry its figures over beside this run's at equal wall-clock budgets. "
+            "Unset BENCH_DATASETS* to re-measure every dataset and family here, or run the selection on that CPU."
+        )
+
+
 def run(ctx: Any) -> dict[str, Any]:
     """Entry point for ``python -m bench datasets`` (see :mod:`bench.registry`)."""
     sizes = selected_sizes(ctx.quick)
+    if ctx.profile == "default" and _selection() and (RESULTS_DIR / f"{NAME}.json").is_file():
+        require_same_cpu(json.loads((RESULTS_DIR / f"{NAME}.json").read_text()), cpu_model())
     work = fresh_dir(ctx.work)
     env_vars = isolate_environment(work)
     source = work / "source"
@@ -499,11 +517,7 @@ def run(ctx: Any) -> dict[str, Any]:
                             out / f"eval-{budget:g}s" / "samples.png", grids / f"{ds_name}-{family}-{budget:g}s.png"
                         )
 
-    selection = [
-        v
-        for v in ("BENCH_DATASETS", "BENCH_DATASETS_FAMILIES", "BENCH_DATASETS_BUDGETS", "BENCH_DATASETS_SEEDS")
-        if os.environ.get(v, "").strip()
-    ]
+    selection = _selection()
     carried: list[str] = []
     if ctx.profile == "default" and selection and (RESULTS_DIR / f"{NAME}.json").is_file():
         previous = json.loads((RESULTS_DIR / f"{NAME}.json").read_text())
@@ -618,6 +632,15 @@ def run(ctx: Any) -> dict[str, Any]:
     else:  # for a look at a smoke run; RESULTS.md gets no pictures from it
         publish_zoo(doc, grids, sizes.budgets, work / "zoo", figures=False)
     return doc
+
+
+def _selection() -> list[str]:
+    """The ``BENCH_DATASETS*`` variables set in the environment."""
+    return [
+        v
+        for v in ("BENCH_DATASETS", "BENCH_DATASETS_FAMILIES", "BENCH_DATASETS_BUDGETS", "BENCH_DATASETS_SEEDS")
+        if os.environ.get(v, "").strip()
+    ]
 
 
 def carry_over(

@@ -59,3 +59,12 @@ def test_figures_at_budgets_the_run_does_not_show_are_not_carried(tmp_path: Path
     results: dict = {}
     assert bd.carry_over(previous, results, {}, {}, {}, tmp_path, budgets) == []
     assert results == {}
+
+
+def test_a_selection_is_refused_where_the_published_zoo_was_measured_on_another_cpu() -> None:
+    previous = {"machine": {"cpu_model": "AMD EPYC"}}
+    bd.require_same_cpu(previous, "AMD EPYC")  # same CPU: carrying rows over is fair
+    with pytest.raises(bd.BenchError, match=r"on 'AMD EPYC', this machine is 'Intel\(R\) Xeon.*BENCH_DATASETS"):
+        bd.require_same_cpu(previous, "Intel(R) Xeon(R) Processor")
+    with pytest.raises(bd.BenchError, match=r"measured on None"):  # a document that does not say
+        bd.require_same_cpu({}, "AMD EPYC")
