@@ -377,8 +377,12 @@ def require_same_cpu(previous: dict[str, Any], cpu: str) -> None:
 def run(ctx: Any) -> dict[str, Any]:
     """Entry point for ``python -m bench datasets`` (see :mod:`bench.registry`)."""
     sizes = selected_sizes(ctx.quick)
-    if ctx.profile == "default" and _selection() and (RESULTS_DIR / f"{NAME}.json").is_file():
-        require_same_cpu(json.loads((RESULTS_DIR / f"{NAME}.json").read_text()), cpu_model())
+    selection = _selection()
+    # The published run a selection keeps the rest of (carry_over), checked before any training.
+    previous: dict[str, Any] | None = None
+    if ctx.profile == "default" and selection and (RESULTS_DIR / f"{NAME}.json").is_file():
+        previous = json.loads((RESULTS_DIR / f"{NAME}.json").read_text())
+        require_same_cpu(previous, cpu_model())
     work = fresh_dir(ctx.work)
     env_vars = isolate_environment(work)
     source = work / "source"
@@ -517,10 +521,8 @@ def run(ctx: Any) -> dict[str, Any]:
                             out / f"eval-{budget:g}s" / "samples.png", grids / f"{ds_name}-{family}-{budget:g}s.png"
                         )
 
-    selection = _selection()
     carried: list[str] = []
-    if ctx.profile == "default" and selection and (RESULTS_DIR / f"{NAME}.json").is_file():
-        previous = json.loads((RESULTS_DIR / f"{NAME}.json").read_text())
+    if previous is not None:
         carried = carry_over(previous, results, exports, prepared_info, settings, grids, sizes.budgets)
 
     rows: list[dict[str, Any]] = []

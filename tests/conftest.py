@@ -160,14 +160,17 @@ def evaluated_project(dest: Path, overrides: list[str] = QUICK) -> Path:
     importing torch and MLflow again. The environment the stages set (``env.set_defaults``) is restored afterwards."""
     from aigc_pipeline.config import load_config, write_overrides_to_params
     from aigc_pipeline.pipeline import run_stage
+    from aigc_pipeline.stages.table import MODEL_STAGES, PER_DATASET_STAGES
 
     project = copy_project(dest)
     write_overrides_to_params(project, overrides)
     dataset = load_config(project).dataset
+    # The stage table's order, up to evaluate: the active dataset's stages, then the model's.
+    stages = [f"{s}@{dataset}" for s in PER_DATASET_STAGES] + list(MODEL_STAGES[: MODEL_STAGES.index("evaluate") + 1])
     saved = dict(os.environ)
     try:
         with contextlib.chdir(project):  # where `aigc run` and `dvc repro` run them
-            for stage in (f"ingest@{dataset}", f"augment@{dataset}", "train", "evaluate"):
+            for stage in stages:
                 run_stage(project, stage)
     finally:
         os.environ.clear()
