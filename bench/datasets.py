@@ -31,13 +31,15 @@ separated, override the profile's defaults):
 - ``BENCH_DATASETS_FAMILIES``: families for every selected dataset (default: each dataset's list,
   ``dcgan,resgan`` with ``--quick``);
 - ``BENCH_DATASETS_BUDGETS``: training budgets in seconds (default ``300,600``; ``--quick`` ``3,6``);
-- ``BENCH_DATASETS_SEEDS``: training seeds (default ``0``).
+- ``BENCH_DATASETS_SEEDS``: training seeds of every family (default ``0``; the family
+  ``train.model: auto`` trains at the dataset's size, the recipe a user gets, ``0,1``: its spread
+  over seeds is the one a user meets, the other families are there to compare).
 
 A selection keeps the published figures it does not re-measure (:func:`carry_over`), and is refused
 before any training when they were measured on another CPU (:func:`require_same_cpu`).
 
 Results: ``bench/results/datasets.json`` (FID / precision / recall per dataset, budget and family,
-the floor as baseline), the grids of seed 0 in ``bench/results/datasets/`` and a model-zoo table
+the floor as baseline), the grids of each family's first seed in ``bench/results/datasets/`` and a model-zoo table
 per dataset in ``bench/results/datasets.md``.
 """
 
@@ -304,16 +306,18 @@ class Sizes:
 
     budgets: tuple[float, ...]  # seconds of training at which each family is evaluated
     seeds: tuple[int, ...]
+    auto_seeds: tuple[int, ...]  # the seeds of the family `train.model: auto` trains at the dataset's size
     overrides: tuple[str, ...]  # on top of params.yaml
     datasets: tuple[str, ...] = tuple(DATASETS)
     families: tuple[str, ...] | None = None  # None: each dataset's own list
 
 
-FULL = Sizes(budgets=(300.0, 600.0), seeds=(0,), overrides=())
+FULL = Sizes(budgets=(300.0, 600.0), seeds=(0,), auto_seeds=(0, 1), overrides=())
 # The smoke test trains two families (a plain GAN, and resgan's EMA + DiffAugment path) to stay near 2-3 minutes.
 QUICK = Sizes(
     budgets=(3.0, 6.0),
     seeds=(0,),
+    auto_seeds=(0,),
     overrides=("evaluate.num_samples=40", "evaluate.bootstrap=10"),
     families=("dcgan", "resgan"),
 )
@@ -342,10 +346,10 @@ def selected_sizes(quick: bool) -> Sizes:
         if (budgets := _env_list("BENCH_DATASETS_BUDGETS")) is not None:
             sizes = replace(sizes, budgets=tuple(sorted(float(b) for b in budgets)))
         if (seeds := _env_list("BENCH_DATASETS_SEEDS")) is not None:
-            sizes = replace(sizes, seeds=tuple(int(s) for s in seeds))
+            sizes = replace(sizes, seeds=tuple(int(s) for s in seeds), auto_seeds=tuple(int(s) for s in seeds))
     except ValueError as e:
         raise BenchError(f"BENCH_DATASETS_*: {e}") from None
-    if not sizes.budgets or not sizes.seeds or not sizes.datasets or sizes.families == ():
+    if not sizes.budgets or not sizes.seeds or not sizes.auto_seeds or not sizes.datasets or sizes.families == ():
         raise BenchError("BENCH_DATASETS_*: an empty selection")
     return sizes
 
@@ -393,6 +397,7 @@ def run(ctx: Any) -> dict[str, Any]:
     from aigc_pipeline.models.families import MODELS, resolve_hparams
     from aigc_pipeline.stages import augment, evaluate, ingest
     from aigc_pipeline.stages import train as train_stage
+    from aigc_pipeline.training.budget import resolve_model
 
     wanted = {f for d in sizes.datasets for f in (sizes.families or DATASETS[d].families)}
     unknown = sorted(wanted - set(MODELS))
@@ -414,6 +419,7 @@ def run(ctx: Any) -> dict[str, Any]:
     prepared_info: dict[str, dict[str, Any]] = {}
     results: dict[str, dict[str, dict[float, list[dict[str, float]]]]] = {}
     settings: dict[str, dict[str, Any]] = {}
+    auto_of: dict[str, str] = {}  # dataset -> the family `train.model: auto` trains at its size
 
     for ds_name in sizes.datasets:
         ds = DATASETS[ds_name]
@@ -448,11 +454,14 @@ def run(ctx: Any) -> dict[str, Any]:
 
         prepared_info[ds_name] = phases(f"{ds_name}: ingest + augment", prepare)
         size = read_meta(prepared)["size"]  # what the families' `auto` width and EMA decay resolve for
+        auto_family = resolve_model("auto", size=size, device="cpu")
 
         results[ds_name] = {}
         for family in sizes.families or ds.families:
             results[ds_name][family] = {b: [] for b in sizes.budgets}
-            for seed in sizes.seeds:
+            seeds = sizes.auto_seeds if family == auto_family else sizes.seeds
+            auto_of[ds_name] = auto_family
+            for seed in seeds:
                 # The bench's pins first, so that `--set` (a recipe being measured) wins over them.
                 cfg = load_config(
                     proj,
@@ -516,7 +525,7 @@ def run(ctx: Any) -> dict[str, Any]:
 
                     measured = phases(f"{ds_name} {family} seed {seed} to {budget:g} s", train_then_score)
                     results[ds_name][family][budget].append(measured)
-                    if seed == sizes.seeds[0]:
+                    if seed == seeds[0]:
                         shutil.copy2(
                             out / f"eval-{budget:g}s" / "samples.png", grids / f"{ds_name}-{family}-{budget:g}s.png"
                         )
@@ -536,21 +545,22 @@ def run(ctx: Any) -> dict[str, Any]:
         floors[ds_name] = {**floor, "protocol": protocol}
         for budget in sizes.budgets:
             group = (
-                f"{ds_name}: after {budget:g} s of training on this CPU (mean ± sd over {len(sizes.seeds)} "
-                "seed(s); baseline: real data, the floor)"
+                f"{ds_name}: after {budget:g} s of training on this CPU (mean ± sd over the seeds each row "
+                "names; baseline: real data, the floor)"
             )
             for family, per in per_family.items():
                 runs = per[budget]
                 steps = statistics.mean(r["steps"] for r in runs)
                 shown = statistics.mean(r["images_shown"] for r in runs)
+                label = f"{family} (auto)" if auto_of.get(ds_name) == family else family
                 for metric, better in (("fid", "lower"), ("precision", "higher"), ("recall", "higher")):
                     values = [r[metric] for r in runs]
                     sd = statistics.stdev(values) if len(values) > 1 else 0.0
                     rows.append(
                         row(
                             group,
-                            f"{family} {metric} ({better} is better; ± {sd:.3g}; {steps:.0f} steps, "
-                            f"{shown:,.0f} images shown)",
+                            f"{label} {metric} ({better} is better; {len(values)} seed(s), ± {sd:.3g}; "
+                            f"{steps:.0f} steps, {shown:,.0f} images shown)",
                             statistics.mean(values),
                             metric if metric == "fid" else "share",
                             baseline=floor[metric],
@@ -584,8 +594,8 @@ def run(ctx: Any) -> dict[str, Any]:
         )
         + f"; train.epochs={UNBOUNDED_EPOCHS} so that the "
         "budget ends training.",
-        "Sample grids (seed 0, the evaluation's first 64 samples): bench/results/datasets/; the tables with "
-        "pictures: bench/results/datasets.md.",
+        "Sample grids (each family's first seed, the evaluation's first 64 samples): bench/results/datasets/; "
+        "the tables with pictures: bench/results/datasets.md.",
     ]
     if selection:
         notes.append("Selection from the environment: " + ", ".join(f"{v}={os.environ[v]}" for v in selection) + ".")
@@ -619,12 +629,14 @@ def run(ctx: Any) -> dict[str, Any]:
         sizes={
             "budgets": list(sizes.budgets),
             "seeds": list(sizes.seeds),
+            "auto_seeds": list(sizes.auto_seeds),
             "datasets": list(sizes.datasets),
             "families": list(sizes.families or []),
         },
         exports=exports,
         prepared=prepared_info,
         floors=floors,
+        auto_families=auto_of,
         families=settings,
         phases=phases.record,
         environment=env_vars,
@@ -715,9 +727,11 @@ def publish_zoo(
         f"{doc['machine'].get('cpu_count')} cores",
         "",
         f"`{doc['command']}`, {doc['date']}. Each cell: the evaluation's samples after that much training "
-        f"(seed 0), then FID (its ratio to the floor) / precision / recall, mean over "
-        f"{len(doc['sizes']['seeds'])} seed(s), with the training steps and images shown.",
+        "(its first seed), then FID (its ratio to the floor) / precision / recall, the mean over the seeds "
+        "the cell names (± the FID's standard deviation over them), with the training steps and images "
+        "shown. `auto` marks the family `train.model: auto` trains at the dataset's size.",
     ]
+    auto_of = doc.get("auto_families", {})
     for ds_name, per_family in doc["raw"].items():
         floor, export = doc["floors"][ds_name], doc["exports"][ds_name]
         lines += [
@@ -735,16 +749,20 @@ def publish_zoo(
             cells = []
             for b in budgets:
                 runs = per[f"{b:g}"]
-                fid = statistics.mean(r["fid"] for r in runs)
+                fids = [r["fid"] for r in runs]
+                fid = statistics.mean(fids)
+                spread = f" ± {statistics.stdev(fids):.1f}" if len(fids) > 1 else ""
                 cells.append(
                     f"![{ds_name} {family} {b:g} s](datasets/{ds_name}-{family}-{b:g}s.png)<br>FID "
-                    f"{fid:.1f} ({fid / floor['fid']:.2f}x) / "
+                    f"{fid:.1f}{spread} ({fid / floor['fid']:.2f}x) / "
                     f"{statistics.mean(r['precision'] for r in runs):.2f} / "
-                    f"{statistics.mean(r['recall'] for r in runs):.2f}<br>"
+                    f"{statistics.mean(r['recall'] for r in runs):.2f}, "
+                    f"{len(runs)} seed{'s' if len(runs) > 1 else ''}<br>"
                     f"{statistics.mean(r['steps'] for r in runs):.0f} steps, "
                     f"{statistics.mean(r['images_shown'] for r in runs):,.0f} images shown"
                 )
-            lines.append(f"| `{family}` | " + " | ".join(cells) + " |")
+            name = f"`{family}` (`auto`)" if auto_of.get(ds_name) == family else f"`{family}`"
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     path = results_dir / "datasets.md"
     write_text_atomic(path, "\n".join(lines) + "\n")
     if figures:  # the same tables in RESULTS.md (bench/), whose picture paths start one folder up
