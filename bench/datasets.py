@@ -454,13 +454,12 @@ def run(ctx: Any) -> dict[str, Any]:
 
         prepared_info[ds_name] = phases(f"{ds_name}: ingest + augment", prepare)
         size = read_meta(prepared)["size"]  # what the families' `auto` width and EMA decay resolve for
-        auto_family = resolve_model("auto", size=size, device="cpu")
+        auto_family = auto_of[ds_name] = resolve_model("auto", size=size, device="cpu")
 
         results[ds_name] = {}
         for family in sizes.families or ds.families:
             results[ds_name][family] = {b: [] for b in sizes.budgets}
             seeds = sizes.auto_seeds if family == auto_family else sizes.seeds
-            auto_of[ds_name] = auto_family
             for seed in seeds:
                 # The bench's pins first, so that `--set` (a recipe being measured) wins over them.
                 cfg = load_config(
@@ -533,6 +532,8 @@ def run(ctx: Any) -> dict[str, Any]:
     carried: list[str] = []
     if previous is not None:
         carried = carry_over(previous, results, exports, prepared_info, settings, grids, sizes.budgets)
+        for ds_name, family in previous.get("auto_families", {}).items():
+            auto_of.setdefault(ds_name, family)
 
     rows: list[dict[str, Any]] = []
     floors: dict[str, dict[str, Any]] = {}
