@@ -28,9 +28,10 @@ T = TypeVar("T")
 # 8 px: the length `make run` trained before kimg existed (180 epochs of 22 batches of 64 over the
 # 1,437 training digits = 253.44 kimg) for every family; bench/results/quality.md measures them at
 # equal wall-clock budgets. 32 px: what each family trained in the 10 minutes of
-# `python -m bench datasets` on 5,000 MNIST digits (bench/results/datasets.md), where FID was still
-# falling (sngan with its auto width and EMA decay below). A family not measured at a size takes the
-# value of the nearest size it was measured at.
+# `python -m bench datasets` on 5,000 MNIST digits on that CPU (the run committed in fe67203;
+# bench/results/datasets.md now holds a later run on another CPU), where FID was still falling
+# (sngan with its auto width and EMA decay below). A family not measured at a size takes the value
+# of the nearest size it was measured at.
 AUTO_KIMG: dict[int, dict[str, float]] = {
     8: {"dcgan": 253.44, "sngan": 253.44, "resgan": 253.44, "vae": 253.44, "ddpm": 253.44},
     32: {"dcgan": 130.752, "sngan": 348.224},
@@ -52,7 +53,7 @@ AUTO_WIDTH: dict[int, dict[str, int]] = {
 # read by sngan, resgan and ddpm). 8 px: 0.999, measured there. 32 px, sngan: 0.99, a half-life of
 # 69 steps instead of 693: in those trials the 0.999 average still held the blurred generator of a
 # 10-minute training's first minutes (2.16x against 2.35x at width 32). The auto recipe beside the
-# width-64 one: bench/results/datasets.md (`sngan` and `sngan-w64`).
+# width-64 one: `sngan` and `sngan-w64` of bench/results/datasets.md as committed in fe67203.
 AUTO_EMA_DECAY: dict[int, dict[str, float]] = {
     8: dict.fromkeys(_FAMILIES, 0.999),
     32: {"sngan": 0.99},
