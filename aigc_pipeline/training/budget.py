@@ -61,9 +61,11 @@ AUTO_EMA_DECAY: dict[int, dict[str, float]] = {
 
 # Image side -> device type -> the family ``train.model: auto`` trains. 8 px: resgan, the best GAN
 # after 4 minutes in bench/results/quality.md (ddpm scores better but samples with 50 network
-# passes). 32 px: sngan, ahead of dcgan on both real datasets of bench/results/datasets.md after
-# 5 and 10 minutes (resgan, vae and ddpm unmeasured there: resgan trains at about a third of
-# dcgan's images/s at 32 px). No GPU has measured them yet: a GPU takes the CPU's choice.
+# passes). 32 px: sngan, ahead of every other family measured on both real datasets of
+# bench/results/datasets.md after 5 and 10 minutes (dcgan and sngan on two CPUs, the AMD EPYC run
+# of fe67203 and the Intel Xeon one published; resgan and, on mnist, ddpm there too: on a CPU at
+# 32 px they show a fifth of sngan's images or fewer in the same time and draw worse; vae
+# unmeasured). No GPU has measured them yet: a GPU takes the CPU's choice.
 AUTO_MODEL: dict[int, dict[str, str]] = {
     8: {"cpu": "resgan"},
     32: {"cpu": "sngan"},
