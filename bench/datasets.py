@@ -398,6 +398,7 @@ def run(ctx: Any) -> dict[str, Any]:
     from aigc_pipeline.stages import augment, evaluate, ingest
     from aigc_pipeline.stages import train as train_stage
     from aigc_pipeline.training.budget import resolve_model
+    from aigc_pipeline.training.speed import resolve_device
 
     wanted = {f for d in sizes.datasets for f in (sizes.families or DATASETS[d].families)}
     unknown = sorted(wanted - set(MODELS))
@@ -454,7 +455,8 @@ def run(ctx: Any) -> dict[str, Any]:
 
         prepared_info[ds_name] = phases(f"{ds_name}: ingest + augment", prepare)
         size = read_meta(prepared)["size"]  # what the families' `auto` width and EMA decay resolve for
-        auto_family = auto_of[ds_name] = resolve_model("auto", size=size, device="cpu")
+        device = resolve_device(base.train.device).type  # where the train stage will run
+        auto_family = auto_of[ds_name] = resolve_model("auto", size=size, device=device)
 
         results[ds_name] = {}
         for family in sizes.families or ds.families:
