@@ -570,6 +570,7 @@ def run(ctx: Any) -> dict[str, Any]:
                             baseline_label="real data (floor)",
                         )
                     )
+    zoo = RESULTS_DIR if ctx.profile == "default" else work / "zoo"  # where publish_zoo puts the grids and tables
     notes = [
         "Each dataset was exported once from its npm package into a folder of image files and registered with "
         "`aigc dataset add` (the CLI's own code) in a copy of params.yaml: "
@@ -597,8 +598,8 @@ def run(ctx: Any) -> dict[str, Any]:
         )
         + f"; train.epochs={UNBOUNDED_EPOCHS} so that the "
         "budget ends training.",
-        "Sample grids (each family's first seed, the evaluation's first 64 samples): bench/results/datasets/; "
-        "the tables with pictures: bench/results/datasets.md.",
+        f"Sample grids (each family's first seed, the evaluation's first 64 samples): {_shown(zoo)}/datasets/; "
+        f"the tables with pictures: {_shown(zoo)}/datasets.md.",
     ]
     if selection:
         notes.append("Selection from the environment: " + ", ".join(f"{v}={os.environ[v]}" for v in selection) + ".")
@@ -644,11 +645,14 @@ def run(ctx: Any) -> dict[str, Any]:
         phases=phases.record,
         environment=env_vars,
     )
-    if ctx.profile == "default":
-        publish_zoo(doc, grids, sizes.budgets, RESULTS_DIR)
-    else:  # for a look at a smoke run; RESULTS.md gets no pictures from it
-        publish_zoo(doc, grids, sizes.budgets, work / "zoo", figures=False)
+    # Only the default profile's pictures are published; another profile's stay in its work folder for a look.
+    publish_zoo(doc, grids, sizes.budgets, zoo, figures=ctx.profile == "default")
     return doc
+
+
+def _shown(path: Path) -> str:
+    """``path`` as the notes show it: relative to the repository when inside it."""
+    return str(path.relative_to(BENCH_DIR.parent)) if path.is_relative_to(BENCH_DIR.parent) else str(path)
 
 
 def _selection() -> list[str]:
