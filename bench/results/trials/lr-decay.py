@@ -22,24 +22,23 @@ WORK = ROOT / "bench" / ".work" / "datasets-default"
 
 def main(seed: int, target_steps: int, out: Path) -> dict[str, float]:
     """Train to the whole epochs covering ``target_steps``, decaying over all of them; score it."""
-    os.environ.update(
-        AIGC_CACHE_DIR=str(WORK / "aigc-cache"),
-        TORCH_HOME=str(WORK / "torch-home"),
-        DO_NOT_TRACK="1",
-        MLFLOW_DISABLE_TELEMETRY="true",
-    )
+    sys.path.insert(0, str(ROOT))
+    from bench.datasets import PINNED
+    from bench.workspace import isolate_environment
+
+    isolate_environment(WORK)  # the caches and telemetry settings the bench run used
+    project = WORK / "project"
     augmented, prepared = WORK / "data" / "augmented" / "mnist", WORK / "data" / "prepared" / "mnist"
-    steps_per_epoch = json.loads((augmented / "meta.json").read_text())["count"] // 64
+    from aigc_pipeline.config import load_config
+
+    batch_size = load_config(project, [*PINNED, "dataset=mnist"]).train.batch_size
+    steps_per_epoch = json.loads((augmented / "meta.json").read_text())["count"] // batch_size
     epochs = math.ceil(target_steps / steps_per_epoch)
     os.environ["TRIAL_DECAY_STEPS"] = str(epochs * steps_per_epoch)  # read by the patched loop on import
-    sys.path.insert(0, str(ROOT))
-    from aigc_pipeline.config import load_config
     from aigc_pipeline.stages import evaluate
     from aigc_pipeline.stages import train as train_stage
 
-    overrides = ["train.batch_size=64", "train.latent_dim=64", "train.conditional=false", "dataset=mnist"]
-    overrides += ["train.model=sngan", f"train.seed={seed}", f"train.epochs={epochs}"]
-    project = WORK / "project"
+    overrides = [*PINNED, "dataset=mnist", "train.model=sngan", f"train.seed={seed}", f"train.epochs={epochs}"]
     cfg = load_config(project, overrides)
     started = time.perf_counter()
     result = train_stage.run(cfg, augmented, out / "model", out / "checkpoints", quiet=True, project_dir=project)
