@@ -163,10 +163,24 @@ def prefect_flow_run(page: Any, base: str, name: str) -> None:
     page.get_by_text(name, exact=True).first.wait_for()
 
 
-def prefect_tab(page: Any, tab: str) -> None:
-    """Click a tab of a flow run page (Logs, Task Runs, Artifacts, Details, Parameters...)."""
-    # Prefect's tabs are <li class="p-tab"> in a role=tablist (no role=tab of their own).
-    page.locator("[role=tablist] li", has_text=re.compile(rf"^{re.escape(tab)}$")).click()
+def prefect_tab(page: Any, tab: str, tries: int = 5) -> None:
+    """Click a tab of a flow run page (Logs, Task Runs, Artifacts, Details, Parameters...) until it
+    is the active one."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    # Prefect's tabs are <li class="p-tab"> in a role=tablist (no role=tab of their own); the active
+    # one has the class p-tab__active. A click can be lost on a page still settling after its
+    # header is drawn (seen in CI: the Logs tab stayed active and the artifact was never listed),
+    # so the click is repeated until the tab is active.
+    name = re.compile(rf"^{re.escape(tab)}$")
+    for _ in range(tries):
+        page.locator("[role=tablist] li", has_text=name).click()
+        try:
+            page.locator("[role=tablist] li.p-tab__active", has_text=name).wait_for(timeout=5_000)
+            return
+        except PlaywrightTimeout:
+            continue
+    raise AssertionError(f"the {tab!r} tab of {page.url} did not become active after {tries} clicks")
 
 
 def prefect_artifact(page: Any, key: str) -> None:
