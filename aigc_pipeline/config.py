@@ -126,7 +126,7 @@ class TrainConfig:
     batch_size: int = 64
     seed: int = 0
     checkpoint_every: int = 200
-    lr: float | Literal["auto"] = "auto"  # auto: the model's recipe (aigc_pipeline.models.families.recipe_for)
+    lr: float | Literal["auto"] = "auto"  # auto: training/budget.py AUTO_LR for the size, else the model's recipe
     beta1: float | Literal["auto"] = "auto"
     beta2: float | Literal["auto"] = "auto"
     latent_dim: int = 64

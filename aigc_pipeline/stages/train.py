@@ -46,6 +46,7 @@ from aigc_pipeline.training.budget import (
     Budget,
     Estimate,
     auto_ema_decay,
+    auto_lr,
     auto_width,
     format_duration,
     plan_warning,
@@ -382,14 +383,18 @@ def plan_budget(cfg: Config, *, family: str, train_images: int, size: int) -> Bu
 
 
 def resolve_auto(tcfg: TrainConfig, *, family: str, size: int) -> TrainConfig:
-    """``tcfg`` with the family, ``width`` and ``ema_decay`` that ``auto`` stands for at ``size`` px
-    (the tables of :mod:`aigc_pipeline.training.budget`); a set value stays as it is."""
+    """``tcfg`` with the family, ``width``, ``ema_decay`` and ``lr`` that ``auto`` stands for at
+    ``size`` px (the tables of :mod:`aigc_pipeline.training.budget`); a set value stays as it is, and
+    an ``lr`` the table leaves to the family stays ``auto`` (its recipe's)."""
     try:
         width = auto_width(family, size)[0] if tcfg.width == "auto" else tcfg.width
         ema = auto_ema_decay(family, size)[0] if tcfg.ema_decay == "auto" else tcfg.ema_decay
     except KeyError as e:
         raise ConfigError(e.args[0]) from None
-    return dataclasses.replace(tcfg, model=family, width=width, ema_decay=ema)
+    lr = tcfg.lr
+    if lr == "auto":
+        lr = auto_lr(family, size) or "auto"
+    return dataclasses.replace(tcfg, model=family, width=width, ema_decay=ema, lr=lr)
 
 
 def resolved_settings(hp: Hparams, budget: Budget, family: str, width: int) -> dict[str, Any]:

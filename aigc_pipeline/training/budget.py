@@ -8,8 +8,8 @@ record. ``train.epochs``, when set, wins over ``train.kimg``.
 
 ``train.kimg: auto`` reads :data:`AUTO_KIMG`: per image size, per family, the length that
 ``bench/`` measured as worth training on this project's reference CPU (bench/RESULTS.md says
-which run); ``train.width`` and ``train.ema_decay: auto`` read :data:`AUTO_WIDTH` and
-:data:`AUTO_EMA_DECAY` the same way; ``train.model: auto`` reads :data:`AUTO_MODEL`, the family
+which run); ``train.width``, ``train.ema_decay`` and ``train.lr: auto`` read :data:`AUTO_WIDTH`,
+:data:`AUTO_EMA_DECAY` and :data:`AUTO_LR` the same way; ``train.model: auto`` reads :data:`AUTO_MODEL`, the family
 measured best for the size on the device. A size without an entry takes the nearest measured
 size's value.
 
@@ -57,6 +57,17 @@ AUTO_WIDTH: dict[int, dict[str, int]] = {
 AUTO_EMA_DECAY: dict[int, dict[str, float]] = {
     8: dict.fromkeys(_FAMILIES, 0.999),
     32: {"sngan": 0.99},
+}
+
+# Image side -> family -> learning rate (train.lr: auto); None: the family's own recipe (the Recipe in
+# its module, measured at 8 px), also for a family the table does not name. 32 px, sngan: 8e-4, twice
+# its recipe's 4e-4. In 10-minute runs on the 5,000 MNIST digits of `python -m bench datasets` (two
+# seeds each, one CPU, bench/results/trials/README.md) 2e-4, 4e-4 and 8e-4 ended at 1.91x, 1.69x and
+# 1.54x the floor, 8e-4 with the fewest steps of the three; on the RGB emoji set 8e-4 ended at 2.42x
+# against 2.57x.
+AUTO_LR: dict[int, dict[str, float | None]] = {
+    8: dict.fromkeys(_FAMILIES, None),
+    32: {"sngan": 8e-4},
 }
 
 # Image side -> device type -> the family ``train.model: auto`` trains. 8 px: resgan, the best GAN
@@ -121,6 +132,13 @@ def auto_width(family: str, size: int) -> tuple[int, int]:
 def auto_ema_decay(family: str, size: int) -> tuple[float, int]:
     """``(decay, measured size)`` that ``train.ema_decay: auto`` stands for (as :func:`auto_kimg`)."""
     return _auto(AUTO_EMA_DECAY, "train.ema_decay", family, size)
+
+
+def auto_lr(family: str, size: int) -> float | None:
+    """The learning rate ``train.lr: auto`` stands for with ``family`` at ``size`` px (the nearest
+    measured size's); None: the family's recipe."""
+    sizes = {s: t for s, t in AUTO_LR.items() if family in t}
+    return sizes[_nearest_size(sizes, size)][family] if sizes else None
 
 
 def _auto(table: dict[int, dict[str, T]], setting: str, family: str, size: int, fix: str = "") -> tuple[T, int]:

@@ -16,7 +16,8 @@ import yaml
 from PIL import Image
 
 from aigc_pipeline.config import load_config
-from aigc_pipeline.training.budget import auto_ema_decay, resolve_model
+from aigc_pipeline.models.families import recipe_for
+from aigc_pipeline.training.budget import auto_ema_decay, auto_lr, resolve_model
 from tests.conftest import QUICK, copy_project, run_cli
 
 pytestmark = pytest.mark.slow
@@ -125,4 +126,7 @@ def test_mnist_files_added_at_32_px_train_evaluate_and_register(tmp_path: Path) 
     decay = auto_ema_decay(family, 32)[0]
     assert meta["hparams"]["ema_decay"] == decay
     assert (params["train.ema_decay"], params["train.ema_decay_setting"]) == (str(decay), "auto")
+    # The learning rate as `auto` resolved at 32 px (the size's measured value, else the family's recipe).
+    lr = auto_lr(family, 32) or recipe_for(family).lr
+    assert meta["hparams"]["lr"] == lr and (params["train.lr"], params["train.lr_setting"]) == (str(lr), "auto")
     assert run.data.tags["aigc.family"] == family

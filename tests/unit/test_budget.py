@@ -8,11 +8,12 @@ import pytest
 
 from aigc_pipeline.config import load_config
 from aigc_pipeline.errors import ConfigError
-from aigc_pipeline.models.families import resolve_hparams
+from aigc_pipeline.models.families import recipe_for, resolve_hparams
 from aigc_pipeline.stages.train import Progress, plan_budget, resolve_auto
 from aigc_pipeline.training.budget import (
     AUTO_EMA_DECAY,
     AUTO_KIMG,
+    AUTO_LR,
     AUTO_MODEL,
     AUTO_WIDTH,
     CPU_WARNING_SECONDS,
@@ -84,6 +85,21 @@ def test_width_and_ema_auto_resolve_per_family_and_size_and_a_set_value_wins() -
         load_config(REPO, ["train.width=2"])
     with pytest.raises(ConfigError, match="train.ema_decay: must be in"):
         load_config(REPO, ["train.ema_decay=1.5"])
+
+
+def test_lr_auto_is_the_measured_value_where_there_is_one_and_the_recipe_elsewhere() -> None:
+    tcfg = load_config(REPO).train
+    assert tcfg.lr == "auto"
+    at32 = resolve_auto(tcfg, family="sngan", size=32)
+    assert at32.lr == AUTO_LR[32]["sngan"] != recipe_for("sngan").lr
+    assert resolve_hparams(at32).lr == AUTO_LR[32]["sngan"]  # what the optimiser gets, model.json and MLflow record
+    assert resolve_auto(tcfg, family="sngan", size=64).lr == AUTO_LR[32]["sngan"]  # nearest measured size
+    # 8 px (make run's size) and families without a measured value keep their recipe's lr.
+    for family, size in (("sngan", 8), ("resgan", 8), ("dcgan", 32), ("ddpm", 32)):
+        used = resolve_auto(tcfg, family=family, size=size)
+        assert used.lr == "auto" and resolve_hparams(used).lr == recipe_for(family).lr, (family, size)
+    # A set value wins.
+    assert resolve_auto(load_config(REPO, ["train.lr=1e-4"]).train, family="sngan", size=32).lr == 1e-4
 
 
 def test_the_stage_resolves_from_params_and_names_the_key(tmp_path) -> None:
