@@ -60,7 +60,7 @@ AUTO_EMA_DECAY: dict[int, dict[str, float]] = {
 }
 
 # Image side -> family -> learning rate (train.lr: auto); None: the family's own recipe (the Recipe in
-# its module, measured at 8 px), also for a family the table does not name. 32 px, sngan: 8e-4, twice
+# its module, what 8 px trains with), also for a family the table does not name. 32 px, sngan: 8e-4, twice
 # its recipe's 4e-4. In 10-minute runs on the 5,000 MNIST digits of `python -m bench datasets` (two
 # seeds each, one CPU, bench/results/trials/README.md) 2e-4, 4e-4 and 8e-4 ended at 1.91x, 1.69x and
 # 1.54x the floor, 8e-4 with the fewest steps of the three; on the RGB emoji set 8e-4 ended at 2.42x
