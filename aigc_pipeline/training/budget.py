@@ -137,17 +137,26 @@ def auto_ema_decay(family: str, size: int) -> tuple[float, int]:
 def auto_lr(family: str, size: int) -> float | None:
     """The learning rate ``train.lr: auto`` stands for with ``family`` at ``size`` px (the nearest
     measured size's); None: the family's recipe."""
-    sizes = {s: t for s, t in AUTO_LR.items() if family in t}
-    return sizes[_nearest_size(sizes, size)][family] if sizes else None
+    found = _lookup(AUTO_LR, family, size)
+    return found[0] if found else None
 
 
 def _auto(table: dict[int, dict[str, T]], setting: str, family: str, size: int, fix: str = "") -> tuple[T, int]:
-    sizes = {s: t for s, t in table.items() if family in t}
-    if not sizes:
+    found = _lookup(table, family, size)
+    if found is None:
         known = sorted({f for t in table.values() for f in t})
         raise KeyError(
             f"{setting}: auto has no value for model {family!r} (known: {', '.join(known)}); set {fix or setting}"
         )
+    return found
+
+
+def _lookup(table: dict[int, dict[str, T]], family: str, size: int) -> tuple[T, int] | None:
+    """``(value, measured size)`` of ``family`` at the measured size nearest ``size``; None when the
+    table has no size for ``family``."""
+    sizes = {s: t for s, t in table.items() if family in t}
+    if not sizes:
+        return None
     measured = _nearest_size(sizes, size)
     return sizes[measured][family], measured
 
