@@ -61,10 +61,8 @@ AUTO_EMA_DECAY: dict[int, dict[str, float]] = {
 
 # Image side -> family -> learning rate (train.lr: auto); None: the family's own recipe (the Recipe in
 # its module, what 8 px trains with), also for a family the table does not name. 32 px, sngan: 8e-4, twice
-# its recipe's 4e-4. In 10-minute runs on the 5,000 MNIST digits of `python -m bench datasets` (two
-# seeds each, one CPU, bench/results/trials/README.md) 2e-4, 4e-4, 8e-4 and 1.6e-3 ended at 1.91x,
-# 1.69x, 1.54x (run again: 1.64x) and 1.61x the floor, and after 5 minutes 8e-4 led 4e-4 in both of its
-# runs (1.75x, 1.74x against 1.91x); on the RGB emoji set 8e-4 ended at 2.42x against 2.57x.
+# its recipe's 4e-4: in the learning-rate trials of bench/results/trials/README.md (where the figures
+# live) it led 4e-4 and 2e-4 on the MNIST digits and the RGB emoji set, and 1.6e-3 tied with it.
 AUTO_LR: dict[int, dict[str, float | None]] = {
     8: dict.fromkeys(_FAMILIES, None),
     32: {"sngan": 8e-4},
