@@ -62,7 +62,7 @@ AUTO_EMA_DECAY: dict[int, dict[str, float]] = {
 # Image side -> family -> learning rate (train.lr: auto); None: the family's own recipe (the Recipe in
 # its module, what 8 px trains with), also for a family the table does not name. 32 px, sngan: 8e-4, twice
 # its recipe's 4e-4: in the learning-rate trials of bench/results/trials/README.md (where the figures
-# live) it led 4e-4 and 2e-4 on the MNIST digits and the RGB emoji set, and 1.6e-3 tied with it.
+# live) it led 4e-4 on the MNIST digits and the RGB emoji set and 2e-4 on the digits; 1.6e-3 tied with it.
 AUTO_LR: dict[int, dict[str, float | None]] = {
     8: dict.fromkeys(_FAMILIES, None),
     32: {"sngan": 8e-4},
