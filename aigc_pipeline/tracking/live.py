@@ -18,7 +18,8 @@ Every curve is indexed by the global training step. When the model folder is wri
 it: :mod:`aigc_pipeline.tracking.runs`) and ends it FINISHED. A training that raises ends the run
 FAILED (TrainingDiverged: with the losses up to the bad step and the error as tags) or KILLED
 (Ctrl-C, SIGTERM), never leaving it RUNNING; only a process killed outright (SIGKILL, a lost
-machine) can leave it RUNNING.
+machine) can leave it RUNNING. A Ctrl-C or SIGTERM that arrives while a record is being written
+to the store takes effect when that write is done.
 
 **Resume continues the run.** A training that resumes from a checkpoint (``resumed_from`` > 0)
 continues the newest run with the same training key that has no weights yet (killed, failed or
@@ -38,10 +39,12 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import sys
+import threading
 import time
-from collections.abc import Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -59,6 +62,34 @@ _FLUSH_METRICS = 900  # ... or when this many are waiting (MLflow's log_batch ta
 def enabled() -> bool:
     """Live tracking is on unless ``AIGC_LIVE_TRACKING=0``."""
     return os.environ.get(LIVE_ENV, "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+@contextmanager
+def _uninterrupted() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM until the block's writes to the store are done, then deliver them.
+
+    Their handlers raise in the main thread wherever it is; inside a store transaction that loses
+    the batch being written and can leave the process's own connection holding the SQLite lock, so
+    that recording the run as KILLED waits on itself and the run stays RUNNING.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield  # Python runs signal handlers in the main thread only: nothing can land here
+        return
+    wanted = (signal.SIGINT, signal.SIGTERM)
+    handlers = {s: signal.getsignal(s) for s in wanted}
+    if any(h is None for h in handlers.values()):  # a handler installed from C: leave it alone
+        yield
+        return
+    held: list[int] = []
+    for s in wanted:
+        signal.signal(s, lambda signum, frame: held.append(signum))
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        if held:
+            signal.raise_signal(held[0])  # the restored handler runs now, outside the write
 
 
 class TrainingRun:
@@ -117,6 +148,10 @@ class TrainingRun:
 
     def start(self, info: Mapping[str, Any]) -> None:
         """``on_start``: open (or continue) the run."""
+        with _uninterrupted():
+            self._start(info)
+
+    def _start(self, info: Mapping[str, Any]) -> None:
         import mlflow
 
         client = self._client
@@ -198,8 +233,9 @@ class TrainingRun:
             from aigc_pipeline.images import make_grid
 
             client, run_id = self._open_run()
-            runs.log_grid(client, run_id, make_grid(grid), runs.SAMPLES_KEY, step)
-            self._images.add(step)
+            with _uninterrupted():
+                runs.log_grid(client, run_id, make_grid(grid), runs.SAMPLES_KEY, step)
+                self._images.add(step)
 
     def fid(self, name: str, value: float) -> None:
         """A point of FID over training, measured now (at the current step)."""
@@ -212,6 +248,10 @@ class TrainingRun:
     def finish(self, *, model: Path, steps: int, stopped: bool) -> str:
         """The model folder is written: log what the run lacks up to the checkpoint this session
         resumed from (from the model folder's records), tag the weights, end the run FINISHED."""
+        with _uninterrupted():
+            return self._finish(model=model, steps=steps, stopped=stopped)
+
+    def _finish(self, *, model: Path, steps: int, stopped: bool) -> str:
         import mlflow
 
         from aigc_pipeline.io import sha256_file
@@ -240,6 +280,10 @@ class TrainingRun:
     def fail(self, error: BaseException) -> None:
         """End the run KILLED (an interruption) or FAILED, with the error as tags; a diverged
         training's losses up to the bad step are logged first."""
+        with _uninterrupted():
+            self._fail(error)
+
+    def _fail(self, error: BaseException) -> None:
         import mlflow
 
         from aigc_pipeline.errors import TrainingDiverged
@@ -280,10 +324,11 @@ class TrainingRun:
 
     def send(self) -> None:
         """Send the waiting metrics now."""
-        while self._pending:
-            batch, self._pending = self._pending[:_FLUSH_METRICS], self._pending[_FLUSH_METRICS:]
-            client, run_id = self._open_run()
-            client.log_batch(run_id, metrics=batch)
+        with _uninterrupted():
+            while self._pending:
+                batch, self._pending = self._pending[:_FLUSH_METRICS], self._pending[_FLUSH_METRICS:]
+                client, run_id = self._open_run()
+                client.log_batch(run_id, metrics=batch)
         self._last_send = time.monotonic()
 
     def _open_run(self) -> tuple[MlflowClient, str]:

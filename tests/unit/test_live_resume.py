@@ -122,3 +122,51 @@ def test_a_resumed_run_holds_every_record_once(tmp_path: Path, epoch: int, where
     grids = [a.path for a in client.list_artifacts(run.run_id, "images") if a.path.endswith(".png")]
     assert sorted(int(p.split("+")[2]) for p in grids) == every_epoch
     assert sorted(runs.logged_image_steps(client, run.run_id, runs.SAMPLES_KEY)) == every_epoch
+
+
+def test_a_sigterm_during_a_write_to_the_store_still_ends_the_run_killed(tmp_path: Path) -> None:
+    """SIGTERM lands while a batch of losses is being written to the SQLite store (its handler
+    would raise between two statements of the store's transaction): the batch is written whole,
+    then the training stops, and its run ends KILLED with every loss it was given."""
+    import signal
+
+    from mlflow import MlflowClient
+    from sqlalchemy import event
+    from sqlalchemy.engine import Engine
+
+    from aigc_pipeline.__main__ import _terminate
+    from aigc_pipeline.config import load_config
+    from aigc_pipeline.errors import Terminated
+    from aigc_pipeline.tracking.live import TrainingRun
+    from aigc_pipeline.tracking.store import tracking_uri
+
+    project = copy_project(tmp_path / "project")
+    cfg = load_config(project)
+    sent: list[str] = []
+    handed: list[int] = []  # the steps the trainer gave the run before it was stopped
+
+    def signal_mid_write(conn, cursor, statement, parameters, context, executemany) -> None:
+        if statement.lstrip().upper().startswith("INSERT INTO METRICS") and not sent:
+            sent.append(statement)
+            signal.raise_signal(signal.SIGTERM)  # raises Terminated here, after the INSERT
+
+    handler = signal.signal(signal.SIGTERM, _terminate)
+    try:
+        with pytest.raises(Terminated):
+            with TrainingRun(project, cfg, key="t" * 16, hparams={}) as run:
+                run.start({"resumed_from": 0})
+                event.listen(Engine, "after_cursor_execute", signal_mid_write)
+                try:
+                    for step in range(1, STEPS_PER_EPOCH + 1):
+                        run.progress(step, STEPS_PER_EPOCH, 1)
+                        handed.append(step)
+                        run.metrics(step, {"loss_d": _loss(step)})
+                    run.send()
+                finally:
+                    event.remove(Engine, "after_cursor_execute", signal_mid_write)
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert sent, "the store was never written to: the test did not interrupt anything"
+    client = MlflowClient(tracking_uri(project))
+    assert client.get_run(run.run_id).info.status == "KILLED"
+    assert handed and [m.step for m in client.get_metric_history(run.run_id, "train/loss_d")] == handed
