@@ -124,7 +124,7 @@ def test_a_resumed_run_holds_every_record_once(tmp_path: Path, epoch: int, where
     assert sorted(runs.logged_image_steps(client, run.run_id, runs.SAMPLES_KEY)) == every_epoch
 
 
-def test_a_sigterm_during_a_write_to_the_store_still_ends_the_run_killed(tmp_path: Path) -> None:
+def test_a_sigterm_during_a_write_to_the_store_lets_the_write_finish_then_ends_the_run_killed(tmp_path: Path) -> None:
     """SIGTERM lands while a batch of losses is being written to the SQLite store (its handler
     would raise between two statements of the store's transaction): the batch is written whole,
     then the training stops, and its run ends KILLED with every loss it was given."""
