@@ -66,7 +66,8 @@ def enabled() -> bool:
 
 @contextmanager
 def _uninterrupted() -> Iterator[None]:
-    """Hold SIGINT and SIGTERM until the block's writes to the store are done, then deliver them.
+    """Hold SIGINT and SIGTERM until the block's writes to the store are done, then deliver them
+    (a ``with`` block, or a decorator for a method that writes).
 
     Their handlers raise in the main thread wherever it is; inside a store transaction that loses
     the batch being written and can leave the process's own connection holding the SQLite lock, so
@@ -146,12 +147,9 @@ class TrainingRun:
 
     # -- trainer callbacks ---------------------------------------------------------------------
 
+    @_uninterrupted()
     def start(self, info: Mapping[str, Any]) -> None:
         """``on_start``: open (or continue) the run."""
-        with _uninterrupted():
-            self._start(info)
-
-    def _start(self, info: Mapping[str, Any]) -> None:
         import mlflow
 
         client = self._client
@@ -245,13 +243,10 @@ class TrainingRun:
 
     # -- the end -------------------------------------------------------------------------------
 
+    @_uninterrupted()
     def finish(self, *, model: Path, steps: int, stopped: bool) -> str:
         """The model folder is written: log what the run lacks up to the checkpoint this session
         resumed from (from the model folder's records), tag the weights, end the run FINISHED."""
-        with _uninterrupted():
-            return self._finish(model=model, steps=steps, stopped=stopped)
-
-    def _finish(self, *, model: Path, steps: int, stopped: bool) -> str:
         import mlflow
 
         from aigc_pipeline.io import sha256_file
@@ -277,13 +272,10 @@ class TrainingRun:
         self._ended = True
         return run_id
 
+    @_uninterrupted()
     def fail(self, error: BaseException) -> None:
         """End the run KILLED (an interruption) or FAILED, with the error as tags; a diverged
         training's losses up to the bad step are logged first."""
-        with _uninterrupted():
-            self._fail(error)
-
-    def _fail(self, error: BaseException) -> None:
         import mlflow
 
         from aigc_pipeline.errors import TrainingDiverged

@@ -148,7 +148,7 @@ def test_a_sigterm_during_a_write_to_the_store_lets_the_write_finish_then_ends_t
     def signal_mid_write(conn, cursor, statement, parameters, context, executemany) -> None:
         if statement.lstrip().upper().startswith("INSERT INTO METRICS") and not sent:
             sent.append(statement)
-            signal.raise_signal(signal.SIGTERM)  # raises Terminated here, after the INSERT
+            signal.raise_signal(signal.SIGTERM)  # its handler raises Terminated, mid-transaction unless held
 
     handler = signal.signal(signal.SIGTERM, _terminate)
     try:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-W = Path("/work/main/bench/.work/datasets-custom")
+W = Path(__file__).resolve().parents[3] / "bench" / ".work" / "datasets-custom"
 os.environ.setdefault("AIGC_CACHE_DIR", str(W / "aigc-cache"))
 from aigc_pipeline.config import load_config  # noqa: E402 (after the cache folder is chosen)
 from aigc_pipeline.models.export import WEIGHTS_FILE, load_generator  # noqa: E402
