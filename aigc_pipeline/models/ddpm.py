@@ -57,8 +57,7 @@ def unet_config(arch: Arch) -> dict[str, Any]:
 def build_unet(config: dict[str, Any]) -> nn.Module:
     from diffusers import UNet2DModel
 
-    # diffusers' package __init__ resolves its names to the torch-less dummy classes for type checkers.
-    return UNet2DModel(  # type: ignore[return-value]
+    return UNet2DModel(
         **{
             **config,
             "block_out_channels": tuple(config["block_out_channels"]),
@@ -115,7 +114,7 @@ class DDPM:
         unet, opt = self.nets["unet"], self.optimizers["unet"]
         noise = rnd.randn(tuple(real.shape), device=real.device)
         t = rnd.randint(0, TRAIN_TIMESTEPS, (real.shape[0],), device=real.device)
-        noisy = self.noise_scheduler.add_noise(real, noise, t)  # type: ignore[attr-defined]  # diffusers' dummy class
+        noisy = self.noise_scheduler.add_noise(real, noise, t)
         pred = unet(noisy, t, class_labels=labels, return_dict=False)[0]
         loss = F.mse_loss(pred.float(), noise)
         opt.zero_grad(set_to_none=True)
