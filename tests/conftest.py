@@ -152,21 +152,23 @@ def project(tmp_path: Path) -> Path:
     return copy_project(tmp_path / "project")
 
 
-def evaluated_project(dest: Path, overrides: list[str] = QUICK) -> Path:
+def evaluated_project(dest: Path, overrides: list[str] = QUICK, *, until: str = "evaluate") -> Path:
     """A project copy left as ``dvc repro evaluate`` leaves it (model trained, evaluated, dvc.lock
-    committed), for tests of what comes after. The stages run in this process through
-    ``pipeline.run_stage``, the flow's door (tests/flows/test_retrain_flow.py checks that after it
-    ``dvc status`` is clean and ``dvc repro`` a no-op): four stage interpreters fewer, each
-    importing torch and MLflow again. The environment the stages set (``env.set_defaults``) is restored afterwards."""
+    committed), for tests of what comes after; ``until="register"``: as ``dvc repro`` leaves it.
+    The stages run in this process through ``pipeline.run_stage``, the flow's door
+    (tests/flows/test_retrain_flow.py checks that after it ``dvc status`` is clean and ``dvc repro``
+    a no-op): four stage interpreters fewer, each importing torch and MLflow again. The environment
+    the stages set (``env.set_defaults``) is restored afterwards."""
     from aigc_pipeline.config import load_config, write_overrides_to_params
     from aigc_pipeline.pipeline import run_stage
     from aigc_pipeline.stages.table import MODEL_STAGES, PER_DATASET_STAGES
 
     project = copy_project(dest)
+    mlflow_store(project)
     write_overrides_to_params(project, overrides)
     dataset = load_config(project).dataset
-    # The stage table's order, up to evaluate: the active dataset's stages, then the model's.
-    stages = [f"{s}@{dataset}" for s in PER_DATASET_STAGES] + list(MODEL_STAGES[: MODEL_STAGES.index("evaluate") + 1])
+    # The stage table's order, up to `until`: the active dataset's stages, then the model's.
+    stages = [f"{s}@{dataset}" for s in PER_DATASET_STAGES] + list(MODEL_STAGES[: MODEL_STAGES.index(until) + 1])
     saved = dict(os.environ)
     try:
         with contextlib.chdir(project):  # where `aigc run` and `dvc repro` run them
@@ -212,6 +214,40 @@ def _migrated_prefect_db() -> Path:
     return db
 
 
+def mlflow_store(project: Path) -> Path:
+    """The project's embedded MLflow store (``mlflow/mlflow.db``), created if missing.
+
+    The first process to open a new store spends ~2.5 s of CPU running MLflow's migrations: as for
+    Prefect (``prefect_home``), the session migrates one and each project starts from a copy (the
+    same empty store MLflow would create there)."""
+    db = project / "mlflow" / "mlflow.db"
+    if not db.exists():
+        db.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(_migrated_mlflow_db(), db)
+    return db
+
+
+def _migrated_mlflow_db() -> Path:
+    from aigc_pipeline.io import compute_once
+
+    folder = Path(os.environ["AIGC_CACHE_DIR"]).parent / "mlflow-db"
+    db = folder / "mlflow.db"
+    with compute_once(folder / ".lock"):
+        if not db.exists():
+            build = folder / f"build-{os.getpid()}"
+            build.mkdir(parents=True, exist_ok=True)
+            subprocess.run(
+                [sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()"]
+                + [f"sqlite:///{build / 'mlflow.db'}"],
+                cwd=build,  # the Default experiment's artifact folder (unused: the pipeline makes its own)
+                check=True,
+                capture_output=True,
+                timeout=600,
+            )
+            (build / "mlflow.db").replace(db)
+    return db
+
+
 def run_cli(project: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
     """Run a command from the project's venv (``aigc``, ``dvc``) in ``project``; output captured."""
     env = {
@@ -219,6 +255,7 @@ def run_cli(project: Path, *args: str, timeout: float = 600) -> subprocess.Compl
         "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}",
         "PREFECT_HOME": str(prefect_home(project)),
     }
+    mlflow_store(project)
     return subprocess.run(
         [str(BIN / args[0]), *args[1:]], cwd=project, env=env, capture_output=True, text=True, timeout=timeout
     )

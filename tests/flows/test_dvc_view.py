@@ -1,5 +1,7 @@
-"""What a user sees in DVC, on a real repository (QUICK settings): `dvc repro` of the default family,
-then `dvc exp run -S train.model=sngan`, which trains, evaluates and registers end to end.
+"""What a user sees in DVC, on a real repository (QUICK settings): the default family run and
+committed as a baseline (through the flow's door, in this process: it leaves the dvc.lock `dvc repro`
+leaves, tests/flows/test_retrain_flow.py), then `dvc exp run -S train.model=sngan`, which trains,
+evaluates and registers end to end.
 
 - `dvc metrics show`, `dvc metrics diff` and `dvc exp show --only-changed --drop 'Created|.*/'` print
   tables that fit a 120-column terminal, with FID, KID, precision, recall, the floor ratio and the
@@ -18,8 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from aigc_pipeline.config import write_overrides_to_params
-from tests.conftest import QUICK, REGISTERED, copy_project, run_cli
+from tests.conftest import QUICK, REGISTERED, evaluated_project, run_cli
 
 pytestmark = pytest.mark.slow
 WIDTH = 120
@@ -47,9 +48,8 @@ def _fits(text: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def experiments(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    project = copy_project(tmp_path_factory.mktemp("dvc-view") / "project")
-    write_overrides_to_params(project, QUICK)
-    _ok(run_cli(project, "dvc", "repro"))
+    project = evaluated_project(tmp_path_factory.mktemp("dvc-view") / "project", QUICK, until="register")
+    assert json.loads(_ok(run_cli(project, "dvc", "status", "--json"))) == {}
     _git(project, "add", "-A")
     _git(project, "commit", "-qm", "baseline: QUICK resgan")
     out = _ok(run_cli(project, "dvc", "exp", "run", "-S", "train.model=sngan"))
