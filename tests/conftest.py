@@ -13,7 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -187,31 +187,8 @@ def prefect_home(project: Path) -> Path:
     session migrates one with ``prefect server database upgrade`` and each project starts from a
     copy (the same empty database Prefect would create there)."""
     home = project / ".prefect"
-    if not (home / "prefect.db").exists():
-        home.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(_migrated_prefect_db(), home / "prefect.db")
+    _start_from(home / "prefect.db", _migrated_prefect_db)
     return home
-
-
-def _migrated_prefect_db() -> Path:
-    # In the session's folder beside the shared cache; the lock keeps two workers from building it at once.
-    from aigc_pipeline.io import compute_once
-
-    folder = Path(os.environ["AIGC_CACHE_DIR"]).parent / "prefect-db"
-    db = folder / "prefect.db"
-    with compute_once(folder / ".lock"):
-        if not db.exists():
-            build = folder / f"build-{os.getpid()}"
-            env = {**os.environ, "PREFECT_HOME": str(build)}
-            subprocess.run(
-                [str(BIN / "prefect"), "server", "database", "upgrade", "-y"],
-                env=env,
-                check=True,
-                capture_output=True,
-                timeout=600,
-            )
-            (build / "prefect.db").replace(db)
-    return db
 
 
 def mlflow_store(project: Path) -> Path:
@@ -221,31 +198,59 @@ def mlflow_store(project: Path) -> Path:
     Prefect (``prefect_home``), the session migrates one and each project starts from a copy (the
     same empty store MLflow would create there)."""
     db = project / "mlflow" / "mlflow.db"
+    _start_from(db, _migrated_mlflow_db)
+    return db
+
+
+def _start_from(db: Path, migrated: Callable[[], Path]) -> None:
+    # A project's database, when it has none yet: a copy of the session's migrated one.
     if not db.exists():
         db.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(_migrated_mlflow_db(), db)
-    return db
+        shutil.copy2(migrated(), db)
+
+
+def _migrated_prefect_db() -> Path:
+    return _built_once(
+        "prefect.db",
+        lambda build: subprocess.run(
+            [str(BIN / "prefect"), "server", "database", "upgrade", "-y"],
+            env={**os.environ, "PREFECT_HOME": str(build)},
+            check=True,
+            capture_output=True,
+            timeout=600,
+        ),
+    )
 
 
 def _migrated_mlflow_db() -> Path:
+    return _built_once(
+        "mlflow.db",
+        lambda build: subprocess.run(
+            [sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()"]
+            + [f"sqlite:///{build / 'mlflow.db'}"],
+            cwd=build,  # the Default experiment's artifact folder (unused: the pipeline makes its own)
+            check=True,
+            capture_output=True,
+            timeout=600,
+        ),
+    )
+
+
+def _built_once(name: str, build: Callable[[Path], object]) -> Path:
+    """The session's ``name``, which ``build(folder)`` writes into an empty folder, built once.
+
+    In the session's folder beside the shared cache; the lock keeps two workers from building it at once."""
     from aigc_pipeline.io import compute_once
 
-    folder = Path(os.environ["AIGC_CACHE_DIR"]).parent / "mlflow-db"
-    db = folder / "mlflow.db"
+    folder = Path(os.environ["AIGC_CACHE_DIR"]).parent / name.replace(".", "-")  # prefect-db, mlflow-db
+    built = folder / name
     with compute_once(folder / ".lock"):
-        if not db.exists():
-            build = folder / f"build-{os.getpid()}"
-            build.mkdir(parents=True, exist_ok=True)
-            subprocess.run(
-                [sys.executable, "-c", "import sys, mlflow; mlflow.MlflowClient(sys.argv[1]).search_experiments()"]
-                + [f"sqlite:///{build / 'mlflow.db'}"],
-                cwd=build,  # the Default experiment's artifact folder (unused: the pipeline makes its own)
-                check=True,
-                capture_output=True,
-                timeout=600,
-            )
-            (build / "mlflow.db").replace(db)
-    return db
+        if not built.exists():
+            scratch = folder / f"build-{os.getpid()}"
+            scratch.mkdir(parents=True, exist_ok=True)
+            build(scratch)
+            (scratch / name).replace(built)
+    return built
 
 
 def run_cli(project: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
