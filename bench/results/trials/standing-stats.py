@@ -11,70 +11,33 @@ printed are standing-stats-rescore.json. Run as it was: `.venv/bin/python THIS_F
 """
 
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
-import torch
+from rescore import models, score, standing_statistics  # first: it chooses the evaluation cache
 from safetensors.torch import save_file
 
-W = Path(__file__).resolve().parents[3] / "bench" / ".work" / "datasets-custom"
-os.environ.setdefault("AIGC_CACHE_DIR", str(W / "aigc-cache"))
-from aigc_pipeline.config import load_config  # noqa: E402 (after the cache folder is chosen)
-from aigc_pipeline.models.export import WEIGHTS_FILE, load_generator  # noqa: E402
-from aigc_pipeline.stages import evaluate  # noqa: E402
+from aigc_pipeline.models.export import WEIGHTS_FILE, load_generator
 
-cfg = load_config(
-    W / "project",
-    ["train.batch_size=64", "train.latent_dim=64", "train.conditional=false", "train.lr=0.0008", "dataset=mnist"],
-)
-prepared = W / "data" / "prepared" / "mnist"
 out = Path("/tmp/bnexp")
 
 
-def standing(src: Path, dst: Path, batches: int, bs: int = 64) -> None:
+def standing(src: Path, dst: Path, batches: int) -> None:
     shutil.copytree(src, dst, dirs_exist_ok=True)
     g, arch = load_generator(src)
-    for m in g.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None  # cumulative average over the passes
-    g.train()
-    gen = torch.Generator().manual_seed(12345)
-    with torch.no_grad():
-        for _ in range(batches):
-            g(torch.randn(bs, arch.latent_dim, generator=gen))
-    for m in g.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = 0.1
+    standing_statistics(g, arch.latent_dim, batches)
     save_file({k: v.contiguous() for k, v in g.state_dict().items()}, str(dst / WEIGHTS_FILE))
 
 
 rows = []
-for seed in (0, 1):
-    for budget in ("300s", "600s"):
-        src = W / "runs" / f"mnist-sngan-{seed}" / f"model-{budget}"
-        before = json.loads((W / "runs" / f"mnist-sngan-{seed}" / f"eval-{budget}" / "metrics.json").read_text())
-        for variant, batches in (("orig", 0), ("standing16", 16)):
-            dst = out / f"s{seed}-{budget}-{variant}"
-            if batches:
-                standing(src, dst / "model", batches)
-            else:
-                shutil.copytree(src, dst / "model", dirs_exist_ok=True)
-            t = time.time()
-            s = evaluate.run(cfg, dst / "model", prepared, dst / "eval", quiet=True)
-            r = dict(
-                seed=seed,
-                budget=budget,
-                variant=variant,
-                fid=s.fid,
-                ratio=s.fid / s.floor.fid,
-                precision=s.precision,
-                recall=s.recall,
-                bench_ratio=before["fid_ratio"],
-                secs=time.time() - t,
-            )
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+for seed, budget, src, bench_ratio in models([0, 1], ["300s", "600s"]):
+    for variant, batches in (("orig", 0), ("standing16", 16)):
+        dst = out / f"s{seed}-{budget}-{variant}"
+        if batches:
+            standing(src, dst / "model", batches)
+        else:
+            shutil.copytree(src, dst / "model", dirs_exist_ok=True)
+        r = dict(seed=seed, budget=budget, variant=variant, **score(dst / "model", dst / "eval", bench_ratio))
+        print(json.dumps(r), flush=True)
+        rows.append(r)
 (out / "rows.json").write_text(json.dumps(rows, indent=1))

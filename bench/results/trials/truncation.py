@@ -16,23 +16,14 @@ import json
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
 
 import torch
+from rescore import evaluate, models, score, standing_statistics  # first: it chooses the evaluation cache
 
-W = Path(__file__).resolve().parents[3] / "bench" / ".work" / "datasets-custom"
-os.environ.setdefault("AIGC_CACHE_DIR", str(W / "aigc-cache"))
-from aigc_pipeline.config import load_config  # noqa: E402 (after the cache folder is chosen)
-from aigc_pipeline.stages import evaluate  # noqa: E402
-
-cfg = load_config(
-    W / "project",
-    ["train.batch_size=64", "train.latent_dim=64", "train.conditional=false", "train.lr=0.0008", "dataset=mnist"],
-)
-prepared = W / "data" / "prepared" / "mnist"
 out = Path("/tmp/trunc")
 psis = [float(p) for p in sys.argv[1:]] or [1.0, 0.9, 0.8, 0.7]
+STANDING = int(os.environ.get("STANDING", "0"))  # batches of 64 truncated latents for the BN statistics
 
 
 class Truncated(torch.nn.Module):
@@ -44,54 +35,24 @@ class Truncated(torch.nn.Module):
         return self.g(z * self.psi, labels)
 
 
-STANDING = int(os.environ.get("STANDING", "0"))  # batches of 64 truncated latents for the BN statistics
-
-
-def standing(g: torch.nn.Module, latent_dim: int, psi: float, batches: int = 16) -> None:
-    """Batch-norm statistics recomputed for latents psi * z (train mode, cumulative average)."""
-    for m in g.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.reset_running_stats()
-            m.momentum = None
-    g.train()
-    gen = torch.Generator().manual_seed(12345)
-    with torch.no_grad():
-        for _ in range(STANDING):
-            g(torch.randn(64, latent_dim, generator=gen) * psi)
-    g.eval()
-
-
 _load = evaluate.load_generator
 rows = []
-for seed in [int(x) for x in os.environ.get("SEEDS", "0,1").split(",")]:
-    for budget in os.environ.get("BUDGETS", "300s,600s").split(","):
-        src = W / "runs" / f"mnist-sngan-{seed}" / f"model-{budget}"
-        before = json.loads((W / "runs" / f"mnist-sngan-{seed}" / f"eval-{budget}" / "metrics.json").read_text())
-        for psi in psis:
-            dst = out / f"s{seed}-{budget}-psi{psi}"
-            shutil.copytree(src, dst / "model", dirs_exist_ok=True)
+seeds = [int(x) for x in os.environ.get("SEEDS", "0,1").split(",")]
+for seed, budget, src, bench_ratio in models(seeds, os.environ.get("BUDGETS", "300s,600s").split(",")):
+    for psi in psis:
+        dst = out / f"s{seed}-{budget}-psi{psi}"
+        shutil.copytree(src, dst / "model", dirs_exist_ok=True)
 
-            def load(folder, device="cpu", psi=psi):
-                g, arch = _load(folder, device)
-                if STANDING:
-                    standing(g, arch.latent_dim, psi)
-                return Truncated(g, psi).eval(), arch
+        def load(folder, device="cpu", psi=psi):
+            g, arch = _load(folder, device)
+            if STANDING:
+                standing_statistics(g, arch.latent_dim, STANDING, scale=psi)
+            return Truncated(g, psi).eval(), arch
 
-            evaluate.load_generator = load
-            t = time.time()
-            s = evaluate.run(cfg, dst / "model", prepared, dst / "eval", quiet=True)
-            r = dict(
-                seed=seed,
-                budget=budget,
-                psi=psi,
-                standing=STANDING,
-                fid=s.fid,
-                ratio=s.fid / s.floor.fid,
-                precision=s.precision,
-                recall=s.recall,
-                bench_ratio=before["fid_ratio"],
-                secs=time.time() - t,
-            )
-            print(json.dumps(r), flush=True)
-            rows.append(r)
+        evaluate.load_generator = load
+        r = dict(
+            seed=seed, budget=budget, psi=psi, standing=STANDING, **score(dst / "model", dst / "eval", bench_ratio)
+        )
+        print(json.dumps(r), flush=True)
+        rows.append(r)
 (out / f"rows-{os.getpid()}.json").write_text(json.dumps(rows, indent=1))
