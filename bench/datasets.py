@@ -532,8 +532,9 @@ def run(ctx: Any) -> dict[str, Any]:
                         )
 
     carried: list[str] = []
+    origins: dict[str, dict[str, dict[str, str]]] = {}
     if previous is not None:
-        carried = carry_over(previous, results, exports, prepared_info, settings, grids, sizes.budgets)
+        carried = carry_over(previous, results, exports, prepared_info, settings, grids, sizes.budgets, origins)
         for ds_name, family in previous.get("auto_families", {}).items():
             auto_of.setdefault(ds_name, family)
 
@@ -645,6 +646,9 @@ def run(ctx: Any) -> dict[str, Any]:
         phases=phases.record,
         environment=env_vars,
     )
+    # Where each row was measured: this run, or (carried over) the run its origin names.
+    here = origin(doc, "", "")
+    doc["measured_in"] = {d: {f: origins.get(d, {}).get(f, here) for f in fams} for d, fams in doc["raw"].items()}
     # Only the default profile's pictures are published; another profile's stay in its work folder for a look.
     publish_zoo(doc, grids, sizes.budgets, zoo, figures=ctx.profile == "default")
     return doc
@@ -664,6 +668,15 @@ def _selection() -> list[str]:
     ]
 
 
+def origin(doc: dict[str, Any], dataset: str, family: str) -> dict[str, str]:
+    """The run that measured ``doc``'s row of ``family`` on ``dataset`` (``date``, ``commit``): its
+    ``measured_in`` entry, else ``doc``'s own run (documents from before rows recorded where they came from)."""
+    recorded = doc.get("measured_in", {}).get(dataset, {}).get(family)
+    if recorded:
+        return dict(recorded)
+    return {"date": str(doc.get("date")), "commit": str(doc.get("project", {}).get("git_commit", "?"))[:12]}
+
+
 def carry_over(
     previous: dict[str, Any],
     results: dict[str, dict[str, dict[float, list[dict[str, Any]]]]],
@@ -672,13 +685,16 @@ def carry_over(
     settings: dict[str, dict[str, Any]],
     grids: Path,
     budgets: tuple[float, ...],
+    origins: dict[str, dict[str, dict[str, str]]] | None = None,
 ) -> list[str]:
     """Keep the published run's figures that a selection (``BENCH_DATASETS*``) did not re-measure,
     so that a run of one family does not erase the others from the model zoo. A carried family that
     this run trained with another recipe is relabelled ``FAMILY-wWIDTH`` (its recipe then), so both
-    stand side by side; every carried row is named in the notes with the run it comes from."""
+    stand side by side; every carried row is named in the notes with the run that measured it (which
+    may be older than the published one, when that carried it too), also set in ``origins``
+    (dataset -> label -> :func:`origin`)."""
     wanted = [f"{b:g}" for b in budgets]
-    kept: list[str] = []
+    kept: dict[tuple[str, str], list[str]] = {}  # (date, commit) of the measuring run -> rows
     for ds, per_family in previous.get("raw", {}).items():
         if ds not in DATASETS:
             continue
@@ -703,14 +719,15 @@ def carry_over(
                 grid = RESULTS_DIR / "datasets" / f"{ds}-{family}-{b}s.png"
                 if grid.is_file():
                     shutil.copy2(grid, grids / f"{ds}-{label}-{b}s.png")
-            kept.append(f"{ds} `{label}`")
-    if not kept:
-        return []
-    commit = str(previous.get("project", {}).get("git_commit", "?"))[:12]
+            measured = origin(previous, ds, family)
+            if origins is not None:
+                origins.setdefault(ds, {})[label] = measured
+            kept.setdefault((measured["date"], measured["commit"]), []).append(f"{ds} `{label}`")
     return [
-        f"Carried over from the published run of {previous.get('date')} (commit `{commit}`), which this run's "
-        f"selection did not re-measure: {', '.join(kept)}; a family relabelled `-wWIDTH` trained there with "
-        "the recipe the Families note gives for that label."
+        f"Carried over from the run of {date} (commit `{commit}`), which this run's selection did not "
+        f"re-measure: {', '.join(rows)}; a family relabelled `-wWIDTH` trained there with the recipe the "
+        "Families note gives for that label."
+        for (date, commit), rows in sorted(kept.items())
     ]
 
 
@@ -733,9 +750,10 @@ def publish_zoo(
         f"# Real datasets at 32 px: {doc['machine'].get('cpu_model', 'this CPU')}, "
         f"{doc['machine'].get('cpu_count')} cores",
         "",
-        f"`{doc['command']}`, {doc['date']}. Each cell: the evaluation's samples after that much training "
-        "(its first seed), then FID (its ratio to the floor) / precision / recall, the mean over the seeds "
-        "the cell names (± the FID's standard deviation over them), with the training steps and images "
+        f"`{doc['command']}`, {doc['date']}; under each family, the day its row was measured (a selection "
+        "of families re-measures those and keeps the others). Each cell: the evaluation's samples after that "
+        "much training (its first seed), then FID (its ratio to the floor) / precision / recall, the mean "
+        "over the seeds the cell names (± the FID's standard deviation over them), with the training steps and images "
         "shown. `auto` marks the family `train.model: auto` trains at the dataset's size.",
     ]
     auto_of = doc.get("auto_families", {})
@@ -769,6 +787,7 @@ def publish_zoo(
                     f"{statistics.mean(r['images_shown'] for r in runs):,.0f} images shown"
                 )
             name = f"`{family}` (`auto`)" if auto_of.get(ds_name) == family else f"`{family}`"
+            name += f"<br>{origin(doc, ds_name, family)['date'][:10]}"
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
     path = results_dir / "datasets.md"
     write_text_atomic(path, "\n".join(lines) + "\n")

@@ -53,6 +53,30 @@ def test_a_selection_keeps_the_published_figures_it_did_not_remeasure(tmp_path: 
     assert "mnist `sngan-w64`" in notes[0] and "emoji `sngan-w64`" in notes[0] and "mnist `dcgan`" in notes[0]
 
 
+def test_a_row_carried_twice_still_names_the_run_that_measured_it(tmp_path: Path) -> None:
+    # The published run measured vae and carried dcgan over from an older run (its measured_in says so).
+    older = {"date": "2026-12-06T16:15:39+00:00", "commit": "d135fa55cd98"}
+    previous = {
+        "date": "2026-12-07T15:24:03+00:00",
+        "project": {"git_commit": "e0e51ca40a6b1234"},
+        "raw": {"mnist": {"dcgan": {"600": [_run(62.1)]}, "vae": {"600": [_run(66.5)]}}},
+        "measured_in": {"mnist": {"dcgan": older}},  # vae: not recorded, so the published run's own
+        "families": {"dcgan": {"width": 64}, "vae": {"width": 64}},
+        "exports": {"mnist": {"count": 5000}},
+        "prepared": {"mnist": {"accepted": 5000}},
+    }
+    results = {"mnist": {"sngan": {600.0: [_run(33.3)]}}}
+    origins: dict = {}
+
+    notes = bd.carry_over(previous, results, {}, {}, {}, tmp_path, (600.0,), origins)
+
+    assert origins == {"mnist": {"dcgan": older, "vae": {"date": previous["date"], "commit": "e0e51ca40a6b"}}}
+    assert len(notes) == 2, notes
+    assert "2026-12-06T16:15:39" in notes[0] and "`d135fa55cd98`" in notes[0] and "mnist `dcgan`" in notes[0]
+    assert "mnist `vae`" not in notes[0]
+    assert "2026-12-07T15:24:03" in notes[1] and "`e0e51ca40a6b`" in notes[1] and "mnist `vae`" in notes[1]
+
+
 @pytest.mark.parametrize("budgets", [(300.0, 600.0), (1200.0,)])
 def test_figures_at_budgets_the_run_does_not_show_are_not_carried(tmp_path: Path, budgets) -> None:
     previous = {"raw": {"mnist": {"dcgan": {"600": [_run(58.4)]}}}, "families": {"dcgan": {"width": 64}}}
