@@ -73,8 +73,9 @@ AUTO_LR: dict[int, dict[str, float | None]] = {
 # passes). 32 px: sngan, ahead of every other family measured on both real datasets of
 # bench/results/datasets.md after 5 and 10 minutes (dcgan and sngan on two CPUs, the AMD EPYC run
 # of fe67203 and the Intel Xeon one published; resgan and, on mnist, ddpm there too: on a CPU at
-# 32 px they show a fifth of sngan's images or fewer in the same time and draw worse; vae
-# unmeasured). No GPU has measured them yet: a GPU takes the CPU's choice.
+# 32 px they show a fifth of sngan's images or fewer in the same time and draw worse; vae, measured
+# there since, draws blurred shapes, far behind sngan on both datasets). No GPU has measured them
+# yet: a GPU takes the CPU's choice.
 AUTO_MODEL: dict[int, dict[str, str]] = {
     8: {"cpu": "resgan"},
     32: {"cpu": "sngan"},
