@@ -647,7 +647,7 @@ def run(ctx: Any) -> dict[str, Any]:
         environment=env_vars,
     )
     # Where each row was measured: this run, or (carried over) the run its origin names.
-    here = origin(doc, "", "")
+    here = _run_of(doc)
     doc["measured_in"] = {d: {f: origins.get(d, {}).get(f, here) for f in fams} for d, fams in doc["raw"].items()}
     # Only the default profile's pictures are published; another profile's stay in its work folder for a look.
     publish_zoo(doc, grids, sizes.budgets, zoo, figures=ctx.profile == "default")
@@ -668,13 +668,16 @@ def _selection() -> list[str]:
     ]
 
 
+def _run_of(doc: dict[str, Any]) -> dict[str, str]:
+    """The run that wrote ``doc``: its ``date`` and (short) ``commit``."""
+    return {"date": str(doc.get("date")), "commit": str(doc.get("project", {}).get("git_commit", "?"))[:12]}
+
+
 def origin(doc: dict[str, Any], dataset: str, family: str) -> dict[str, str]:
     """The run that measured ``doc``'s row of ``family`` on ``dataset`` (``date``, ``commit``): its
     ``measured_in`` entry, else ``doc``'s own run (documents from before rows recorded where they came from)."""
     recorded = doc.get("measured_in", {}).get(dataset, {}).get(family)
-    if recorded:
-        return dict(recorded)
-    return {"date": str(doc.get("date")), "commit": str(doc.get("project", {}).get("git_commit", "?"))[:12]}
+    return dict(recorded) if recorded else _run_of(doc)
 
 
 def carry_over(
