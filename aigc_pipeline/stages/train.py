@@ -135,7 +135,9 @@ def run(
         num_classes = len(prepared.classes)
     size, device = prepared.images.shape[-1], resolve_device(tcfg.device)
     family = resolve_model(tcfg.model, size=size, device=device.type)
-    budget = plan_budget(cfg, family=family, train_images=len(prepared.images), size=size)
+    budget = plan_budget(
+        cfg, family=family, train_images=len(prepared.images), size=size, channels=prepared.images.shape[1]
+    )
     # The family, length, width and EMA as the auto settings resolved, for the checkpoint key, the
     # recipe, FID over training and the trainer; ``cfg`` stays the settings, as model.json's
     # ``train`` and the MLflow params record them (beside the resolved values).
@@ -363,9 +365,9 @@ def _write_model(
             atomic_write_text(tmp / "fid_progress.csv", fid_csv)
 
 
-def plan_budget(cfg: Config, *, family: str, train_images: int, size: int) -> Budget:
+def plan_budget(cfg: Config, *, family: str, train_images: int, size: int, channels: int = 1) -> Budget:
     """The length ``train.epochs``/``train.kimg`` resolve to for ``family`` on ``train_images``
-    images of ``size`` px."""
+    images of ``size`` px and ``channels`` channels."""
     tcfg = cfg.train
     try:
         return resolve_budget(
@@ -375,6 +377,7 @@ def plan_budget(cfg: Config, *, family: str, train_images: int, size: int) -> Bu
             batch_size=tcfg.batch_size,
             epochs=tcfg.epochs,
             kimg=tcfg.kimg,
+            channels=channels,
         )
     except KeyError as e:
         raise ConfigError(e.args[0]) from None

@@ -6,9 +6,9 @@ budget is rounded up to whole epochs of ``training images // batch_size`` full b
 images actually shown are what ``model.json``'s ``budget`` and the MLflow param ``train.kimg``
 record. ``train.epochs``, when set, wins over ``train.kimg``.
 
-``train.kimg: auto`` reads :data:`AUTO_KIMG`: per image size, per family, the length that
-``bench/`` measured as worth training on this project's reference CPU (bench/RESULTS.md says
-which run); ``train.width``, ``train.ema_decay`` and ``train.lr: auto`` read :data:`AUTO_WIDTH`,
+``train.kimg: auto`` reads :data:`AUTO_KIMG` (RGB data :data:`AUTO_KIMG_RGB` first): per image size,
+per family, the length that ``bench/`` measured as worth training on this project's reference CPU
+(bench/RESULTS.md says which run); ``train.width``, ``train.ema_decay`` and ``train.lr: auto`` read :data:`AUTO_WIDTH`,
 :data:`AUTO_EMA_DECAY` and :data:`AUTO_LR` the same way; ``train.model: auto`` reads :data:`AUTO_MODEL`, the family
 measured best for the size on the device. A size without an entry takes the nearest measured
 size's value.
@@ -35,6 +35,15 @@ T = TypeVar("T")
 AUTO_KIMG: dict[int, dict[str, float]] = {
     8: {"dcgan": 253.44, "sngan": 253.44, "resgan": 253.44, "vae": 253.44, "ddpm": 253.44},
     32: {"dcgan": 130.752, "sngan": 348.224},
+}
+
+# Image side -> family -> kimg for RGB data (3 channels), where it differs from AUTO_KIMG. 32 px, sngan:
+# 1,200 kimg, what the issue's half hour for a 32 px RGB run leaves for training on the Intel Xeon
+# (about 1,100-1,250 images/s there) beside ingest, evaluation and registration (about 6 minutes);
+# the emoji trials of bench/results/trials/README.md: 2.4x the floor after 700-870 kimg, 2.1x
+# after 1,836. Grayscale keeps AUTO_KIMG, sized for its 15 minutes.
+AUTO_KIMG_RGB: dict[int, dict[str, float]] = {
+    32: {"sngan": 1200.0},
 }
 
 # Image side -> family -> base channel count (train.width: auto). 8 px: 64, what every family was
@@ -117,10 +126,12 @@ class Budget:
         )
 
 
-def auto_kimg(family: str, size: int) -> tuple[float, int]:
+def auto_kimg(family: str, size: int, channels: int = 1) -> tuple[float, int]:
     """``(kimg, measured size)`` that ``train.kimg: auto`` stands for with ``family`` at ``size`` px:
-    the value measured at the nearest size that has one for ``family``."""
-    return _auto(AUTO_KIMG, "train.kimg", family, size, fix="train.kimg or train.epochs")
+    the value measured at the nearest size that has one for ``family`` (for RGB, in
+    :data:`AUTO_KIMG_RGB` when it has the family, else in :data:`AUTO_KIMG`)."""
+    rgb = _lookup(AUTO_KIMG_RGB, family, size) if channels == 3 else None
+    return rgb or _auto(AUTO_KIMG, "train.kimg", family, size, fix="train.kimg or train.epochs")
 
 
 def auto_width(family: str, size: int) -> tuple[int, int]:
@@ -175,17 +186,26 @@ def resolve_model(model: str, *, size: int, device: str) -> str:
 
 
 def resolve_budget(
-    *, family: str, size: int, train_images: int, batch_size: int, epochs: int | None, kimg: float | str
+    *,
+    family: str,
+    size: int,
+    train_images: int,
+    batch_size: int,
+    epochs: int | None,
+    kimg: float | str,
+    channels: int = 1,
 ) -> Budget:
-    """The whole epochs that ``train.epochs`` or ``train.kimg`` asks for on ``train_images`` images."""
+    """The whole epochs that ``train.epochs`` or ``train.kimg`` asks for on ``train_images`` images
+    of ``channels`` channels."""
     if train_images < batch_size:
         raise ValueError(f"train.batch_size={batch_size} is larger than the training set ({train_images} images)")
     steps_per_epoch = train_images // batch_size  # the loop's rule: the last partial batch is dropped
     if epochs is not None:
         return Budget(epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, source="train.epochs")
     if kimg == "auto":
-        value, measured = auto_kimg(family, size)
-        source = f"train.kimg auto ({family}, {measured} px)" + (f" for {size} px" if measured != size else "")
+        value, measured = auto_kimg(family, size, channels)
+        rgb = " RGB" if channels == 3 and _lookup(AUTO_KIMG_RGB, family, size) else ""
+        source = f"train.kimg auto ({family}, {measured} px{rgb})" + (f" for {size} px" if measured != size else "")
     else:
         value, source = float(kimg), "train.kimg"
     per_epoch = steps_per_epoch * batch_size

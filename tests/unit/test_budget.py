@@ -13,6 +13,7 @@ from aigc_pipeline.stages.train import Progress, plan_budget, resolve_auto
 from aigc_pipeline.training.budget import (
     AUTO_EMA_DECAY,
     AUTO_KIMG,
+    AUTO_KIMG_RGB,
     AUTO_LR,
     AUTO_MODEL,
     AUTO_WIDTH,
@@ -55,6 +56,36 @@ def test_auto_takes_the_nearest_measured_size_and_says_so() -> None:
         assert c.source == f"train.kimg auto ({unmeasured[0]}, 8 px) for 32 px"
     with pytest.raises(KeyError, match="no value for model 'nope'"):
         auto_kimg("nope", 32)
+
+
+def test_rgb_data_takes_its_own_auto_length_where_one_was_measured() -> None:
+    """An RGB 32 px sngan trains the RGB table's length and says so; grayscale, and a family the RGB
+    table does not name, keep AUTO_KIMG's."""
+    rgb = resolve_budget(
+        family="sngan", size=32, train_images=3000, batch_size=64, epochs=None, kimg="auto", channels=3
+    )
+    gray = resolve_budget(family="sngan", size=32, train_images=3000, batch_size=64, epochs=None, kimg="auto")
+    assert AUTO_KIMG_RGB[32]["sngan"] != AUTO_KIMG[32]["sngan"]
+    assert (rgb.requested_kimg, rgb.source) == (AUTO_KIMG_RGB[32]["sngan"], "train.kimg auto (sngan, 32 px RGB)")
+    assert (gray.requested_kimg, gray.source) == (AUTO_KIMG[32]["sngan"], "train.kimg auto (sngan, 32 px)")
+    assert rgb.epochs > gray.epochs and rgb.kimg >= AUTO_KIMG_RGB[32]["sngan"]
+    assert "dcgan" not in AUTO_KIMG_RGB[32]
+    dcgan = resolve_budget(
+        family="dcgan", size=32, train_images=3000, batch_size=64, epochs=None, kimg="auto", channels=3
+    )
+    assert (dcgan.requested_kimg, dcgan.source) == (AUTO_KIMG[32]["dcgan"], "train.kimg auto (dcgan, 32 px)")
+    # A set length wins over either table.
+    assert (
+        resolve_budget(
+            family="sngan", size=32, train_images=3000, batch_size=64, epochs=3, kimg="auto", channels=3
+        ).epochs
+        == 3
+    )
+    cfg = load_config(REPO, ["train.epochs=null", "train.kimg=auto"])
+    assert (
+        plan_budget(cfg, family="sngan", train_images=3000, size=32, channels=3).requested_kimg
+        == AUTO_KIMG_RGB[32]["sngan"]
+    )
 
 
 def test_model_auto_picks_the_tables_family_for_the_size_and_device() -> None:
