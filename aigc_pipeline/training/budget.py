@@ -27,24 +27,26 @@ T = TypeVar("T")
 # Image side -> family -> kimg, measured on this project's reference CPU (2-core AMD EPYC, fp32).
 # 8 px: the length `make run` trained before kimg existed (180 epochs of 22 batches of 64 over the
 # 1,437 training digits = 253.44 kimg) for every family; bench/results/quality.md measures them at
-# equal wall-clock budgets. 32 px, dcgan: what it trained in the 10 minutes of
-# `python -m bench datasets` on 5,000 MNIST digits on that CPU (the run committed in fe67203).
-# 32 px, sngan: 640 kimg (10,000 steps of 64), where its auto recipe levels off on those digits
-# (bench/results/trials/README.md: about 1.57x the floor from 10,000 steps on, 1.75x at 5,000-8,000);
-# on the 2-core Intel Xeon at its slowest measured speed (about 900 images/s) that is 12 minutes,
-# within the quarter hour a grayscale run of 5,000 images is meant to take. A family not measured
-# at a size takes the value of the nearest size it was measured at.
+# equal wall-clock budgets. 32 px: what each family trained in the 10 minutes of
+# `python -m bench datasets` on 5,000 MNIST digits on that CPU (the run committed in fe67203),
+# where FID was still falling (sngan with its auto width and EMA decay below). sngan keeps it on the
+# Intel Xeon, where it is about 5 minutes: a first run on a dataset also spends about 7 minutes
+# evaluating, most of it on the Inception features of every training image (the data-copying check;
+# cached afterwards), and 640 kimg (10,000 steps, where the recipe levels off) made that run 18 minutes
+# (bench/results/trials/README.md). A family not measured at a size takes the value of the nearest
+# size it was measured at.
 AUTO_KIMG: dict[int, dict[str, float]] = {
     8: {"dcgan": 253.44, "sngan": 253.44, "resgan": 253.44, "vae": 253.44, "ddpm": 253.44},
-    32: {"dcgan": 130.752, "sngan": 640.0},
+    32: {"dcgan": 130.752, "sngan": 348.224},
 }
 
 # Image side -> family -> kimg for RGB data (3 channels), where it differs from AUTO_KIMG. 32 px, sngan:
-# 1,200 kimg: colour images keep gaining long after the digits level off (the emoji trials of
+# 1,000 kimg: colour images keep gaining long after the digits level off (the emoji trials of
 # bench/results/trials/README.md: 2.4x the floor after 700-870 kimg, 2.1x after 1,836), and a half
-# hour for a 32 px RGB run leaves about 23 minutes of training at the Intel Xeon's slowest speed.
+# hour for a first 32 px RGB run of 3,800 images leaves about 20 minutes of training at the Intel
+# Xeon's slowest speed (about 900 images/s) beside its evaluation's first Inception pass.
 AUTO_KIMG_RGB: dict[int, dict[str, float]] = {
-    32: {"sngan": 1200.0},
+    32: {"sngan": 1000.0},
 }
 
 # Image side -> family -> base channel count (train.width: auto). 8 px: 64, what every family was
