@@ -42,9 +42,10 @@ AUTO_KIMG: dict[int, dict[str, float]] = {
 
 # Image side -> family -> kimg for RGB data (3 channels), where it differs from AUTO_KIMG. 32 px, sngan:
 # 1,000 kimg: colour images keep gaining long after the digits level off (the emoji trials of
-# bench/results/trials/README.md: 2.4x the floor after 700-870 kimg, 2.1x after 1,836), and a half
-# hour for a first 32 px RGB run of 3,800 images leaves about 20 minutes of training at the Intel
-# Xeon's slowest speed (about 900 images/s) beside its evaluation's first Inception pass.
+# bench/results/trials/README.md: 2.4x the floor after 700-870 kimg, 2.1x after 1,836). At the Intel
+# Xeon's usual 900-1,250 images/s that is 13-19 minutes, which with a first run's Inception pass over
+# the training images (about 6 minutes) keeps a first run on 3,800 emoji within half an hour; on a
+# night at 640 images/s it took 35 minutes (the trials' last bullet).
 AUTO_KIMG_RGB: dict[int, dict[str, float]] = {
     32: {"sngan": 1000.0},
 }
