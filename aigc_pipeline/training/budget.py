@@ -134,8 +134,17 @@ def auto_kimg(family: str, size: int, channels: int = 1) -> tuple[float, int]:
     """``(kimg, measured size)`` that ``train.kimg: auto`` stands for with ``family`` at ``size`` px:
     the value measured at the nearest size that has one for ``family`` (for RGB, in
     :data:`AUTO_KIMG_RGB` when it has the family, else in :data:`AUTO_KIMG`)."""
+    value, measured, _ = _auto_kimg(family, size, channels)
+    return value, measured
+
+
+def _auto_kimg(family: str, size: int, channels: int) -> tuple[float, int, bool]:
+    """:func:`auto_kimg`'s answer, and whether :data:`AUTO_KIMG_RGB` gave it."""
     rgb = _lookup(AUTO_KIMG_RGB, family, size) if channels == 3 else None
-    return rgb or _auto(AUTO_KIMG, "train.kimg", family, size, fix="train.kimg or train.epochs")
+    if rgb is not None:
+        return rgb[0], rgb[1], True
+    value, measured = _auto(AUTO_KIMG, "train.kimg", family, size, fix="train.kimg or train.epochs")
+    return value, measured, False
 
 
 def auto_width(family: str, size: int) -> tuple[int, int]:
@@ -207,9 +216,10 @@ def resolve_budget(
     if epochs is not None:
         return Budget(epochs=epochs, steps_per_epoch=steps_per_epoch, batch_size=batch_size, source="train.epochs")
     if kimg == "auto":
-        value, measured = auto_kimg(family, size, channels)
-        rgb = " RGB" if channels == 3 and _lookup(AUTO_KIMG_RGB, family, size) else ""
-        source = f"train.kimg auto ({family}, {measured} px{rgb})" + (f" for {size} px" if measured != size else "")
+        value, measured, rgb = _auto_kimg(family, size, channels)
+        source = f"train.kimg auto ({family}, {measured} px{' RGB' if rgb else ''})" + (
+            f" for {size} px" if measured != size else ""
+        )
     else:
         value, source = float(kimg), "train.kimg"
     per_epoch = steps_per_epoch * batch_size
