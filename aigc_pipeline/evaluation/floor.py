@@ -37,7 +37,7 @@ from aigc_pipeline.evaluation.protocol import FEATURE_PASS
 from aigc_pipeline.evaluation.reference import pixel_digest
 from aigc_pipeline.io import atomic_write_json
 
-__all__ = ["Floor", "FLOOR_SPLIT", "data_floor", "floor_images"]
+__all__ = ["Floor", "FLOOR_SPLIT", "data_floor", "floor_cached", "floor_images"]
 
 _FORMAT = 2  # 2: with FID-infinity
 # The split the floor's real images come from, for each reference split.
@@ -72,6 +72,46 @@ def floor_images(images: np.ndarray, num_samples: int, seed: int) -> np.ndarray:
     return images[np.sort(order)]
 
 
+def floor_cached(
+    real: np.ndarray,
+    reference: np.ndarray,
+    *,
+    num_samples: int,
+    seed: int,
+    weights: InceptionWeights,
+    bootstrap: int = 0,
+    cache_dir: Path | None = None,
+) -> bool:
+    """Whether :func:`data_floor` with these arguments would read its result from the cache."""
+    chosen = floor_images(real, num_samples, seed)
+    return _entry(chosen, reference, weights=weights, seed=seed, bootstrap=bootstrap, cache_dir=cache_dir)[2].is_file()
+
+
+def _entry(
+    chosen: np.ndarray,
+    reference: np.ndarray,
+    *,
+    weights: InceptionWeights,
+    seed: int,
+    bootstrap: int,
+    cache_dir: Path | None,
+) -> tuple[dict[str, Any], str, Path]:
+    """The floor's settings, their content key and the cache file they name."""
+    settings = {
+        "format": _FORMAT,
+        "floor_pixels": pixel_digest(chosen),
+        "reference_pixels": pixel_digest(reference),
+        "weights": weights.sha256,
+        "num_samples": len(chosen),
+        "seed": seed,
+        "bootstrap": bootstrap,
+        "feature_pass": FEATURE_PASS,
+    }
+    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
+    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "floor" / f"floor-{key[:32]}.json"
+    return settings, key, path
+
+
 def data_floor(
     real: np.ndarray,
     reference: np.ndarray,
@@ -95,18 +135,9 @@ def data_floor(
             f"the data's floor needs at least 4 real images in the {split} split (precision/recall "
             f"uses 3 nearest neighbours), it has {len(chosen)}"
         )
-    settings = {
-        "format": _FORMAT,
-        "floor_pixels": pixel_digest(chosen),
-        "reference_pixels": pixel_digest(reference),
-        "weights": weights.sha256,
-        "num_samples": len(chosen),
-        "seed": seed,
-        "bootstrap": bootstrap,
-        "feature_pass": FEATURE_PASS,
-    }
-    key = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()
-    path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "floor" / f"floor-{key[:32]}.json"
+    settings, key, path = _entry(
+        chosen, reference, weights=weights, seed=seed, bootstrap=bootstrap, cache_dir=cache_dir
+    )
     if path.is_file():
         try:
             doc = json.loads(path.read_text())

@@ -35,7 +35,14 @@ from aigc_pipeline.evaluation.inception import InceptionWeights
 from aigc_pipeline.evaluation.protocol import FEATURE_PASS
 from aigc_pipeline.io import atomic_write_bytes, compute_once
 
-__all__ = ["ReferenceStats", "lock_path", "pixel_digest", "reference_cache_name", "reference_statistics"]
+__all__ = [
+    "ReferenceStats",
+    "lock_path",
+    "pixel_digest",
+    "reference_cache_name",
+    "reference_cached",
+    "reference_statistics",
+]
 
 _HASH_CHUNK_BYTES = 64 << 20
 _FORMAT = 1
@@ -133,6 +140,14 @@ def reference_statistics(
         stats = _compute(reference, weights, batch_size, device, verbose, name, digest)
         _save(path, features=stats.features.numpy(), mu=stats.mu, sigma=stats.sigma, meta=np.array(json.dumps(meta)))
     return stats
+
+
+def reference_cached(
+    reference: np.ndarray, *, reference_key: str, weights: InceptionWeights, cache_dir: Path | None = None
+) -> bool:
+    """Whether :func:`reference_statistics` would read ``reference``'s features from the cache."""
+    name = reference_cache_name(reference, reference_key=reference_key, weights=weights)
+    return cache_path(name, cache_dir).is_file()
 
 
 def _compute(

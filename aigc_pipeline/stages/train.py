@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TextIO
+from typing import TYPE_CHECKING, Any, Protocol, TextIO
 
 import numpy as np
 
@@ -55,6 +55,9 @@ from aigc_pipeline.training.budget import (
 )
 from aigc_pipeline.training.loop import Callbacks, train
 from aigc_pipeline.training.speed import resolve_device
+
+if TYPE_CHECKING:  # the stage imports it when a reference is given: torch-fidelity only then
+    from aigc_pipeline.stages.evaluate import InceptionWork
 
 # Settings that change how fast training runs but not what it computes (beyond floating-point
 # order): left out of the checkpoint folder's key, so changing them resumes instead of restarting.
@@ -182,6 +185,11 @@ def run(
                 file=sys.stderr,
                 flush=True,
             )
+    evaluation = None
+    if reference is not None and dist_info.is_main:
+        from aigc_pipeline.stages.evaluate import inception_work
+
+        evaluation = inception_work(cfg, Path(reference))
     progress = Progress(
         tcfg.epochs,
         enabled=show,
@@ -190,6 +198,7 @@ def run(
         fid_epochs=fid_epochs,
         fid_samples=fid_progress.samples if fid_progress is not None else 0,
         fid_seconds_per_sample=fid_rate,
+        evaluation=evaluation,
         observer=observer if dist_info.is_main else None,
     )
 
@@ -541,6 +550,7 @@ class Progress:
         fid_epochs: Sequence[int] = (),
         fid_samples: int = 64,
         fid_seconds_per_sample: float | None = None,
+        evaluation: InceptionWork | None = None,
         observer: TrainingObserver | None = None,
     ) -> None:
         self.stream = stream or sys.stderr
@@ -554,6 +564,8 @@ class Progress:
         if fid_seconds_per_sample is None:
             fid_seconds_per_sample = self.FID_SECONDS_PER_SAMPLE_CPU if device == "cpu" else 0.0
         self.fid_seconds_per_point = fid_samples * fid_seconds_per_sample
+        self.fid_seconds_per_sample = fid_seconds_per_sample
+        self.evaluation = evaluation  # what the model's evaluation will put through Inception, priced in the plan
         self.t0 = time.perf_counter()
         self.last_draw = 0.0
         self.first_step = None
@@ -625,6 +637,10 @@ class Progress:
             + (f", {points} FID-over-training point{'s' if points != 1 else ''}" if points else "")
             + ")"
         )
+        if self.evaluation is not None:
+            plan += f"; then its evaluation: {self.evaluation.describe()}"
+            if self.fid_seconds_per_sample > 0:  # 0: a GPU where no pass was measured (negligible)
+                plan += f", about {format_duration(self.evaluation.images * self.fid_seconds_per_sample)}"
         if self.observer is not None:
             self.observer.plan(plan)
         if not self.enabled:

@@ -183,6 +183,40 @@ def test_the_floor_is_computed_once_per_content(
     assert "no classifier layer" in again.isc_unavailable  # what `aigc evaluate` prints
 
 
+def test_the_evaluations_inception_work_is_known_before_it_starts(
+    cfg: Config, model: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+) -> None:
+    """inception_work (what the training plan prices) counts the images run() then puts through
+    Inception, with an empty cache and with the entries that first run left."""
+    from aigc_pipeline.evaluation import features as features_module
+
+    monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path / "cache"))
+    counted: list[int] = []
+    real = features_module.get_featuresdict_from_dataset
+
+    def counting(dataset, *args, **kwargs):
+        counted.append(len(dataset))
+        return real(dataset, *args, **kwargs)
+
+    monkeypatch.setattr(features_module, "get_featuresdict_from_dataset", counting)
+    splits = {name: len(load_prepared(prepared, name).images) for name in ("train", "eval")}
+    n = cfg.evaluate.num_samples
+    cold = evaluate.inception_work(cfg, prepared)
+    assert cold.samples == n and dict((what, count) for what, count in cold.once) == {
+        "of the eval split for the reference": splits["eval"],
+        "for the floor": n,
+        "of the train split for the copying check": splits["train"],
+    }
+    evaluate.run(cfg, model, prepared, tmp_path / "cold")
+    assert sum(counted) == cold.images
+    assert f"evaluate: {cold.describe()}" in capsys.readouterr().err
+    warm = evaluate.inception_work(cfg, prepared)
+    assert warm.once == () and warm.images == n
+    counted.clear()
+    evaluate.run(cfg, model, prepared, tmp_path / "warm", quiet=True)
+    assert counted == [n]
+
+
 def test_classifier_is_trained_once_per_content(prepared: Path, tmp_path: Path) -> None:
     from aigc_pipeline.evaluation.classifier import classifier_score, load_or_train_classifier
 

@@ -241,6 +241,51 @@ def test_a_measured_inception_rate_prices_the_fid_points(monkeypatch) -> None:
     assert progress.estimate.overhead_seconds == pytest.approx(4 * 64 * 0.5)
 
 
+def test_the_plan_prices_the_evaluation_that_follows_with_the_measured_rate(monkeypatch) -> None:
+    """The evaluation's Inception work (its samples, and real images whose features are not cached
+    yet) is named in the plan and priced at the measured seconds per image; on a GPU where no pass
+    was measured it is named without a time."""
+    from aigc_pipeline.stages.evaluate import InceptionWork
+
+    work = InceptionWork(samples=300, once=(("for the floor", 300), ("of the train split for the copying check", 4026)))
+    assert work.images == 4626
+    budget = resolve_budget(family="sngan", size=32, train_images=4026, batch_size=64, epochs=None, kimg="auto")
+    for device, rate, priced in (("cpu", 0.08, True), ("cuda", None, False)):
+        clock = _Clock()
+        monkeypatch.setattr("aigc_pipeline.stages.train.time.perf_counter", clock)
+        heard = _Observer()
+        progress = Progress(
+            budget.epochs,
+            stream=io.StringIO(),
+            budget=budget,
+            device=device,
+            fid_seconds_per_sample=rate,
+            evaluation=work,
+            observer=heard,
+        )
+        progress.start(
+            {
+                "resumed_from": 0,
+                "total_steps": budget.steps,
+                "speed": device,
+                "data_placement": "device",
+                "world_size": 1,
+            }
+        )
+        for step in range(1, 23):
+            clock.now += 0.5
+            progress.step(step, budget.steps, 1)
+        assert progress.estimate is not None and len(heard.plans) == 2
+        expected = (
+            "; then its evaluation: Inception features of 300 samples and, once per dataset version, of 4326 "
+            "real images (300 for the floor, 4026 of the train split for the copying check)"
+        )
+        assert expected in heard.plans[1] and expected not in heard.plans[0]
+        assert heard.plans[1].endswith(f"copying check), about {format_duration(4626 * 0.08)}") == priced, heard.plans
+    # Nothing left to compute once: only the samples.
+    assert InceptionWork(samples=300).describe() == "Inception features of 300 samples"
+
+
 def test_a_resumed_training_prices_only_the_fid_points_still_ahead(monkeypatch) -> None:
     """Resumed at epoch 100 of 180, the points of epochs 45 and 90 are made already: two are left."""
     clock = _Clock()
