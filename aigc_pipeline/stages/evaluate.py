@@ -32,6 +32,7 @@ from aigc_pipeline.evaluation.protocol import ClassifierProtocol, Protocol
 from aigc_pipeline.evaluation.results import COPIES_GRID, SAMPLES_GRID, Evaluation, write_evaluation
 from aigc_pipeline.images import save_grid
 from aigc_pipeline.models.export import class_labels, generate, load_generator, read_model_meta
+from aigc_pipeline.training.budget import CPU_WARNING_SECONDS, format_duration
 from aigc_pipeline.training.loop import resolve_device
 
 COPIES_SHOWN = 8  # sample/training-image pairs in the copies grid
@@ -66,6 +67,7 @@ class InceptionWork:
 
     samples: int
     once: tuple[tuple[str, int], ...] = ()
+    copying: int = 0  # of the images in ``once``, those only the copying check needs
 
     @property
     def images(self) -> int:
@@ -79,6 +81,19 @@ class InceptionWork:
             parts = ", ".join(f"{count} {what}" for what, count in self.once)
             text += f" and, once per dataset version, of {self.images - self.samples} real images ({parts})"
         return text
+
+    def warning(self, seconds: float, device: str) -> str | None:
+        """A warning when this work takes over :data:`CPU_WARNING_SECONDS` (``seconds``) on a CPU,
+        naming what shortens it; else None."""
+        if device != "cpu" or seconds <= CPU_WARNING_SECONDS:
+            return None
+        return (
+            f"its evaluation will take about {format_duration(seconds)} on this CPU"
+            + (f", {self.copying} of its {self.images} images for the copying check" if self.copying else "")
+            + ". To shorten it: "
+            + ("skip the copying check (--set evaluate.copy_check=false), " if self.copying else "")
+            + "fewer samples (--set evaluate.num_samples=N), or evaluate on the GPU work pool (docs/scaling.md)"
+        )
 
 
 def inception_work(cfg: Config, reference: Path) -> InceptionWork:
@@ -99,6 +114,7 @@ def inception_work(cfg: Config, reference: Path) -> InceptionWork:
 
     # (what, count, cached) per pass, in run()'s order; a split's features are one cache entry
     passes: dict[str, tuple[str, int, bool]] = {}
+    copying = 0
     try:
         real = split(ecfg.reference_split)
         passes[ecfg.reference_split] = (
@@ -116,10 +132,11 @@ def inception_work(cfg: Config, reference: Path) -> InceptionWork:
                 part = split(name)
                 cached = reference_cached(part.images, reference_key=part.digest, weights=weights)
                 passes[name] = (f"of the {name} split for the copying check", len(part.images), cached)
+                copying += 0 if cached else len(part.images)
     except DataError:
         pass  # run() fails on a missing reference split, and reports the floor or copying check unavailable
     once = tuple((what, count) for what, count, cached in passes.values() if not cached)
-    return InceptionWork(samples=ecfg.num_samples, once=once)
+    return InceptionWork(samples=ecfg.num_samples, once=once, copying=copying)
 
 
 def run(

@@ -651,6 +651,10 @@ class Progress:
         warning = plan_warning(self.estimate.seconds + (now - self.t0), self.device)
         if warning:
             print(f"  train: warning: {warning}", file=self.stream, flush=True)
+        if self.evaluation is not None:
+            warning = self.evaluation.warning(self.evaluation.images * self.fid_seconds_per_sample, self.device)
+            if warning:
+                print(f"  train: warning: {warning}", file=self.stream, flush=True)
 
     def elapsed(self) -> float:
         """Seconds since training started (the trainer's ``on_start``)."""

@@ -207,6 +207,7 @@ def test_the_evaluations_inception_work_is_known_before_it_starts(
         "for the floor": n,
         "of the train split for the copying check": splits["train"],
     }
+    assert cold.copying == splits["train"]  # the eval split's features serve the reference too
     evaluate.run(cfg, model, prepared, tmp_path / "cold")
     assert sum(counted) == cold.images
     assert f"evaluate: {cold.describe()}" in capsys.readouterr().err

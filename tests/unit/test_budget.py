@@ -284,6 +284,27 @@ def test_the_plan_prices_the_evaluation_that_follows_with_the_measured_rate(monk
         assert heard.plans[1].endswith(f"copying check), about {format_duration(4626 * 0.08)}") == priced, heard.plans
     # Nothing left to compute once: only the samples.
     assert InceptionWork(samples=300).describe() == "Inception features of 300 samples"
+    # An evaluation over an hour on a CPU is warned about, naming what shortens it: here a 50,000-image
+    # training split's first copying check.
+    big = InceptionWork(samples=300, once=(("of the train split for the copying check", 50000),), copying=50000)
+    out = io.StringIO()
+    clock = _Clock()
+    monkeypatch.setattr("aigc_pipeline.stages.train.time.perf_counter", clock)
+    progress = Progress(budget.epochs, stream=out, budget=budget, fid_seconds_per_sample=0.1, evaluation=big)
+    progress.start(
+        {"resumed_from": 0, "total_steps": budget.steps, "speed": "cpu", "data_placement": "device", "world_size": 1}
+    )
+    for step in range(1, 23):
+        clock.now += 0.05
+        progress.step(step, budget.steps, 1)
+    warnings = [line.strip() for line in out.getvalue().splitlines() if "warning" in line]
+    assert (
+        warnings == [f"train: warning: {big.warning(50300 * 0.1, 'cpu')}"]
+        and "50000 of its 50300 images for the copying check" in warnings[0]
+    ), out.getvalue()
+    assert "--set evaluate.copy_check=false" in warnings[0]
+    assert big.warning(50300 * 0.1, "cuda") is None and work.warning(4626 * 0.08, "cpu") is None
+    assert "copy_check" not in InceptionWork(samples=40000).warning(4000.0, "cpu")
 
 
 def test_a_resumed_training_prices_only_the_fid_points_still_ahead(monkeypatch) -> None:
