@@ -25,18 +25,17 @@ from aigc_pipeline.evaluation.classifier import classifier_score, label_accuracy
 from aigc_pipeline.evaluation.copying import CopyReport, copying_report
 from aigc_pipeline.evaluation.errors import EvaluationError
 from aigc_pipeline.evaluation.fidelity import compute_fidelity_metrics
-from aigc_pipeline.evaluation.floor import FLOOR_SPLIT, Floor, data_floor, floor_cached
+from aigc_pipeline.evaluation.floor import FLOOR_SPLIT, Floor, data_floor
 from aigc_pipeline.evaluation.inception import InceptionWeights, resolve_inception_weights
 from aigc_pipeline.evaluation.metrics import copying_text
 from aigc_pipeline.evaluation.protocol import ClassifierProtocol, Protocol
 from aigc_pipeline.evaluation.results import COPIES_GRID, SAMPLES_GRID, Evaluation, write_evaluation
+from aigc_pipeline.evaluation.work import COPY_SPLITS, inception_work
 from aigc_pipeline.images import save_grid
 from aigc_pipeline.models.export import class_labels, generate, load_generator, read_model_meta
-from aigc_pipeline.training.budget import CPU_WARNING_SECONDS, format_duration
 from aigc_pipeline.training.loop import resolve_device
 
 COPIES_SHOWN = 8  # sample/training-image pairs in the copies grid
-COPY_SPLITS: tuple[Split, Split] = ("train", "eval")  # the copying check: samples against train, calibrated on eval
 
 
 @dataclass(frozen=True)
@@ -57,86 +56,6 @@ class EvaluateResult:
     @property
     def fid_ratio(self) -> float | None:
         return self.fid / self.floor.fid if self.floor is not None and self.floor.fid > 0 else None
-
-
-@dataclass(frozen=True)
-class InceptionWork:
-    """The images an evaluation puts through Inception: its samples every time, and the real images
-    whose cached features or floor are missing (``once``: what, count), computed once per dataset
-    version and protocol and read from the cache afterwards."""
-
-    samples: int
-    once: tuple[tuple[str, int], ...] = ()
-    copying: int = 0  # of the images in ``once``, those only the copying check needs
-
-    @property
-    def images(self) -> int:
-        return self.samples + sum(count for _, count in self.once)
-
-    def describe(self) -> str:
-        """E.g. ``Inception features of 300 samples and, once per dataset version, of 4326 real
-        images (300 for the floor, 4026 of the train split for the copying check)``."""
-        text = f"Inception features of {self.samples} samples"
-        if self.once:
-            parts = ", ".join(f"{count} {what}" for what, count in self.once)
-            text += f" and, once per dataset version, of {self.images - self.samples} real images ({parts})"
-        return text
-
-    def warning(self, seconds: float, device: str) -> str | None:
-        """A warning when this work takes over :data:`CPU_WARNING_SECONDS` (``seconds``) on a CPU,
-        naming what shortens it; else None."""
-        if device != "cpu" or seconds <= CPU_WARNING_SECONDS:
-            return None
-        return (
-            f"its evaluation will take about {format_duration(seconds)} on this CPU"
-            + (f", {self.copying} of its {self.images} images for the copying check" if self.copying else "")
-            + ". To shorten it: "
-            + ("skip the copying check (--set evaluate.copy_check=false), " if self.copying else "")
-            + "fewer samples (--set evaluate.num_samples=N), or evaluate on the GPU work pool (docs/scaling.md)"
-        )
-
-
-def inception_work(cfg: Config, reference: Path) -> InceptionWork:
-    """What :func:`run` puts through Inception when it scores a model against ``reference`` (a
-    prepared dataset), the caches being as they are now. Read before the wait: by the training
-    plan, which prices it, and by :func:`run`'s first line. A split that is missing is left out,
-    as :func:`run` leaves out the score that needs it."""
-    from aigc_pipeline.evaluation.reference import reference_cached
-
-    ecfg = cfg.evaluate
-    weights = resolve_inception_weights(ecfg.inception_weights)
-    loaded: dict[str, Any] = {}
-
-    def split(name: Split) -> Any:
-        if name not in loaded:
-            loaded[name] = load_prepared(reference, name)
-        return loaded[name]
-
-    # (what, count, cached) per pass, in run()'s order; a split's features are one cache entry
-    passes: dict[str, tuple[str, int, bool]] = {}
-    copying = 0
-    try:
-        real = split(ecfg.reference_split)
-        passes[ecfg.reference_split] = (
-            f"of the {ecfg.reference_split} split for the reference",
-            len(real.images),
-            reference_cached(real.images, reference_key=real.digest, weights=weights),
-        )
-        pool = split(FLOOR_SPLIT[ecfg.reference_split]).images
-        cached = floor_cached(
-            pool, real.images, num_samples=ecfg.num_samples, seed=ecfg.seed, weights=weights, bootstrap=ecfg.bootstrap
-        )
-        passes["floor"] = ("for the floor", min(ecfg.num_samples, len(pool)), cached)
-        for name in COPY_SPLITS if ecfg.copy_check else ():
-            if name not in passes:
-                part = split(name)
-                cached = reference_cached(part.images, reference_key=part.digest, weights=weights)
-                passes[name] = (f"of the {name} split for the copying check", len(part.images), cached)
-                copying += 0 if cached else len(part.images)
-    except DataError:
-        pass  # run() fails on a missing reference split, and reports the floor or copying check unavailable
-    once = tuple((what, count) for what, count, cached in passes.values() if not cached)
-    return InceptionWork(samples=ecfg.num_samples, once=once, copying=copying)
 
 
 def run(
@@ -177,7 +96,7 @@ def run(
             file=sys.stderr,
             flush=True,
         )
-        print(f"  evaluate: {inception_work(cfg, reference).describe()}", file=sys.stderr, flush=True)
+        print(f"  evaluate: {inception_work(ecfg, reference).describe()}", file=sys.stderr, flush=True)
     scores = compute_fidelity_metrics(
         fake,
         real.images,

@@ -48,6 +48,7 @@ from aigc_pipeline.training.budget import (
     auto_ema_decay,
     auto_lr,
     auto_width,
+    evaluation_warning,
     format_duration,
     plan_warning,
     resolve_budget,
@@ -57,7 +58,7 @@ from aigc_pipeline.training.loop import Callbacks, train
 from aigc_pipeline.training.speed import resolve_device
 
 if TYPE_CHECKING:  # the stage imports it when a reference is given: torch-fidelity only then
-    from aigc_pipeline.stages.evaluate import InceptionWork
+    from aigc_pipeline.evaluation.work import InceptionWork
 
 # Settings that change how fast training runs but not what it computes (beyond floating-point
 # order): left out of the checkpoint folder's key, so changing them resumes instead of restarting.
@@ -187,9 +188,9 @@ def run(
             )
     evaluation = None
     if reference is not None and dist_info.is_main:
-        from aigc_pipeline.stages.evaluate import inception_work
+        from aigc_pipeline.evaluation.work import inception_work
 
-        evaluation = inception_work(cfg, Path(reference))
+        evaluation = inception_work(cfg.evaluate, Path(reference))
     progress = Progress(
         tcfg.epochs,
         enabled=show,
@@ -652,7 +653,12 @@ class Progress:
         if warning:
             print(f"  train: warning: {warning}", file=self.stream, flush=True)
         if self.evaluation is not None:
-            warning = self.evaluation.warning(self.evaluation.images * self.fid_seconds_per_sample, self.device)
+            warning = evaluation_warning(
+                self.evaluation.images * self.fid_seconds_per_sample,
+                self.device,
+                images=self.evaluation.images,
+                copying=self.evaluation.copying,
+            )
             if warning:
                 print(f"  train: warning: {warning}", file=self.stream, flush=True)
 

@@ -256,6 +256,20 @@ class Estimate:
         return self.seconds_per_step * self.steps_left + self.overhead_seconds
 
 
+def evaluation_warning(estimate_seconds: float, device: str, *, images: int, copying: int) -> str | None:
+    """A warning for an evaluation priced over :data:`CPU_WARNING_SECONDS` on a CPU (``images``
+    through Inception, ``copying`` of them only for the copying check), naming what shortens it."""
+    if device != "cpu" or estimate_seconds <= CPU_WARNING_SECONDS:
+        return None
+    return (
+        f"its evaluation will take about {format_duration(estimate_seconds)} on this CPU"
+        + (f", {copying} of its {images} images for the copying check" if copying else "")
+        + ". To shorten it: "
+        + ("skip the copying check (--set evaluate.copy_check=false), " if copying else "")
+        + "fewer samples (--set evaluate.num_samples=N), or evaluate on the GPU work pool (docs/scaling.md)"
+    )
+
+
 def plan_warning(estimate_seconds: float, device: str) -> str | None:
     """A warning for a CPU plan over :data:`CPU_WARNING_SECONDS`, naming what shortens it; else None."""
     if device != "cpu" or estimate_seconds <= CPU_WARNING_SECONDS:

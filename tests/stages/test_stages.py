@@ -186,9 +186,10 @@ def test_the_floor_is_computed_once_per_content(
 def test_the_evaluations_inception_work_is_known_before_it_starts(
     cfg: Config, model: Path, prepared: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
 ) -> None:
-    """inception_work (what the training plan prices) counts the images run() then puts through
+    """inception_work (what the training plan prices) counts the images evaluate.run then puts through
     Inception, with an empty cache and with the entries that first run left."""
     from aigc_pipeline.evaluation import features as features_module
+    from aigc_pipeline.evaluation.work import inception_work
 
     monkeypatch.setenv("AIGC_CACHE_DIR", str(tmp_path / "cache"))
     counted: list[int] = []
@@ -201,7 +202,7 @@ def test_the_evaluations_inception_work_is_known_before_it_starts(
     monkeypatch.setattr(features_module, "get_featuresdict_from_dataset", counting)
     splits = {name: len(load_prepared(prepared, name).images) for name in ("train", "eval")}
     n = cfg.evaluate.num_samples
-    cold = evaluate.inception_work(cfg, prepared)
+    cold = inception_work(cfg.evaluate, prepared)
     assert cold.samples == n and dict((what, count) for what, count in cold.once) == {
         "of the eval split for the reference": splits["eval"],
         "for the floor": n,
@@ -211,7 +212,7 @@ def test_the_evaluations_inception_work_is_known_before_it_starts(
     evaluate.run(cfg, model, prepared, tmp_path / "cold")
     assert sum(counted) == cold.images
     assert f"evaluate: {cold.describe()}" in capsys.readouterr().err
-    warm = evaluate.inception_work(cfg, prepared)
+    warm = inception_work(cfg.evaluate, prepared)
     assert warm.once == () and warm.images == n
     counted.clear()
     evaluate.run(cfg, model, prepared, tmp_path / "warm", quiet=True)

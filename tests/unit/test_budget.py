@@ -19,6 +19,7 @@ from aigc_pipeline.training.budget import (
     AUTO_WIDTH,
     CPU_WARNING_SECONDS,
     auto_kimg,
+    evaluation_warning,
     format_duration,
     plan_warning,
     resolve_budget,
@@ -245,7 +246,7 @@ def test_the_plan_prices_the_evaluation_that_follows_with_the_measured_rate(monk
     """The evaluation's Inception work (its samples, and real images whose features are not cached
     yet) is named in the plan and priced at the measured seconds per image; on a GPU where no pass
     was measured it is named without a time."""
-    from aigc_pipeline.stages.evaluate import InceptionWork
+    from aigc_pipeline.evaluation.work import InceptionWork
 
     work = InceptionWork(samples=300, once=(("for the floor", 300), ("of the train split for the copying check", 4026)))
     assert work.images == 4626
@@ -298,13 +299,13 @@ def test_the_plan_prices_the_evaluation_that_follows_with_the_measured_rate(monk
         clock.now += 0.05
         progress.step(step, budget.steps, 1)
     warnings = [line.strip() for line in out.getvalue().splitlines() if "warning" in line]
-    assert (
-        warnings == [f"train: warning: {big.warning(50300 * 0.1, 'cpu')}"]
-        and "50000 of its 50300 images for the copying check" in warnings[0]
-    ), out.getvalue()
-    assert "--set evaluate.copy_check=false" in warnings[0]
-    assert big.warning(50300 * 0.1, "cuda") is None and work.warning(4626 * 0.08, "cpu") is None
-    assert "copy_check" not in InceptionWork(samples=40000).warning(4000.0, "cpu")
+    expected = evaluation_warning(50300 * 0.1, "cpu", images=50300, copying=50000)
+    assert expected is not None and warnings == [f"train: warning: {expected}"], out.getvalue()
+    assert "about 1 h 23 min on this CPU, 50000 of its 50300 images for the copying check" in expected
+    assert "--set evaluate.copy_check=false" in expected
+    assert evaluation_warning(50300 * 0.1, "cuda", images=50300, copying=50000) is None
+    assert evaluation_warning(4626 * 0.08, "cpu", images=4626, copying=4026) is None
+    assert "copy_check" not in (evaluation_warning(4000.0, "cpu", images=40000, copying=0) or "")
 
 
 def test_a_resumed_training_prices_only_the_fid_points_still_ahead(monkeypatch) -> None:
