@@ -266,7 +266,8 @@ def evaluation_warning(estimate_seconds: float, device: str, *, images: int, cop
         + (f", {copying} of its {images} images for the copying check" if copying else "")
         + ". To shorten it: "
         + ("skip the copying check (--set evaluate.copy_check=false), " if copying else "")
-        + "fewer samples (--set evaluate.num_samples=N), or evaluate on the GPU work pool (docs/scaling.md)"
+        + "fewer samples (--set evaluate.num_samples=N), or evaluate on the GPU work pool "
+        + "(the retrain flow's remote_stages: docs/scaling.md)"
     )
 
 
