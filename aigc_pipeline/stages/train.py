@@ -528,7 +528,8 @@ class Progress:
     The plan line comes twice: at the start (steps, images, epochs), then with the estimated wall
     time once a short warm-up has been measured: the seconds per step of the first steps after
     :attr:`WARMUP_SKIP` (which pay for allocation and kernel selection), times the steps left, plus
-    the FID-over-training points to come. Later estimates use the average since the start.
+    the FID-over-training points to come; then the model's evaluation (``evaluation``), priced at
+    the same Inception rate. Later estimates use the average since the start.
     """
 
     WIDTH = 24
@@ -565,8 +566,8 @@ class Progress:
         if fid_seconds_per_sample is None:
             fid_seconds_per_sample = self.FID_SECONDS_PER_SAMPLE_CPU if device == "cpu" else 0.0
         self.fid_seconds_per_point = fid_samples * fid_seconds_per_sample
-        self.fid_seconds_per_sample = fid_seconds_per_sample
         self.evaluation = evaluation  # what the model's evaluation will put through Inception, priced in the plan
+        self.evaluation_seconds = evaluation.images * fid_seconds_per_sample if evaluation is not None else 0.0
         self.t0 = time.perf_counter()
         self.last_draw = 0.0
         self.first_step = None
@@ -640,8 +641,8 @@ class Progress:
         )
         if self.evaluation is not None:
             plan += f"; then its evaluation: {self.evaluation.describe()}"
-            if self.fid_seconds_per_sample > 0:  # 0: a GPU where no pass was measured (negligible)
-                plan += f", about {format_duration(self.evaluation.images * self.fid_seconds_per_sample)}"
+            if self.evaluation_seconds > 0:  # 0: a GPU where no pass was measured (negligible)
+                plan += f", about {format_duration(self.evaluation_seconds)}"
         if self.observer is not None:
             self.observer.plan(plan)
         if not self.enabled:
@@ -654,7 +655,7 @@ class Progress:
             print(f"  train: warning: {warning}", file=self.stream, flush=True)
         if self.evaluation is not None:
             warning = evaluation_warning(
-                self.evaluation.images * self.fid_seconds_per_sample,
+                self.evaluation_seconds,
                 self.device,
                 images=self.evaluation.images,
                 copying=self.evaluation.copying,
