@@ -115,7 +115,8 @@ def test_prefect_flow_run_is_named_and_tagged_after_what_it_trained(page: Any, u
     name = uis["flow_run"]["name"]
     assert RUN_NAME.fullmatch(name), name
     pages.prefect_flow_run(page, uis["prefect"], name)  # found by name in the Runs list
-    assert page.get_by_text(name, exact=True).first.is_visible()
+    # Waiting, not is_visible(): the page can redraw its header just after the helper saw it (CI).
+    assert _visible(page, re.compile(rf"^{re.escape(name)}$")), f"{name} is not the page's title"
     for tag in ("dataset:digits", "model:resgan"):
         assert _visible(page, tag), f"tag {tag} not shown on the flow run page"
     pages.prefect_tab(page, "Task Runs")
@@ -145,7 +146,8 @@ def test_prefect_flow_run_logs_show_training_the_fid_and_the_decision(page: Any,
 def test_prefect_summary_artifact_is_rendered(page: Any, uis: dict[str, Any]) -> None:
     pages.prefect_flow_run(page, uis["prefect"], uis["flow_run"]["name"])
     pages.prefect_artifact(page, f"{REGISTERED}-summary")
-    assert page.get_by_role("heading", name=f"{REGISTERED} v1 (resgan)").is_visible()  # markdown drawn, not raw
+    heading = page.get_by_role("heading", name=f"{REGISTERED} v1 (resgan)")
+    heading.wait_for(state="visible")  # the markdown drawn, not raw; raises with the locator if never
     assert _visible(page, re.compile(r"^decision")) and _visible(page, "real data (the floor)")
     assert page.get_by_text("**decision**").count() == 0
 
