@@ -9,6 +9,8 @@ first line names it, both from :func:`inception_work`.
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from aigc_pipeline.config import EvaluateConfig
 from aigc_pipeline.data.prepared import Split, load_prepared
 from aigc_pipeline.errors import DataError
 from aigc_pipeline.evaluation.floor import FLOOR_SPLIT, floor_cached
-from aigc_pipeline.evaluation.inception import resolve_inception_weights
+from aigc_pipeline.evaluation.inception import InceptionWeights, resolve_inception_weights
 
 __all__ = ["COPY_SPLITS", "InceptionWork", "inception_work"]
 
@@ -48,19 +50,22 @@ class InceptionWork:
         return text
 
 
-def inception_work(ecfg: EvaluateConfig, reference: Path) -> InceptionWork:
+def inception_work(
+    ecfg: EvaluateConfig,
+    reference: Path,
+    *,
+    weights: InceptionWeights | None = None,
+    split_of: Callable[[Split], Any] | None = None,
+) -> InceptionWork:
     """What the evaluate stage puts through Inception when it scores a model against ``reference``
     (a prepared dataset) under ``ecfg``, the caches being as they are now. A split that is missing
-    is left out, as the stage leaves out the score that needs it."""
+    is left out, as the stage leaves out the score that needs it. ``weights`` and ``split_of`` (a
+    split's loader) spare a caller that holds them a second hashing and loading."""
     from aigc_pipeline.evaluation.reference import reference_cached
 
-    weights = resolve_inception_weights(ecfg.inception_weights)
-    loaded: dict[str, Any] = {}
-
-    def split(name: Split) -> Any:
-        if name not in loaded:
-            loaded[name] = load_prepared(reference, name)
-        return loaded[name]
+    if weights is None:
+        weights = resolve_inception_weights(ecfg.inception_weights)
+    split = split_of or functools.cache(functools.partial(load_prepared, reference))
 
     # (what, count, cached) per pass, in the stage's order; a split's features are one cache entry
     passes: dict[str, tuple[str, int, bool]] = {}

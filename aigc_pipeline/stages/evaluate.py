@@ -8,6 +8,7 @@ weights' sha256; a fresh run holding the training from the model folder when the
 
 from __future__ import annotations
 
+import functools
 import sys
 import time
 from collections.abc import Callable
@@ -71,14 +72,8 @@ def run(
     ecfg = cfg.evaluate
     t0, meter = time.perf_counter(), Meter()
     device = resolve_device(ecfg.device)
-    loaded: dict[str, Any] = {}
-
-    def split(
-        name: Split,
-    ) -> Any:  # each split of the prepared set read once: the reference, floor and copying share them
-        if name not in loaded:
-            loaded[name] = load_prepared(reference, name)
-        return loaded[name]
+    # Each split of the prepared set read once: the reference, floor and copying check share them.
+    split: Callable[[Split], Any] = functools.cache(functools.partial(load_prepared, reference))
 
     real = split(ecfg.reference_split)
     generator, arch = load_generator(model, device)
@@ -96,7 +91,8 @@ def run(
             file=sys.stderr,
             flush=True,
         )
-        print(f"  evaluate: {inception_work(ecfg, reference).describe()}", file=sys.stderr, flush=True)
+        work = inception_work(ecfg, reference, weights=weights, split_of=split)
+        print(f"  evaluate: {work.describe()}", file=sys.stderr, flush=True)
     scores = compute_fidelity_metrics(
         fake,
         real.images,

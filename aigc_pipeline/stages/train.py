@@ -190,7 +190,8 @@ def run(
     if reference is not None and dist_info.is_main:
         from aigc_pipeline.evaluation.work import inception_work
 
-        evaluation = inception_work(cfg.evaluate, Path(reference))
+        weights = fid_progress.weights if fid_progress is not None else None  # already resolved: not hashed again
+        evaluation = inception_work(cfg.evaluate, Path(reference), weights=weights)
     progress = Progress(
         tcfg.epochs,
         enabled=show,
